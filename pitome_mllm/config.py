@@ -1,0 +1,159 @@
+"""`PiToMeConfig`: every knob of a patch, validated, with presets and a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .merge.energy import ENERGY_KINDS
+from .schedule import METHODS, PRESETS, check_keep_ratio
+
+METRICS = ("hidden", "keys", "keys_mean")
+REDUCES = ("mean", "size_weighted")
+
+# What each preset sets beyond the schedule (spec sections 2.1, 2.11, 6).
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The authors' released LLaVA code: layer output as metric, plain mean, no size tracking.
+    "reference": {"metric": "hidden", "reduce": "mean", "prop_attn": False},
+    # Same model-side behaviour, the spring-2024 schedule (odd layers, Gaussian energy).
+    "paper": {"metric": "hidden", "reduce": "mean", "prop_attn": False},
+    # The paper's algorithm: keys as metric, size-weighted merge, proportional attention.
+    "pure": {"metric": "keys", "reduce": "size_weighted", "prop_attn": True},
+}
+
+
+@dataclass
+class PiToMeConfig:
+    """Configuration of a patch.
+
+    Attributes:
+        method: ``"pitome"``, ``"tome"`` (bipartite soft matching on every merging layer)
+            or ``"none"`` (no merging in the tower; with ``target_tokens`` only the
+            projector-stage step runs).
+        keep_ratio: fraction of tokens each merging layer keeps, in (0.5, 1.0]. With
+            ``target_tokens`` set and ``keep_ratio`` left as None, it is solved so that
+            the tower lands just above the budget.
+        preset: ``"reference"`` (authors' released LLaVA code), ``"paper"`` (the schedule
+            behind the paper's LLaVA table) or ``"pure"`` (the paper's algorithm).
+        target_tokens: exact number of visual tokens per image reaching the language
+            model; a final PiToMe step on the projected tokens lands on it.
+        metric: features that decide the merges: ``"hidden"`` (layer output),
+            ``"keys"`` (the layer's attention keys, all heads concatenated) or
+            ``"keys_mean"`` (keys averaged over heads, as ToMe; cheaper).
+        reduce: ``"mean"`` (plain mean of a group, as the released code) or
+            ``"size_weighted"`` (mean weighted by how many patches each token holds).
+        prop_attn: add ``log(size)`` to the attention logits in the vision tower
+            (proportional attention, paper section 3.2).
+        keep_order: hand the merged tokens to the language model in raster order
+            (by each group's first patch) instead of the merge order.
+        margin_start, margin_span: energy margin of layer ``l``:
+            ``margin_start - margin_span * l / L``.
+        alpha: ELU alpha of the energy.
+        energy: energy kind; None takes the preset's.
+    """
+
+    method: str = "pitome"
+    keep_ratio: float | None = None
+    preset: str = "reference"
+    target_tokens: int | None = None
+    metric: str | None = None
+    reduce: str | None = None
+    prop_attn: bool | None = None
+    keep_order: bool = False
+    margin_start: float = 0.9
+    margin_span: float = 0.9
+    alpha: float = 1.0
+    energy: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+        defaults = PRESET_DEFAULTS[self.preset]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    # ------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def choice(name: str, allowed: tuple[str, ...], optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+        choice("method", METHODS)
+        choice("preset", PRESETS)
+        choice("metric", METRICS, optional=True)
+        choice("reduce", REDUCES, optional=True)
+        choice("energy", ENERGY_KINDS, optional=True)
+        if self.keep_ratio is not None:
+            self.keep_ratio = check_keep_ratio(self.keep_ratio)
+        if self.target_tokens is not None:
+            if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int):
+                raise ValueError(f"target_tokens must be a positive integer, got {self.target_tokens!r}")
+            if self.target_tokens < 1:
+                raise ValueError(f"target_tokens must be >= 1, got {self.target_tokens}")
+        if self.keep_ratio is None and self.target_tokens is None and self.method != "none":
+            raise ValueError(f"method={self.method!r} needs keep_ratio (in (0.5, 1.0]) or target_tokens")
+        for name in ("prop_attn", "keep_order"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        for name in ("margin_start", "margin_span", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+
+    # ------------------------------------------------------------- derived
+    @property
+    def effective_keep_ratio(self) -> float:
+        """The keep ratio the tower uses when it is fixed by the user (1.0 if unset)."""
+        return 1.0 if self.keep_ratio is None else self.keep_ratio
+
+    @property
+    def merges_in_tower(self) -> bool:
+        return self.method != "none" and (self.keep_ratio is None or self.keep_ratio < 1.0)
+
+    # ---------------------------------------------------------- round trip
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PiToMeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "PiToMeConfig":
+        path = Path(text_or_path)
+        text = path.read_text() if not str(text_or_path).lstrip().startswith("{") and path.exists() else str(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **overrides: Any) -> "PiToMeConfig":
+        """A new validated config with some fields changed."""
+        values = self.to_dict()
+        # Preset-derived fields follow a new preset unless given explicitly.
+        if "preset" in overrides and overrides["preset"] != self.preset:
+            for name in PRESET_DEFAULTS[self.preset]:
+                if values[name] == PRESET_DEFAULTS[self.preset][name]:
+                    values[name] = None
+        unknown = sorted(set(overrides) - set(values))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(values)}")
+        values.update(overrides)
+        return PiToMeConfig(**values)

@@ -1,0 +1,26 @@
+"""Token-merging algorithms on plain tensors (no transformers, no nn.Module).
+
+>>> import torch
+>>> from pitome_mllm.merge import pitome
+>>> x = torch.randn(2, 577, 1024)
+>>> step = pitome(x, r=57, margin=0.45, class_token=True)
+>>> step(x).shape
+torch.Size([2, 520, 1024])
+"""
+
+from .energy import ENERGY_KINDS, energy_score, margin_for_layer
+from .pitome import pitome
+from .plan import REDUCE_MODES, Merge, identity_merge, source_matrix
+from .tome import bipartite_soft_matching
+
+__all__ = [
+    "ENERGY_KINDS",
+    "REDUCE_MODES",
+    "Merge",
+    "bipartite_soft_matching",
+    "energy_score",
+    "identity_merge",
+    "margin_for_layer",
+    "pitome",
+    "source_matrix",
+]

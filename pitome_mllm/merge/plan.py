@@ -1,0 +1,184 @@
+"""The `Merge` plan: one merge step's decision, held as index tensors.
+
+A merge step is decided once (under ``torch.no_grad`` in fp32, from a similarity
+metric) and then applied to any tensor whose token axis matches the metric's:
+hidden states, token sizes, source maps. Keeping the decision as plain indices
+(rather than a closure, as ToMe does) lets callers inspect it, move it between
+devices and compose it with later steps.
+
+Layout of a step's output, ``[B, N - r, ...]``::
+
+    [ kept tokens (copied unchanged) | destination tokens (each reduced with its sources) ]
+
+For PiToMe the kept part is ``[CLS] + protected`` and the destinations are the B set;
+for bipartite soft matching (ToMe) the kept part is the unmerged A set and the
+destinations are all B tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+REDUCE_MODES = ("mean", "sum", "amax", "amin", "prune")
+
+
+@dataclass(frozen=True, eq=False)
+class Merge:
+    """One merge step as indices into the token axis of its input.
+
+    Attributes:
+        kept_idx: ``[B, K]`` input positions copied to output positions ``0..K-1``.
+        dst_idx: ``[B, D]`` input positions of the destination tokens, written to output
+            positions ``K..K+D-1``.
+        src_idx: ``[B, r]`` input positions that are merged away.
+        src_dst_pos: ``[B, r]`` for each source, the index ``0..D-1`` into ``dst_idx`` of
+            the destination it is merged into.
+        num_input_tokens: ``N``, the token count the plan was decided for.
+
+    Every input position appears exactly once in ``kept_idx``, ``dst_idx`` or ``src_idx``.
+    """
+
+    kept_idx: torch.Tensor
+    dst_idx: torch.Tensor
+    src_idx: torch.Tensor
+    src_dst_pos: torch.Tensor
+    num_input_tokens: int
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_removed(self) -> int:
+        """``r``: how many tokens this step removes."""
+        return int(self.src_idx.shape[1])
+
+    @property
+    def num_output_tokens(self) -> int:
+        """``N - r``."""
+        return self.num_input_tokens - self.num_removed
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.kept_idx.shape[1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.kept_idx.shape[0])
+
+    # ------------------------------------------------------- derived indices
+    @cached_property
+    def _out_idx(self) -> torch.Tensor:
+        """``[B, N - r]`` input position feeding each output position before reduction."""
+        return torch.cat([self.kept_idx, self.dst_idx], dim=1)
+
+    @cached_property
+    def _scatter_idx(self) -> torch.Tensor:
+        """``[B, r]`` output position each source is reduced into."""
+        return self.src_dst_pos + self.num_kept
+
+    @cached_property
+    def output_position(self) -> torch.Tensor:
+        """``[B, N]``: for every input token, the output token that holds it."""
+        batch, n_out = self.batch_size, self.num_output_tokens
+        device = self.kept_idx.device
+        position = torch.empty(batch, self.num_input_tokens, dtype=torch.long, device=device)
+        arange = torch.arange(n_out, device=device).expand(batch, n_out)
+        position.scatter_(1, self._out_idx, arange)
+        position.scatter_(1, self.src_idx, self._scatter_idx)
+        return position
+
+    def to(self, device: torch.device | str) -> "Merge":
+        return Merge(
+            self.kept_idx.to(device),
+            self.dst_idx.to(device),
+            self.src_idx.to(device),
+            self.src_dst_pos.to(device),
+            self.num_input_tokens,
+        )
+
+    # -------------------------------------------------------------- applying
+    def __call__(self, x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """Apply the step to ``x``: ``[B, N, C] -> [B, N - r, C]``.
+
+        ``reduce`` combines each destination with its sources: ``"mean"`` is the plain
+        (unweighted) mean of the destination and all tokens merged into it, as the
+        authors' LLaVA code does; ``"sum"``, ``"amax"``, ``"amin"`` likewise; ``"prune"``
+        drops the sources and keeps destinations unchanged.
+        """
+        if reduce not in REDUCE_MODES:
+            raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
+        self._check_input(x)
+        batch, _, channels = x.shape
+        out = x.gather(1, self._out_idx.unsqueeze(-1).expand(batch, -1, channels))
+        if self.num_removed == 0 or reduce == "prune":
+            return out
+        src = x.gather(1, self.src_idx.unsqueeze(-1).expand(batch, -1, channels))
+        index = self._scatter_idx.unsqueeze(-1).expand(batch, -1, channels)
+        # include_self=True: the destination counts as one member of its own group.
+        out.scatter_reduce_(1, index, src, reduce=reduce, include_self=True)
+        return out
+
+    def weighted(
+        self, x: torch.Tensor, size: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted merge (paper Alg. 1).
+
+        Args:
+            x: ``[B, N, C]`` token features.
+            size: ``[B, N, 1]`` how many original tokens each token stands for (ones if None).
+
+        Returns:
+            ``(x', size')``: ``[B, N - r, C]`` the size-weighted mean of every group, and
+            ``[B, N - r, 1]`` the summed sizes. ``sum(size' * x') == sum(size * x)``.
+        """
+        if size is None:
+            size = torch.ones_like(x[..., :1])
+        summed = self(x * size, reduce="sum")
+        new_size = self(size, reduce="sum")
+        return summed / new_size, new_size
+
+    def track_source(self, token_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Compose source tracking through this step.
+
+        Args:
+            token_map: ``[B, N0]`` for each original token, its position in this step's
+                input (``None``: this step's input is the original sequence).
+
+        Returns:
+            ``[B, N0]`` for each original token, its position in this step's output.
+        """
+        if token_map is None:
+            return self.output_position.clone()
+        return self.output_position.gather(1, token_map)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 3 or x.shape[1] != self.num_input_tokens or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"this Merge was decided for [B={self.batch_size}, N={self.num_input_tokens}, C] "
+                f"inputs, got shape {tuple(x.shape)}"
+            )
+
+
+def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str = "cpu") -> Merge:
+    """A plan that removes nothing (``r = 0``)."""
+    kept = torch.arange(num_tokens, device=device).expand(batch_size, num_tokens)
+    empty = torch.empty(batch_size, 0, dtype=torch.long, device=device)
+    return Merge(kept, empty, empty, empty, num_tokens)
+
+
+def source_matrix(token_map: torch.Tensor, num_output_tokens: int) -> torch.Tensor:
+    """Dense assignment matrix from a token map.
+
+    Args:
+        token_map: ``[B, N0]`` output position of each original token.
+        num_output_tokens: ``n``.
+
+    Returns:
+        ``[B, n, N0]`` float tensor, 1 where output token ``j`` holds original token ``i``
+        (the same layout as ToMe's ``source``).
+    """
+    batch, n_orig = token_map.shape
+    source = torch.zeros(batch, num_output_tokens, n_orig, device=token_map.device)
+    source.scatter_(1, token_map.unsqueeze(1), 1.0)
+    return source
