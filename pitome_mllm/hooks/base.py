@@ -1,0 +1,45 @@
+"""Reversible forward overrides, in the spirit of accelerate's ``add_hook_to_module``.
+
+An override replaces a module's ``forward`` with an instance attribute and records
+what was there, so that `restore_forward` puts back exactly the previous state
+(including a forward that another library, e.g. accelerate's device hooks, had
+already installed on the instance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+_SAVED_FORWARD = "_pitome_saved_forward"
+_MISSING = object()
+
+
+def override_forward(module: nn.Module, make_forward: Callable[[Callable], Callable]) -> None:
+    """Replace ``module.forward`` by ``make_forward(current_forward)``.
+
+    Raises:
+        RuntimeError: the module is already overridden (patching twice is an error).
+    """
+    if hasattr(module, _SAVED_FORWARD):
+        raise RuntimeError(f"{type(module).__name__} already carries a pitome_mllm forward override")
+    saved = module.__dict__.get("forward", _MISSING)
+    current = module.forward
+    object.__setattr__(module, _SAVED_FORWARD, saved)
+    module.forward = make_forward(current)
+
+
+def restore_forward(module: nn.Module) -> None:
+    """Undo `override_forward` (no-op on a module that is not overridden)."""
+    if not hasattr(module, _SAVED_FORWARD):
+        return
+    saved = module.__dict__.pop(_SAVED_FORWARD)
+    if saved is _MISSING:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = saved
+
+
+def is_overridden(module: nn.Module) -> bool:
+    return hasattr(module, _SAVED_FORWARD)

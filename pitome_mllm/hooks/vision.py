@@ -1,0 +1,242 @@
+"""Merging inside a ViT encoder, as a reversible override of its layers' forwards.
+
+Works on any encoder whose layers are called as ``layer(hidden_states, attention_mask, ...)``
+and return the new hidden states (a tensor, or a tuple whose first item is the tensor).
+Model adapters supply the layers and, for the ``keys`` metric, each layer's key
+projection; nothing here knows a model family.
+
+After layer ``l`` runs, the merge step the schedule planned for ``l`` is decided on the
+metric and applied to the layer output, so the next layer and any hidden-state
+recorder (transformers 5.x records outputs with forward hooks, which run after the
+overridden forward) see the merged tokens. Layers after the last one the model reads
+pass their input through unchanged: their output is never used, and keeping them in
+the list keeps hidden-state indices stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..merge import Merge, bipartite_soft_matching, pitome
+from ..schedule import LayerStep
+from .base import override_forward, restore_forward
+
+
+@dataclass
+class MergeTrace:
+    """What the last tower forward did, for analysis and the projector stage.
+
+    Attributes:
+        token_map: ``[B, N0]`` for every original token (class token at 0), its index
+            in the current sequence.
+        size: ``[B, n, 1]`` how many original tokens each current token holds (fp32).
+        token_counts: tokens after each layer's merge (class token included).
+        merges: ``(layer_idx, Merge)`` of every step, kept only when ``record_merges``
+            (visualisation needs them; normal runs do not pay for them).
+    """
+
+    token_map: torch.Tensor
+    size: torch.Tensor
+    token_counts: list[int] = field(default_factory=list)
+    merges: list[tuple[int, Merge]] = field(default_factory=list)
+    record_merges: bool = False
+
+    @classmethod
+    def start(cls, hidden_states: torch.Tensor, record_merges: bool) -> "MergeTrace":
+        batch, num_tokens, _ = hidden_states.shape
+        device = hidden_states.device
+        token_map = torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
+        size = torch.ones(batch, num_tokens, 1, device=device)
+        return cls(token_map, size, [], [], record_merges)
+
+    def apply(self, layer_idx: int, step: Merge) -> None:
+        self.token_map = step.track_source(self.token_map)
+        self.size = step(self.size, reduce="sum")
+        self.token_counts.append(step.num_output_tokens)
+        if self.record_merges:
+            self.merges.append((layer_idx, step))
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The model-independent part of a config that the layer wrappers need."""
+
+    metric: str  # "hidden", "keys", "keys_mean"
+    reduce: str  # "mean", "size_weighted"
+    prop_attn: bool
+    alpha: float
+    class_token: bool
+
+
+def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) -> Merge:
+    """The `Merge` for one planned step, decided on ``metric`` (``[B, N, C]``)."""
+    if step.method == "bsm":
+        return bipartite_soft_matching(metric, step.r, class_token=settings.class_token)
+    return pitome(
+        metric,
+        step.r,
+        step.margin,
+        alpha=settings.alpha,
+        class_token=settings.class_token,
+        energy=step.energy,
+    )
+
+
+def apply_step(
+    step: Merge, hidden_states: torch.Tensor, trace: MergeTrace, reduce: str
+) -> torch.Tensor:
+    """Merge ``hidden_states`` with ``step`` (plain or size-weighted); update the trace."""
+    if reduce == "size_weighted":
+        merged, _ = step.weighted(hidden_states, trace.size.to(hidden_states.dtype))
+    else:
+        merged = step(hidden_states, reduce="mean")
+    return merged
+
+
+def proportional_attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias ``log(size)`` per key: ``[B, n, 1]`` -> ``[B, 1, 1, n]``."""
+    return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+
+
+class TowerMerger:
+    """Installs merging on the layers of one vision encoder.
+
+    Args:
+        layers: the encoder layers, in order.
+        plan: ``num_tokens -> list[LayerStep]`` for layers ``0..last_layer`` (cached per
+            token count by the caller or here).
+        last_layer: index of the last layer whose output the model reads.
+        settings: metric, reduce, proportional attention, alpha, class token.
+        key_projection: ``layer -> (k_proj module, num_heads)``, needed for the keys metrics.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        plan: Callable[[int], list[LayerStep]],
+        last_layer: int,
+        settings: MergeSettings,
+        key_projection: Callable[[nn.Module], tuple[nn.Module, int]] | None = None,
+    ) -> None:
+        if settings.metric != "hidden" and key_projection is None:
+            raise ValueError(f"metric={settings.metric!r} needs the layers' key projections")
+        self.layers = list(layers)
+        self.plan = plan
+        self.last_layer = last_layer
+        self.settings = settings
+        self.key_projection = key_projection
+        self.trace: MergeTrace | None = None
+        self.record_merges = False
+        self._steps: list[LayerStep] = []
+        self._keys: torch.Tensor | None = None
+        self._key_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._installed: list[nn.Module] = []
+
+    # --------------------------------------------------------------- install
+    def install(self) -> None:
+        try:
+            for layer_idx, layer in enumerate(self.layers):
+                if layer_idx <= self.last_layer:
+                    override_forward(layer, self._make_merging_forward(layer_idx))
+                    if self.settings.metric != "hidden":
+                        k_proj, num_heads = self.key_projection(layer)
+                        self._key_hooks.append(k_proj.register_forward_hook(self._make_key_hook(num_heads)))
+                else:
+                    override_forward(layer, _passthrough_forward)
+                self._installed.append(layer)
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for hook in self._key_hooks:
+            hook.remove()
+        self._key_hooks.clear()
+        for layer in self._installed:
+            restore_forward(layer)
+        self._installed.clear()
+        self.trace = None
+        self._keys = None
+
+    # ---------------------------------------------------------------- hooks
+    def _make_key_hook(self, num_heads: int) -> Callable:
+        def capture_keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            keys = output.detach()
+            if self.settings.metric == "keys_mean":
+                batch, num_tokens, channels = keys.shape
+                keys = keys.view(batch, num_tokens, num_heads, channels // num_heads).mean(dim=2)
+            self._keys = keys
+
+        return capture_keys
+
+    def _make_merging_forward(self, layer_idx: int) -> Callable[[Callable], Callable]:
+        def make(original_forward: Callable) -> Callable:
+            def merging_forward(hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
+                if layer_idx == 0:
+                    self._start(hidden_states)
+                trace = self.trace
+                if self.settings.prop_attn and trace is not None and trace.token_counts:
+                    bias = proportional_attention_bias(trace.size, hidden_states.dtype)
+                    attention_mask = bias if attention_mask is None else attention_mask + bias
+                output = original_forward(hidden_states, attention_mask, *args, **kwargs)
+                step = self._steps[layer_idx] if layer_idx < len(self._steps) else None
+                if step is None or step.method == "none" or trace is None:
+                    return output
+                layer_out = output[0] if isinstance(output, tuple) else output
+                metric = layer_out if self.settings.metric == "hidden" else self._keys
+                decision = decide_step(step, metric, self.settings)
+                merged = apply_step(decision, layer_out, trace, self.settings.reduce)
+                trace.apply(layer_idx, decision)
+                self._keys = None
+                return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+            return merging_forward
+
+        return make
+
+    def _start(self, hidden_states: torch.Tensor) -> None:
+        self._steps = self.plan(hidden_states.shape[1])
+        self.trace = MergeTrace.start(hidden_states, self.record_merges)
+
+
+def _passthrough_forward(original_forward: Callable) -> Callable:
+    def passthrough(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+    return passthrough
+
+
+def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> torch.Tensor:
+    """Order of the current tokens by the first original token each one holds.
+
+    Args:
+        token_map: ``[B, N0]`` current index of every original token.
+        num_tokens: ``n``, the current token count.
+        offset: leading current tokens left out (e.g. a dropped class token); also the
+            number of leading original tokens ignored.
+
+    Returns:
+        ``[B, n - offset]`` indices (relative to the tokens after ``offset``) that sort
+        them by their smallest original index.
+    """
+    batch, n_orig = token_map.shape
+    current = token_map[:, offset:] - offset  # [B, N0 - offset]
+    first = torch.full((batch, num_tokens - offset), n_orig, dtype=torch.long, device=token_map.device)
+    original_index = torch.arange(n_orig - offset, device=token_map.device).expand(batch, -1)
+    first.scatter_reduce_(1, current, original_index, reduce="amin", include_self=True)
+    return first.argsort(dim=1, stable=True)
+
+
+__all__ = [
+    "MergeSettings",
+    "MergeTrace",
+    "TowerMerger",
+    "apply_step",
+    "decide_step",
+    "proportional_attention_bias",
+    "raster_order",
+]
