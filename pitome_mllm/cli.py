@@ -1,0 +1,52 @@
+"""``pitome-mllm`` command line: thin wrappers that parse, call the library, print.
+
+Each subcommand lives in its own module exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; modules keep heavy imports
+(transformers, matplotlib) inside ``run`` so that ``pitome-mllm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module implementing it
+COMMANDS: dict[str, str] = {
+    "schedule": "pitome_mllm.schedule_cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pitome-mllm",
+        description="Spectrum-preserving token merging (PiToMe) for LLaVA-style multimodal LLMs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what gets patched and planned")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input: one clear line, not a traceback.
+        print(f"pitome-mllm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
