@@ -1,0 +1,392 @@
+"""Tiny, randomly initialised LLaVA models and a matching processor, built fully offline.
+
+Why this module exists
+----------------------
+The token-merging code patches real ``transformers`` classes (``CLIPEncoderLayer`` inside
+``LlavaForConditionalGeneration``) and must cooperate with the real ``LlavaProcessor`` (which expands
+``<image>`` into one placeholder per visual token).  Tests and the offline demo therefore need *genuine*
+transformers objects -- not mocks -- yet they must run on a laptop CPU with no access to a model hub.
+
+This module builds exactly that:
+
+* :func:`build_tiny_processor` trains a ~500-token byte-level BPE tokenizer on a small English corpus
+  embedded below (deterministic, well under a second), wraps it in ``PreTrainedTokenizerFast`` and pairs it
+  with a ``CLIPImageProcessor`` into a ``LlavaProcessor`` with a LLaVA-1.5 style chat template.
+* :func:`build_tiny_llava` builds a ``LlavaForConditionalGeneration`` whose *geometry* matches the real
+  model (CLIP ViT-L/14-336: 336 px images, 14 px patches, 24 encoder layers, 577 visual tokens including
+  CLS, hidden state of layer -2 selected, CLS dropped) but whose *widths* are tiny (64), so a forward pass
+  takes milliseconds.  Weights are random but seeded, hence reproducible.
+* :func:`save_tiny_llava` writes model + processor to a folder that ``from_pretrained`` can load offline,
+  which is how the loading code paths get exercised.
+
+The text the model generates is meaningless (the weights are random); what matters is that every shape,
+mask, cache and hook behaves as in the full-size model.
+
+Bundled demo photographs (public domain / CC0) are reachable through :func:`list_images` and
+:func:`load_image`; see ``pitome_mllm/assets/README.md`` for their sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import is_torchvision_available
+
+# Re-exported so demo code can get a model and a picture from one place.
+from pitome_mllm.assets import list_images, load_image
+
+__all__ = [
+    "DEMO_SPEC",
+    "IMAGE_TOKEN",
+    "LLAVA_CHAT_TEMPLATE",
+    "TEST_SPEC",
+    "TinyLlavaSpec",
+    "build_tiny_llava",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "list_images",
+    "load_image",
+    "save_tiny_llava",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_TOKEN = "<image>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+# Order fixes the ids: <unk>=0, <s>=1, </s>=2 as in the LLaMA tokenizer, then <pad>=3, <image>=4.
+SPECIAL_TOKENS = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN]
+
+TOKENIZER_VOCAB_SIZE = 500
+
+# A few hundred words of plain English in the register of visual question answering.  The tokenizer
+# only needs to segment prompts sensibly; byte-level fallback covers anything not seen here.
+_TRAINING_CORPUS = """
+What is in the image? The image shows a cat sitting on a wooden table next to a cup of coffee.
+Describe the image in detail. A woman in an orange space suit smiles at the camera. Behind her
+there is a flag and a model of a rocket. What colour is the cup? The cup is red and the saucer is red.
+How many people are in the picture? There is one person in the picture. Is there a dog in the photo?
+No, there is no dog in the photo, but there is a small cat with green eyes. What shape is the plate?
+The plate is round. The table is brown and made of wood. The sky is blue and the grass is green.
+Where is the spoon? The spoon is on the saucer, to the right of the cup. What is the woman holding?
+She is holding a white helmet. What is the animal looking at? The cat is looking at the camera.
+Answer the question using a single word or phrase. Yes. No. Two. Three. Four. Left. Right. Red.
+Blue. Green. Yellow. Orange. Purple. Black. White. Grey. Brown. Pink. A circle, a square, a
+triangle and a rectangle. The square is next to the circle. The triangle is above the rectangle.
+Please look at the picture and answer the question. What colour is the shirt of the man on the left?
+What is the text written on the sign? The sign says stop. Is it day or night? It is day, the sun is
+shining. What time of year is it? It looks like winter because there is snow on the ground.
+What is the man doing? The man is riding a bicycle along the street. What vehicles can you see?
+I can see a car, a bus and a bicycle. How many windows does the house have? The house has four
+windows and a door. What room is this? This is a kitchen with a stove, a sink and a refrigerator.
+Describe the scene briefly. A busy street with people walking and cars waiting at a traffic light.
+Is the water calm? Yes, the water is calm and a boat floats near the shore. What is on the plate?
+There is a sandwich, some fruit and a glass of milk on the plate. Which object is the largest?
+The largest object is the building in the background. What is the weather like? It is cloudy.
+Count the birds in the tree. There are three birds in the tree. What is the girl wearing? She is
+wearing a yellow dress and black shoes. Where was this photo taken? It was taken in a park.
+What is this? This is a photograph of an astronaut. What is the cat doing? The cat is resting.
+USER: What is in the image? ASSISTANT: A cup of coffee on a saucer.
+USER: Describe this photo. ASSISTANT: A cat with striped fur looks straight ahead.
+USER: Who is this? ASSISTANT: An astronaut wearing an orange suit in front of a flag.
+"""
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (~500 tokens) on the built-in corpus and wrap it for transformers.
+
+    Special tokens: ``<unk>`` (0), ``<s>`` (1, BOS, prepended to every encoded text), ``</s>`` (2, EOS),
+    ``<pad>`` (3) and ``<image>`` (4, exposed as ``tokenizer.image_token`` / ``tokenizer.image_token_id``).
+    Padding is on the left, which is what batched generation with a decoder-only model needs.
+
+    The result is identical on every call and in every process: the trainer sees the same corpus with
+    the same settings, and its merge order does not depend on per-process hash seeds.
+    Training takes about 10 ms.
+    """
+    backend = Tokenizer(models.BPE(unk_token=None))  # byte-level: every byte is in the alphabet, no unk needed
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TRAINING_CORPUS.strip().splitlines(), trainer=trainer)
+    bos_token_id = backend.token_to_id(BOS_TOKEN)
+    # Prepend BOS like the LLaMA tokenizer does; ByteLevel post-processing keeps offsets right.
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN} $A",
+                pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+                special_tokens=[(BOS_TOKEN, bos_token_id)],
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Processor
+# --------------------------------------------------------------------------------------------------
+
+# LLaVA-1.5 conversation format: "USER: <image>\n{text} ASSISTANT:".  Accepts message content either as a
+# plain string or as a list of {"type": "image"} / {"type": "text", "text": ...} parts (images first, as
+# in llava-hf's own template).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}"
+    "{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# OpenAI CLIP normalisation constants (what llava-1.5's CLIPImageProcessor uses).
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _clip_image_processor_class() -> type:
+    """The CLIP image processor class for the installed backends.
+
+    transformers 5.x names the torchvision-backed class ``CLIPImageProcessor`` and the PIL one
+    ``CLIPImageProcessorPil``; asking for the former without torchvision silently substitutes the latter
+    with a warning.  Choosing explicitly keeps the output quiet.  Either way the saved
+    ``image_processor_type`` is ``"CLIPImageProcessor"`` and ``AutoProcessor`` picks the backend at load time.
+    """
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil
+
+
+def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
+    """Build a ``LlavaProcessor`` offline: tiny BPE tokenizer + ``CLIPImageProcessor``.
+
+    Images are resized (shortest edge) and centre-cropped to ``image_size x image_size``, so
+    ``pixel_values`` has shape ``(num_images, 3, image_size, image_size)``.  Each ``<image>`` in the text
+    expands to ``(image_size // patch_size) ** 2`` placeholder tokens: the CLIP tower yields that many
+    patch tokens plus CLS, and the ``"default"`` feature strategy drops CLS (576 for 336/14, 64 for 112/14).
+    """
+    if image_size % patch_size:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    image_processor = _clip_image_processor_class()(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Size knobs of a tiny LLaVA-1.5 style model (CLIP vision tower + MLP projector + LLaMA decoder).
+
+    The vision tower sees ``(image_size // patch_size) ** 2 + 1`` tokens (patches + CLS) of width
+    ``vision_hidden``; LLaVA takes the hidden states of ``vision_feature_layer`` (``-2``: the penultimate
+    layer, as in LLaVA-1.5), drops CLS and projects them to ``text_hidden``.
+    """
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 24
+    vision_heads: int = 4
+    vision_intermediate: int = 128
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate: int = 128
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -2
+    seed: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image, ``(image_size // patch_size) ** 2`` (576 for 336/14)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_vision_tokens(self) -> int:
+        """Tokens inside the vision tower: patches + CLS (577 for 336/14)."""
+        return self.num_patches + 1
+
+
+# CLIP ViT-L/14-336 geometry (336 px, 14 px patches, 24 layers -> 577 tokens per layer), tiny widths.
+DEMO_SPEC = TinyLlavaSpec()
+
+# Small and fast for unit tests: 112 px / 14 px patches -> 64 patches + CLS, 6 encoder layers.
+TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6)
+
+
+def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vocab_size = len(tokenizer)
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+        hidden_act="quick_gelu",  # what OpenAI CLIP (and so LLaVA-1.5's tower) uses
+    )
+    text_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        # Room for a few images' worth of placeholders plus a prompt and an answer.
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.image_token_id,
+        image_seq_length=spec.num_patches,
+        projector_hidden_act=spec.projector_hidden_act,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+        # Not a declared LlavaConfig field, but llava-hf checkpoints carry it at the top level and
+        # generation / evaluation code reads ``model.config.pad_token_id``.
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _check_processor_matches(processor: LlavaProcessor, spec: TinyLlavaSpec) -> None:
+    """Fail early on a processor whose placeholder count would not match the tower's feature count.
+
+    Otherwise the mismatch only surfaces at the first forward, as LLaVA's "image features and image
+    tokens do not match" error.
+    """
+    crop_size = processor.image_processor.crop_size
+    processor_geometry = (crop_size["height"], crop_size["width"], processor.patch_size)
+    if processor_geometry != (spec.image_size, spec.image_size, spec.patch_size):
+        raise ValueError(
+            f"processor crops {crop_size['height']}x{crop_size['width']} with patch {processor.patch_size}, "
+            f"but the spec needs {spec.image_size}x{spec.image_size} with patch {spec.patch_size}"
+        )
+
+
+def build_tiny_llava(
+    spec: TinyLlavaSpec = DEMO_SPEC,
+    processor: LlavaProcessor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Build a randomly initialised ``LlavaForConditionalGeneration`` plus a matching processor.
+
+    Args:
+        spec: size knobs; :data:`DEMO_SPEC` mirrors LLaVA-1.5's vision geometry, :data:`TEST_SPEC` is faster.
+        processor: reuse an existing processor (its tokenizer defines the vocabulary and the image token id);
+            by default one is built with :func:`build_tiny_processor` for ``spec``'s image and patch size.
+        dtype: parameter dtype of the returned model.
+
+    Returns:
+        ``(model, processor)``; the model is in eval mode.  ``processor(images=[img] * B, text=[prompt] * B,
+        return_tensors="pt", padding=True)`` gives ``pixel_values`` ``(B, 3, image_size, image_size)`` and
+        ``input_ids`` ``(B, L)`` containing ``spec.num_patches`` image placeholders per image;
+        ``model(**inputs).logits`` is ``(B, L, vocab_size)``.
+
+    Weights are drawn after ``torch.manual_seed(spec.seed)`` (the global RNG state is restored afterwards),
+    so the same spec always gives the same state dict.
+    """
+    if processor is None:
+        processor = build_tiny_processor(image_size=spec.image_size, patch_size=spec.patch_size)
+    else:
+        _check_processor_matches(processor, spec)
+    tokenizer = processor.tokenizer
+    config = _build_config(spec, tokenizer)
+    # SDPA for both towers: the fast path users get by default, and the one the merge hooks must handle.
+    config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    config.text_config._attn_implementation = "sdpa"
+
+    # Seed only while constructing so callers' own random streams are not disturbed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model, processor
+
+
+def save_tiny_llava(folder: str | Path, spec: TinyLlavaSpec = TEST_SPEC) -> Path:
+    """Build a tiny model for ``spec`` and save model + processor into ``folder`` (created if missing).
+
+    Afterwards ``LlavaForConditionalGeneration.from_pretrained(folder)`` and
+    ``AutoProcessor.from_pretrained(folder)`` load it without network access.  Returns ``Path(folder)``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, processor = build_tiny_llava(spec)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
