@@ -272,3 +272,5 @@ class LlavaHFAdapter:
         if self.processor is not None:
             self._restore_processor()
 
+
+ADAPTER = LlavaHFAdapter
