@@ -131,7 +131,7 @@ class PiToMeConfig:
         return text
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PiToMeConfig":
+    def from_dict(cls, values: dict[str, Any]) -> PiToMeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -139,12 +139,14 @@ class PiToMeConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "PiToMeConfig":
+    def from_json(cls, text_or_path: str | Path) -> PiToMeConfig:
         path = Path(text_or_path)
-        text = path.read_text() if not str(text_or_path).lstrip().startswith("{") and path.exists() else str(text_or_path)
+        text = (
+            path.read_text() if not str(text_or_path).lstrip().startswith("{") and path.exists() else str(text_or_path)
+        )
         return cls.from_dict(json.loads(text))
 
-    def replace(self, **overrides: Any) -> "PiToMeConfig":
+    def replace(self, **overrides: Any) -> PiToMeConfig:
         """A new validated config with some fields changed."""
         values = self.to_dict()
         # Preset-derived fields follow a new preset unless given explicitly.

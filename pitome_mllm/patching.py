@@ -91,7 +91,7 @@ class PatchHandle:
         self.model.__dict__.pop(_HANDLE_ATTR, None)
         self._active = False
 
-    def __enter__(self) -> "PatchHandle":
+    def __enter__(self) -> PatchHandle:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -110,9 +110,7 @@ def get_patch(model: nn.Module) -> PatchHandle | None:
     return model.__dict__.get(_HANDLE_ATTR)
 
 
-def patch(
-    model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any
-) -> PatchHandle:
+def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any) -> PatchHandle:
     """Put token merging into ``model`` (in place) and make ``processor`` emit the new token count.
 
     Args:
@@ -149,7 +147,9 @@ def patch(
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any) -> Iterator[PatchHandle]:
+def patched(
+    model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any
+) -> Iterator[PatchHandle]:
     """Context manager: ``with patched(model, processor, keep_ratio=0.9) as handle: ...``."""
     handle = patch(model, processor, config, **overrides)
     try:

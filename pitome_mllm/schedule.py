@@ -74,8 +74,7 @@ def check_keep_ratio(keep_ratio: float) -> float:
         raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {keep_ratio!r}")
     if not (0.5 < keep_ratio <= 1.0):
         raise ValueError(
-            f"keep_ratio must be in (0.5, 1.0], got {keep_ratio} "
-            "(a step can remove at most half of the tokens)"
+            f"keep_ratio must be in (0.5, 1.0], got {keep_ratio} (a step can remove at most half of the tokens)"
         )
     return float(keep_ratio)
 
@@ -165,9 +164,7 @@ def token_counts(
     >>> token_counts(577, 24, 0.9)[22] - 1   # CLIP ViT-L/14-336, LLaVA reads layer 22
     54
     """
-    steps = plan_layers(
-        num_tokens, num_layers, keep_ratio, method=method, preset=preset, class_token=class_token
-    )
+    steps = plan_layers(num_tokens, num_layers, keep_ratio, method=method, preset=preset, class_token=class_token)
     return [step.tokens_out for step in steps]
 
 

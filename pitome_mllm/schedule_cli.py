@@ -27,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     num_tokens = (args.image_size // args.patch_size) ** 2 + 1
     last_layer = args.feature_layer % (args.layers + 1) - 1
     console = Console()
-    summary = Table(title=f"{args.method} / {args.preset}: {num_tokens} tokens in, {args.layers} layers, reading layer {last_layer}")
+    summary = Table(
+        title=f"{args.method} / {args.preset}: {num_tokens} tokens in, {args.layers} layers, reading layer {last_layer}"
+    )
     summary.add_column("keep ratio", justify="right")
     summary.add_column("merging layers", justify="right")
     summary.add_column("visual tokens to the LLM", justify="right")
@@ -43,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
                 table.add_column(column, justify="right")
             for step in steps:
                 table.add_row(
-                    str(step.layer_idx), step.method, str(step.r), f"{step.margin:.4f}",
-                    str(step.tokens_in), str(step.tokens_out),
+                    str(step.layer_idx),
+                    step.method,
+                    str(step.r),
+                    f"{step.margin:.4f}",
+                    str(step.tokens_in),
+                    str(step.tokens_out),
                 )
             console.print(table)
     console.print(summary)

@@ -46,7 +46,7 @@ class MergeTrace:
     record_merges: bool = False
 
     @classmethod
-    def start(cls, hidden_states: torch.Tensor, record_merges: bool) -> "MergeTrace":
+    def start(cls, hidden_states: torch.Tensor, record_merges: bool) -> MergeTrace:
         batch, num_tokens, _ = hidden_states.shape
         device = hidden_states.device
         token_map = torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
@@ -86,9 +86,7 @@ def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) 
     )
 
 
-def apply_step(
-    step: Merge, hidden_states: torch.Tensor, trace: MergeTrace, reduce: str
-) -> torch.Tensor:
+def apply_step(step: Merge, hidden_states: torch.Tensor, trace: MergeTrace, reduce: str) -> torch.Tensor:
     """Merge ``hidden_states`` with ``step`` (plain or size-weighted); update the trace."""
     if reduce == "size_weighted":
         merged, _ = step.weighted(hidden_states, trace.size.to(hidden_states.dtype))

@@ -88,7 +88,7 @@ class Merge:
         position.scatter_(1, self.src_idx, self._scatter_idx)
         return position
 
-    def to(self, device: torch.device | str) -> "Merge":
+    def to(self, device: torch.device | str) -> Merge:
         return Merge(
             self.kept_idx.to(device),
             self.dst_idx.to(device),
@@ -119,9 +119,7 @@ class Merge:
         out.scatter_reduce_(1, index, src, reduce=reduce, include_self=True)
         return out
 
-    def weighted(
-        self, x: torch.Tensor, size: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def weighted(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted merge (paper Alg. 1).
 
         Args:
