@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import llava_hf
+from . import llava_hf, llava_original
 
-ADAPTER_MODULES = (llava_hf,)
+ADAPTER_MODULES = (llava_hf, llava_original)
 
 
 def supported_families() -> str:
