@@ -15,6 +15,8 @@ import sys
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.schedule_cli",
+    "demo": "pitome_mllm.demo",
+    "chat": "pitome_mllm.chat",
 }
 
 
