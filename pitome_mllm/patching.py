@@ -133,7 +133,7 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
     if isinstance(config, dict):
         config = PiToMeConfig.from_dict(config)
     if config is None:
-        config = PiToMeConfig(**overrides)
+        config = PiToMeConfig.from_dict(overrides)  # unknown keys: ValueError naming the allowed ones
     elif overrides:
         config = config.replace(**overrides)
     adapter_cls = find_adapter(model)
