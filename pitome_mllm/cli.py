@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.schedule_cli",
     "demo": "pitome_mllm.demo",
     "chat": "pitome_mllm.chat",
+    "chat-llava": "pitome_mllm.llava_original_chat",
 }
 
 

@@ -326,3 +326,36 @@ def test_build_prompt_uses_the_llava_template():
     assert prompt.endswith("USER: What colour? ASSISTANT:")
     with pytest.raises(ValueError, match="conv_template"):
         original.build_prompt([(QUESTION, None)], conv_template="nope")
+
+
+# ------------------------------------------------------------------------------------- chat
+def test_chat_llava_answers_one_prompt_with_the_merged_token_count(saved_checkpoint, capsys):
+    from pitome_mllm.cli import main
+
+    argv = ["chat-llava", "--model", str(saved_checkpoint), "--image", "coffee", "--prompt", QUESTION]
+    assert main([*argv, "--target-tokens", "16", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "llava_original" in captured.err and "[16 visual tokens" in captured.out
+
+
+def test_chat_llava_unpatched_conversation_until_exit(monkeypatch, capsys):
+    import io
+
+    from pitome_mllm.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\nexit\nnot asked\n"))
+    assert main(["chat-llava", "--model", "tiny-test", "--image", "astronaut", "--max-new-tokens", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(f"[{TEST_SPEC.num_patches} visual tokens" in line for line in lines) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--conv-mode", "nope"], "conv-mode"), (["--keep-ratio", "0.3"], "0.3")],
+)
+def test_chat_llava_reports_bad_arguments_in_one_line(extra, message, capsys):
+    from pitome_mllm.cli import main
+
+    argv = ["chat-llava", "--model", "tiny-test", "--image", "astronaut", "--prompt", "q", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
