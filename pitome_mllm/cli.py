@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "demo": "pitome_mllm.demo",
     "chat": "pitome_mllm.chat",
     "chat-llava": "pitome_mllm.llava_original_chat",
+    "visualize": "pitome_mllm.visualize_cli",
+    "spectral": "pitome_mllm.spectral_cli",
 }
 
 
