@@ -359,3 +359,74 @@ def test_chat_llava_reports_bad_arguments_in_one_line(extra, message, capsys):
     argv = ["chat-llava", "--model", "tiny-test", "--image", "astronaut", "--prompt", "q", *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- lmms-eval
+@pytest.fixture(scope="module")
+def lmms_model(saved_checkpoint):
+    """``pitome_llava`` on the saved tiny checkpoint, patched to 16 visual tokens, batch size 2."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
+    from pitome_mllm.lmms_eval_llava_original import PiToMeLlava
+
+    model = PiToMeLlava(
+        pretrained=str(saved_checkpoint), device="cpu", batch_size="2", target_tokens="16", keep_order="true"
+    )
+    docs = {0: load_image("coffee"), 1: load_image("chelsea"), 2: load_image("astronaut")}
+    model.task_dict = {"tiny_task": {"test": docs}}
+    return model
+
+
+def _request(request_type: str, doc_id: int, *arguments):
+    from lmms_eval.api.instance import Instance
+
+    metadata = {"task": "tiny_task", "doc_id": doc_id, "repeats": 1}
+    return Instance(request_type=request_type, arguments=arguments, idx=doc_id, metadata=metadata)
+
+
+def test_lmms_eval_manifest_names_the_model_class():
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
+    from pitome_mllm import lmms_eval_llava_original as plugin
+
+    manifest = plugin.manifest()
+    assert manifest.model_id == "pitome_llava" and manifest.simple_class_path.endswith(".PiToMeLlava")
+
+
+def test_lmms_eval_generate_until_batches_and_reports_merged_tokens(lmms_model):
+    def visual(doc):
+        return [doc]
+
+    requests = [
+        _request(
+            "generate_until",
+            doc_id,
+            question,
+            {"max_new_tokens": 3, "until": ["\n"]},
+            visual,
+            doc_id,
+            "tiny_task",
+            "test",
+        )
+        for doc_id, question in enumerate([QUESTION, "Describe the picture in detail, please.", "Colour?"])
+    ]
+    results = lmms_model.generate_until(requests)
+    assert len(results) == 3 and all(isinstance(result.text, str) for result in results)
+    costs = [result.token_counts for result in results]
+    assert [cost.visual_tokens for cost in costs] == [16, 16, 16]
+    assert sorted(cost.batch_size for cost in costs) == [1, 2, 2]
+    assert all(1 <= cost.output_tokens <= 3 for cost in costs)
+    # Batched rows (the shorter one left-padded) decode like the same requests alone.
+    assert [lmms_model.generate_until([request])[0].text for request in requests[:2]] == [
+        result.text for result in results[:2]
+    ]
+    assert lmms_model.run_summary()["mean_visual_tokens"] == 16
+
+
+def test_lmms_eval_loglikelihood_scores_the_continuation(lmms_model):
+    def visual(doc):
+        return [doc]
+
+    requests = [_request("loglikelihood", 0, QUESTION, " A cup.", visual, 0, "tiny_task", "test")]
+    (result,) = lmms_model.loglikelihood(requests)
+    loss, is_greedy = result.text
+    assert loss > 0 and isinstance(is_greedy, bool)
+    assert result.token_counts.visual_tokens == 16

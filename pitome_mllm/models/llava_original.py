@@ -350,15 +350,19 @@ def load_llava_original(
 DEFAULT_CONV_TEMPLATE = "vicuna_v1"
 
 
-def build_prompt(turns, conv_template: str = DEFAULT_CONV_TEMPLATE, image_start_end: bool = False) -> str:
-    """The prompt for a conversation about one image, in an llava conversation template.
+def build_prompt(
+    turns, conv_template: str = DEFAULT_CONV_TEMPLATE, image_start_end: bool = False, num_images: int = 1
+) -> str:
+    """The prompt for a conversation about images, in an llava conversation template.
 
     Args:
-        turns: ``(question, answer)`` pairs; the image goes with the first question;
-            the last answer is None (the one to generate).
+        turns: ``(question, answer)`` pairs; the images go before the first question
+            (unless it already holds ``<image>`` markers); the last answer is None (the
+            one to generate).
         conv_template: a key of ``llava.conversation.conv_templates`` (LLaVA-1.5: ``vicuna_v1``).
         image_start_end: wrap the image token in ``<im_start>`` / ``<im_end>``
             (``model.config.mm_use_im_start_end``).
+        num_images: image markers to put before the first question.
     """
     from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
     from llava.conversation import conv_templates
@@ -372,8 +376,8 @@ def build_prompt(turns, conv_template: str = DEFAULT_CONV_TEMPLATE, image_start_
         image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
     conversation = conv_templates[conv_template].copy()
     for index, (question, answer) in enumerate(turns):
-        if index == 0 and DEFAULT_IMAGE_TOKEN not in question:
-            question = f"{image_token}\n{question}"
+        if index == 0 and num_images and DEFAULT_IMAGE_TOKEN not in question:
+            question = " ".join([image_token] * num_images) + f"\n{question}"
         conversation.append_message(conversation.roles[0], question)
         conversation.append_message(conversation.roles[1], answer)
     return conversation.get_prompt()
