@@ -253,6 +253,10 @@ def _trajectory_config(settings: list[Setting], preset: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- output
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def render_table(rows: list[Row]):
     from rich import box
     from rich.table import Table
@@ -355,8 +359,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]Tiny random LLaVA[/bold] ({vision.image_size} px, {vision.patch_size} px patches, "
         f"{vision.num_hidden_layers} CLIP layers, width {vision.hidden_size}); image {args.image!r}; "
-        f"PiToMe preset {args.preset!r}; {device.type}, {torch.get_num_threads()} threads; "
-        f"median of {args.repeats} run{'s' if args.repeats > 1 else ''} after 1 warm-up"
+        f"PiToMe preset {args.preset!r}; {device.type}, {_plural(torch.get_num_threads(), 'thread')}; "
+        f"median of {_plural(args.repeats, 'run')} after 1 warm-up"
     )
     console.print(render_table(rows))
     console.print(
