@@ -336,7 +336,17 @@ def test_equal_energy_ties_are_broken_by_position(seed):
 # -------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("r", "fragments"),
-    [(-1, ["-1", "8"]), (9, ["9", "8"]), (100, ["100", "8"]), (1.5, ["1.5"]), (True, ["True"])],
+    [
+        (-1, ["-1", "8"]),
+        (9, ["9", "8"]),
+        (100, ["100", "8"]),
+        (1.5, ["1.5", "8"]),
+        (True, ["True", "8"]),
+        (float("inf"), ["inf", "8"]),
+        (float("nan"), ["nan", "8"]),
+        (None, ["None", "8"]),
+        ("2", ["'2'", "8"]),
+    ],
 )
 def test_bad_r_is_rejected(r, fragments):
     metric = torch.randn(1, 17, 4)  # 16 graph tokens with the class token: r <= 8

@@ -218,7 +218,10 @@ def test_largest_r(num_tokens, class_token, max_r):
 
 
 # -------------------------------------------------------------------- errors
-@pytest.mark.parametrize(("r", "fragments"), [(-2, ["-2", "8"]), (9, ["9", "8"]), (2.5, ["2.5"]), (False, ["False"])])
+@pytest.mark.parametrize(
+    ("r", "fragments"),
+    [(-2, ["-2", "8"]), (9, ["9", "8"]), (2.5, ["2.5", "8"]), (False, ["False", "8"]), (float("inf"), ["inf", "8"])],
+)
 def test_bad_r_is_rejected(r, fragments):
     metric = torch.randn(1, 17, 4)  # 9 A tokens, one the class token: r <= 8
     with pytest.raises(ValueError) as error:

@@ -15,8 +15,12 @@ def check_metric(metric: torch.Tensor) -> None:
 
 def check_r(r: int, max_r: int, what: str) -> int:
     """Validate the number of tokens to remove; return it as an int."""
-    if isinstance(r, bool) or int(r) != r:
-        raise ValueError(f"r must be an integer, got {r!r}")
+    try:
+        is_integer = not isinstance(r, bool) and int(r) == r
+    except (TypeError, ValueError, OverflowError):  # None, "2", nan, inf
+        is_integer = False
+    if not is_integer:
+        raise ValueError(f"r must be an integer between 0 and {max_r} for {what}, got {r!r}")
     r = int(r)
     if r < 0 or r > max_r:
         raise ValueError(f"r={r} is out of range: {what} can remove between 0 and {max_r} tokens")
