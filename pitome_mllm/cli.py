@@ -15,6 +15,7 @@ import sys
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.schedule_cli",
+    "profile": "pitome_mllm.profile_cli",
     "demo": "pitome_mllm.demo",
     "chat": "pitome_mllm.chat",
     "chat-llava": "pitome_mllm.llava_original_chat",
