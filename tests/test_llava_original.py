@@ -222,6 +222,29 @@ def test_enable_generate_compat_standalone_and_alongside_a_patch(tiny, inputs):
     assert "forward" not in model.__dict__
 
 
+def test_mistral_variant_is_exact_at_keep_ratio_one_and_generates_merged(tiny, inputs):
+    from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
+
+    # The Llama model's config, as a Mistral one: same widths, same tower folder.
+    values = {
+        key: value for key, value in tiny[0].config.to_dict().items() if key not in ("model_type", "architectures")
+    }
+    model = LlavaMistralForCausalLM(LlavaMistralConfig(**values, sliding_window=None))
+    model.get_vision_tower().load_model()
+    model.eval()
+    input_ids = inputs["input_ids"][:1, : int(inputs["attention_mask"][0].sum())]
+    images = inputs["images"][:1]
+    reference = _logits(model, {"input_ids": input_ids, "images": images})
+    with pitome_mllm.patched(model, None, keep_ratio=1.0):
+        assert torch.equal(_logits(model, {"input_ids": input_ids, "images": images}), reference)
+    with pitome_mllm.patched(model, None, target_tokens=20) as handle:
+        assert handle.num_visual_tokens == 20
+        cached = model.generate(input_ids, images=images, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(input_ids, images=images, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert "forward" not in model.__dict__
+
+
 # ---------------------------------------------------------------------------------- unpatch
 def test_unpatch_restores_forwards_and_outputs(tiny, inputs):
     model = tiny[0]
