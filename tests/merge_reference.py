@@ -55,9 +55,9 @@ class ReferenceStep:
         ``amax``/``amin`` pick elementwise extremes; ``prune`` keeps each lead unchanged.
         """
         out = []
-        for item, (leads, groups) in enumerate(zip(self.leads, self.groups)):
+        for item, (leads, groups) in enumerate(zip(self.leads, self.groups, strict=True)):
             rows = []
-            for lead, group in zip(leads, groups):
+            for lead, group in zip(leads, groups, strict=True):
                 members = x[item, group].double()  # [size, C]
                 if mode == "mean":
                     rows.append(members.sum(dim=0) / len(group))
@@ -167,7 +167,7 @@ def reference_pitome(
         set_b = mergeable[1::2]  # energy ranks 2, 4, 6, ...
         members_of_b = {b: [b] for b in set_b}
         a_to_b = sim_table[set_a][:, set_b].tolist()  # [r, r] similarities of A to B
-        for a, scores in zip(set_a, a_to_b):
+        for a, scores in zip(set_a, a_to_b, strict=True):
             members_of_b[set_b[_first_best(scores)]].append(a)
 
         leads = [0] if class_token else []
@@ -204,7 +204,7 @@ def reference_bsm(metric: torch.Tensor, r: int, class_token: bool = False) -> Re
     for item in range(metric.shape[0]):
         a_to_b = _cosine_table(metric[item])[0::2, 1::2].tolist()  # [|A|, |B|]
         best_b, best_score = {}, {}
-        for a, scores in zip(positions_a, a_to_b):
+        for a, scores in zip(positions_a, a_to_b, strict=True):
             if (class_token and a == 0) or not scores:
                 best_score[a] = -math.inf
                 continue

@@ -30,7 +30,12 @@ def test_explicit_fields_beat_the_preset():
 
 def test_defaults():
     config = PiToMeConfig(keep_ratio=0.9)
-    assert (config.method, config.preset, config.target_tokens, config.keep_order) == ("pitome", "reference", None, False)
+    assert (config.method, config.preset, config.target_tokens, config.keep_order) == (
+        "pitome",
+        "reference",
+        None,
+        False,
+    )
     assert (config.margin_start, config.margin_span, config.alpha) == (0.9, 0.9, 1.0)
 
 

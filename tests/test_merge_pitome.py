@@ -4,6 +4,7 @@ agreement with the naive reference of ``merge_reference.py``, and properties."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -11,7 +12,6 @@ from merge_reference import clustered_tokens, groups_of, pitome_energy_order, re
 from torch.testing import assert_close
 
 from pitome_mllm.merge import ENERGY_KINDS, energy_score, margin_for_layer, pitome
-
 
 
 def energy_tolerance(kind: str, margin: float) -> float:
@@ -39,7 +39,7 @@ def index_tensors(step) -> list[torch.Tensor]:
 
 def assert_same_plan(step, other) -> None:
     assert step.num_input_tokens == other.num_input_tokens
-    for mine, theirs in zip(index_tensors(step), index_tensors(other)):
+    for mine, theirs in zip(index_tensors(step), index_tensors(other), strict=True):
         assert torch.equal(mine, theirs)
 
 
@@ -170,7 +170,7 @@ def test_energy_is_scale_invariant_and_fp32():
 def test_margin_for_layer():
     margins = [margin_for_layer(i, 24) for i in range(24)]
     assert margins[0] == 0.9 and margins[1] == pytest.approx(0.8625) and margins[23] == pytest.approx(0.0375)
-    assert all(a > b for a, b in zip(margins, margins[1:]))  # decreasing with depth
+    assert all(a > b for a, b in pairwise(margins))  # decreasing with depth
     assert margin_for_layer(6, 12, start=0.75, span=0.75) == pytest.approx(0.375)
 
 
@@ -196,8 +196,10 @@ def check_against_reference(metric, r, margin, alpha, class_token, energy, featu
         in_lib_order = ref_energies.gather(1, torch.tensor(lib_order))
         descending = ref_energies.sort(dim=1, descending=True).values
         assert_close(in_lib_order, descending, rtol=0, atol=tolerance)
-        reference = own if lib_order == own.orders else reference_pitome(
-            metric, r, margin, alpha, class_token, energy, order=lib_order
+        reference = (
+            own
+            if lib_order == own.orders
+            else reference_pitome(metric, r, margin, alpha, class_token, energy, order=lib_order)
         )
     assert groups_of(step) == (reference.leads, reference.groups)
     assert step.num_output_tokens == metric.shape[1] - r
@@ -209,7 +211,15 @@ def check_against_reference(metric, r, margin, alpha, class_token, energy, featu
 
 
 # The Gaussian kernel has no alpha.
-ENERGY_ALPHA = [("elu", 0.0), ("elu", 0.5), ("elu", 1.0), ("paper", 0.0), ("paper", 0.5), ("paper", 1.0), ("gaussian", 1.0)]
+ENERGY_ALPHA = [
+    ("elu", 0.0),
+    ("elu", 0.5),
+    ("elu", 1.0),
+    ("paper", 0.0),
+    ("paper", 0.5),
+    ("paper", 1.0),
+    ("gaussian", 1.0),
+]
 
 
 @pytest.mark.parametrize(("energy", "alpha"), ENERGY_ALPHA)
@@ -218,7 +228,7 @@ ENERGY_ALPHA = [("elu", 0.0), ("elu", 0.5), ("elu", 1.0), ("paper", 0.0), ("pape
 def test_agrees_with_reference(num_tokens, class_token, energy, alpha):
     metric = clustered_tokens(2, num_tokens, 16, num_clusters=max(2, num_tokens // 12), seed=num_tokens)
     graph_tokens = num_tokens - int(class_token)
-    for r, layer in zip(sorted({0, 1, graph_tokens // 4, graph_tokens // 2}), (0, 6, 13, 22)):
+    for r, layer in zip(sorted({0, 1, graph_tokens // 4, graph_tokens // 2}), (0, 6, 13, 22), strict=False):
         check_against_reference(metric, r, margin_for_layer(layer, 24), alpha, class_token, energy)
 
 
@@ -303,7 +313,7 @@ def test_batch_items_are_independent():
     batched = pitome(metric, 20, 0.3, class_token=True)
     for item in range(3):
         solo = pitome(metric[item : item + 1], 20, 0.3, class_token=True)
-        for mine, theirs in zip(index_tensors(batched), index_tensors(solo)):
+        for mine, theirs in zip(index_tensors(batched), index_tensors(solo), strict=True):
             assert torch.equal(mine[item : item + 1], theirs)
 
 

@@ -175,7 +175,7 @@ def test_batch_items_are_independent():
     batched = bipartite_soft_matching(metric, 20, class_token=True)
     for item in range(3):
         solo = bipartite_soft_matching(metric[item : item + 1], 20, class_token=True)
-        for mine, theirs in zip(index_tensors(batched), index_tensors(solo)):
+        for mine, theirs in zip(index_tensors(batched), index_tensors(solo), strict=True):
             assert torch.equal(mine[item : item + 1], theirs)
 
 
@@ -184,7 +184,7 @@ def test_low_precision_metric_decides_like_fp32(dtype):
     metric = clustered_tokens(2, 65, 16, num_clusters=6, seed=9).to(dtype)
     low = bipartite_soft_matching(metric, 25, class_token=True)
     full = bipartite_soft_matching(metric.float(), 25, class_token=True)
-    for mine, theirs in zip(index_tensors(low), index_tensors(full)):
+    for mine, theirs in zip(index_tensors(low), index_tensors(full), strict=True):
         assert torch.equal(mine, theirs)
 
 
@@ -201,7 +201,7 @@ def test_equal_scores_are_broken_by_position(seed):
         reference = reference_bsm(metric, r, class_token=True)
         assert groups_of(step) == (reference.leads, reference.groups)
         again = bipartite_soft_matching(metric.clone(), r, class_token=True)
-        for mine, theirs in zip(index_tensors(step), index_tensors(again)):
+        for mine, theirs in zip(index_tensors(step), index_tensors(again), strict=True):
             assert torch.equal(mine, theirs)
 
 
@@ -230,9 +230,7 @@ def test_bad_r_is_rejected(r, fragments):
         assert fragment in str(error.value)
 
 
-@pytest.mark.parametrize(
-    "metric", [torch.randn(17, 4), torch.ones(1, 17, 4, dtype=torch.int32)], ids=["2d", "integer"]
-)
+@pytest.mark.parametrize("metric", [torch.randn(17, 4), torch.ones(1, 17, 4, dtype=torch.int32)], ids=["2d", "integer"])
 def test_bad_metric_is_rejected(metric):
     with pytest.raises(ValueError, match="metric"):
         bipartite_soft_matching(metric, 1)

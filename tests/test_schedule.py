@@ -4,6 +4,7 @@ counts of spec section 3.4 for CLIP ViT-L/14-336 (577 tokens = CLS + 24 x 24, 24
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -158,7 +159,7 @@ def test_counts_do_not_decrease_with_the_keep_ratio(method, preset):
         vision_output_tokens(CLIP_TOKENS, CLIP_LAYERS, ratio, LLAVA_LAYER, method=method, preset=preset)
         for ratio in RATIO_GRID
     ]
-    assert all(a <= b for a, b in zip(counts, counts[1:]))
+    assert all(a <= b for a, b in pairwise(counts))
     assert counts[-1] == CLIP_TOKENS
 
 
