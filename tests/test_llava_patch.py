@@ -22,7 +22,7 @@ from transformers import (
 )
 
 import pitome_mllm
-from pitome_mllm.models.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+from pitome_mllm.models.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
 from pitome_mllm.schedule import plan_layers
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
@@ -154,6 +154,26 @@ def assert_same_state(before: dict, after: dict) -> None:
     assert before["attributes"] == after["attributes"]
 
 
+def _from_this_library(function) -> bool:
+    return (getattr(function, "__module__", None) or "").startswith("pitome_mllm")
+
+
+def assert_no_patch_left(model, processor) -> None:
+    """Absolute check (not relative to a snapshot, which an earlier leak would already contain)."""
+    assert pitome_mllm.get_patch(model) is None
+    for name, module in model.named_modules():
+        assert not _from_this_library(module.__dict__.get("forward")), name
+        assert not any(attribute.startswith("_pitome") for attribute in module.__dict__), name
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        assert not any(_from_this_library(hook) for hook in hooks), name
+    pristine = build_tiny_processor(*processor_geometry(processor))
+    assert processor.__dict__.keys() == pristine.__dict__.keys()
+
+
+def processor_geometry(processor) -> tuple[int, int]:
+    return processor.image_processor.crop_size["height"], processor.patch_size
+
+
 def merge_groups(step, item: int = 0) -> set[frozenset[int]]:
     """Which input tokens one `Merge` step puts together (its decision, independent of output order)."""
     groups: dict[int, set[int]] = defaultdict(set)
@@ -212,6 +232,7 @@ def test_unpatch_after_real_merging_restores_bit_identical_outputs(tiny_llava, i
     assert merged_logits.shape[1] < reference_logits.shape[1]
     greedy(model, merged_inputs)
     handle.unpatch()
+    assert_no_patch_left(model, processor)
 
     restored_inputs = encode(processor, images["astronaut"], PROMPT)
     assert torch.equal(restored_inputs["input_ids"], inputs["input_ids"])
@@ -539,6 +560,7 @@ def test_device_map_loaded_model_patches_and_unpatches(saved_tiny_llava_dir, tmp
     assert torch.equal(merged_logits, plain_merged_logits)
 
     assert_same_state(before, module_state(model))
+    assert_no_patch_left(model, processor)
     assert torch.equal(logits_of(model, inputs), reference_logits)
 
 
@@ -588,7 +610,7 @@ def test_bad_settings_raise_and_leave_model_untouched(tiny_llava, images, settin
     with pytest.raises(ValueError, match=message):
         pitome_mllm.patch(model, processor, **settings)
 
-    assert pitome_mllm.get_patch(model) is None
+    assert_no_patch_left(model, processor)
     assert_same_state(before, module_state(model))
     assert processor.__dict__ == processor_attributes
     assert torch.equal(encode(processor, images["coffee"], PROMPT)["input_ids"], expected_inputs["input_ids"])
@@ -663,7 +685,7 @@ def test_patched_context_restores_on_exit_and_on_exception(tiny_llava, images):
         with pitome_mllm.patched(model, processor, target_tokens=5):
             logits_of(model, encode(processor, images["chelsea"], PROMPT))
             raise KeyError("inside the block")
-    assert pitome_mllm.get_patch(model) is None
+    assert_no_patch_left(model, processor)
 
     assert_same_state(before, module_state(model))
     assert set(processor.__dict__) == processor_keys
@@ -680,6 +702,7 @@ def test_unpatch_is_idempotent_and_a_stale_handle_leaves_a_new_patch_alone(tiny_
     first = pitome_mllm.patch(model, processor, keep_ratio=0.8)
     first.unpatch()
     first.unpatch()
+    assert_no_patch_left(model, processor)
     assert_same_state(before, module_state(model))
     assert set(processor.__dict__) == processor_keys
     assert placeholder_counts(processor, encode(processor, images["coffee"], PROMPT)) == original_count
@@ -689,6 +712,7 @@ def test_unpatch_is_idempotent_and_a_stale_handle_leaves_a_new_patch_alone(tiny_
     assert pitome_mllm.get_patch(model) is second
     assert_llm_receives(model, processor, images["coffee"], 11)
     second.unpatch()
+    assert_no_patch_left(model, processor)
     assert_same_state(before, module_state(model))
     assert set(processor.__dict__) == processor_keys
     assert placeholder_counts(processor, encode(processor, images["coffee"], PROMPT)) == original_count
