@@ -14,6 +14,19 @@ from torch.testing import assert_close
 from pitome_mllm.merge import ENERGY_KINDS, energy_score, margin_for_layer, pitome
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Run this module's tiny tensor ops on one thread, then restore the setting.
+
+    Hand-offs to a second intra-op thread cost more than they save on tensors this
+    small, and on a busy machine (parallel test runs) they cost a lot more.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def energy_tolerance(kind: str, margin: float) -> float:
     """How far two fp32 evaluations of the same energy may drift apart.
 

@@ -13,6 +13,19 @@ from torch.testing import assert_close
 from pitome_mllm.merge import bipartite_soft_matching
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Run this module's tiny tensor ops on one thread, then restore the setting.
+
+    Hand-offs to a second intra-op thread cost more than they save on tensors this
+    small, and on a busy machine (parallel test runs) they cost a lot more.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def index_tensors(step) -> list[torch.Tensor]:
     return [step.kept_idx, step.dst_idx, step.src_idx, step.src_dst_pos]
 
