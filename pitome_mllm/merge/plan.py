@@ -77,6 +77,31 @@ class Merge:
         """``[B, r]`` output position each source is reduced into."""
         return self.src_dst_pos + self.num_kept
 
+    # Applying works on ``x`` viewed as ``[B * N, C]`` rows: selecting whole rows by a
+    # flat index copies each row in one go, where ``gather`` with an index expanded
+    # over C looks up an index for every element (several times slower).
+    @cached_property
+    def _flat_out_rows(self) -> torch.Tensor:
+        """``[B * (N - r)]`` row of the flattened input feeding each output row."""
+        return _flatten_rows(self._out_idx, self.num_input_tokens)
+
+    @cached_property
+    def _flat_src_rows(self) -> torch.Tensor:
+        """``[B * r]`` row of the flattened input of each source."""
+        return _flatten_rows(self.src_idx, self.num_input_tokens)
+
+    @cached_property
+    def _flat_scatter_rows(self) -> torch.Tensor:
+        """``[B * r]`` row of the flattened output each source is reduced into."""
+        return _flatten_rows(self._scatter_idx, self.num_output_tokens)
+
+    @cached_property
+    def _group_sizes(self) -> torch.Tensor:
+        """``[B, D, 1]`` fp32: how many input tokens each destination's group holds (itself included)."""
+        sizes = torch.ones(self.dst_idx.shape, dtype=torch.float32, device=self.dst_idx.device)
+        sizes.scatter_add_(1, self.src_dst_pos, torch.ones_like(sizes[:, :1]).expand_as(self.src_dst_pos))
+        return sizes.unsqueeze(-1)
+
     @cached_property
     def output_position(self) -> torch.Tensor:
         """``[B, N]``: for every input token, the output token that holds it."""
@@ -110,13 +135,24 @@ class Merge:
             raise ValueError(f"reduce must be one of {REDUCE_MODES}, got {reduce!r}")
         self._check_input(x)
         batch, _, channels = x.shape
-        out = x.gather(1, self._out_idx.unsqueeze(-1).expand(batch, -1, channels))
+        rows = x.reshape(-1, channels)  # [B * N, C]
+        out = rows.index_select(0, self._flat_out_rows)  # [B * (N - r), C]
         if self.num_removed == 0 or reduce == "prune":
+            return out.view(batch, -1, channels)
+        src = rows.index_select(0, self._flat_src_rows)  # [B * r, C]
+        if reduce in ("sum", "mean"):
+            # The destination counts as one member of its own group: add the sources onto
+            # it, then (mean) divide by the group size. Same arithmetic, in the same order,
+            # as scatter_reduce_(..., include_self=True); dividing an unmerged destination
+            # by 1 leaves it bit-identical.
+            out.index_add_(0, self._flat_scatter_rows, src)
+            out = out.view(batch, -1, channels)
+            if reduce == "mean":
+                out[:, self.num_kept :].div_(self._group_sizes.to(out.dtype))
             return out
-        src = x.gather(1, self.src_idx.unsqueeze(-1).expand(batch, -1, channels))
+        out = out.view(batch, -1, channels)
         index = self._scatter_idx.unsqueeze(-1).expand(batch, -1, channels)
-        # include_self=True: the destination counts as one member of its own group.
-        out.scatter_reduce_(1, index, src, reduce=reduce, include_self=True)
+        out.scatter_reduce_(1, index, src.view(batch, -1, channels), reduce=reduce, include_self=True)
         return out
 
     def weighted(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +192,19 @@ class Merge:
                 f"this Merge was decided for [B={self.batch_size}, N={self.num_input_tokens}, C] "
                 f"inputs, got shape {tuple(x.shape)}"
             )
+
+
+def _flatten_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[B, k]`` token positions -> ``[B * k]`` rows of a ``[B * num_tokens, C]`` view."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1) * num_tokens
+    return (idx + offsets).reshape(-1)
+
+
+def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, k]]`` for every ``b, k``: ``[B, N, C]``, ``[B, k]`` -> ``[B, k, C]``."""
+    batch, num_tokens, channels = x.shape
+    rows = x.reshape(-1, channels).index_select(0, _flatten_rows(idx, num_tokens))
+    return rows.view(batch, -1, channels)
 
 
 def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str = "cpu") -> Merge:
