@@ -2,10 +2,10 @@
 
 Written from the text of the specification (sections 2.3-2.7 and 2.9), one batch item
 at a time, with Python lists for every decision, so that the tests have an oracle
-that shares no code with `pitome_mllm.merge`. Only the arithmetic that the spec
-fixes as "fp32 cosine similarities" uses torch (one matrix product per item); the
-energy is evaluated in float64 from those fp32 similarities, and every decision
-(sorting, splitting, matching, selecting) is made on Python floats.
+that shares no code with `pitome_mllm.merge`. The similarities are what the spec
+fixes, fp32 cosines (one matrix product per item); the energy terms are evaluated
+elementwise in float64 from them; every decision (sorting, splitting, matching,
+selecting) is made on Python lists and floats.
 
 A step is described by its *groups*: for every output token, the sorted list of the
 input positions it holds, plus the *lead* position (the token whose slot it takes:
