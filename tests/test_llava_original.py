@@ -408,10 +408,14 @@ def _request(request_type: str, doc_id: int, *arguments):
 
 def test_lmms_eval_manifest_names_the_model_class():
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
+    from lmms_eval.models.registry_v2 import ModelRegistryV2
+
     from pitome_mllm import lmms_eval_llava_original as plugin
 
-    manifest = plugin.manifest()
-    assert manifest.model_id == "pitome_llava" and manifest.simple_class_path.endswith(".PiToMeLlava")
+    registry = ModelRegistryV2()
+    registry.register_manifest(plugin.manifest())
+    # Resolving imports the class and checks it is a simple lmms model.
+    assert registry.get_model_class("pitome_llava") is plugin.PiToMeLlava
 
 
 def test_lmms_eval_generate_until_batches_and_reports_merged_tokens(lmms_model):
