@@ -6,12 +6,15 @@ measures, for each:
 
 * **latency per stage**, each on its own clock interval inside the same pass:
   ``vision_tower`` (CLIP forward, merges included), ``merge_tower`` (the merge steps'
-  share of it), ``projector`` (projector + projector-stage merge), ``merge_projector``,
+  share of it; split into ``merge_tower_decide`` (similarities, energy, matching),
+  ``merge_tower_apply`` (reducing the hidden states) and ``merge_tower_trace`` (size and
+  source bookkeeping)), ``projector`` (projector + projector-stage merge), ``merge_projector``,
   ``llm_prefill`` (from the projector's output to the first token's logits: scatter into
   the placeholders, decoder, LM head), ``ttft`` (time to first token: the whole prefill
   forward), ``decode_per_token`` (one cached decoder step, greedy), ``decode_total`` and
   ``total``. Warm-up passes are discarded; the ``repeats`` measured passes give medians
-  and inter-quartile ranges. On CUDA every boundary is a CUDA event on the current
+  and inter-quartile ranges. Measured passes go round-robin over the runs by default,
+  so a change in machine load affects every run alike. On CUDA every boundary is a CUDA event on the current
   stream, read after one synchronisation per pass; on CPU it is ``time.perf_counter``.
   The stage intervals of one pass are disjoint (merges lie inside their stage), so
   ``vision_tower + projector + llm_prefill <= ttft`` and ``ttft + decode_total <= total``
@@ -63,6 +66,9 @@ logger = logging.getLogger("pitome_mllm")
 TIMED_STAGES = (
     "vision_tower",
     "merge_tower",
+    "merge_tower_decide",
+    "merge_tower_apply",
+    "merge_tower_trace",
     "projector",
     "merge_projector",
     "llm_prefill",
@@ -319,7 +325,10 @@ class PassClock:
         self.stopwatch = stopwatch
         self.marks: dict[str, Any] = {}
         self.decode_marks: list[Any] = []
-        self.merge_intervals: dict[str, list[tuple[Any, Any]]] = {"tower": [], "projector": []}
+        # decide / apply / trace: the three parts of a tower merge step; projector: its stage.
+        self.merge_intervals: dict[str, list[tuple[Any, Any]]] = {
+            kind: [] for kind in ("decide", "apply", "trace", "projector")
+        }
 
     def mark(self, name: str) -> None:
         self.marks[name] = self.stopwatch.stamp()
@@ -329,8 +338,8 @@ class PassClock:
             return None
         return self.stopwatch.seconds(self.marks[start], self.marks[end])
 
-    def merge_seconds(self, kind: str) -> float:
-        return sum(self.stopwatch.seconds(a, b) for a, b in self.merge_intervals[kind])
+    def merge_seconds(self, *kinds: str) -> float:
+        return sum(self.stopwatch.seconds(a, b) for kind in kinds for a, b in self.merge_intervals[kind])
 
 
 # ============================================================================= memory
@@ -462,9 +471,9 @@ def merge_timing(current_clock: Callable[[], PassClock | None]) -> Iterator[None
         return wrapper
 
     originals = [
-        (vision_hooks, "decide_step", vision_hooks.decide_step, "tower"),
-        (vision_hooks, "apply_step", vision_hooks.apply_step, "tower"),
-        (vision_hooks.MergeTrace, "apply", vision_hooks.MergeTrace.apply, "tower"),
+        (vision_hooks, "decide_step", vision_hooks.decide_step, "decide"),
+        (vision_hooks, "apply_step", vision_hooks.apply_step, "apply"),
+        (vision_hooks.MergeTrace, "apply", vision_hooks.MergeTrace.apply, "trace"),
         (projector_hooks, "reduce_to_budget", projector_hooks.reduce_to_budget, "projector"),
     ]
     try:
@@ -545,6 +554,9 @@ class ProfileSettings:
         vision_only: run only the vision tower and projector (``get_image_features``).
         prompt: the question about the image.
         image: a bundled image name (``astronaut``, ``chelsea``, ``coffee``).
+        interleave: measure round-robin (repeat 1 of every run, then repeat 2, ...) so
+            that a change in machine load during the profile spreads over all runs
+            instead of favouring some; False measures each run's passes back to back.
         progress: show a progress bar.
     """
 
@@ -555,6 +567,7 @@ class ProfileSettings:
     vision_only: bool = False
     prompt: str = DEFAULT_PROMPT
     image: str = "astronaut"
+    interleave: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -691,13 +704,13 @@ class StageHooks:
     merge hook (forward hooks run in registration order).
     """
 
-    def __init__(self, core: nn.Module, record_layer_tokens: bool = False) -> None:
+    def __init__(self, core: nn.Module) -> None:
         self.core = core
         self.clock: PassClock | None = None
         self.memory: MemoryProbe | None = None
         self.visual_tokens: int | None = None
         self.layer_tokens: list[int] = []
-        self._record_layer_tokens = record_layer_tokens
+        self.record_layer_tokens = False  # append each layer's input length to layer_tokens
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
@@ -743,7 +756,7 @@ class StageHooks:
             self.memory.begin("llm_prefill")
 
     def _count_layer_tokens(self, module, args) -> None:
-        if self._record_layer_tokens and args:
+        if self.record_layer_tokens and args:
             self.layer_tokens.append(int(args[0].shape[1]))
 
 
@@ -825,10 +838,31 @@ def _generation_seconds(clock: PassClock) -> dict[str, float]:
 
 
 # ============================================================================ profile
+@dataclass
+class _RunState:
+    """One run between its warm-up and its result.
+
+    Attributes:
+        spec: what is profiled.
+        inputs: the processor's output for this run (placeholders follow the patch).
+        samples: seconds per stage of every measured pass.
+        probe, memory_output: the memory pass's probe and its output (KV-cache bytes).
+        facts: what the patch handle knew (schedule, config, expected token counts) and
+            what the hooks saw during the memory pass (visual tokens, layer lengths).
+    """
+
+    spec: RunSpec
+    inputs: dict
+    samples: dict[str, list[float]]
+    probe: MemoryProbe | None = None
+    memory_output: _PassOutput | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
 class _Profiler:
     """Holds the model, inputs and clocks while the runs of one `profile` call execute."""
 
-    def __init__(self, model: nn.Module, processor, settings: ProfileSettings, progress) -> None:
+    def __init__(self, model: nn.Module, processor, settings: ProfileSettings, progress: Callable[[], None]) -> None:
         self.model = model
         self.processor = processor
         self.settings = settings
@@ -840,46 +874,67 @@ class _Profiler:
         self.progress = progress
         self.shapes = model_shapes(model)
         self.llm_shape = LLMShape(**self.shapes["llm"])
-        self.layer_tokens: list[int] = []  # tokens entering each tower layer, from the memory pass
 
-    # ---------------------------------------------------------------- one run
-    def run(self, spec: RunSpec) -> RunResult:
+    def run_all(self, specs: Sequence[RunSpec]) -> list[RunResult]:
+        """Warm up and measure every run; interleaved, the measured passes go round-robin."""
+        repeats = self.settings.repeats
+        states = []
+        if self.settings.interleave:
+            states = [self.prepare(spec) for spec in specs]
+            for round_index in range(repeats):
+                # Rotate the order so no run always follows the same neighbour.
+                shift = round_index % len(states)
+                for state in states[shift:] + states[:shift]:
+                    self.measure(state, passes=1)
+        else:
+            for spec in specs:
+                states.append(self.prepare(spec))
+                self.measure(states[-1], passes=repeats)
+        return [self._result(state) for state in states]
+
+    # ------------------------------------------------------------------ phases
+    @contextlib.contextmanager
+    def _applied(self, spec: RunSpec) -> Iterator[tuple[Any, StageHooks]]:
+        """The model patched for ``spec`` (or not), with the stage hooks installed after the patch."""
         import pitome_mllm
 
         handle = pitome_mllm.patch(self.model, self.processor, **spec.overrides) if spec.patched else None
-        hooks = StageHooks(self.core, record_layer_tokens=True)
+        hooks = StageHooks(self.core)
         try:
-            inputs = _model_inputs(self.model, self.processor, self.settings, self.device)
             hooks.install()
-            samples, memory_pass = self._passes(inputs, hooks)
-            return self._result(spec, handle, hooks, inputs, samples, memory_pass)
+            yield handle, hooks
         finally:
             hooks.remove()
             if handle is not None:
                 handle.unpatch()
 
-    def _passes(self, inputs: dict, hooks: StageHooks):
-        settings = self.settings
-        samples: dict[str, list[float]] = {stage: [] for stage in TIMED_STAGES}
-        memory_pass: tuple[MemoryProbe, _PassOutput] | None = None
-        num_warmup = max(settings.warmup, 1)  # the last warm-up pass measures memory
-        for index in range(num_warmup + settings.repeats):
-            measuring_memory = index == num_warmup - 1
-            hooks.layer_tokens.clear()
-            hooks._record_layer_tokens = measuring_memory
-            probe = memory_probe_for(self.device) if measuring_memory else None
-            result = self._one_pass(inputs, hooks, probe)
-            if measuring_memory:
-                memory_pass = (probe, result)
-                self.layer_tokens = list(hooks.layer_tokens)
-            elif index >= num_warmup:
-                for stage, value in result.seconds.items():
+    def prepare(self, spec: RunSpec) -> _RunState:
+        """Build the inputs and run the warm-up passes; the last one measures memory."""
+        with self._applied(spec) as (handle, hooks):
+            inputs = _model_inputs(self.model, self.processor, self.settings, self.device)
+            state = _RunState(spec, inputs, {stage: [] for stage in TIMED_STAGES})
+            num_warmup = max(self.settings.warmup, 1)
+            for index in range(num_warmup):
+                measuring_memory = index == num_warmup - 1
+                hooks.record_layer_tokens = measuring_memory
+                probe = memory_probe_for(self.device) if measuring_memory else None
+                output = self._one_pass(inputs, hooks, probe)
+                self.progress()
+            state.probe, state.memory_output = probe, output
+            state.facts = self._facts(handle, hooks)
+        return state
+
+    def measure(self, state: _RunState, passes: int) -> None:
+        """``passes`` timed passes of one run, appended to its samples."""
+        with self._applied(state.spec) as (_, hooks):
+            for _ in range(passes):
+                output = self._one_pass(state.inputs, hooks, None)
+                for stage, value in output.seconds.items():
                     if value is not None:
-                        samples[stage].append(value)
+                        state.samples[stage].append(value)
                 # Decode steps of all measured passes are pooled: one sample per token.
-                samples["decode_per_token"] += result.decode_steps
-            self.progress()
-        return samples, memory_pass
+                state.samples["decode_per_token"] += output.decode_steps
+                self.progress()
 
     def _one_pass(self, inputs: dict, hooks: StageHooks, probe: MemoryProbe | None) -> _PassOutput:
         clock = PassClock(self.stopwatch)
@@ -896,47 +951,69 @@ class _Profiler:
         finally:
             hooks.clock, hooks.memory = None, None
             self.current_clock = None
-        result.seconds["merge_tower"] = clock.merge_seconds("tower")
+        result.seconds["merge_tower"] = clock.merge_seconds("decide", "apply", "trace")
+        for part in ("decide", "apply", "trace"):
+            result.seconds[f"merge_tower_{part}"] = clock.merge_seconds(part)
         result.seconds["merge_projector"] = clock.merge_seconds("projector")
         return result
 
     # ------------------------------------------------------------ bookkeeping
-    def _result(self, spec, handle, hooks, inputs, samples, memory_pass) -> RunResult:
-        probe, memory_output = memory_pass
+    def _facts(self, handle, hooks: StageHooks) -> dict[str, Any]:
+        """Token counts and config of a run, from the handle (expected) and the hooks (observed)."""
         vision = self.shapes["vision"]
-        steps = handle.schedule if handle is not None else []
-        if handle is not None:
-            tower_tokens_in = [step.tokens_in for step in steps]
-        else:
-            tower_tokens_in = [vision["tokens"]] * vision["layers"]
-        expected_counts = [step.tokens_out for step in steps if step.method != "none"]
-        observed_counts = list(handle.trace.token_counts) if handle is not None and handle.trace is not None else []
-        visual_tokens = hooks.visual_tokens if hooks.visual_tokens is not None else -1
-        expected_visual = handle.num_visual_tokens if handle is not None else self._unpatched_visual_tokens()
-        if handle is not None and visual_tokens != expected_visual:
+        observed = {
+            "visual_tokens": hooks.visual_tokens if hooks.visual_tokens is not None else -1,
+            "observed_layer_tokens": list(hooks.layer_tokens),
+        }
+        if handle is None:
+            return observed | {
+                "config": None,
+                "keep_ratio": 1.0,
+                "steps": [],
+                "tower_tokens_in": [vision["tokens"]] * vision["layers"],
+                "merge_token_counts": [],
+                "visual_tokens_expected": self._unpatched_visual_tokens(),
+            }
+        steps = handle.schedule
+        return observed | {
+            "config": handle.config.to_dict(),
+            "keep_ratio": handle.keep_ratio,
+            "steps": steps,
+            # Layers after the one LLaVA reads pass their input through: no cost.
+            "tower_tokens_in": [step.tokens_in for step in steps],
+            "merge_token_counts": list(handle.trace.token_counts) if handle.trace is not None else [],
+            "visual_tokens_expected": handle.num_visual_tokens,
+        }
+
+    def _result(self, state: _RunState) -> RunResult:
+        facts, spec = state.facts, state.spec
+        steps = facts["steps"]
+        if spec.patched and facts["visual_tokens"] != facts["visual_tokens_expected"]:
             logger.warning(
                 "%s: the LLM received %d visual tokens, the handle expected %d",
                 spec.label,
-                visual_tokens,
-                expected_visual,
+                facts["visual_tokens"],
+                facts["visual_tokens_expected"],
             )
-        seq_len = None if self.settings.vision_only else int(inputs["input_ids"].shape[1])
-        flops = self._flops(handle, steps, tower_tokens_in, seq_len, memory_output)
-        kv = None if self.settings.vision_only else self._kv_cache(memory_output, seq_len, inputs)
+        seq_len = None if self.settings.vision_only else int(state.inputs["input_ids"].shape[1])
+        target = (facts["config"] or {}).get("target_tokens")
+        flops = self._flops(steps, facts["tower_tokens_in"], target, seq_len)
+        kv = None if self.settings.vision_only else self._kv_cache(state.memory_output, seq_len)
+        probe = state.probe
         return RunResult(
             label=spec.label,
             method=spec.method,
-            config=handle.config.to_dict() if handle is not None else None,
-            keep_ratio=handle.keep_ratio if handle is not None else 1.0,
-            visual_tokens=visual_tokens,
-            visual_tokens_expected=expected_visual,
+            config=facts["config"],
+            keep_ratio=facts["keep_ratio"],
+            visual_tokens=facts["visual_tokens"],
+            visual_tokens_expected=facts["visual_tokens_expected"],
             sequence_length=seq_len,
-            tower_tokens_in=tower_tokens_in,
-            observed_layer_tokens=list(self.layer_tokens),
-            merge_token_counts=observed_counts,
-            merge_token_counts_expected=expected_counts,
-            samples=samples,
-            timings={stage: summarize(values) for stage, values in samples.items()},
+            tower_tokens_in=facts["tower_tokens_in"],
+            observed_layer_tokens=facts["observed_layer_tokens"],
+            merge_token_counts=facts["merge_token_counts"],
+            merge_token_counts_expected=[step.tokens_out for step in steps if step.method != "none"],
+            samples=state.samples,
+            timings={stage: summarize(values) for stage, values in state.samples.items()},
             memory={stage: probe.stages[stage] for stage in MEMORY_STAGES if stage in probe.stages}
             | {"probe": probe.kind},
             kv_cache=kv,
@@ -948,7 +1025,7 @@ class _Profiler:
         drop = 1 if self.shapes["vision_feature_select_strategy"] == "default" else 0
         return vision["tokens"] - drop
 
-    def _flops(self, handle, steps, tower_tokens_in, seq_len, memory_output) -> dict[str, float]:
+    def _flops(self, steps, tower_tokens_in: list[int], target: int | None, seq_len: int | None) -> dict[str, float]:
         vision, llm = self.shapes["vision"], self.llm_shape
         batch = self.settings.batch_size
         num_patches = vision["tokens"] - 1
@@ -957,7 +1034,6 @@ class _Profiler:
         tower_merges = merge_macs(steps, vision["hidden"])
         drop = 1 if self.shapes["vision_feature_select_strategy"] == "default" else 0
         tower_out = (steps[-1].tokens_out if steps else vision["tokens"]) - drop
-        target = handle.config.target_tokens if handle is not None else None
         projector = projector_macs(tower_out, vision["hidden"], llm.hidden)
         projector_merges = projector_merge_macs(tower_out, target, llm.hidden)
         macs = {
@@ -976,7 +1052,7 @@ class _Profiler:
                 macs["decode_per_token"] = batch * llm_decode_macs(llm, round(mean_context))
         return {f"{stage}_flops": 2.0 * value for stage, value in macs.items()}
 
-    def _kv_cache(self, memory_output: _PassOutput, seq_len: int, inputs: dict) -> dict[str, Any]:
+    def _kv_cache(self, memory_output: _PassOutput, seq_len: int) -> dict[str, Any]:
         dtype = self.model.get_output_embeddings().weight.dtype
         bytes_per_value = torch.empty((), dtype=dtype).element_size()
         formula = kv_cache_bytes_formula(self.llm_shape, seq_len, self.settings.batch_size, bytes_per_value)
@@ -1022,6 +1098,9 @@ def profile(
 
     Returns:
         A `ProfileReport`; `write_report` saves it as JSON, CSV and plots.
+
+    The model should sit on one device: CUDA stamps are events on that device's current
+    stream, and one synchronisation per pass makes them readable.
     """
     from tqdm.auto import tqdm
 
@@ -1036,11 +1115,10 @@ def profile(
         profiler = _Profiler(model, processor, settings, progress=lambda: bar.update(1))
         device = profiler.device
         machine = machine_info(device)
-        results = []
-        with merge_timing(lambda: profiler.current_clock):
-            for spec in runs:
-                bar.set_postfix_str(spec.label)
-                results.append(profiler.run(spec))
+        # CUDA events record on the current device's stream: make it the model's device.
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, merge_timing(lambda: profiler.current_clock):
+            results = profiler.run_all(runs)
     machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     _add_speedups(results)
     settings_dict = dataclasses.asdict(settings)

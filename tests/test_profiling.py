@@ -140,6 +140,8 @@ def test_stage_times_are_positive_and_add_up_to_no_more_than_the_total(report):
             assert staged <= samples["ttft"][i] + EPSILON
             assert samples["ttft"][i] + samples["decode_total"][i] <= samples["total"][i] + EPSILON
             assert 0 <= samples["merge_tower"][i] <= samples["vision_tower"][i]
+            parts = [samples[f"merge_tower_{part}"][i] for part in ("decide", "apply", "trace")]
+            assert sum(parts) == pytest.approx(samples["merge_tower"][i])
             assert 0 <= samples["merge_projector"][i] <= samples["projector"][i]
         stats = run.timings["ttft"]
         assert stats["q1"] <= stats["median"] <= stats["q3"]
@@ -239,11 +241,17 @@ def test_profile_refuses_a_patched_model(tiny_llava):
 
 def test_vision_only_profile(tiny_llava):
     model, processor = tiny_llava
-    settings = ProfileSettings(repeats=1, warmup=0, vision_only=True, progress=False)
+    settings = ProfileSettings(repeats=2, warmup=0, vision_only=True, interleave=False, progress=False)
     result = profile(model, processor, plan_runs(["pitome"], keep_ratios=[0.9], native_tokens=64), settings)
     run = result.runs[1]
     assert run.sequence_length is None and run.kv_cache is None
-    assert run.samples["vision_tower"][0] > 0 and run.samples["ttft"] == []
+    assert len(run.samples["vision_tower"]) == 2 and run.samples["ttft"] == []
+    assert all(
+        tower + projector <= total + EPSILON
+        for tower, projector, total in zip(
+            run.samples["vision_tower"], run.samples["projector"], run.samples["total"], strict=True
+        )
+    )
     assert set(run.memory) == {"vision_tower", "projector", "probe"}
 
 
