@@ -15,6 +15,7 @@ import sys
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.schedule_cli",
+    "sweep": "pitome_mllm.sweep",
     "profile": "pitome_mllm.profile_cli",
     "demo": "pitome_mllm.demo",
     "chat": "pitome_mllm.chat",

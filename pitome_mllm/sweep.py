@@ -1,0 +1,702 @@
+"""``pitome-mllm sweep``: run a suite of lmms-eval evaluations, resume it, and tabulate it.
+
+A suite file (``eval/suites/*.yaml``) names lmms-eval tasks (with the metric that stands for
+accuracy), the model arguments every run shares, and the runs: each run is a set of
+`pitome_llava_hf` model arguments, where a list value sweeps over its items::
+
+    name: token_budgets
+    tasks: {gqa: "exact_match,none", mme: "mme_perception_score,none"}
+    model_args: {prompt_format: llava_v1}
+    baseline: none
+    runs:
+      none: {method: none}
+      pitome: {method: pitome, target_tokens: [64, 128, 192]}
+
+Every (task, run) is one ``python -m lmms_eval ... --verbosity DEBUG`` subprocess writing into
+``OUTPUT/runs/<task>/<run>/``: ``patch_config.json`` before it starts, lmms-eval's own output in
+``lmms_eval/``, the plugin's ``pitome_record.json`` (patch summary, peak memory, mean per-sample
+cost), and ``result.json`` last, written atomically once the metric has been read back. A run
+whose ``result.json`` exists is skipped, so an interrupted sweep loses no finished run.
+``pitome-mllm sweep --aggregate OUTPUT`` turns the ``result.json`` files into ``summary.csv``,
+``summary.md`` and ``accuracy_vs_tokens.png``.
+
+lmms-eval exits 0 even when the evaluation raised unless ``--verbosity DEBUG`` is given, so a run
+counts as done only when its results file holds the metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import fnmatch
+import itertools
+import json
+import logging
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import PiToMeConfig
+
+logger = logging.getLogger("pitome_mllm")
+
+HELP = "run an lmms-eval suite (one run per task x method x budget), resume it, or aggregate its results"
+
+MODEL_NAME = "pitome_llava_hf"
+RESULT_FILE = "result.json"
+PATCH_CONFIG_FILE = "patch_config.json"
+RECORD_FILE = "pitome_record.json"
+LOG_FILE = "lmms_eval.log"
+PATCH_FIELDS = {field.name for field in dataclasses.fields(PiToMeConfig)}
+# Keys a suite may not set: the sweep sets them for every run.
+RESERVED_MODEL_ARGS = {"pretrained", "record"}
+SUITE_KEYS = {"name", "description", "tasks", "model_args", "runs", "baseline", "batch_size", "include_path", "notes"}
+
+
+# ------------------------------------------------------------------------------------ suites
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One lmms-eval invocation: a task and the plugin's model arguments for it."""
+
+    task: str
+    metric: str
+    run_id: str  # e.g. "pitome-target_tokens64"
+    name: str  # the suite's run name, e.g. "pitome"
+    model_args: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.run_id}"
+
+    @property
+    def method(self) -> str:
+        return str(self.model_args.get("method", "pitome"))
+
+    def patch_args(self) -> dict[str, Any]:
+        return {name: value for name, value in self.model_args.items() if name in PATCH_FIELDS}
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    tasks: dict[str, str]  # task -> metric key in lmms-eval's results, e.g. "exact_match,none"
+    model_args: dict[str, Any]
+    runs: dict[str, dict[str, Any]]
+    baseline: str | None
+    batch_size: int
+    include_path: Path | None
+    path: Path
+
+    def expand(self) -> list[Run]:
+        """Every (task, run) with list-valued arguments expanded, tasks outermost."""
+        expanded = []
+        for task, metric in self.tasks.items():
+            for name, arguments in self.runs.items():
+                for run_id, run_args in _expand_run(name, arguments):
+                    expanded.append(Run(task, metric, run_id, name, {**self.model_args, **run_args}))
+        return expanded
+
+
+def _expand_run(name: str, arguments: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    swept = [key for key, value in arguments.items() if isinstance(value, list)]
+    if not swept:
+        return [(name, dict(arguments))]
+    combinations = []
+    for values in itertools.product(*(arguments[key] for key in swept)):
+        run_args = {**arguments, **dict(zip(swept, values, strict=True))}
+        suffix = "-".join(f"{key}{value}" for key, value in zip(swept, values, strict=True))
+        combinations.append((f"{name}-{suffix}", run_args))
+    return combinations
+
+
+def _check_arg_value(where: str, key: str, value: Any) -> None:
+    # lmms-eval splits model_args on ',' and '='; such characters would silently corrupt a run.
+    text = str(value)
+    if "," in text or "=" in text:
+        raise ValueError(f"{where}: model argument {key}={text!r} may not contain ',' or '='")
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file (see the module docstring for its shape).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a missing or malformed entry, or a run whose patch config is invalid.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a suite is a mapping with 'tasks' and 'runs'")
+    unknown = sorted(set(data) - SUITE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(SUITE_KEYS)}")
+    tasks = data.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"{path}: 'tasks' must map each lmms-eval task to its metric, e.g. gqa: exact_match,none")
+    runs = data.get("runs")
+    if not isinstance(runs, dict) or not runs or not all(isinstance(args, dict) for args in runs.values()):
+        raise ValueError(f"{path}: 'runs' must map run names to model arguments, e.g. none: {{method: none}}")
+    model_args = data.get("model_args") or {}
+    for where, arguments in [("model_args", model_args), *((f"runs.{name}", args) for name, args in runs.items())]:
+        reserved = sorted(RESERVED_MODEL_ARGS & set(arguments))
+        if reserved:
+            raise ValueError(f"{path}: {where} may not set {reserved}; the sweep sets them")
+    baseline = data.get("baseline")
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"{path}: baseline {baseline!r} is not one of the runs {sorted(runs)}")
+    include_path = data.get("include_path")
+    suite = Suite(
+        name=str(data.get("name") or path.stem),
+        tasks={str(task): str(metric) for task, metric in tasks.items()},
+        model_args=dict(model_args),
+        runs={str(name): dict(args) for name, args in runs.items()},
+        baseline=baseline,
+        batch_size=int(data.get("batch_size", 1)),
+        include_path=(path.parent / include_path).resolve() if include_path else None,
+        path=path,
+    )
+    for run in suite.expand():
+        for key, value in run.model_args.items():
+            _check_arg_value(f"{path}: run {run.run_id}", key, value)
+        try:
+            PiToMeConfig(**run.patch_args())
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: run {run.run_id} has an invalid patch config: {error}") from error
+    return suite
+
+
+def parse_model_args(text: str | None) -> dict[str, str]:
+    """``"k=v,k2=v2"`` -> dict (the ``--model-args`` override)."""
+    if not text:
+        return {}
+    parsed = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"--model-args takes k=v pairs separated by commas, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+# -------------------------------------------------------------------------------------- runs
+def run_dir(output: Path, run: Run) -> Path:
+    return output / "runs" / run.task / run.run_id
+
+
+def _model_args_string(args: dict[str, Any]) -> str:
+    def text(value: Any) -> str:
+        if value is None:
+            return "none"
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ",".join(f"{key}={text(value)}" for key, value in args.items())
+
+
+def lmms_eval_command(
+    run: Run,
+    model: str,
+    directory: Path,
+    *,
+    launcher: Sequence[str],
+    batch_size: int,
+    limit: float | None,
+    include_path: Path | None,
+) -> list[str]:
+    """The command line of one run (``launcher`` is e.g. ``[python, -m, lmms_eval]``)."""
+    model_args = {"pretrained": model, **run.model_args, "record": str(directory / RECORD_FILE)}
+    for key, value in model_args.items():
+        _check_arg_value(f"run {run.key}", key, value)
+    command = [
+        *launcher,
+        "--model",
+        MODEL_NAME,
+        "--model_args",
+        _model_args_string(model_args),
+        "--tasks",
+        run.task,
+        "--batch_size",
+        str(batch_size),
+        "--output_path",
+        str(directory / "lmms_eval"),
+        "--log_samples",
+        # Without DEBUG lmms-eval exits 0 after an evaluation error.
+        "--verbosity",
+        "DEBUG",
+    ]
+    if limit is not None:
+        command += ["--limit", f"{limit:g}"]
+    if include_path is not None:
+        command += ["--include_path", str(include_path)]
+    return command
+
+
+def find_results_file(directory: Path) -> Path | None:
+    """The newest ``*_results.json`` lmms-eval wrote under ``directory``."""
+    candidates = sorted(directory.rglob("*_results.json"), key=lambda path: path.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def read_metric(results_file: Path, task: str, metric: str) -> float:
+    """``results[task][metric]`` from an lmms-eval results file.
+
+    Raises:
+        ValueError: the task or metric is missing, or the value is not a number.
+    """
+    results = json.loads(results_file.read_text()).get("results", {})
+    if task not in results:
+        raise ValueError(f"{results_file} has no results for task {task!r} (has {sorted(results)})")
+    values = results[task]
+    if metric not in values:
+        numeric = sorted(key for key, value in values.items() if isinstance(value, (int, float)))
+        raise ValueError(f"{results_file}: task {task!r} has no metric {metric!r}; it has {numeric}")
+    value = values[metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{results_file}: {task} {metric} is {value!r}, not a number")
+    return float(value)
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file and rename it, so readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(temporary, path)
+
+
+def _identity(model: str, run: Run, limit: float | None, batch_size: int) -> dict[str, Any]:
+    """What makes a stored result reusable: the same model, arguments, limit and batch size."""
+    return {"model": model, "model_args": run.model_args, "limit": limit, "batch_size": batch_size}
+
+
+def _check_reusable(result_path: Path, identity: dict[str, Any]) -> None:
+    stored = json.loads(result_path.read_text())
+    differing = [key for key, value in identity.items() if stored.get(key) != value]
+    if differing:
+        details = ", ".join(f"{key}: stored {stored.get(key)!r} vs now {identity[key]!r}" for key in differing)
+        raise ValueError(
+            f"{result_path} was produced with other settings ({details}); "
+            "use another --output folder, or delete that run folder to redo it"
+        )
+
+
+def execute_run(
+    run: Run,
+    model: str,
+    output: Path,
+    *,
+    suite: Suite,
+    launcher: Sequence[str],
+    batch_size: int,
+    limit: float | None,
+) -> dict[str, Any]:
+    """Run one (task, run) through lmms-eval and store its ``result.json``; returns the result.
+
+    Raises:
+        RuntimeError: lmms-eval failed or wrote no usable metric (see the run's log file).
+    """
+    directory = run_dir(output, run)
+    lmms_dir = directory / "lmms_eval"
+    # A folder without result.json is an attempt that did not finish: start it afresh so that
+    # a stale results file can never be taken for this attempt's.
+    shutil.rmtree(lmms_dir, ignore_errors=True)
+    (directory / RECORD_FILE).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(directory / PATCH_CONFIG_FILE, PiToMeConfig(**run.patch_args()).to_dict())
+    command = lmms_eval_command(
+        run, model, directory, launcher=launcher, batch_size=batch_size, limit=limit, include_path=suite.include_path
+    )
+    started = time.perf_counter()
+    with open(directory / LOG_FILE, "w") as log:
+        log.write(shlex.join(command) + "\n\n")
+        log.flush()
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    wall_s = time.perf_counter() - started
+    log_hint = f"see {directory / LOG_FILE}"
+    if returncode != 0:
+        raise RuntimeError(f"{run.key}: lmms-eval exited with status {returncode}; {log_hint}")
+    results_file = find_results_file(lmms_dir)
+    if results_file is None:
+        raise RuntimeError(f"{run.key}: lmms-eval exited 0 but wrote no results file; {log_hint}")
+    try:
+        score = read_metric(results_file, run.task, run.metric)
+    except ValueError as error:
+        raise RuntimeError(f"{run.key}: {error}; {log_hint}") from error
+    record_path = directory / RECORD_FILE
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    result = {
+        **_identity(model, run, limit, batch_size),
+        "suite": suite.name,
+        "task": run.task,
+        "run": run.run_id,
+        "run_name": run.name,
+        "method": run.method,
+        "baseline_run": suite.baseline,
+        "metric": run.metric,
+        "score": score,
+        "patch_config": PiToMeConfig(**run.patch_args()).to_dict(),
+        "num_visual_tokens": (record.get("patch") or {}).get("num_visual_tokens"),
+        "cost": {
+            key: record.get(key)
+            for key in (
+                "samples",
+                "mean_visual_tokens",
+                "mean_input_tokens",
+                "mean_output_tokens",
+                "mean_ttft_s",
+                "mean_generation_s",
+                "model_seconds",
+                "peak_memory_mib",
+                "memory_kind",
+            )
+        },
+        "wall_s": wall_s,
+        "lmms_eval_results": str(results_file.relative_to(directory)),
+        "command": command,
+    }
+    write_json_atomically(directory / RESULT_FILE, result)
+    return result
+
+
+def run_suite(
+    suite: Suite,
+    model: str,
+    output: str | Path,
+    *,
+    limit: float | None = None,
+    only: Sequence[str] = (),
+    launcher: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    extra_model_args: dict[str, Any] | None = None,
+) -> dict[str, list[str]]:
+    """Run every (task, run) of ``suite`` that has no ``result.json`` yet.
+
+    Args:
+        model: hub id or folder given to the plugin as ``pretrained``.
+        output: sweep folder (created).
+        limit: lmms-eval ``--limit`` (documents per task), None for all.
+        only: glob patterns on ``"<task>/<run>"``; empty runs everything.
+        launcher: command that starts lmms-eval (default: this Python with ``-m lmms_eval``;
+            e.g. ``accelerate launch --num_processes 8 -m lmms_eval`` for data parallelism).
+        extra_model_args: override the suite's model arguments (e.g. ``device``, ``dtype``).
+
+    Returns:
+        ``{"done": [...], "skipped": [...], "failed": [...]}`` of run keys.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    launcher = list(launcher) if launcher else [sys.executable, "-m", "lmms_eval"]
+    batch_size = batch_size or suite.batch_size
+    if extra_model_args:
+        suite = dataclasses.replace(suite, model_args={**suite.model_args, **extra_model_args})
+    runs = [run for run in suite.expand() if not only or any(fnmatch.fnmatch(run.key, pattern) for pattern in only)]
+    if not runs:
+        raise ValueError(f"no run of suite {suite.name!r} matches {list(only)}")
+    write_json_atomically(
+        output / "sweep.json",
+        {"suite": suite.name, "suite_file": str(suite.path.resolve()), "model": model, "limit": limit},
+    )
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    from tqdm import tqdm
+
+    progress = tqdm(runs, desc=f"sweep {suite.name}", unit="run")
+    for run in progress:
+        progress.set_postfix_str(run.key)
+        result_path = run_dir(output, run) / RESULT_FILE
+        if result_path.exists():
+            _check_reusable(result_path, _identity(model, run, limit, batch_size))
+            outcome["skipped"].append(run.key)
+            continue
+        try:
+            result = execute_run(run, model, output, suite=suite, launcher=launcher, batch_size=batch_size, limit=limit)
+        except RuntimeError as error:
+            logger.error("%s", error)
+            progress.write(f"FAILED {error}")
+            outcome["failed"].append(run.key)
+            continue
+        progress.write(f"done {run.key}: {run.metric} = {result['score']:.4g}")
+        outcome["done"].append(run.key)
+    return outcome
+
+
+# ------------------------------------------------------------------------------- aggregation
+SUMMARY_COLUMNS = [
+    "task",
+    "run",
+    "method",
+    "metric",
+    "score",
+    "baseline_score",
+    "relative_pct",
+    "visual_tokens",
+    "ttft_ms",
+    "generation_s",
+    "peak_memory_mib",
+    "memory_kind",
+    "samples",
+    "limit",
+    "keep_ratio",
+    "target_tokens",
+    "preset",
+]
+
+
+def load_results(output: str | Path) -> list[dict[str, Any]]:
+    """Every ``result.json`` under ``output/runs``.
+
+    Raises:
+        FileNotFoundError: there is none.
+    """
+    paths = sorted(Path(output).glob(f"runs/*/*/{RESULT_FILE}"))
+    if not paths:
+        raise FileNotFoundError(f"no {RESULT_FILE} under {str(Path(output) / 'runs')!r}; run the sweep first")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def _relative_pct(score: float, baseline: float | None) -> float | None:
+    if baseline is None or baseline == 0:
+        return None
+    return 100.0 * score / baseline
+
+
+def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per result, with the score relative to the baseline run of the same task."""
+    baselines = {
+        result["task"]: result["score"] for result in results if result.get("run_name") == result.get("baseline_run")
+    }
+    rows = []
+    for result in results:
+        cost = result.get("cost") or {}
+        config = result.get("patch_config") or {}
+        baseline = baselines.get(result["task"])
+        ttft = cost.get("mean_ttft_s")
+        visual_tokens = cost.get("mean_visual_tokens")
+        if visual_tokens is None:
+            visual_tokens = result.get("num_visual_tokens")
+        rows.append(
+            {
+                "task": result["task"],
+                "run": result["run"],
+                "method": result.get("method"),
+                "metric": result.get("metric"),
+                "score": result["score"],
+                "baseline_score": baseline,
+                "relative_pct": _relative_pct(result["score"], baseline),
+                "visual_tokens": visual_tokens,
+                "ttft_ms": None if ttft is None else 1000.0 * ttft,
+                "generation_s": cost.get("mean_generation_s"),
+                "peak_memory_mib": cost.get("peak_memory_mib"),
+                "memory_kind": cost.get("memory_kind"),
+                "samples": cost.get("samples"),
+                "limit": result.get("limit"),
+                "keep_ratio": config.get("keep_ratio"),
+                "target_tokens": config.get("target_tokens"),
+                "preset": config.get("preset"),
+            }
+        )
+    rows.sort(key=lambda row: (row["task"], row["method"] or "", -(row["visual_tokens"] or 0), row["run"]))
+    return rows
+
+
+def _format(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row[key] is None else row[key]) for key in SUMMARY_COLUMNS})
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Runs down, tasks across (score and % of the baseline), then the mean cost of each run."""
+    tasks = sorted({row["task"] for row in rows})
+    by_run: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_run.setdefault(row["run"], {})[row["task"]] = row
+    header = ["run", "method", "visual tokens", *tasks, "mean % of baseline", "TTFT ms", "gen s", "peak MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+
+    def mean(values: list[float | None]) -> float | None:
+        present = [value for value in values if value is not None]
+        return sum(present) / len(present) if present else None
+
+    def order(item: tuple[str, dict[str, dict[str, Any]]]) -> tuple:
+        cells = list(item[1].values())
+        return (
+            cells[0]["method"] != "none",
+            cells[0]["method"] or "",
+            -(mean([c["visual_tokens"] for c in cells]) or 0),
+        )
+
+    for run, cells in sorted(by_run.items(), key=order):
+        first = next(iter(cells.values()))
+        scores = []
+        for task in tasks:
+            cell = cells.get(task)
+            if cell is None:
+                scores.append("")
+                continue
+            relative = cell["relative_pct"]
+            suffix = f" ({relative:.1f}%)" if relative is not None else ""
+            scores.append(f"{_format(cell['score'])}{suffix}")
+        values = list(cells.values())
+        visual_tokens = mean([cell["visual_tokens"] for cell in values])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    run,
+                    str(first["method"]),
+                    _format(visual_tokens, 4),
+                    *scores,
+                    _format(mean([cell["relative_pct"] for cell in values]), 4),
+                    _format(mean([cell["ttft_ms"] for cell in values]), 3),
+                    _format(mean([cell["generation_s"] for cell in values]), 3),
+                    _format(mean([cell["peak_memory_mib"] for cell in values]), 4),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_tokens(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task: score against visual tokens, one line per method, baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({row["task"] for row in rows})
+    columns = min(3, len(tasks))
+    lines = math.ceil(len(tasks) / columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(4.5 * columns, 3.4 * lines), squeeze=False)
+    for panel, task in zip(axes.flat, tasks, strict=False):  # spare panels are switched off below
+        task_rows = [row for row in rows if row["task"] == task and row["visual_tokens"] is not None]
+        for method in sorted({row["method"] for row in task_rows}):
+            points = sorted((row["visual_tokens"], row["score"]) for row in task_rows if row["method"] == method)
+            if method == "none" and len(points) == 1:
+                panel.axhline(points[0][1], color="grey", linestyle="--", label="none (baseline)")
+                panel.plot(*zip(*points, strict=True), "o", color="grey")
+                continue
+            panel.plot(*zip(*points, strict=True), "o-", label=method)
+        metric = task_rows[0]["metric"] if task_rows else ""
+        panel.set_title(task)
+        panel.set_xlabel("visual tokens per image")
+        panel.set_ylabel(metric)
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize="small")
+    for panel in list(axes.flat)[len(tasks) :]:
+        panel.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def aggregate(output: str | Path) -> dict[str, Path]:
+    """Write ``summary.csv``, ``summary.md`` and ``accuracy_vs_tokens.png`` into ``output``."""
+    output = Path(output)
+    rows = summary_rows(load_results(output))
+    paths = {
+        "csv": output / "summary.csv",
+        "markdown": output / "summary.md",
+        "plot": output / "accuracy_vs_tokens.png",
+    }
+    write_csv(rows, paths["csv"])
+    paths["markdown"].write_text(markdown_table(rows))
+    plot_accuracy_vs_tokens(rows, paths["plot"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", help="suite file, e.g. eval/suites/token_budgets.yaml")
+    parser.add_argument("--model", help="hub id or folder of a transformers LLaVA checkpoint")
+    parser.add_argument("--output", help="sweep folder (runs are resumed from what it holds)")
+    parser.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit); default all")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB", help="run only TASK/RUN matching GLOB")
+    parser.add_argument("--batch-size", type=int, help="override the suite's batch size")
+    parser.add_argument("--model-args", help="override model arguments of every run, e.g. device=cuda,dtype=float16")
+    parser.add_argument(
+        "--launcher",
+        help="command starting lmms-eval (default: this python -m lmms_eval), "
+        "e.g. 'accelerate launch --num_processes 8 -m lmms_eval'",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands and stop")
+    parser.add_argument("--aggregate", metavar="DIR", help="only build summary.csv / .md / .png of a sweep folder")
+
+
+def _print_outcome(outcome: dict[str, list[str]]) -> None:
+    print(
+        f"{len(outcome['done'])} run(s) done, {len(outcome['skipped'])} skipped (already done), "
+        f"{len(outcome['failed'])} failed"
+    )
+    for key in outcome["failed"]:
+        print(f"  failed: {key}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.aggregate:
+        paths = aggregate(args.aggregate)
+        print(Path(paths["markdown"]).read_text())
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+        return 0
+    missing = [flag for flag, value in (("--suite", args.suite), ("--model", args.model)) if not value]
+    if not args.output and not args.dry_run:
+        missing.append("--output")
+    if missing:
+        raise ValueError(f"sweep needs {', '.join(missing)} (or --aggregate DIR)")
+    suite = load_suite(args.suite)
+    limit = int(args.limit) if args.limit is not None and float(args.limit).is_integer() else args.limit
+    launcher = shlex.split(args.launcher) if args.launcher else None
+    extra = parse_model_args(args.model_args)
+    if args.dry_run:
+        for planned in suite.expand():
+            if args.only and not any(fnmatch.fnmatch(planned.key, pattern) for pattern in args.only):
+                continue
+            planned = dataclasses.replace(planned, model_args={**planned.model_args, **extra})
+            directory = run_dir(Path(args.output or "sweep"), planned)
+            command = lmms_eval_command(
+                planned,
+                args.model,
+                directory,
+                launcher=launcher or [sys.executable, "-m", "lmms_eval"],
+                batch_size=args.batch_size or suite.batch_size,
+                limit=limit,
+                include_path=suite.include_path,
+            )
+            print(shlex.join(command))
+        return 0
+    outcome = run_suite(
+        suite,
+        args.model,
+        args.output,
+        limit=limit,
+        only=args.only,
+        launcher=launcher,
+        batch_size=args.batch_size,
+        extra_model_args=extra,
+    )
+    _print_outcome(outcome)
+    if outcome["done"] or outcome["skipped"]:
+        paths = aggregate(args.output)
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 1 if outcome["failed"] else 0
