@@ -597,6 +597,12 @@ class PiToMeLlavaHF(lmms):
         )
         return log_prob, is_greedy, cost
 
+    def clean(self) -> None:
+        """lmms-eval frees the model before scoring (room for a judge model); the patch handle
+        holds a reference to it too."""
+        self.handle = None
+        super().clean()
+
     # ------------------------------------------------------------------ run record
     def _track(self, request: Instance, cost: SampleCost) -> None:
         # Ranks are padded with copies of a request so that all run equally many; not samples.
