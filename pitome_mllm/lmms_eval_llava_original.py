@@ -46,16 +46,6 @@ from .lmms_eval_plugin import (
 )
 from .models.llava_original import DEFAULT_CONV_TEMPLATE
 
-MODEL_ID = "pitome_llava"
-CLASS_PATH = "pitome_mllm.lmms_eval_llava_original.PiToMeLlava"
-
-
-def manifest():
-    """The ``ModelManifest`` lmms-eval registers for ``pitome_llava``."""
-    from lmms_eval.models.registry_v2 import ModelManifest
-
-    return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
-
 
 def left_pad(rows: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``, each ``[B, L]``, with ``rows`` aligned to the right.

@@ -1,4 +1,4 @@
-"""Entry point that registers the ``pitome_llava_hf`` model with lmms-eval.
+"""Entry points that register the ``pitome_llava_hf`` and ``pitome_llava`` models with lmms-eval.
 
 pyproject.toml names `manifest` under ``[project.entry-points."lmms_eval.models"]``; lmms-eval
 calls it while building its model registry. lmms-eval loads every plugin entry point in one
@@ -10,6 +10,9 @@ from __future__ import annotations
 
 MODEL_ID = "pitome_llava_hf"
 CLASS_PATH = "pitome_mllm.lmms_eval_plugin.PiToMeLlavaHF"
+# The original LLaVA code (`llava` package), for reproducing the paper's harness.
+LLAVA_ORIGINAL_MODEL_ID = "pitome_llava"
+LLAVA_ORIGINAL_CLASS_PATH = "pitome_mllm.lmms_eval_llava_original.PiToMeLlava"
 
 
 def manifest():
@@ -17,3 +20,10 @@ def manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH)
+
+
+def manifest_llava_original():
+    """The ``ModelManifest`` of ``pitome_llava`` (original LLaVA checkpoints)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=LLAVA_ORIGINAL_MODEL_ID, simple_class_path=LLAVA_ORIGINAL_CLASS_PATH)

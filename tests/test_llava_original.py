@@ -411,9 +411,10 @@ def test_lmms_eval_manifest_names_the_model_class():
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     from pitome_mllm import lmms_eval_llava_original as plugin
+    from pitome_mllm.lmms_eval_manifest import manifest_llava_original
 
     registry = ModelRegistryV2()
-    registry.register_manifest(plugin.manifest())
+    registry.register_manifest(manifest_llava_original())
     # Resolving imports the class and checks it is a simple lmms model.
     assert registry.get_model_class("pitome_llava") is plugin.PiToMeLlava
 
