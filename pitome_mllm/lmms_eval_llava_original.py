@@ -44,6 +44,7 @@ from .lmms_eval_plugin import (
     parse_patch_args,
     truncate_at_stop,
 )
+from .lmms_eval_manifest import LLAVA_ORIGINAL_MODEL_ID
 from .models.llava_original import DEFAULT_CONV_TEMPLATE
 
 
@@ -128,7 +129,7 @@ class PiToMeLlava(PiToMeLlavaHF):
         if loglikelihood not in LOGLIKELIHOOD_VALUES:
             raise ValueError(f"loglikelihood must be one of {LOGLIKELIHOOD_VALUES}, got {loglikelihood!r}")
         if str(batch_size).startswith("auto"):
-            raise ValueError(f"batch_size 'auto' is not supported by {MODEL_ID}; pass an integer")
+            raise ValueError(f"batch_size 'auto' is not supported by {LLAVA_ORIGINAL_MODEL_ID}; pass an integer")
         self.batch_size_per_device = parse_int("batch_size", batch_size)
         if self.batch_size_per_device < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size_per_device}")
@@ -269,4 +270,4 @@ class PiToMeLlava(PiToMeLlavaHF):
         return log_prob, is_greedy, cost
 
 
-__all__ = ["CLASS_PATH", "MODEL_ID", "PiToMeLlava", "left_pad", "manifest"]
+__all__ = ["PiToMeLlava", "left_pad"]
