@@ -33,6 +33,7 @@ from PIL import Image
 
 from .config import PiToMeConfig
 from .llava_original_chat import VisionStageTimer
+from .lmms_eval_manifest import LLAVA_ORIGINAL_MODEL_ID
 from .lmms_eval_plugin import (
     LOGLIKELIHOOD_VALUES,
     PiToMeLlavaHF,
@@ -44,7 +45,6 @@ from .lmms_eval_plugin import (
     parse_patch_args,
     truncate_at_stop,
 )
-from .lmms_eval_manifest import LLAVA_ORIGINAL_MODEL_ID
 from .models.llava_original import DEFAULT_CONV_TEMPLATE
 
 
