@@ -26,6 +26,11 @@ REFERENCES = {
     "embeddings": "unmerged model, patch embeddings entering layer 0 (class token removed)",
     "same": "unmerged model, output of the same layer as the partition (class token removed)",
 }
+REFERENCE_SHORT = {
+    "read": "unmerged features at the layer the LLM reads",
+    "embeddings": "unmerged patch embeddings",
+    "same": "unmerged features at the same layer",
+}
 
 
 def comma_floats(text: str) -> list[float]:
@@ -48,8 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--budgets", type=comma_ints, default=None, help="visual tokens to the LLM, e.g. 54,128")
     parser.add_argument("--images", default="all", help="'all' bundled images, or comma-separated names / files")
     add_model_arguments(parser)
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
-    parser.add_argument("--reference", choices=sorted(REFERENCES), default="read", help="reference features")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="reference",
+        help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=sorted(REFERENCES),
+        default="read",
+        help="features of the reference graph: " + "; ".join(f"{k}: {v}" for k, v in REFERENCES.items()),
+    )
     parser.add_argument(
         "--random-control",
         action="store_true",
@@ -394,7 +409,7 @@ def plot_report(report: dict, path: Path) -> Path:
                 )
             panels.append(CurvePanel(f"{group['tokens']} visual tokens to the LLM", curves, "vision layer", ylabel))
         title = f"Spectral distance vs layer: model '{report['model']}', {len(report['images'])} images"
-        caption = f"mean, band = min-max over images; reference graph: {report['reference_features']}"
+        caption = f"mean, band = min-max over images; reference graph: {REFERENCE_SHORT[report['reference']]}"
         if report["random_weights"]:
             caption += "\n" + RANDOM_WEIGHTS_NOTE
     else:

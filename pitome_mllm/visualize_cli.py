@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--methods", type=comma_list, default=["tome", "pitome"], help="e.g. tome,pitome")
     parser.add_argument("--keep-ratio", type=float, default=0.9, help="keep ratio of every merging layer")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="reference",
+        help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
+    )
     parser.add_argument(
         "--layers",
         type=comma_ints,

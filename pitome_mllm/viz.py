@@ -558,7 +558,7 @@ class MergeRecord:
 
     def token_map_after(self, layer_idx: int) -> torch.Tensor:
         """``[B, num_tokens]`` the token holding each original token after layer ``layer_idx``."""
-        self._check_layer(layer_idx)
+        self.check_layer(layer_idx)
         return self.token_maps()[layer_idx]
 
     def patch_labels_after(self, layer_idx: int) -> torch.Tensor:
@@ -567,10 +567,10 @@ class MergeRecord:
 
     def tokens_after(self, layer_idx: int) -> int:
         """Tokens after layer ``layer_idx`` (class token included)."""
-        self._check_layer(layer_idx)
+        self.check_layer(layer_idx)
         return self.num_tokens - sum(step.num_removed for idx, step in self.merges if idx <= layer_idx)
 
-    def _check_layer(self, layer_idx: int) -> None:
+    def check_layer(self, layer_idx: int) -> None:
         if not (0 <= layer_idx <= self.last_layer):
             raise ValueError(f"layer {layer_idx} is out of range: the model reads vision layers 0..{self.last_layer}")
 
@@ -659,7 +659,7 @@ def visualize(
     for method in methods:
         record = trace_merges(model, pixel_values, method=method, keep_ratio=keep_ratio, preset=preset)
         for layer_idx in layers:
-            record._check_layer(layer_idx)
+            record.check_layer(layer_idx)
         layer_counts = [record.tokens_after(layer_idx) - 1 for layer_idx in layers]
         rows.append(record_row(record, layers, grid, layer_counts))
         keep_ratios[method] = record.keep_ratio
