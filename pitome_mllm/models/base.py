@@ -16,6 +16,7 @@ from ..hooks.projector import ProjectorMerger, ProjectorSettings
 from ..hooks.vision import MergeSettings, TowerMerger
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
+from .siglip import tower_has_class_token
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -46,7 +47,7 @@ class ClipTowerAdapter:
         model: the whole model (kept for logging and the handle).
         processor: the processor or None.
         config: the validated config.
-        vision_tower: a transformers ``CLIPVisionModel``.
+        vision_tower: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (no class token).
         projector: the module mapping selected vision features to the LLM width.
         feature_layer: hidden-state index the model reads (negative counts from the end;
             0 is the embedding output).
@@ -54,7 +55,7 @@ class ClipTowerAdapter:
     """
 
     family = "clip"
-    supported = "a CLIP vision tower"
+    supported = "a CLIP or SigLIP vision tower"
 
     def __init__(
         self,
@@ -66,15 +67,18 @@ class ClipTowerAdapter:
         feature_layer: int,
         drops_class_token: bool,
     ) -> None:
-        from transformers import CLIPVisionModel
-
         self.model = model
         self.processor = processor
         self.config = config
         self.vision_tower = vision_tower
         self.projector = projector
-        if not isinstance(vision_tower, CLIPVisionModel):
-            raise ValueError(f"unsupported vision tower {type(vision_tower).__name__}; supported: {self.supported}")
+        # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
+        self.class_token = tower_has_class_token(vision_tower)
+        if drops_class_token and not self.class_token:
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the first token, but {type(vision_tower).__name__} "
+                "has no class token (it would drop a patch); supported with this tower: 'full'"
+            )
         if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
             raise ValueError(
                 f"the vision feature layer {feature_layer!r} selects several layers; supported: {self.supported}"
@@ -89,7 +93,7 @@ class ClipTowerAdapter:
             )
         vision_config = vision_tower.config
         self.patch_size = vision_config.patch_size
-        self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + 1
+        self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
         self.dropped_leading = 1 if drops_class_token else 0
         self._plans: dict[int, list[LayerStep]] = {}
         self.tower_method = config.method
@@ -105,7 +109,7 @@ class ClipTowerAdapter:
                 reduce=config.reduce,
                 prop_attn=config.prop_attn,
                 alpha=config.alpha,
-                class_token=True,
+                class_token=self.class_token,
             ),
             key_projection=clip_key_projection,
         )
@@ -147,10 +151,11 @@ class ClipTowerAdapter:
             self.last_layer,
             method=self.tower_method,
             preset=config.preset,
+            class_token=self.class_token,
         )
 
     def plan(self, num_tokens: int) -> list[LayerStep]:
-        """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (CLS included)."""
+        """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (class token, if any, included)."""
         if num_tokens not in self._plans:
             self._plans[num_tokens] = plan_layers(
                 num_tokens,
@@ -158,7 +163,7 @@ class ClipTowerAdapter:
                 self.tower_keep_ratio,
                 method=self.tower_method,
                 preset=self.config.preset,
-                class_token=True,
+                class_token=self.class_token,
                 last_layer=self.last_layer,
                 margin_start=self.config.margin_start,
                 margin_span=self.config.margin_span,
@@ -198,7 +203,7 @@ class ClipTowerAdapter:
 
     def visual_tokens_for_image(self, height: int, width: int) -> int:
         """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
-        return self.visual_tokens_for((height // self.patch_size) * (width // self.patch_size) + 1)
+        return self.visual_tokens_for((height // self.patch_size) * (width // self.patch_size) + int(self.class_token))
 
     # --------------------------------------------------------------- install
     def install(self) -> None:

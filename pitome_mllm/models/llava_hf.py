@@ -16,6 +16,7 @@ from .base import ClipTowerAdapter
 FAMILY = "llava_hf"
 SUPPORTED = (
     "transformers LlavaForConditionalGeneration / LlavaModel (LLaVA-1.5 style) with a CLIP vision tower "
+    "(vision_feature_select_strategy 'default' or 'full') or a SigLIP vision tower ('full'), "
     "and a single integer vision_feature_layer"
 )
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")

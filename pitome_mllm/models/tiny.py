@@ -390,3 +390,77 @@ def save_tiny_llava(folder: str | Path, spec: TinyLlavaSpec = TEST_SPEC) -> Path
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# SigLIP tower (no class token) in the LLaVA-1.5 path
+# --------------------------------------------------------------------------------------------------
+
+# SigLIP normalises to [-1, 1].
+SIGLIP_IMAGE_MEAN = [0.5, 0.5, 0.5]
+SIGLIP_IMAGE_STD = [0.5, 0.5, 0.5]
+
+# 112 px / 14 px patches -> 64 patch tokens, no class token; 6 layers, LLaVA reads the last one.
+SIGLIP_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6, vision_feature_layer=-1)
+
+
+def _siglip_image_processor(image_size: int):
+    """A SigLIP image processor resizing to ``image_size`` square (PIL backend without torchvision)."""
+    if is_torchvision_available():
+        from transformers import SiglipImageProcessor as processor_class
+    else:
+        from transformers import SiglipImageProcessorPil as processor_class
+    return processor_class(
+        size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=SIGLIP_IMAGE_MEAN,
+        image_std=SIGLIP_IMAGE_STD,
+    )
+
+
+def build_tiny_siglip_llava(
+    spec: TinyLlavaSpec = SIGLIP_TEST_SPEC, dtype: torch.dtype = torch.float32
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A ``LlavaForConditionalGeneration`` with a ``SiglipVisionModel`` tower, and its processor.
+
+    The tower has no class token, so LLaVA uses ``vision_feature_select_strategy="full"`` and every
+    ``<image>`` expands to ``spec.num_patches`` placeholders (64 for :data:`SIGLIP_TEST_SPEC`).
+    Seeded like :func:`build_tiny_llava`.
+    """
+    from transformers import SiglipVisionConfig
+
+    tokenizer = build_tiny_tokenizer()
+    config = _build_config(spec, tokenizer)
+    config.vision_config = SiglipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        vision_use_head=False,  # LLaVA reads hidden states; the pooling head would be dead weight
+    )
+    config.vision_feature_select_strategy = "full"
+    for sub_config in (config, config.vision_config, config.text_config):
+        sub_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=_siglip_image_processor(spec.image_size),
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,  # no class token
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
