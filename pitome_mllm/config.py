@@ -13,6 +13,10 @@ from .merge.energy import ENERGY_KINDS
 from .schedule import METHODS, PRESETS, check_keep_ratio
 
 METRICS = ("hidden", "keys", "keys_mean")
+# Baselines that leave the tower unmerged and choose or pool the patch tokens to exactly
+# target_tokens before the projector (pitome_mllm.merge.select; docs/methods.md).
+SELECTION_METHODS = ("random", "pool", "dominant")
+ALL_METHODS = METHODS + SELECTION_METHODS
 REDUCES = ("mean", "size_weighted")
 
 # What each preset sets beyond the schedule (spec sections 2.1, 2.11, 6).
@@ -33,14 +37,19 @@ class PiToMeConfig:
     Attributes:
         method: ``"pitome"``, ``"tome"`` (bipartite soft matching on every merging layer)
             or ``"none"`` (no merging in the tower; with ``target_tokens`` only the
-            projector-stage step runs).
+            projector-stage step runs; ``target_tokens=0`` gives the LLM no visual tokens).
+            Baselines with an unmerged tower and an exact ``target_tokens``: ``"random"``
+            (a seeded random subset of the patches), ``"pool"`` (average pooling of the
+            patch grid) and ``"dominant"`` (patches the class token attends to most, plus
+            a few contextual means of the rest); see docs/methods.md.
         keep_ratio: fraction of tokens each merging layer keeps, in (0.5, 1.0]. With
             ``target_tokens`` set and ``keep_ratio`` left as None, it is solved so that
             the tower lands just above the budget.
         preset: ``"reference"`` (authors' released LLaVA code), ``"paper"`` (the schedule
             behind the paper's LLaVA table) or ``"pure"`` (the paper's algorithm).
         target_tokens: exact number of visual tokens per image reaching the language
-            model; a final PiToMe step on the projected tokens lands on it.
+            model; a final PiToMe step on the projected tokens lands on it. 0 only
+            with ``method="none"``.
         metric: features that decide the merges: ``"hidden"`` (layer output),
             ``"keys"`` (the layer's attention keys, all heads concatenated) or
             ``"keys_mean"`` (keys averaged over heads, as ToMe; cheaper).
@@ -54,6 +63,8 @@ class PiToMeConfig:
             ``margin_start - margin_span * l / L``.
         alpha: ELU alpha of the energy.
         energy: energy kind; None takes the preset's.
+        seed: seed of ``method="random"`` (every image draws its subset from a fresh
+            generator seeded with it, so all images keep the same positions).
     """
 
     method: str = "pitome"
@@ -68,6 +79,7 @@ class PiToMeConfig:
     margin_span: float = 0.9
     alpha: float = 1.0
     energy: str | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         self._validate()
@@ -85,7 +97,7 @@ class PiToMeConfig:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
-        choice("method", METHODS)
+        choice("method", ALL_METHODS)
         choice("preset", PRESETS)
         choice("metric", METRICS, optional=True)
         choice("reduce", REDUCES, optional=True)
@@ -95,8 +107,23 @@ class PiToMeConfig:
         if self.target_tokens is not None:
             if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int):
                 raise ValueError(f"target_tokens must be a positive integer, got {self.target_tokens!r}")
-            if self.target_tokens < 1:
+            if self.target_tokens < 0:
                 raise ValueError(f"target_tokens must be >= 1, got {self.target_tokens}")
+            if self.target_tokens == 0 and self.method != "none":
+                raise ValueError(
+                    "target_tokens must be >= 1, got 0 (target_tokens=0, no visual tokens at all, is valid only "
+                    f"with method='none'; got method={self.method!r})"
+                )
+        if self.method in SELECTION_METHODS:
+            if self.target_tokens is None:
+                raise ValueError(f"method={self.method!r} needs target_tokens (the exact budget per image)")
+            if self.keep_ratio is not None and self.keep_ratio != 1.0:
+                raise ValueError(
+                    f"method={self.method!r} leaves the vision tower unmerged: keep_ratio must be None or 1.0, "
+                    f"got {self.keep_ratio}"
+                )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.keep_ratio is None and self.target_tokens is None and self.method != "none":
             raise ValueError(f"method={self.method!r} needs keep_ratio (in (0.5, 1.0]) or target_tokens")
         for name in ("prop_attn", "keep_order"):
@@ -118,7 +145,9 @@ class PiToMeConfig:
 
     @property
     def merges_in_tower(self) -> bool:
-        return self.method != "none" and (self.keep_ratio is None or self.keep_ratio < 1.0)
+        if self.method == "none" or self.method in SELECTION_METHODS:
+            return False
+        return self.keep_ratio is None or self.keep_ratio < 1.0
 
     # ---------------------------------------------------------- round trip
     def to_dict(self) -> dict[str, Any]:

@@ -594,7 +594,7 @@ def test_model_and_processor_loaded_from_a_folder(saved_tiny_llava_dir, images):
             r"keep_ratio=0\.6 leaves \d+ visual tokens, fewer than target_tokens=60",
         ),
         ({}, r"needs keep_ratio"),
-        ({"keep_ratio": 0.9, "method": "random"}, r"method must be one of"),
+        ({"keep_ratio": 0.9, "method": "magic"}, r"method must be one of"),
         ({"keep_ratio": 0.9, "metric": "queries"}, r"metric must be one of"),
         ({"keep_ratio": 0.9, "preset": "fast"}, r"preset must be one of"),
         ({"keep_ratio": 0.9, "unknown_knob": 1}, r"unknown config keys \['unknown_knob'\]"),

@@ -3,7 +3,13 @@
 Runs as a forward hook on the projector (a per-token MLP in LLaVA), so the language
 model receives exactly ``target_tokens`` tokens per image, optionally back in raster
 order. The tower's `MergeTrace` supplies token sizes (for size-weighted merging) and
-the source map (for raster order).
+the source map (for raster order). ``target_tokens=0`` (method ``none`` only) hands the
+language model no visual token at all.
+
+`SelectionStage` is the stage of the baselines (``random``, ``pool``, ``dominant``): a
+forward pre-hook that chooses or pools the patch tokens *before* the projector, so the
+projector runs on the kept tokens only and averages are taken in the vision features'
+space.
 """
 
 from __future__ import annotations
@@ -14,6 +20,17 @@ import torch
 from torch import nn
 
 from ..merge import pitome
+from ..merge.select import (
+    cls_attention,
+    dominant_and_contextual,
+    gather_tokens,
+    kept_token_map,
+    pool_grid,
+    pool_patches,
+    pool_token_map,
+    random_keep_indices,
+    square_grid,
+)
 from .vision import MergeTrace, TowerMerger, raster_order
 
 
@@ -47,6 +64,9 @@ def reduce_to_budget(
     the ``n`` tokens); both are carried along.
     """
     target = settings.target_tokens
+    if target == 0:
+        # The zero-visual-token floor: nothing reaches the language model, no patch is held.
+        return features[:, :0], size[:, :0], torch.full_like(token_map, -1)
     while target is not None and features.shape[1] > target:
         num_tokens = features.shape[1]
         r = min(num_tokens - target, num_tokens // 2)
@@ -106,3 +126,127 @@ class ProjectorMerger:
         self.final_token_map = token_map
         self.final_size = size
         return features if self.active else None
+
+
+def patches_held(token_map: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``[B, num_tokens, 1]`` patches each output token holds, from a ``[B, N]`` map (``-1``: none)."""
+    held = (token_map >= 0).float()
+    counts = torch.zeros(token_map.shape[0], num_tokens, device=token_map.device)
+    return counts.scatter_add_(1, token_map.clamp(min=0), held).unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """Attributes:
+    method: ``"random"``, ``"pool"`` or ``"dominant"``.
+    target_tokens: tokens per image handed to the projector (and the language model).
+    seed: seed of ``random``.
+    dropped_leading: leading tower tokens the model drops before the projector (the class
+        token); the projector input must be exactly the patch tokens.
+    num_heads: attention heads of the selected layer (``dominant``).
+    """
+
+    method: str
+    target_tokens: int
+    seed: int
+    dropped_leading: int
+    num_heads: int = 1
+
+
+class SelectionStage:
+    """Forward pre-hook on a projector that chooses or pools the patch tokens to a budget.
+
+    ``dominant`` also hooks the query and key projections of the selected vision layer (the
+    last one the model reads) to compute the class token's attention itself, so the tower
+    keeps its SDPA path and no attention maps are requested.
+
+    Attributes:
+        final_token_map: ``[B, num_patches]`` after the last forward: the LLM token holding
+            each patch, ``-1`` for a patch that was dropped (``random``, ``dominant`` never
+            drops: unchosen patches are in a contextual token).
+        cls_attention: ``[B, num_patches]`` (``dominant``) the class token's attention to each
+            patch in the selected layer, averaged over heads, of the last forward.
+    """
+
+    def __init__(
+        self,
+        projector: nn.Module,
+        tower: TowerMerger,
+        settings: SelectionSettings,
+        query_key: tuple[nn.Module, nn.Module] | None = None,
+    ) -> None:
+        if settings.method == "dominant" and query_key is None:
+            raise ValueError("method='dominant' needs the selected layer's query and key projections")
+        self.projector = projector
+        self.tower = tower
+        self.settings = settings
+        self.query_key = query_key
+        self.final_token_map: torch.Tensor | None = None
+        self.final_size: torch.Tensor | None = None
+        self.cls_attention: torch.Tensor | None = None
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self) -> None:
+        try:
+            self._hooks.append(self.projector.register_forward_pre_hook(self._on_input))
+            if self.settings.method == "dominant":
+                for name, module in zip(("queries", "keys"), self.query_key, strict=True):
+                    self._hooks.append(module.register_forward_hook(self._make_capture(name)))
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._captured.clear()
+        self.final_token_map = None
+        self.final_size = None
+        self.cls_attention = None
+
+    def _make_capture(self, name: str):
+        def capture(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._captured[name] = output.detach()
+
+        return capture
+
+    def _on_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        trace: MergeTrace | None = self.tower.trace
+        if not args or trace is None:
+            return None  # not a call that followed a tower forward (e.g. a user calling it alone)
+        features = args[0]
+        drop = self.settings.dropped_leading
+        if features.dim() != 3 or tuple(trace.size.shape[:2]) != (features.shape[0], features.shape[1] + drop):
+            return None
+        with torch.no_grad():
+            selected, token_map = self._select(features.detach())
+        self.final_token_map = token_map
+        self.final_size = patches_held(token_map, selected.shape[1])
+        return (selected, *args[1:])
+
+    def _select(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, N, C]`` patch features -> ``([B, K, C], [B, N] source map)``."""
+        batch, num_patches, _ = features.shape
+        target = self.settings.target_tokens
+        method = self.settings.method
+        if method == "random":
+            kept = random_keep_indices(num_patches, target, self.settings.seed).to(features.device)
+            kept = kept.expand(batch, -1)
+            return gather_tokens(features, kept), kept_token_map(kept, num_patches)
+        if method == "pool":
+            grid = square_grid(num_patches)
+            pooled = pool_grid(target, grid)
+            token_map = pool_token_map(grid, pooled).to(features.device).expand(batch, -1).clone()
+            return pool_patches(features, grid, pooled), token_map
+        # dominant
+        queries, keys = self._captured.pop("queries"), self._captured.pop("keys")
+        drop = self.settings.dropped_leading
+        attention = cls_attention(queries, keys, self.settings.num_heads)[:, drop:]
+        self.cls_attention = attention
+        channels = keys.shape[-1]
+        heads = self.settings.num_heads
+        # Keys averaged over heads (ToMe's metric) decide which contextual group a patch joins.
+        metric = keys[:, drop:].float().view(batch, num_patches, heads, channels // heads).mean(dim=2)
+        return dominant_and_contextual(features, attention, metric, target)

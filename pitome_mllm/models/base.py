@@ -11,10 +11,11 @@ import logging
 
 from torch import nn
 
-from ..config import PiToMeConfig
-from ..hooks.projector import ProjectorMerger, ProjectorSettings
+from ..config import SELECTION_METHODS, PiToMeConfig
+from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.vision import MergeSettings, TowerMerger
 from ..merge.energy import margin_for_layer
+from ..merge.select import pool_grid, square_grid
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
 from .siglip import tower_has_class_token
 
@@ -29,6 +30,12 @@ def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
         if encoder is not None and isinstance(getattr(encoder, "layers", None), nn.ModuleList):
             return encoder.layers
     raise ValueError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
+
+
+def clip_query_key_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+    """A CLIP encoder layer's query and key projections and its number of heads."""
+    attention = layer.self_attn
+    return attention.q_proj, attention.k_proj, attention.num_heads
 
 
 def clip_key_projection(layer: nn.Module) -> tuple[nn.Module, int]:
@@ -96,7 +103,8 @@ class ClipTowerAdapter:
         self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
         self.dropped_leading = 1 if drops_class_token else 0
         self._plans: dict[int, list[LayerStep]] = {}
-        self.tower_method = config.method
+        # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
+        self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
         self.tower_keep_ratio = self._resolve_keep_ratio()
         self._check_budget(self.default_num_tokens)
 
@@ -128,11 +136,44 @@ class ClipTowerAdapter:
                 reduce=config.reduce,
             ),
         )
+        if config.method in SELECTION_METHODS:
+            self.projector_merger = self._selection_stage()
+
+    def _selection_stage(self) -> SelectionStage:
+        """The projector-input stage of ``random`` / ``pool`` / ``dominant``, after checking the model fits."""
+        config = self.config
+        # Towers without a class token (SigLIP) have nothing to drop.
+        has_class_token = self.class_token
+        if self.dropped_leading != int(has_class_token):
+            raise ValueError(
+                f"method={config.method!r} selects among patch tokens only, but this model hands the class token "
+                "to the projector (vision_feature_select_strategy='full'); supported: 'default'"
+            )
+        num_patches = self.default_num_tokens - self.dropped_leading
+        if config.method == "pool":
+            pool_grid(config.target_tokens, square_grid(num_patches))  # ValueError naming nearby budgets
+        query_key, num_heads = None, 1
+        if config.method == "dominant":
+            if not has_class_token:
+                raise ValueError(
+                    f"method='dominant' ranks patches by the class token's attention; "
+                    f"{type(self.vision_tower).__name__} has no class token"
+                )
+            query, key, num_heads = clip_query_key_projections(self.layers[self.last_layer])
+            query_key = (query, key)
+        settings = SelectionSettings(
+            method=config.method,
+            target_tokens=config.target_tokens,
+            seed=config.seed,
+            dropped_leading=self.dropped_leading,
+            num_heads=num_heads,
+        )
+        return SelectionStage(self.projector, self.tower, settings, query_key)
 
     # -------------------------------------------------------------- planning
     def _resolve_keep_ratio(self) -> float:
         config = self.config
-        if config.method == "none":
+        if config.method == "none" or config.method in SELECTION_METHODS:
             return 1.0
         if config.keep_ratio is not None:
             return config.keep_ratio
