@@ -449,6 +449,8 @@ SUMMARY_COLUMNS = [
     "keep_ratio",
     "target_tokens",
     "preset",
+    "budget",
+    "best_at_budget",
 ]
 
 
@@ -505,8 +507,35 @@ def summary_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "preset": config.get("preset"),
             }
         )
+    mark_best_per_budget(rows, [result.get("run_name") == result.get("baseline_run") for result in results])
     rows.sort(key=lambda row: (row["task"], row["method"] or "", -(row["visual_tokens"] or 0), row["run"]))
     return rows
+
+
+def _budget(row: dict[str, Any]) -> float | None:
+    """Visual tokens per image a run was given: its ``target_tokens``, else what it measured."""
+    if row["target_tokens"] is not None:
+        return row["target_tokens"]
+    tokens = row["visual_tokens"]
+    return None if tokens is None else round(tokens, 1)
+
+
+def mark_best_per_budget(rows: list[dict[str, Any]], is_baseline: list[bool]) -> None:
+    """Set ``budget`` and ``best_at_budget`` on every row (in place).
+
+    Among the runs of a task with the same budget, the highest score is the best (every
+    suite metric is higher-is-better: accuracy, F1, MME score); ties all count as best.
+    The baseline run is the 100% reference, not a competitor: its ``best_at_budget`` is None.
+    """
+    best: dict[tuple[str, float], float] = {}
+    for row, baseline in zip(rows, is_baseline, strict=True):
+        row["budget"] = _budget(row)
+        if not baseline and row["budget"] is not None:
+            key = (row["task"], row["budget"])
+            best[key] = max(best.get(key, -math.inf), row["score"])
+    for row, baseline in zip(rows, is_baseline, strict=True):
+        key = (row["task"], row["budget"])
+        row["best_at_budget"] = None if baseline or key not in best else row["score"] == best[key]
 
 
 def _format(value: Any, digits: int = 4) -> str:
@@ -575,6 +604,37 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             )
             + " |"
         )
+    return "\n".join(lines) + "\n" + best_per_budget_table(rows)
+
+
+def best_per_budget_table(rows: list[dict[str, Any]]) -> str:
+    """Budgets down, tasks across: the best method at each budget, its score and % of the baseline."""
+    competing = [row for row in rows if row.get("best_at_budget") is not None]
+    if not competing:
+        return ""
+    tasks = sorted({row["task"] for row in competing})
+    budgets = sorted({row["budget"] for row in competing}, reverse=True)
+    lines = [
+        "",
+        "Best method per budget (highest score among the runs given that many visual tokens per image; "
+        "the baseline run is the 100% reference):",
+        "",
+        "| visual tokens | " + " | ".join(tasks) + " |",
+        "|" + "|".join(["---"] * (len(tasks) + 1)) + "|",
+    ]
+    for budget in budgets:
+        cells = []
+        for task in tasks:
+            winners = [row for row in competing if row["task"] == task and row["budget"] == budget]
+            winners = [row for row in winners if row["best_at_budget"]]
+            if not winners:
+                cells.append("")
+                continue
+            relative = winners[0]["relative_pct"]
+            suffix = f" ({relative:.1f}%)" if relative is not None else ""
+            names = " = ".join(sorted(row["method"] or row["run"] for row in winners))
+            cells.append(f"{names} {_format(winners[0]['score'])}{suffix}")
+        lines.append("| " + " | ".join([_format(budget, 4), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -593,10 +653,19 @@ def plot_accuracy_vs_tokens(rows: list[dict[str, Any]], path: Path) -> None:
         task_rows = [row for row in rows if row["task"] == task and row["visual_tokens"] is not None]
         for method in sorted({row["method"] for row in task_rows}):
             points = sorted((row["visual_tokens"], row["score"]) for row in task_rows if row["method"] == method)
-            if method == "none" and len(points) == 1:
-                panel.axhline(points[0][1], color="grey", linestyle="--", label="none (baseline)")
-                panel.plot(*zip(*points, strict=True), "o", color="grey")
-                continue
+            if method == "none":
+                # The unpatched baseline and the zero-token floor are references, not a curve.
+                references = [row for row in task_rows if row["method"] == "none" and not row["target_tokens"]]
+                for row in references:
+                    tokens, score = row["visual_tokens"], row["score"]
+                    label, style = ("0 visual tokens", ":") if tokens == 0 else ("none (baseline)", "--")
+                    panel.axhline(score, color="grey", linestyle=style, label=label)
+                    panel.plot([tokens], [score], "o", color="grey")
+                points = sorted(
+                    (r["visual_tokens"], r["score"]) for r in task_rows if r["method"] == "none" and r["target_tokens"]
+                )
+                if not points:
+                    continue
             panel.plot(*zip(*points, strict=True), "o-", label=method)
         metric = task_rows[0]["metric"] if task_rows else ""
         panel.set_title(task)
