@@ -338,3 +338,25 @@ def test_dominant_and_contextual_on_plain_tensors():
     groups = contextual_groups(torch.randn(1, 9, 4), 3)
     assert groups[0, [0, 3, 6]].tolist() == [0, 1, 2]  # centres head their own groups
     assert dominant_split(64) == (54, 10) and dominant_split(192) == (162, 30)
+
+
+def test_baselines_and_floor_on_the_original_llava_code(tmp_path, images):
+    """The same stage on the original code's `LlavaLlamaForCausalLM`: spliced lengths and exact undo."""
+    pytest.importorskip("llava", reason="the original LLaVA code is not installed (pip install --no-deps llava-torch)")
+    from pitome_mllm.models import llava_original as original
+
+    model, tokenizer, image_processor = original.build_tiny_llava_original(tmp_path)
+    input_ids = original.tokenize_prompt(original.build_prompt([("What is this?", None)]), tokenizer)[None]
+    pixels = original.prepare_images([images["chelsea"]], image_processor, model)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, images=pixels).logits
+    for settings in [
+        *({"method": m, "target_tokens": BUDGET} for m in METHODS),
+        {"target_tokens": 0, "method": "none"},
+    ]:
+        with pitome_mllm.patched(model, None, **settings) as handle, torch.no_grad():
+            logits = model(input_ids=input_ids, images=pixels).logits
+            assert handle.num_visual_tokens == settings["target_tokens"]
+            assert logits.shape[1] == reference.shape[1] - TEST_SPEC.num_patches + settings["target_tokens"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids, images=pixels).logits, reference)
