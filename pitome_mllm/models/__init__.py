@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import llava_hf, llava_original
+from . import llava_hf, llava_next, llava_original
 
-ADAPTER_MODULES = (llava_hf, llava_original)
+ADAPTER_MODULES = (llava_next, llava_hf, llava_original)
 
 
 def supported_families() -> str:

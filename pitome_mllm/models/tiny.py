@@ -464,3 +464,74 @@ def build_tiny_siglip_llava(
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (anyres)
+# --------------------------------------------------------------------------------------------------
+
+# LLaVA-NeXT's grid pinpoints ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]) scaled to
+# the tiny tower's 112 px crops, so the crop grids (1x2, 2x1, 2x2, 3x1, 1x3) are the real ones.
+def _scaled_pinpoints(crop: int) -> list[list[int]]:
+    return [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop], [3 * crop, crop], [crop, 3 * crop]]
+
+
+def build_tiny_llava_next(
+    spec: TinyLlavaSpec = TEST_SPEC, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, object]:
+    """A ``LlavaNextForConditionalGeneration`` (CLIP tower, anyres) and a matching ``LlavaNextProcessor``.
+
+    Each image becomes a base crop plus a grid of ``spec.image_size`` crops chosen from LLaVA-NeXT's
+    pinpoints scaled to the crop size; the processor's placeholder count (base + unpadded grid + one
+    newline per grid row) matches what ``pack_image_features`` produces. Seeded like `build_tiny_llava`.
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    if is_torchvision_available():
+        from transformers import LlavaNextImageProcessor as image_processor_class
+    else:
+        from transformers import LlavaNextImageProcessorPil as image_processor_class
+
+    tokenizer = build_tiny_tokenizer()
+    llava_config = _build_config(spec, tokenizer)
+    pinpoints = _scaled_pinpoints(spec.image_size)
+    config = LlavaNextConfig(
+        vision_config=llava_config.vision_config,
+        text_config=llava_config.text_config,
+        image_token_id=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=spec.num_patches,
+        projector_hidden_act=spec.projector_hidden_act,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    for sub_config in (config, config.vision_config, config.text_config):
+        sub_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlavaNextForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    image_processor = image_processor_class(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=CLIP_IMAGE_MEAN,
+        image_std=CLIP_IMAGE_STD,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor

@@ -1,0 +1,388 @@
+"""Adapter for transformers' LLaVA-NeXT (`LlavaNextForConditionalGeneration`, `LlavaNextModel`): anyres.
+
+LLaVA-NeXT cuts an image into a base crop (the whole image resized) and a grid of
+high-resolution crops, runs the tower on all crops as one batch, and then
+``pack_image_features`` lays each crop's tokens back onto the crop grid, cuts off
+the rows or columns that only hold padding ("unpad") and appends a learned
+newline token after every row of the unpadded grid. That spatial step needs every
+crop's full ``side x side`` token grid, which merged tokens no longer form.
+
+So this adapter leaves the tower alone and merges **after** packing, once per
+image, to a global budget ``K`` that is a pure function of the image size (so the
+processor can emit it before the model runs):
+
+* ``B`` base tokens, ``U = rows x cols`` unpadded grid tokens and ``rows`` newlines
+  come out of ``pack_image_features`` (``B + U + rows`` tokens unpatched);
+* the newlines are dropped except the last one, which still closes the image as in
+  training (a row separator means nothing once rows are merged away);
+* the other ``K - 1`` tokens are split between base and grid in proportion to
+  ``B : U`` (both compressed by the same factor), and each part is merged on its
+  own with PiToMe (or ToMe) steps on the projected features down to its share;
+  the grid is merged as one set, so merges may cross crop borders and PiToMe
+  spends the budget where the content is least redundant.
+
+``target_tokens`` gives ``K`` directly; ``keep_ratio`` gives ``K`` as the
+LLaVA-1.5 tower schedule would compress one crop, applied to ``B + U``. A budget
+at least the unpatched count leaves the image untouched (bit-identical). See
+``docs/anyres.md`` for a worked example. Tested against transformers 5.24.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import PiToMeConfig
+from ..hooks.vision import MergeSettings, TowerMerger, raster_order
+from ..merge import bipartite_soft_matching, pitome
+from ..merge.energy import margin_for_layer
+from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
+from .base import clip_encoder_layers
+from .siglip import tower_has_class_token
+
+FAMILY = "llava_next"
+SUPPORTED = (
+    "transformers LlavaNextForConditionalGeneration / LlavaNextModel (anyres) with a CLIP or SigLIP tower, "
+    "method pitome / tome / none, merged after pack_image_features to a per-image budget"
+)
+_PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
+_PACK = "pack_image_features"
+_MISSING = object()
+# One newline token closes the image after merging (see the module docstring).
+KEPT_NEWLINES = 1
+
+
+def matches(model: nn.Module) -> bool:
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+
+    return isinstance(model, (LlavaNextForConditionalGeneration, LlavaNextModel))
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """What ``pack_image_features`` produces for one image, before merging.
+
+    Attributes:
+        base_tokens: ``B``, tokens of the base crop (class token included if the model keeps it).
+        grid_rows, grid_cols: the unpadded token grid of the high-resolution crops.
+        crop_grid: ``(crops down, crops across)``.
+    """
+
+    base_tokens: int
+    grid_rows: int
+    grid_cols: int
+    crop_grid: tuple[int, int]
+
+    @property
+    def grid_tokens(self) -> int:
+        return self.grid_rows * self.grid_cols
+
+    @property
+    def unmerged_tokens(self) -> int:
+        """``B + U + rows``: the unpatched count (one newline per grid row)."""
+        return self.base_tokens + self.grid_tokens + self.grid_rows
+
+    @property
+    def max_merged_tokens(self) -> int:
+        """``B + U + 1``: the most tokens a merged image can have (newlines collapsed to one)."""
+        return self.base_tokens + self.grid_tokens + KEPT_NEWLINES
+
+
+def unpadded_shape(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """The token grid left after LLaVA-NeXT cuts off the padding of a ``height x width`` image.
+
+    The image was resized to fit a ``rows x cols`` token grid keeping its aspect ratio
+    and padded symmetrically; the same float arithmetic as the model decides how many
+    padding rows (or columns) there are, so the counts agree token for token.
+    """
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        padding = (rows - new_rows) // 2
+        return rows - 2 * padding, cols
+    new_cols = int(round(width * (rows / height), 7))
+    padding = (cols - new_cols) // 2
+    return rows, cols - 2 * padding
+
+
+def anyres_layout(
+    height: int, width: int, pinpoints: list, crop_size: int, patch_size: int, base_tokens: int
+) -> AnyresLayout:
+    """The `AnyresLayout` of an original ``height x width`` image."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_height, best_width = select_best_resolution([height, width], pinpoints)
+    crops_down, crops_across = best_height // crop_size, best_width // crop_size
+    side = crop_size // patch_size
+    rows, cols = unpadded_shape(height, width, crops_down * side, crops_across * side)
+    return AnyresLayout(base_tokens, rows, cols, (crops_down, crops_across))
+
+
+def split_budget(budget: int, layout: AnyresLayout) -> tuple[int, int]:
+    """``(base share, grid share)`` of ``budget - 1`` tokens, proportional to ``B : U``.
+
+    Each share is at least 1 and at most its part's size. Requires
+    ``3 <= budget <= layout.max_merged_tokens``.
+    """
+    visible = budget - KEPT_NEWLINES
+    base, grid = layout.base_tokens, layout.grid_tokens
+    base_share = round(visible * base / (base + grid))
+    base_share = min(max(base_share, 1, visible - grid), base, visible - 1)
+    return base_share, visible - base_share
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+
+@dataclass(frozen=True)
+class PackedMergeSettings:
+    method: str  # "pitome" or "tome"
+    margin: float
+    alpha: float
+    energy: str
+    reduce: str
+    keep_order: bool
+
+
+def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -> torch.Tensor:
+    """Merge ``features`` (``[n, D]``) down to ``[keep, D]`` with steps of at most ``n // 2``."""
+    x = features.unsqueeze(0)
+    num_tokens = x.shape[1]
+    size = torch.ones(1, num_tokens, 1, device=x.device)
+    token_map = torch.arange(num_tokens, device=x.device).unsqueeze(0)
+    while x.shape[1] > keep:
+        current = x.shape[1]
+        r = min(current - keep, current // 2)
+        if settings.method == "tome":
+            step = bipartite_soft_matching(x, r)
+        else:
+            step = pitome(x, r, settings.margin, alpha=settings.alpha, energy=settings.energy)
+        if settings.reduce == "size_weighted":
+            x, _ = step.weighted(x, size.to(x.dtype))
+        else:
+            x = step(x, reduce="mean")
+        size = step(size, reduce="sum")
+        token_map = step.track_source(token_map)
+    if settings.keep_order and x.shape[1] < num_tokens:
+        # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
+        order = raster_order(token_map, x.shape[1])
+        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return x.squeeze(0)
+
+
+def merge_packed_image(
+    packed: torch.Tensor, layout: AnyresLayout, budget: int, settings: PackedMergeSettings
+) -> torch.Tensor:
+    """One image's packed features ``[B + U + rows, D]`` -> ``[budget, D]``: base, grid, last newline."""
+    base = packed[: layout.base_tokens]
+    rows_with_newline = packed[layout.base_tokens :].view(layout.grid_rows, layout.grid_cols + 1, -1)
+    grid = rows_with_newline[:, :-1].reshape(layout.grid_tokens, -1)
+    newline = rows_with_newline[-1, -1:]
+    base_share, grid_share = split_budget(budget, layout)
+    return torch.cat((merge_to(base, base_share, settings), merge_to(grid, grid_share, settings), newline))
+
+
+# ------------------------------------------------------------------------------------------ adapter
+
+
+class LlavaNextAdapter:
+    """Merges LLaVA-NeXT's packed image features to a per-image budget; patches the processor's count."""
+
+    family = FAMILY
+    supported = SUPPORTED
+
+    def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.llava = model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
+        llava_config = self.llava.config
+        if config.method not in ("pitome", "tome", "none"):
+            raise ValueError(f"method={config.method!r} is not supported on LLaVA-NeXT; supported: pitome, tome, none")
+        if config.keep_ratio is not None and config.target_tokens is not None:
+            raise ValueError(
+                "LLaVA-NeXT merges once, after packing, to one budget per image: give keep_ratio "
+                f"({config.keep_ratio}) or target_tokens ({config.target_tokens}), not both"
+            )
+        if config.target_tokens is not None and config.target_tokens < 2 + KEPT_NEWLINES:
+            raise ValueError(
+                f"target_tokens={config.target_tokens} is too small for LLaVA-NeXT: at least one base token, "
+                "one grid token and the closing newline (>= 3)"
+            )
+        strategy = llava_config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: default, full")
+        self.vision_tower = self.llava.vision_tower
+        class_token = tower_has_class_token(self.vision_tower)
+        if class_token != (strategy == "default"):
+            allowed = "'default'" if class_token else "'full'"
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r} does not leave a whole token grid per crop with "
+                f"{type(self.vision_tower).__name__}; supported with this tower: {allowed}"
+            )
+        vision_config = llava_config.vision_config
+        self.crop_size = vision_config.image_size
+        self.patch_size = vision_config.patch_size
+        self.pinpoints = llava_config.image_grid_pinpoints
+        side = self.crop_size // self.patch_size
+        self.default_num_tokens = side * side + int(class_token)
+        # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
+        self.base_tokens = side * side
+        self.layers = clip_encoder_layers(self.vision_tower)
+        self.num_layers = len(self.layers)
+        feature_layer = llava_config.vision_feature_layer
+        single_layer = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
+        self.last_layer = feature_layer % (self.num_layers + 1) - 1 if single_layer else self.num_layers - 1
+        self.class_token = class_token
+        # The tower is not merged (the grid logic needs whole crops): its schedule is all "none".
+        self.tower_keep_ratio = 1.0
+        self.tower = TowerMerger(
+            self.layers,
+            self.plan,
+            self.last_layer,
+            MergeSettings(metric="hidden", reduce="mean", prop_attn=False, alpha=config.alpha, class_token=class_token),
+        )
+        self.projector_merger = self  # the handle reads final_token_map from here
+        self.final_token_map = None
+        self.per_crop_tokens = self._per_crop_tokens(single_layer)
+        self.merge_settings = PackedMergeSettings(
+            method="tome" if config.method == "tome" else "pitome",
+            margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
+            alpha=config.alpha,
+            energy=config.energy or PRESET_SCHEDULES[config.preset].energy,
+            reduce=config.reduce,
+            keep_order=config.keep_order,
+        )
+        if processor is not None:
+            missing = [name for name in _PROCESSOR_METHODS if not hasattr(processor, name)]
+            if missing:
+                raise ValueError(
+                    f"processor {type(processor).__name__} lacks {missing}; pass a transformers LlavaNextProcessor "
+                    "(or processor=None and emit handle.visual_tokens_for_image(h, w) placeholders yourself)"
+                )
+        self._processor_saved: dict[str, object] = {}
+        self._pack_saved: object = None
+
+    # -------------------------------------------------------------- budgets
+    def _per_crop_tokens(self, single_layer: bool) -> int | None:
+        """Tokens the LLaVA-1.5 tower schedule leaves of one crop at ``keep_ratio`` (None: not used)."""
+        config = self.config
+        if config.keep_ratio is None or config.method == "none" or config.keep_ratio >= 1.0:
+            return None
+        if not single_layer:
+            raise ValueError(
+                f"keep_ratio on LLaVA-NeXT follows the tower schedule of one feature layer, but "
+                f"vision_feature_layer={self.llava.config.vision_feature_layer!r}; use target_tokens"
+            )
+        steps = plan_layers(
+            self.default_num_tokens,
+            self.num_layers,
+            config.keep_ratio,
+            method=config.method,
+            preset=config.preset,
+            class_token=self.class_token,
+            last_layer=self.last_layer,
+        )
+        return steps[-1].tokens_out - int(self.class_token)
+
+    def plan(self, num_tokens: int) -> list[LayerStep]:
+        """The tower's schedule: no merge on any layer (merging happens after packing)."""
+        return plan_layers(num_tokens, self.num_layers, 1.0, class_token=self.class_token, last_layer=self.last_layer)
+
+    def layout_for_image(self, height: int, width: int) -> AnyresLayout:
+        return anyres_layout(height, width, self.pinpoints, self.crop_size, self.patch_size, self.base_tokens)
+
+    def budget_for(self, layout: AnyresLayout) -> int | None:
+        """Tokens the LLM receives for ``layout``; None leaves the image unmerged."""
+        if self.config.target_tokens is not None:
+            requested = self.config.target_tokens
+        elif self.per_crop_tokens is not None:
+            ratio = self.per_crop_tokens / (self.default_num_tokens - int(self.class_token))
+            requested = round(ratio * (layout.base_tokens + layout.grid_tokens)) + KEPT_NEWLINES
+        else:
+            return None
+        if requested >= layout.unmerged_tokens:
+            return None
+        return max(min(requested, layout.max_merged_tokens), 2 + KEPT_NEWLINES)
+
+    def visual_tokens_for_image(self, height: int, width: int) -> int:
+        """Placeholders for an original (unprocessed) image of ``height x width`` pixels."""
+        layout = self.layout_for_image(height, width)
+        budget = self.budget_for(layout)
+        return layout.unmerged_tokens if budget is None else budget
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens for a square image of the tower's crop size (others: `visual_tokens_for_image`)."""
+        return self.visual_tokens_for_image(self.crop_size, self.crop_size)
+
+    # ---------------------------------------------------------------- hooks
+    def _make_pack(self, original):
+        def pack_with_budget(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+            packed, _ = original(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+            merged = []
+            for features, image_size in zip(packed, image_sizes, strict=True):
+                height, width = (int(v) for v in image_size)
+                layout = self.layout_for_image(height, width)
+                if features.shape[0] != layout.unmerged_tokens:
+                    raise RuntimeError(
+                        f"LLaVA-NeXT packed {features.shape[0]} tokens for a {height}x{width} image, "
+                        f"the planned layout has {layout.unmerged_tokens}; the model's packing changed"
+                    )
+                budget = self.budget_for(layout)
+                if budget is not None:
+                    features = merge_packed_image(features, layout, budget, self.merge_settings)
+                merged.append(features)
+            lengths = torch.tensor([f.shape[0] for f in merged], dtype=torch.long, device=merged[0].device)
+            return merged, lengths
+
+        return pack_with_budget
+
+    def install(self) -> None:
+        self._pack_saved = self.llava.__dict__.get(_PACK, _MISSING)
+        setattr(self.llava, _PACK, self._make_pack(self.llava.pack_image_features))
+        if self.processor is not None:
+            self._patch_processor()
+
+    def remove(self) -> None:
+        if self._pack_saved is not None:
+            if self._pack_saved is _MISSING:
+                self.llava.__dict__.pop(_PACK, None)
+            else:
+                setattr(self.llava, _PACK, self._pack_saved)
+            self._pack_saved = None
+        for name, saved in self._processor_saved.items():
+            if saved is _MISSING:
+                self.processor.__dict__.pop(name, None)
+            else:
+                setattr(self.processor, name, saved)
+        self._processor_saved.clear()
+
+    # ------------------------------------------------------------- processor
+    def _patch_processor(self) -> None:
+        processor = self.processor
+        for name in _PROCESSOR_METHODS:
+            self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
+        original_count = processor._get_num_multimodal_tokens
+        image_token = processor.image_token
+
+        def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
+            image_size = image_inputs["image_sizes"][image_idx]
+            height, width = (int(v) for v in image_size)
+            return image_token * self.visual_tokens_for_image(height, width)
+
+        def get_num_multimodal_tokens(image_sizes=None, **kwargs):
+            data = original_count(image_sizes=image_sizes, **kwargs)
+            if image_sizes is not None and getattr(data, "num_image_tokens", None) is not None:
+                data.num_image_tokens = [self.visual_tokens_for_image(int(h), int(w)) for h, w in image_sizes]
+            return data
+
+        processor.replace_image_token = replace_image_token
+        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+
+
+ADAPTER = LlavaNextAdapter

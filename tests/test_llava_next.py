@@ -1,0 +1,161 @@
+"""`pitome_mllm.patch` on a tiny random LLaVA-NeXT (anyres), end to end.
+
+The tower runs on 224 px crops (16 x 16 tokens + class token) with LLaVA-NeXT's crop
+grids (1x2, 2x1, 2x2, 3x1, 1x3), so an image packs into up to 256 + 1024 + 32 tokens
+and budgets of 160 / 320 / 640 all merge. Exactness claims use ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pitome_mllm
+from pitome_mllm.models.llava_next import AnyresLayout, anyres_layout, split_budget
+from pitome_mllm.models.tiny import TinyLlavaSpec, build_tiny_llava_next
+
+PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+NEXT_SPEC = TinyLlavaSpec(image_size=224, patch_size=14, vision_layers=6)
+# (height, width) of original images: landscape, portrait, square, very wide, very tall, small.
+IMAGE_SIZES = [(224, 336), (500, 200), (300, 300), (120, 400), (600, 150), (90, 130)]
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    return build_tiny_llava_next(NEXT_SPEC)
+
+
+@pytest.fixture(autouse=True)
+def _unpatch(request):
+    yield
+    if "tiny_next" in request.fixturenames:
+        handle = pitome_mllm.get_patch(request.getfixturevalue("tiny_next")[0])
+        if handle is not None:
+            handle.unpatch()
+
+
+def image_of(images, height: int, width: int):
+    return images["chelsea"].resize((width, height))
+
+
+def encode(processor, pictures):
+    return processor(images=pictures, text=[PROMPT] * len(pictures), return_tensors="pt", padding=True)
+
+
+def placeholders(processor, inputs) -> list[int]:
+    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
+
+
+def packed_lengths(model, inputs) -> list[int]:
+    with torch.no_grad():
+        features = model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+        ).pooler_output
+    return [f.shape[0] for f in features]
+
+
+def logits_of(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# ----------------------------------------------------------------------------------------- pure rules
+
+
+def test_layout_matches_the_processor_and_the_model(tiny_next, images):
+    model, processor = tiny_next
+    config = model.config
+    layouts = [
+        anyres_layout(h, w, config.image_grid_pinpoints, NEXT_SPEC.image_size, NEXT_SPEC.patch_size, 256)
+        for h, w in IMAGE_SIZES
+    ]
+    counts = processor._get_num_multimodal_tokens(image_sizes=IMAGE_SIZES).num_image_tokens
+    assert [layout.unmerged_tokens for layout in layouts] == counts
+    pictures = [image_of(images, h, w) for h, w in IMAGE_SIZES[:3]]
+    assert packed_lengths(model, encode(processor, pictures)) == counts[:3]
+
+
+@pytest.mark.parametrize("budget", [3, 10, 160, 320, 640, 1000])
+def test_split_budget_is_proportional_and_exact(budget):
+    layout = AnyresLayout(base_tokens=256, grid_rows=32, grid_cols=24, crop_grid=(2, 2))
+    base, grid = split_budget(budget, layout)
+    assert base + grid + 1 == budget
+    assert 1 <= base <= 256 and 1 <= grid <= layout.grid_tokens
+    assert abs(base / (budget - 1) - 256 / (256 + 768)) <= 1 / (budget - 1) + 1e-9 or base == 1
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("budget", [160, 320, 640])
+def test_exact_global_budget_for_every_image_size(tiny_next, images, budget):
+    model, processor = tiny_next
+    with pitome_mllm.patched(model, processor, target_tokens=budget) as handle:
+        expected = [min(budget, handle.visual_tokens_for_image(h, w)) for h, w in IMAGE_SIZES]
+        for (h, w), count in zip(IMAGE_SIZES, expected, strict=True):
+            layout = handle._adapter.layout_for_image(h, w)
+            assert count == (budget if budget <= layout.max_merged_tokens else layout.unmerged_tokens)
+        # The model runs on a few of them (the counts above cover every size).
+        pictures = [image_of(images, h, w) for h, w in IMAGE_SIZES[1:4]]
+        inputs = encode(processor, pictures)
+        assert placeholders(processor, inputs) == expected[1:4]
+        assert packed_lengths(model, inputs) == expected[1:4]
+
+
+def test_batched_generate_with_different_sizes(tiny_next, images):
+    model, processor = tiny_next
+    pictures = [image_of(images, 224, 336), image_of(images, 90, 130)]
+    for settings in ({"target_tokens": 160}, {"keep_ratio": 0.9, "method": "tome"}):
+        with pitome_mllm.patched(model, processor, **settings) as handle:
+            inputs = encode(processor, pictures)
+            counts = placeholders(processor, inputs)
+            assert counts == [handle.visual_tokens_for_image(*p.size[::-1]) for p in pictures]
+            with torch.no_grad():
+                generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
+            # The batch of one gives the same placeholders: counts depend on the image size only.
+            assert placeholders(processor, encode(processor, pictures[1:2])) == counts[1:2]
+
+
+@pytest.mark.parametrize("settings", [{"keep_ratio": 1.0}, {"target_tokens": 5000}, {"method": "none"}])
+def test_no_merge_settings_are_bit_identical(tiny_next, images, settings):
+    model, processor = tiny_next
+    pictures = [image_of(images, 224, 336), image_of(images, 120, 400)]
+    inputs = encode(processor, pictures)
+    before = logits_of(model, inputs)
+    with pitome_mllm.patched(model, processor, **settings):
+        patched_inputs = encode(processor, pictures)
+        assert torch.equal(patched_inputs["input_ids"], inputs["input_ids"])
+        assert torch.equal(logits_of(model, patched_inputs), before)
+
+
+def test_unpatch_restores_model_and_processor(tiny_next, images):
+    model, processor = tiny_next
+    pictures = [image_of(images, 500, 200)]
+    inputs = encode(processor, pictures)
+    before = logits_of(model, inputs)
+    processor_attributes = dict(processor.__dict__)
+    model_attributes = dict(model.model.__dict__)
+    handle = pitome_mllm.patch(model, processor, target_tokens=160)
+    assert placeholders(processor, encode(processor, pictures)) == [160]
+    handle.unpatch()
+    assert processor.__dict__ == processor_attributes
+    assert model.model.__dict__.keys() == model_attributes.keys()
+    after = encode(processor, pictures)
+    assert torch.equal(after["input_ids"], inputs["input_ids"])
+    assert torch.equal(logits_of(model, after), before)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"keep_ratio": 0.9, "target_tokens": 160}, "not both"),
+        ({"target_tokens": 2}, ">= 3"),
+    ],
+)
+def test_bad_settings_raise_and_leave_model_untouched(tiny_next, settings, message):
+    model, processor = tiny_next
+    with pytest.raises(ValueError, match=message):
+        pitome_mllm.patch(model, processor, **settings)
+    assert pitome_mllm.get_patch(model) is None
+    assert "pack_image_features" not in model.model.__dict__
