@@ -417,8 +417,36 @@ class CudaMemoryProbe(MemoryProbe):
         }
 
 
+def release_free_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``); False elsewhere.
+
+    Memory that an earlier stage (or run) freed stays resident in the heap, and a later
+    stage that reuses it never raises the RSS: its peak increase would read as zero.
+    Trimming first makes the increase count the pages the stage really touches.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if not _MALLOC_TRIM:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+_MALLOC_TRIM = None
+
+
 class RssMemoryProbe(MemoryProbe):
-    """Peak resident set size per stage (Linux ``VmHWM``, reset per stage where allowed)."""
+    """Peak resident set size per stage (Linux ``VmHWM``, reset per stage where allowed).
+
+    At each stage start the heap's free pages go back to the OS (`release_free_heap`)
+    and the peak is reset to the current RSS; at the end, ``VmHWM`` is the stage's peak.
+    """
 
     kind = "rss"
 
@@ -428,6 +456,7 @@ class RssMemoryProbe(MemoryProbe):
         self._before = 0
 
     def begin(self, stage: str) -> None:
+        release_free_heap()
         if self.resettable:
             reset_peak_rss()
         self._before = current_rss_bytes()
