@@ -57,9 +57,10 @@ def energy_from_unit(unit: torch.Tensor, margin: float, alpha: float = 1.0, kind
 
 # Rows per strip of `_elu_energy_symmetric`. Smaller strips skip more of the lower
 # triangle (the products cost ``(1 + 1 / num_strips) / 2`` of the full matrix's) but
-# make smaller, less efficient matrix products and more calls. On CPU, 96 to 128 rows
-# were the fastest for N = 576 with C = 64 and C = 1024 (see benchmarks/merge_cost.py).
-STRIP_ROWS = 96
+# make smaller, less efficient matrix products and more calls. On CPU (one thread,
+# N = 576, B = 1 and 8, C = 64 and 1024) 96 to 144 rows were within a few percent of
+# each other and faster than 64 or 192; 128 makes 5 strips of 576 tokens.
+STRIP_ROWS = 128
 
 
 def _elu_energy_symmetric(
