@@ -7,16 +7,30 @@ and budgets of 160 / 320 / 640 all merge. Exactness claims use ``torch.equal``.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 import pitome_mllm
 from pitome_mllm.models.llava_next import AnyresLayout, anyres_layout, split_budget
-from pitome_mllm.models.tiny import TinyLlavaSpec, build_tiny_llava_next
+from pitome_mllm.models.tiny import (
+    BOS_TOKEN,
+    IMAGE_TOKEN,
+    ONEVISION_TEST_SPEC,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    TinyLlavaSpec,
+    build_tiny_llava_next,
+    build_tiny_onevision,
+)
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 NEXT_SPEC = TinyLlavaSpec(image_size=224, patch_size=14, vision_layers=6)
 # (height, width) of original images: landscape, portrait, square, very wide, very tall, small.
+# Token ids of the tiny tokenizer's special tokens (fixed by their order) and a few text tokens.
+PAD_ID, BOS_ID, IMAGE_ID = (SPECIAL_TOKENS.index(token) for token in (PAD_TOKEN, BOS_TOKEN, IMAGE_TOKEN))
+TEXT_IDS = [40, 41, 42]
 IMAGE_SIZES = [(224, 336), (500, 200), (300, 300), (120, 400), (600, 150), (90, 130)]
 
 
@@ -159,3 +173,96 @@ def test_bad_settings_raise_and_leave_model_untouched(tiny_next, settings, messa
         pitome_mllm.patch(model, processor, **settings)
     assert pitome_mllm.get_patch(model) is None
     assert "pack_image_features" not in model.model.__dict__
+
+
+# ----------------------------------------------------------------------------------------- OneVision
+# No LlavaOnevisionProcessor offline (it needs a torchvision video processor): prompts are built by hand
+# with the counts the patch announces, and the processor patch is checked on a stand-in.
+
+
+@pytest.fixture(scope="module")
+def tiny_onevision():
+    return build_tiny_onevision()
+
+
+ONEVISION_SIZES = [(224, 336), (120, 300), (800, 900)]  # the last one is downsampled (anyres_max_4)
+
+
+def onevision_inputs(image_processor, pictures, counts):
+    """Left-padded prompts ``<s> <image>*count ...`` for one image each, with pixel values."""
+    pixels = image_processor(images=pictures, return_tensors="pt")
+    longest = max(counts)
+    rows = [[PAD_ID] * (longest - count) + [BOS_ID] + [IMAGE_ID] * count + TEXT_IDS for count in counts]
+    input_ids = torch.tensor(rows)
+    return {**pixels, "input_ids": input_ids, "attention_mask": (input_ids != PAD_ID).long()}
+
+
+def test_onevision_layout_matches_the_model(tiny_onevision, images):
+    model, image_processor, _ = tiny_onevision
+    pictures = [image_of(images, h, w) for h, w in ONEVISION_SIZES]
+    with pitome_mllm.patched(model, None, method="none") as handle:
+        layouts = [handle._adapter.layout_for_image(h, w) for h, w in ONEVISION_SIZES]
+        assert layouts[-1].grid_tokens < (3 * 8) ** 2  # 3 x 3 crops' 24 x 24 grid was resized down
+        pixels = image_processor(images=pictures, return_tensors="pt")
+        assert packed_lengths(model, pixels) == [layout.unmerged_tokens for layout in layouts]
+
+
+@pytest.mark.parametrize(
+    "settings", [{"target_tokens": 60}, {"keep_ratio": 0.9}, {"target_tokens": 90, "method": "tome"}]
+)
+def test_onevision_budgets_and_generate(tiny_onevision, images, settings):
+    model, image_processor, _ = tiny_onevision
+    pictures = [image_of(images, h, w) for h, w in ONEVISION_SIZES]
+    with pitome_mllm.patched(model, None, **settings) as handle:
+        counts = [handle.visual_tokens_for_image(h, w) for h, w in ONEVISION_SIZES]
+        if "target_tokens" in settings:
+            assert counts == [settings["target_tokens"]] * 3
+        inputs = onevision_inputs(image_processor, pictures, counts)
+        assert packed_lengths(model, inputs) == counts
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert generated.shape == (3, inputs["input_ids"].shape[1] + 3)
+
+
+def test_onevision_keep_ratio_one_and_unpatch_are_exact(tiny_onevision, images):
+    model, image_processor, _ = tiny_onevision
+    pictures = [image_of(images, h, w) for h, w in ONEVISION_SIZES[1:]]
+    with pitome_mllm.patched(model, None, method="none") as handle:
+        counts = [handle.visual_tokens_for_image(h, w) for h, w in ONEVISION_SIZES[1:]]
+    inputs = onevision_inputs(image_processor, pictures, counts)
+    before = logits_of(model, inputs)
+    with pitome_mllm.patched(model, None, keep_ratio=1.0):
+        assert torch.equal(logits_of(model, inputs), before)
+    with pitome_mllm.patched(model, None, target_tokens=50):
+        assert logits_of(model, onevision_inputs(image_processor, pictures, [50, 50])).shape[1] < before.shape[1]
+    assert torch.equal(logits_of(model, inputs), before)
+
+
+class _OnevisionProcessorStandIn:
+    """The two methods the patch rewrites, with OneVision's signatures (counts are irrelevant here)."""
+
+    image_token = "<image>"
+
+    def replace_image_token(self, image_inputs, image_idx, **kwargs):
+        return "unpatched"
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        return types.SimpleNamespace(num_image_tokens=[0] * len(image_sizes), num_image_patches=[1] * len(image_sizes))
+
+
+def test_onevision_processor_counts_single_and_multi_image_prompts(tiny_onevision):
+    model, _, _ = tiny_onevision
+    processor = _OnevisionProcessorStandIn()
+    sizes = torch.tensor([[224, 336], [120, 300], [800, 900]])
+    with pitome_mllm.patched(model, processor, target_tokens=40) as handle:
+        # Image 0 alone in its prompt (cropped, budget 40); images 1 and 2 share one (base crop only).
+        image_inputs = {"image_sizes": sizes, "batch_num_images": [1, 2]}
+        counts = [len(processor.replace_image_token(image_inputs, i)) // len("<image>") for i in range(3)]
+        assert counts == [40, 40, 40]
+        single = handle._adapter.layout_for_image(120, 300, cropped=False)
+        assert single.unmerged_tokens == ONEVISION_TEST_SPEC.num_patches + 1
+        assert processor._get_num_multimodal_tokens(image_sizes=sizes.tolist()).num_image_tokens == [40, 40, 40]
+    with pitome_mllm.patched(model, processor, target_tokens=100):
+        # The base crop alone has 64 + 1 tokens, fewer than the budget: left unmerged.
+        assert len(processor.replace_image_token(image_inputs, 1)) // len("<image>") == 65
+    assert processor.replace_image_token(image_inputs, 0) == "unpatched"

@@ -1,4 +1,4 @@
-"""Adapter for transformers' LLaVA-NeXT (`LlavaNextForConditionalGeneration`, `LlavaNextModel`): anyres.
+"""Adapter for transformers' anyres models: LLaVA-NeXT and LLaVA-OneVision (``*ForConditionalGeneration``, ``*Model``).
 
 LLaVA-NeXT cuts an image into a base crop (the whole image resized) and a grid of
 high-resolution crops, runs the tower on all crops as one batch, and then
@@ -24,18 +24,26 @@ processor can emit it before the model runs):
 ``target_tokens`` gives ``K`` directly; ``keep_ratio`` gives ``K`` as the
 LLaVA-1.5 tower schedule would compress one crop, applied to ``B + U``. A budget
 at least the unpatched count leaves the image untouched (bit-identical). See
-``docs/anyres.md`` for a worked example. Tested against transformers 5.24.
+``docs/anyres.md`` for a worked example.
+
+OneVision packs the same way with two differences this adapter follows: a grid of
+more than ``N`` crops' worth of tokens is resized down (``vision_aspect_ratio=
+"anyres_max_N"``) before the newlines are added, and an image that shares its
+prompt with other images goes in as its base crop only (base + one newline).
+Videos take another path (``get_video_features``) and are left unmerged.
+Tested against transformers 5.24.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.vision import MergeSettings, TowerMerger, raster_order
+from ..hooks.vision import raster_order
 from ..merge import bipartite_soft_matching, pitome
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
@@ -44,8 +52,9 @@ from .siglip import tower_has_class_token
 
 FAMILY = "llava_next"
 SUPPORTED = (
-    "transformers LlavaNextForConditionalGeneration / LlavaNextModel (anyres) with a CLIP or SigLIP tower, "
-    "method pitome / tome / none, merged after pack_image_features to a per-image budget"
+    "transformers LlavaNextForConditionalGeneration / LlavaNextModel and LlavaOnevisionForConditionalGeneration / "
+    "LlavaOnevisionModel (anyres) with a CLIP or SigLIP tower, method pitome / tome / none, merged after "
+    "pack_image_features to a per-image budget"
 )
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 _PACK = "pack_image_features"
@@ -55,9 +64,15 @@ KEPT_NEWLINES = 1
 
 
 def matches(model: nn.Module) -> bool:
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextModel
+    from transformers import (
+        LlavaNextForConditionalGeneration,
+        LlavaNextModel,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionModel,
+    )
 
-    return isinstance(model, (LlavaNextForConditionalGeneration, LlavaNextModel))
+    families = (LlavaNextForConditionalGeneration, LlavaNextModel)
+    return isinstance(model, (*families, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel))
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -68,8 +83,10 @@ class AnyresLayout:
     """What ``pack_image_features`` produces for one image, before merging.
 
     Attributes:
-        base_tokens: ``B``, tokens of the base crop (class token included if the model keeps it).
-        grid_rows, grid_cols: the unpadded token grid of the high-resolution crops.
+        base_tokens: ``B``, tokens of the base crop.
+        grid_rows, grid_cols: the unpadded (for OneVision: also downsampled) token grid of
+            the high-resolution crops; ``0 x 0`` when the image is not cut into crops
+            (OneVision's multi-image prompts).
         crop_grid: ``(crops down, crops across)``.
     """
 
@@ -79,13 +96,18 @@ class AnyresLayout:
     crop_grid: tuple[int, int]
 
     @property
+    def newlines(self) -> int:
+        """One per grid row; a base crop alone is closed by a single newline."""
+        return self.grid_rows if self.grid_tokens else 1
+
+    @property
     def grid_tokens(self) -> int:
         return self.grid_rows * self.grid_cols
 
     @property
     def unmerged_tokens(self) -> int:
         """``B + U + rows``: the unpatched count (one newline per grid row)."""
-        return self.base_tokens + self.grid_tokens + self.grid_rows
+        return self.base_tokens + self.grid_tokens + self.newlines
 
     @property
     def max_merged_tokens(self) -> int:
@@ -109,16 +131,39 @@ def unpadded_shape(height: int, width: int, rows: int, cols: int) -> tuple[int, 
     return rows, cols - 2 * padding
 
 
+def downsampled_shape(rows: int, cols: int, side: int, max_crops: int) -> tuple[int, int]:
+    """OneVision's ``anyres_max_N``: a grid of more than ~``N`` crops' worth of tokens is resized down."""
+    ratio = math.sqrt(rows * cols / (max_crops * side**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
 def anyres_layout(
-    height: int, width: int, pinpoints: list, crop_size: int, patch_size: int, base_tokens: int
+    height: int,
+    width: int,
+    pinpoints: list,
+    crop_size: int,
+    patch_size: int,
+    base_tokens: int,
+    max_crops: int | None = None,
+    cropped: bool = True,
 ) -> AnyresLayout:
-    """The `AnyresLayout` of an original ``height x width`` image."""
+    """The `AnyresLayout` of an original ``height x width`` image.
+
+    ``max_crops``: OneVision's ``anyres_max_N`` (None for LLaVA-NeXT); ``cropped=False``: the
+    image is fed as the base crop only (OneVision with several images in one prompt).
+    """
     from transformers.image_processing_utils import select_best_resolution
 
+    if not cropped:
+        return AnyresLayout(base_tokens, 0, 0, (0, 0))
     best_height, best_width = select_best_resolution([height, width], pinpoints)
     crops_down, crops_across = best_height // crop_size, best_width // crop_size
     side = crop_size // patch_size
     rows, cols = unpadded_shape(height, width, crops_down * side, crops_across * side)
+    if max_crops is not None:
+        rows, cols = downsampled_shape(rows, cols, side, max_crops)
     return AnyresLayout(base_tokens, rows, cols, (crops_down, crops_across))
 
 
@@ -130,9 +175,33 @@ def split_budget(budget: int, layout: AnyresLayout) -> tuple[int, int]:
     """
     visible = budget - KEPT_NEWLINES
     base, grid = layout.base_tokens, layout.grid_tokens
+    if grid == 0:
+        return visible, 0
     base_share = round(visible * base / (base + grid))
     base_share = min(max(base_share, 1, visible - grid), base, visible - 1)
     return base_share, visible - base_share
+
+
+def max_crops_of(vision_aspect_ratio: str | None) -> int | None:
+    """``N`` of OneVision's ``"anyres_max_N"``; None for LLaVA-NeXT (no downsampling)."""
+    if vision_aspect_ratio is None:
+        return None
+    prefix = "anyres_max_"
+    if not vision_aspect_ratio.startswith(prefix) or not vision_aspect_ratio[len(prefix) :].isdigit():
+        raise ValueError(f"unsupported vision_aspect_ratio={vision_aspect_ratio!r}; supported: 'anyres_max_<N>'")
+    return int(vision_aspect_ratio[len(prefix) :])
+
+
+def images_in_prompt(batch_num_images, image_idx: int) -> int:
+    """How many images share the prompt of image ``image_idx`` (1 when the processor does not say)."""
+    if batch_num_images is None:
+        return 1
+    first = 0
+    for count in batch_num_images:
+        if image_idx < first + count:
+            return int(count)
+        first += count
+    return 1
 
 
 # ------------------------------------------------------------------------------------------ merging
@@ -179,14 +248,24 @@ def merge_packed_image(
 ) -> torch.Tensor:
     """One image's packed features ``[B + U + rows, D]`` -> ``[budget, D]``: base, grid, last newline."""
     base = packed[: layout.base_tokens]
+    newline = packed[-1:]
+    if layout.grid_tokens == 0:
+        return torch.cat((merge_to(base, budget - KEPT_NEWLINES, settings), newline))
     rows_with_newline = packed[layout.base_tokens :].view(layout.grid_rows, layout.grid_cols + 1, -1)
     grid = rows_with_newline[:, :-1].reshape(layout.grid_tokens, -1)
-    newline = rows_with_newline[-1, -1:]
     base_share, grid_share = split_budget(budget, layout)
     return torch.cat((merge_to(base, base_share, settings), merge_to(grid, grid_share, settings), newline))
 
 
 # ------------------------------------------------------------------------------------------ adapter
+
+
+@dataclass
+class UnmergedTower:
+    """Stands where other adapters keep their `TowerMerger`: this tower is not merged, so no trace."""
+
+    trace: None = None
+    record_merges: bool = False
 
 
 class LlavaNextAdapter:
@@ -228,6 +307,7 @@ class LlavaNextAdapter:
         self.crop_size = vision_config.image_size
         self.patch_size = vision_config.patch_size
         self.pinpoints = llava_config.image_grid_pinpoints
+        self.max_crops = max_crops_of(getattr(llava_config, "vision_aspect_ratio", None))
         side = self.crop_size // self.patch_size
         self.default_num_tokens = side * side + int(class_token)
         # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
@@ -240,12 +320,7 @@ class LlavaNextAdapter:
         self.class_token = class_token
         # The tower is not merged (the grid logic needs whole crops): its schedule is all "none".
         self.tower_keep_ratio = 1.0
-        self.tower = TowerMerger(
-            self.layers,
-            self.plan,
-            self.last_layer,
-            MergeSettings(metric="hidden", reduce="mean", prop_attn=False, alpha=config.alpha, class_token=class_token),
-        )
+        self.tower = UnmergedTower()
         self.projector_merger = self  # the handle reads final_token_map from here
         self.final_token_map = None
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
@@ -293,8 +368,10 @@ class LlavaNextAdapter:
         """The tower's schedule: no merge on any layer (merging happens after packing)."""
         return plan_layers(num_tokens, self.num_layers, 1.0, class_token=self.class_token, last_layer=self.last_layer)
 
-    def layout_for_image(self, height: int, width: int) -> AnyresLayout:
-        return anyres_layout(height, width, self.pinpoints, self.crop_size, self.patch_size, self.base_tokens)
+    def layout_for_image(self, height: int, width: int, cropped: bool = True) -> AnyresLayout:
+        return anyres_layout(
+            height, width, self.pinpoints, self.crop_size, self.patch_size, self.base_tokens, self.max_crops, cropped
+        )
 
     def budget_for(self, layout: AnyresLayout) -> int | None:
         """Tokens the LLM receives for ``layout``; None leaves the image unmerged."""
@@ -309,9 +386,12 @@ class LlavaNextAdapter:
             return None
         return max(min(requested, layout.max_merged_tokens), 2 + KEPT_NEWLINES)
 
-    def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Placeholders for an original (unprocessed) image of ``height x width`` pixels."""
-        layout = self.layout_for_image(height, width)
+    def visual_tokens_for_image(self, height: int, width: int, cropped: bool = True) -> int:
+        """Placeholders for an original (unprocessed) image of ``height x width`` pixels.
+
+        ``cropped=False``: the image goes in as its base crop only (OneVision, several images per prompt).
+        """
+        layout = self.layout_for_image(height, width, cropped)
         budget = self.budget_for(layout)
         return layout.unmerged_tokens if budget is None else budget
 
@@ -322,15 +402,16 @@ class LlavaNextAdapter:
 
     # ---------------------------------------------------------------- hooks
     def _make_pack(self, original):
-        def pack_with_budget(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
-            packed, _ = original(image_features, image_sizes, vision_feature_select_strategy, image_newline)
+        # LLaVA-NeXT and OneVision name their extra arguments differently; pass them through.
+        def pack_with_budget(image_features, image_sizes, *args, **kwargs):
+            packed, _ = original(image_features, image_sizes, *args, **kwargs)
             merged = []
-            for features, image_size in zip(packed, image_sizes, strict=True):
+            for features, crops, image_size in zip(packed, image_features, image_sizes, strict=True):
                 height, width = (int(v) for v in image_size)
-                layout = self.layout_for_image(height, width)
+                layout = self.layout_for_image(height, width, cropped=crops.shape[0] > 1)
                 if features.shape[0] != layout.unmerged_tokens:
                     raise RuntimeError(
-                        f"LLaVA-NeXT packed {features.shape[0]} tokens for a {height}x{width} image, "
+                        f"{type(self.llava).__name__} packed {features.shape[0]} tokens for a {height}x{width} image, "
                         f"the planned layout has {layout.unmerged_tokens}; the model's packing changed"
                     )
                 budget = self.budget_for(layout)
@@ -373,7 +454,8 @@ class LlavaNextAdapter:
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
             image_size = image_inputs["image_sizes"][image_idx]
             height, width = (int(v) for v in image_size)
-            return image_token * self.visual_tokens_for_image(height, width)
+            cropped = images_in_prompt(image_inputs.get("batch_num_images"), image_idx) == 1
+            return image_token * self.visual_tokens_for_image(height, width, cropped)
 
         def get_num_multimodal_tokens(image_sizes=None, **kwargs):
             data = original_count(image_sizes=image_sizes, **kwargs)

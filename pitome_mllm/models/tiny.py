@@ -470,6 +470,7 @@ def build_tiny_siglip_llava(
 # LLaVA-NeXT (anyres)
 # --------------------------------------------------------------------------------------------------
 
+
 # LLaVA-NeXT's grid pinpoints ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]) scaled to
 # the tiny tower's 112 px crops, so the crop grids (1x2, 2x1, 2x2, 3x1, 1x3) are the real ones.
 def _scaled_pinpoints(crop: int) -> list[list[int]]:
@@ -535,3 +536,81 @@ def build_tiny_llava_next(
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA-OneVision (SigLIP tower, anyres_max)
+# --------------------------------------------------------------------------------------------------
+
+# 112 px crops, 14 px patches: 64 tokens per crop, no class token; 6 SigLIP layers, the last one read.
+ONEVISION_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6, vision_feature_layer=-1)
+# Crop grids up to 3 x 3 and "anyres_max_4": the largest grids get downsampled, as OneVision's 6 x 6
+# grids do with "anyres_max_9".
+ONEVISION_MAX_CROPS = 4
+
+
+def build_tiny_onevision(
+    spec: TinyLlavaSpec = ONEVISION_TEST_SPEC, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, object, PreTrainedTokenizerFast]:
+    """A ``LlavaOnevisionForConditionalGeneration`` (SigLIP tower, ``"full"`` features), its image processor
+    and tokenizer.
+
+    No ``LlavaOnevisionProcessor``: it insists on a video processor, which needs torchvision (an optional
+    dependency). Build prompts with the placeholder counts yourself. Seeded like `build_tiny_llava`.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    if is_torchvision_available():
+        from transformers import LlavaOnevisionImageProcessor as image_processor_class
+    else:
+        from transformers import LlavaOnevisionImageProcessorPil as image_processor_class
+
+    tokenizer = build_tiny_tokenizer()
+    text_config = _build_config(spec, tokenizer).text_config
+    crop = spec.image_size
+    pinpoints = [[rows * crop, cols * crop] for rows in (1, 2, 3) for cols in (1, 2, 3)]
+    vision_aspect_ratio = f"anyres_max_{ONEVISION_MAX_CROPS}"
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=spec.vision_intermediate,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            vision_use_head=False,
+        ),
+        text_config=text_config,
+        image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        projector_hidden_act=spec.projector_hidden_act,
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        tie_word_embeddings=False,
+    )
+    config.image_token_id = tokenizer.image_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    for sub_config in (config, config.vision_config, config.text_config):
+        sub_config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlavaOnevisionForConditionalGeneration(config)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    image_processor = image_processor_class(
+        size={"height": crop, "width": crop},
+        image_grid_pinpoints=pinpoints,
+        image_mean=SIGLIP_IMAGE_MEAN,
+        image_std=SIGLIP_IMAGE_STD,
+    )
+    return model, image_processor, tokenizer
