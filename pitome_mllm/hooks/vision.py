@@ -87,7 +87,10 @@ def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) 
 
 
 def apply_step(step: Merge, hidden_states: torch.Tensor, trace: MergeTrace, reduce: str) -> torch.Tensor:
-    """Merge ``hidden_states`` with ``step`` (plain or size-weighted); update the trace."""
+    """Merge ``hidden_states`` with ``step``: plain mean, or weighted by the trace's token sizes.
+
+    The trace itself is updated by `MergeTrace.apply` once the step is applied.
+    """
     if reduce == "size_weighted":
         merged, _ = step.weighted(hidden_states, trace.size.to(hidden_states.dtype))
     else:
