@@ -58,6 +58,10 @@ PATCH_CONFIGS: dict[str, dict] = {
     "pitome_pure": {"method": "pitome", "preset": "pure"},
 }
 LOCAL_CONTROLS = ("random", "pool")
+CONFIG_NOTES = {
+    "random": "local control: a seeded random subset of the unmerged patch tokens per image",
+    "pool": "local control: average pooling of the unmerged 16x16 grid into equal cells",
+}
 # Cells of the average-pooling control per budget (rows x cols of the pooled grid).
 POOL_GRIDS = {192: None, 128: (16, 8), 64: (8, 8), 32: (8, 4), 16: (4, 4)}
 
@@ -310,14 +314,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
     baseline = next(row for row in rows if row["method"] == "none")
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(row["method"] for row in rows if row["method"] != "none"):
+    methods = dict.fromkeys(row["method"] for row in rows if row["method"] != "none")
+    for color_index, method in enumerate(methods):
+        color = f"C{color_index}"  # one colour per method: solid plain pool, dashed size-weighted pool
         for key, style in (("probe_acc_plain", "-"), ("probe_acc_weighted", "--")):
             points = sorted(
                 (row["num_visual_tokens"], row[key]) for row in rows if row["method"] == method and row[key] is not None
             )
             if points:
                 label = method + (" (size-weighted pool)" if key == "probe_acc_weighted" else "")
-                axis.plot(*zip(*points, strict=True), style, marker="o", label=label)
+                axis.plot(*zip(*points, strict=True), style, color=color, marker="o", label=label)
     axis.axhline(baseline["probe_acc_plain"], color="black", linewidth=0.8, label="unmerged (256 tokens)")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image")
@@ -395,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": f"Fashion-MNIST: first {args.train} train / first {args.test} t10k images, 28 px grey -> 224 px RGB",
         "probe": "multinomial logistic regression (L-BFGS, L2 1e-3) on standardised mean-pooled unmerged features",
         "spectral": f"per-node SD on the first {min(args.spectral_images, args.test)} test images",
-        "configs": {**PATCH_CONFIGS, "random": "local: seeded random subset per image", "pool": "local: grid cells"},
+        "configs": {method: CONFIG_NOTES.get(method) or PATCH_CONFIGS[method] for method in args.methods},
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, torch threads {args.threads}",
         "wall_seconds": round(time.perf_counter() - started, 1),
         "probe_train_accuracy": train_accuracy,
