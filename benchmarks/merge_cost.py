@@ -20,7 +20,13 @@ the machine's load hits all of them alike. Reported: median and interquartile ra
 per case, and cost ratios of medians. The ``paired`` ratio is the median over repeats
 of the per-repeat ratio, which is less sensitive to load that changes between repeats.
 
+On a machine shared with other work, wall time with several threads suffers most
+(a thread that loses its core stalls the others at every synchronisation);
+``--clock cpu`` times CPU steps by the process's CPU time instead, which is a stable
+measure of the work done with one thread (``--threads 1``).
+
     python benchmarks/merge_cost.py --threads 2 --json benchmarks/results/merge_cost_cpu.json
+    python benchmarks/merge_cost.py --threads 1 --clock cpu
 """
 
 from __future__ import annotations
@@ -40,16 +46,21 @@ from pitome_mllm.merge import bipartite_soft_matching, pitome
 
 CASES = ("bsm", "pitome", "bsm_reduced", "pitome_reduced")
 # (numerator, denominator, label) of every reported cost ratio.
-RATIOS = (
-    ("pitome", "bsm", "PiToMe / BSM (both full-width metric)"),
-    ("pitome_reduced", "bsm", "PiToMe reduced / BSM full-width"),
-    ("pitome_reduced", "bsm_reduced", "PiToMe reduced / BSM reduced"),
-)
+RATIOS = (("pitome", "bsm"), ("pitome_reduced", "bsm"), ("pitome_reduced", "bsm_reduced"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[2], help="torch.set_num_threads, one run per value (default 2)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="CPU steps: wall time (default) or the process's CPU time (with --threads 1 only), "
+        "which other processes on a busy machine do not inflate",
+    )
     parser.add_argument("--repeats", type=int, default=200, help="timed repeats per case (default 200)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed repeats first (default 10)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="default: 1 8")
@@ -90,8 +101,8 @@ def make_steps(x: torch.Tensor, reduced_metric: torch.Tensor, r: int, margin: fl
     }
 
 
-def make_timer(device: str) -> Callable[[Callable], float]:
-    """A function that runs a step once and returns its wall time in milliseconds."""
+def make_timer(device: str, clock: str = "wall") -> Callable[[Callable], float]:
+    """A function that runs a step once and returns its time in milliseconds."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -105,17 +116,21 @@ def make_timer(device: str) -> Callable[[Callable], float]:
 
         return time_cuda
 
+    now = time.perf_counter_ns if clock == "wall" else time.process_time_ns
+
     def time_cpu(step: Callable) -> float:
-        begin = time.perf_counter_ns()
+        begin = now()
         step()
-        return (time.perf_counter_ns() - begin) / 1e6
+        return (now() - begin) / 1e6
 
     return time_cpu
 
 
-def time_interleaved(steps: dict[str, Callable], device: str, repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, Callable], device: str, clock: str, repeats: int, warmup: int
+) -> dict[str, list[float]]:
     """Per-case lists of ``repeats`` times (ms). Every repeat runs every case once, in a rotating order."""
-    timer = make_timer(device)
+    timer = make_timer(device, clock)
     names = list(steps)
     with torch.inference_mode():
         for _ in range(warmup):
@@ -153,11 +168,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(threads: int, devices: list[str]) -> dict:
+def machine_info(devices: list[str]) -> dict:
     info = {
         "cpu_model": cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
@@ -175,19 +189,23 @@ def load_average() -> list[float] | None:
         return None
 
 
-def run_config(args: argparse.Namespace, device: str, batch: int) -> dict:
+def run_config(args: argparse.Namespace, device: str, threads: int, batch: int) -> dict:
+    torch.set_num_threads(threads)
+    clock = "cuda events" if device == "cuda" else args.clock
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(batch, args.tokens, args.channels, generator=generator).to(device)
     head_dim = args.channels // args.heads
     reduced_metric = x.view(batch, args.tokens, args.heads, head_dim).mean(2).contiguous()  # [B, N, C/heads]
     steps = make_steps(x, reduced_metric, args.r, args.margin)
-    times = time_interleaved(steps, device, args.repeats, args.warmup)
+    times = time_interleaved(steps, device, args.clock, args.repeats, args.warmup)
     return {
         "device": device,
+        "threads": threads,
+        "clock": clock,
         "batch_size": batch,
         "metric_channels": {"full": args.channels, "reduced": head_dim},
         "cases": {name: summarize(samples) for name, samples in times.items()},
-        "ratios": {f"{num}/{den}": ratio_summary(times, num, den) for num, den, _ in RATIOS},
+        "ratios": {f"{num}/{den}": ratio_summary(times, num, den) for num, den in RATIOS},
     }
 
 
@@ -198,22 +216,22 @@ def print_results(results: list[dict]) -> None:
     except ImportError:  # plain text when rich is missing
         Console = None  # noqa: N806
 
-    header = ["device", "B", "case", "median ms", "IQR ms", "min ms"]
+    header = ["device", "threads", "clock", "B", "case", "median ms", "IQR ms", "min ms"]
     rows = []
     for result in results:
         for name in CASES:
             stats = result["cases"][name]
             rows.append(
-                [result["device"], str(result["batch_size"]), name]
+                [result["device"], str(result["threads"]), result["clock"], str(result["batch_size"]), name]
                 + [f"{stats[key]:.3f}" for key in ("median_ms", "iqr_ms", "min_ms")]
             )
-    ratio_header = ["device", "B", "ratio", "of medians", "paired"]
+    ratio_header = ["device", "threads", "clock", "B", "ratio", "of medians", "paired"]
     ratio_rows = []
     for result in results:
-        for num, den, label in RATIOS:
+        for num, den in RATIOS:
             ratio = result["ratios"][f"{num}/{den}"]
             ratio_rows.append(
-                [result["device"], str(result["batch_size"]), label]
+                [result["device"], str(result["threads"]), result["clock"], str(result["batch_size"]), f"{num} / {den}"]
                 + [f"{ratio['of_medians']:.2f}x", f"{ratio['paired_median']:.2f}x"]
             )
 
@@ -228,7 +246,7 @@ def print_results(results: list[dict]) -> None:
     for title, head, body in (("One merge step", header, rows), ("Cost ratios", ratio_header, ratio_rows)):
         table = Table(title=title)
         for column in head:
-            table.add_column(column, justify="left" if column in ("device", "case", "ratio") else "right")
+            table.add_column(column, justify="left" if column in ("device", "clock", "case", "ratio") else "right")
         for row in body:
             table.add_row(*row)
         console.print(table)
@@ -236,15 +254,22 @@ def print_results(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     devices = resolve_devices(args.device)
+    if args.clock == "cpu" and max(args.threads) > 1:
+        # Process CPU time also counts the time threads spin at synchronisation points.
+        raise SystemExit("--clock cpu measures the work of one thread: use it with --threads 1")
     load_before = load_average()
-    results = [run_config(args, device, batch) for device in devices for batch in args.batch_sizes]
+    results = [
+        run_config(args, device, threads, batch)
+        for device in devices
+        for threads in (args.threads if device == "cpu" else args.threads[:1])
+        for batch in args.batch_sizes
+    ]
     print_results(results)
     report = {
         "benchmark": "merge_cost",
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(args.threads, devices),
+        "machine": machine_info(devices),
         "load_average_1_5_15min": {"before": load_before, "after": load_average()},
         "settings": {
             "tokens": args.tokens,
@@ -257,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             "reduce": "mean",
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "clock_cpu": args.clock,
             "seed": args.seed,
         },
         "results": results,
