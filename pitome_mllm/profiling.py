@@ -61,6 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.llava_hf import llava_core
+
 logger = logging.getLogger("pitome_mllm")
 
 TIMED_STAGES = (
@@ -656,11 +658,6 @@ class ProfileReport:
 
 
 # ========================================================================= the model
-def _llava_core(model: nn.Module) -> nn.Module:
-    core = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
-    if not hasattr(core, "vision_tower") or not hasattr(core, "multi_modal_projector"):
-        raise ValueError(f"{type(model).__name__} is not a transformers LLaVA model (no vision_tower / projector)")
-    return core
 
 
 def _cache_keyword(model: nn.Module) -> str:
@@ -690,7 +687,7 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
     prompt = _build_prompt(processor, settings.prompt)
     batch = settings.batch_size
     inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
-    vision_dtype = next(_llava_core(model).vision_tower.parameters()).dtype
+    vision_dtype = next(llava_core(model).vision_tower.parameters()).dtype
     moved = {name: tensor.to(device) for name, tensor in inputs.items()}
     moved["pixel_values"] = moved["pixel_values"].to(vision_dtype)
     return moved
@@ -715,7 +712,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
     }
     counts: dict[str, int] = {}
-    core = _llava_core(model)
+    core = llava_core(model)
     for name, part in (("vision_tower", core.vision_tower), ("projector", core.multi_modal_projector)):
         counts[name] = sum(p.numel() for p in part.parameters())
     counts["language_model"] = sum(p.numel() for p in core.language_model.parameters())
@@ -895,7 +892,7 @@ class _Profiler:
         self.model = model
         self.processor = processor
         self.settings = settings
-        self.core = _llava_core(model)
+        self.core = llava_core(model)
         self.device = next(self.core.vision_tower.parameters()).device
         self.stopwatch = Stopwatch(self.device)
         self.cache_keyword = _cache_keyword(model)

@@ -23,6 +23,17 @@ _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 _MISSING = object()
 
 
+def llava_core(model: nn.Module) -> nn.Module:
+    """The part of a transformers LLaVA model holding ``vision_tower`` and ``multi_modal_projector``.
+
+    ``LlavaForConditionalGeneration`` keeps them on ``.model``; ``LlavaModel`` holds them itself.
+    """
+    core = model.model if hasattr(getattr(model, "model", None), "vision_tower") else model
+    if not hasattr(core, "vision_tower") or not hasattr(core, "multi_modal_projector"):
+        raise ValueError(f"{type(model).__name__} is not a transformers LLaVA model (no vision_tower / projector)")
+    return core
+
+
 def matches(model: nn.Module) -> bool:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
@@ -36,7 +47,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
     supported = SUPPORTED
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
-        llava = model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
+        llava = llava_core(model)
         strategy = llava.config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: default, full")
