@@ -335,6 +335,25 @@ def _check_processor_matches(processor: LlavaProcessor, spec: TinyLlavaSpec) -> 
         )
 
 
+def _instantiate(model_class: type, config, seed: int, tokenizer, dtype: torch.dtype):
+    """Build ``model_class(config)`` with seeded random weights, SDPA attention and greedy defaults."""
+    # SDPA for every tower: the fast path users get by default, and the one the merge hooks must handle.
+    for sub_config in (config, config.vision_config, config.text_config):
+        sub_config._attn_implementation = "sdpa"
+    # Seed only while constructing so callers' own random streams are not disturbed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model = model.to(dtype=dtype).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    return model
+
+
 def build_tiny_llava(
     spec: TinyLlavaSpec = DEMO_SPEC,
     processor: LlavaProcessor | None = None,
@@ -363,23 +382,7 @@ def build_tiny_llava(
         _check_processor_matches(processor, spec)
     tokenizer = processor.tokenizer
     config = _build_config(spec, tokenizer)
-    # SDPA for both towers: the fast path users get by default, and the one the merge hooks must handle.
-    config._attn_implementation = "sdpa"
-    config.vision_config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-
-    # Seed only while constructing so callers' own random streams are not disturbed.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
-    model = model.to(dtype=dtype).eval()
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model = _instantiate(LlavaForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     return model, processor
 
 
@@ -448,18 +451,7 @@ def build_tiny_siglip_llava(
         vision_use_head=False,  # LLaVA reads hidden states; the pooling head would be dead weight
     )
     config.vision_feature_select_strategy = "full"
-    for sub_config in (config, config.vision_config, config.text_config):
-        sub_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
-    model = model.to(dtype=dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model = _instantiate(LlavaForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     processor = LlavaProcessor(
         image_processor=_siglip_image_processor(spec.image_size),
         tokenizer=tokenizer,
@@ -513,18 +505,7 @@ def build_tiny_llava_next(
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    for sub_config in (config, config.vision_config, config.text_config):
-        sub_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaNextForConditionalGeneration(config)
-    model = model.to(dtype=dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model = _instantiate(LlavaNextForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     image_processor = image_processor_class(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -600,18 +581,7 @@ def build_tiny_onevision(
     )
     config.image_token_id = tokenizer.image_token_id
     config.pad_token_id = tokenizer.pad_token_id
-    for sub_config in (config, config.vision_config, config.text_config):
-        sub_config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaOnevisionForConditionalGeneration(config)
-    model = model.to(dtype=dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
+    model = _instantiate(LlavaOnevisionForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     image_processor = image_processor_class(
         size={"height": crop, "width": crop},
         image_grid_pinpoints=pinpoints,
