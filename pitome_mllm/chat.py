@@ -93,7 +93,6 @@ class ChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        import torch
         from transformers import TextIteratorStreamer
 
         from .loading import StageTimer, build_conversation_prompt, count_image_tokens
@@ -101,39 +100,52 @@ class ChatSession:
         prompt = build_conversation_prompt(self.processor, [*self.turns, (question, None)])
         inputs = self.processor(images=self.image, text=prompt, return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generation: dict[str, Any] = {}
-
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    generation["ids"] = self.model.generate(
-                        **inputs, streamer=streamer, max_new_tokens=self.max_new_tokens, do_sample=False
-                    )
-            except BaseException as error:  # re-raised in the caller's thread
-                generation["error"] = error
-                streamer.end()  # unblock the reader; generate() never reached its own end()
-
-        pieces = []
-        with StageTimer(self.model) as timer:
-            worker = threading.Thread(target=generate, name="pitome-mllm-generate", daemon=True)
-            worker.start()
-            for text in streamer:
-                pieces.append(text)
-                out.write(text)
-                out.flush()
-            worker.join()
-        out.write("\n")
-        if "error" in generation:
-            raise generation["error"]
-        answer = "".join(pieces).strip()
+        timer = StageTimer(self.model)
+        answer, output_ids = stream_generate(
+            self.model, streamer, timer, out, **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
+        )
         self.turns.append((question, answer))
         return TurnStats(
             visual_tokens=count_image_tokens(self.processor, inputs["input_ids"]),
             vision_s=timer.vision_s,
             prefill_s=timer.prefill_s,
             total_s=timer.total_s,
-            output_tokens=int(generation["ids"].shape[1] - inputs["input_ids"].shape[1]),
+            output_tokens=int(output_ids.shape[1] - inputs["input_ids"].shape[1]),
         )
+
+
+def stream_generate(model, streamer, timer, out: TextIO, **generate_kwargs) -> tuple[str, Any]:
+    """Run ``model.generate`` in a worker thread and copy the streamed text into ``out``.
+
+    ``timer`` (a context manager such as `StageTimer`) is entered around the whole generation.
+    Returns the answer text (stripped) and what ``generate`` returned. An error raised inside
+    ``generate`` is re-raised here, in the caller's thread.
+    """
+    import torch
+
+    generation: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            with torch.inference_mode():
+                generation["ids"] = model.generate(streamer=streamer, **generate_kwargs)
+        except BaseException as error:  # re-raised in the caller's thread
+            generation["error"] = error
+            streamer.end()  # unblock the reader; generate() never reached its own end()
+
+    pieces = []
+    with timer:
+        worker = threading.Thread(target=generate, name="pitome-mllm-generate", daemon=True)
+        worker.start()
+        for text in streamer:
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+        worker.join()
+    out.write("\n")
+    if "error" in generation:
+        raise generation["error"]
+    return "".join(pieces).strip(), generation["ids"]
 
 
 def _questions(stream: TextIO, interactive: bool):

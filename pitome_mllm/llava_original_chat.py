@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import EXIT_WORDS, TurnStats, patch_config
+from .chat import EXIT_WORDS, TurnStats, patch_config, stream_generate
 from .loading import DTYPES, TINY_MODEL_NAMES
 from .schedule import METHODS, PRESETS
 
@@ -132,7 +131,6 @@ class LlavaChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        import torch
         from transformers import TextIteratorStreamer
 
         from .models.llava_original import build_prompt, prepare_images, tokenize_prompt
@@ -142,37 +140,19 @@ class LlavaChatSession:
         input_ids = tokenize_prompt(prompt, self.tokenizer)[None].to(self.model.device)
         images = prepare_images([self.image], self.image_processor, self.model)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generation: dict[str, Any] = {}
-
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    generation["ids"] = self.model.generate(
-                        input_ids,
-                        images=images,
-                        image_sizes=[self.image.size],
-                        streamer=streamer,
-                        max_new_tokens=self.max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                    )
-            except BaseException as error:  # re-raised in the caller's thread
-                generation["error"] = error
-                streamer.end()
-
-        pieces = []
-        with VisionStageTimer(self.model) as timer:
-            worker = threading.Thread(target=generate, name="pitome-mllm-generate", daemon=True)
-            worker.start()
-            for text in streamer:
-                pieces.append(text)
-                out.write(text)
-                out.flush()
-            worker.join()
-        out.write("\n")
-        if "error" in generation:
-            raise generation["error"]
-        answer = "".join(pieces).strip()
+        timer = VisionStageTimer(self.model)
+        answer, output_ids = stream_generate(
+            self.model,
+            streamer,
+            timer,
+            out,
+            inputs=input_ids,
+            images=images,
+            image_sizes=[self.image.size],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         self.turns.append((question, answer))
         return TurnStats(
             visual_tokens=timer.visual_tokens,
@@ -180,7 +160,7 @@ class LlavaChatSession:
             prefill_s=timer.prefill_s,
             total_s=timer.total_s,
             # Generating from embeddings, llava's generate returns only the new tokens.
-            output_tokens=int(generation["ids"].shape[1]),
+            output_tokens=int(output_ids.shape[1]),
         )
 
 
