@@ -148,8 +148,8 @@ def stream_generate(model, streamer, timer, out: TextIO, **generate_kwargs) -> t
     return "".join(pieces).strip(), generation["ids"]
 
 
-def _questions(stream: TextIO, interactive: bool):
-    """Non-empty lines of ``stream`` until EOF or an exit word."""
+def read_questions(stream: TextIO, interactive: bool):
+    """Non-empty lines of ``stream`` until EOF or an exit word (shared by ``chat`` and ``chat-llava``)."""
     while True:
         if interactive:
             sys.stdout.write("> ")
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             interactive = sys.stdin.isatty()
             if interactive:
                 print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
-            questions = _questions(sys.stdin, interactive)
+            questions = read_questions(sys.stdin, interactive)
         for question in questions:
             stats = session.ask(question, sys.stdout)
             print(stats.line())

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import EXIT_WORDS, TurnStats, patch_config, stream_generate
+from .chat import TurnStats, patch_config, read_questions, stream_generate
 from .loading import DTYPES, TINY_MODEL_NAMES
 from .schedule import METHODS, PRESETS
 
@@ -164,22 +164,6 @@ class LlavaChatSession:
         )
 
 
-def _questions(stream: TextIO, interactive: bool):
-    """Non-empty lines of ``stream`` until EOF or an exit word."""
-    while True:
-        if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
-        line = stream.readline()
-        if not line:
-            return
-        question = line.strip()
-        if question.lower() in EXIT_WORDS:
-            return
-        if question:
-            yield question
-
-
 # ---------------------------------------------------------------------------------- loading
 def _load_tiny(spec_name: str, args: argparse.Namespace):
     """An offline tiny random original-LLaVA model (``tiny``: CLIP-L/14-336 geometry)."""
@@ -256,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
             interactive = sys.stdin.isatty()
             if interactive:
                 print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
-            questions = _questions(sys.stdin, interactive)
+            questions = read_questions(sys.stdin, interactive)
         for question in questions:
             stats = session.ask(question, sys.stdout)
             print(stats.line())
