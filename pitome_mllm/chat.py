@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH_OR_ID",
         help="a local LLaVA folder, a hub id (e.g. llava-hf/llava-1.5-7b-hf), or 'tiny' for the offline tiny model",
     )
+    add_session_arguments(parser)
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """Image, merge settings, loading and generation flags shared by ``chat`` and ``chat-llava``."""
     parser.add_argument(
         "--image",
         required=True,
@@ -52,6 +57,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one question and exit")
+
+
+def checked_patch_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`patch_config`, validated before any model is loaded (bad values raise ValueError)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config = patch_config(args)
+    if config is not None:
+        from .config import PiToMeConfig
+
+        PiToMeConfig(**config)
+    return config
+
+
+def answer_questions(session, args: argparse.Namespace) -> None:
+    """Answer ``--prompt`` or every question read from stdin, printing a timing line after each."""
+    if args.prompt is not None:
+        questions = [args.prompt]
+    else:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
+        questions = read_questions(sys.stdin, interactive)
+    for question in questions:
+        stats = session.ask(question, sys.stdout)
+        print(stats.line())
 
 
 def patch_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -180,13 +211,7 @@ def run(args: argparse.Namespace) -> int:
     from . import patch
     from .loading import load_image_arg
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    config = patch_config(args)
-    if config is not None:
-        from .config import PiToMeConfig
-
-        PiToMeConfig(**config)  # bad values fail before a model is loaded
+    config = checked_patch_config(args)
     image = load_image_arg(args.image)
     try:
         model, processor = _load(args)
@@ -197,17 +222,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         merging = repr(handle) if handle is not None else "unpatched (no --keep-ratio / --target-tokens)"
         print(f"{args.model}: {merging}", file=sys.stderr)
-        session = ChatSession(model, processor, image, args.max_new_tokens)
-        if args.prompt is not None:
-            questions = [args.prompt]
-        else:
-            interactive = sys.stdin.isatty()
-            if interactive:
-                print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
-            questions = read_questions(sys.stdin, interactive)
-        for question in questions:
-            stats = session.ask(question, sys.stdout)
-            print(stats.line())
+        answer_questions(ChatSession(model, processor, image, args.max_new_tokens), args)
     finally:
         if handle is not None:
             handle.unpatch()

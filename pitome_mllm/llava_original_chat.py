@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import TurnStats, patch_config, read_questions, stream_generate
-from .loading import DTYPES, TINY_MODEL_NAMES
-from .schedule import METHODS, PRESETS
+from .chat import TurnStats, add_session_arguments, answer_questions, checked_patch_config, stream_generate
+from .loading import TINY_MODEL_NAMES
 
 HELP = (
     "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
@@ -39,25 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name", help="name llava picks the architecture by (default: from the path; must contain 'llava')"
     )
     parser.add_argument("--conv-mode", default=DEFAULT_CONV_TEMPLATE, help="llava conversation template")
-    parser.add_argument(
-        "--image",
-        required=True,
-        metavar="IMG",
-        help="a bundled image name (astronaut, chelsea, coffee) or an image file",
-    )
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--keep-ratio", type=float, help="fraction of tokens each merging layer keeps, in (0.5, 1.0]")
-    budget.add_argument("--target-tokens", type=int, help="exact number of visual tokens per image")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
-    parser.add_argument("--method", choices=METHODS, default="pitome")
-    parser.add_argument("--keep-order", action="store_true", help="hand merged tokens to the LLM in raster order")
-    quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument("--load-in-4bit", action="store_true", help="quantise the language model to 4 bit")
-    quantization.add_argument("--load-in-8bit", action="store_true", help="quantise the language model to 8 bit")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--prompt", metavar="TEXT", help="answer this one question and exit")
+    add_session_arguments(parser)
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -213,13 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from .loading import load_image_arg
     from .models.llava_original import enable_generate_compat, require_llava
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    config = patch_config(args)
-    if config is not None:
-        from .config import PiToMeConfig
-
-        PiToMeConfig(**config)  # bad values fail before a model is loaded
+    config = checked_patch_config(args)
     image = load_image_arg(args.image)
     try:
         require_llava()
@@ -234,16 +209,7 @@ def run(args: argparse.Namespace) -> int:
         merging = repr(handle) if config is not None else "unpatched (no --keep-ratio / --target-tokens)"
         print(f"{args.model}: {merging}", file=sys.stderr)
         session = LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
-        if args.prompt is not None:
-            questions = [args.prompt]
-        else:
-            interactive = sys.stdin.isatty()
-            if interactive:
-                print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
-            questions = read_questions(sys.stdin, interactive)
-        for question in questions:
-            stats = session.ask(question, sys.stdout)
-            print(stats.line())
+        answer_questions(session, args)
     finally:
         if config is not None:
             handle.unpatch()
