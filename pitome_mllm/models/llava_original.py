@@ -404,19 +404,10 @@ def prepare_images(images, image_processor, model: nn.Module) -> torch.Tensor:
 def _tiny_llava_config(spec, tokenizer, tower_folder: Path):
     from llava.model.language_model.llava_llama import LlavaConfig
 
+    from .tiny import tiny_llama_kwargs
+
     return LlavaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        **tiny_llama_kwargs(spec, tokenizer),
         # The multimodal fields a LLaVA-1.5 checkpoint's config.json carries.
         mm_vision_tower=str(tower_folder.resolve()),
         mm_hidden_size=spec.vision_hidden,
@@ -433,18 +424,11 @@ def _tiny_llava_config(spec, tokenizer, tower_folder: Path):
 
 
 def _tiny_vision_tower(spec):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
-    vision_config = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        projection_dim=spec.vision_hidden,
-        hidden_act="quick_gelu",
-    )
+    from .tiny import tiny_clip_vision_config
+
+    vision_config = tiny_clip_vision_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         return CLIPVisionModel(vision_config)

@@ -278,9 +278,9 @@ DEMO_SPEC = TinyLlavaSpec()
 TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6)
 
 
-def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
-    vocab_size = len(tokenizer)
-    vision_config = CLIPVisionConfig(
+def tiny_clip_vision_config(spec: TinyLlavaSpec) -> CLIPVisionConfig:
+    """The tiny CLIP tower's config (shared by every tiny LLaVA family)."""
+    return CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers,
@@ -290,21 +290,30 @@ def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
         projection_dim=spec.vision_hidden,
         hidden_act="quick_gelu",  # what OpenAI CLIP (and so LLaVA-1.5's tower) uses
     )
-    text_config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
+
+
+def tiny_llama_kwargs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """Keyword arguments of the tiny Llama language model's config (shared by every tiny family)."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": spec.text_hidden,
+        "intermediate_size": spec.text_intermediate,
+        "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads,
+        "num_key_value_heads": spec.text_heads,
         # Room for a few images' worth of placeholders plus a prompt and an answer.
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
+
+
+def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision_config = tiny_clip_vision_config(spec)
+    text_config = LlamaConfig(**tiny_llama_kwargs(spec, tokenizer))
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
