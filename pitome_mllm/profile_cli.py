@@ -14,22 +14,13 @@ from __future__ import annotations
 import argparse
 
 from .architectures import ARCHITECTURES
+from .cli import comma_separated
 from .schedule import METHODS, PRESETS
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 TINY_MODELS = {"tiny": "demo", "tiny-test": "test"}
-
-
-def _comma_list(kind: type, name: str):
-    def parse(text: str) -> list:
-        try:
-            return [kind(item) for item in text.split(",") if item.strip()]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list of {kind.__name__}") from error
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,18 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods",
-        type=_comma_list(str, "--methods"),
+        type=comma_separated(str),
         default=["none", "tome", "pitome"],
         help="e.g. none,tome,pitome",
     )
     parser.add_argument(
         "--budgets",
-        type=_comma_list(int, "--budgets"),
+        type=comma_separated(int),
         default=None,
         help="visual-token budgets (target_tokens); the native count means unpatched (default 64,128,192,576 "
         "unless --keep-ratios is given)",
     )
-    parser.add_argument("--keep-ratios", type=_comma_list(float, "--keep-ratios"), default=[], help="e.g. 0.9,0.95")
+    parser.add_argument("--keep-ratios", type=comma_separated(float), default=[], help="e.g. 0.9,0.95")
     parser.add_argument("--preset", choices=PRESETS, default="reference")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per pass (EOS ignored)")

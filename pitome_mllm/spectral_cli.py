@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import comma_separated
 from .schedule import PRESETS
 from .visualize_cli import add_model_arguments, comma_ints, comma_list
 
@@ -33,11 +34,7 @@ REFERENCE_SHORT = {
 }
 
 
-def comma_floats(text: str) -> list[float]:
-    try:
-        return [float(item) for item in comma_list(text)]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+comma_floats = comma_separated(float)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

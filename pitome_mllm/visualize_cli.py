@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import comma_separated
 from .schedule import PRESETS
 
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
@@ -14,18 +15,8 @@ HELP = "draw which image patches share a token after chosen vision layers (merge
 TINY_MODELS = ("tiny", "tiny-test")
 
 
-def comma_list(text: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def comma_ints(text: str) -> list[int]:
-    try:
-        return [int(item) for item in comma_list(text)]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+comma_list = comma_separated(str)
+comma_ints = comma_separated(int)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
