@@ -55,6 +55,8 @@ class MergeTrace:
 
     def apply(self, layer_idx: int, step: Merge) -> None:
         self.token_map = step.track_source(self.token_map)
+        # Summed here in fp32 even when a size-weighted merge just summed them in the model's
+        # dtype: bf16 counts stop being exact above 256 patches, and the trace must stay exact.
         self.size = step(self.size, reduce="sum")
         self.token_counts.append(step.num_output_tokens)
         if self.record_merges:
