@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from .config import PiToMeConfig
 from .loading import StageTimer, load_llava
+from .models.llava_hf import vision_dtype
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -416,8 +417,7 @@ class PiToMeLlavaHF(lmms):
             kwargs["images"] = images
         inputs = self.processor(**kwargs).to(self.device)
         if "pixel_values" in inputs:
-            vision_dtype = next(self.model.model.vision_tower.parameters()).dtype
-            inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype(self.model))
         return inputs
 
     def _visual_tokens(self, input_ids: torch.Tensor) -> list[int]:

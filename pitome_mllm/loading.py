@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.llava_hf import image_feature_owner
+
 logger = logging.getLogger("pitome_mllm")
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
@@ -302,16 +304,6 @@ def count_image_tokens(processor, input_ids: torch.Tensor) -> int:
 
 
 # ------------------------------------------------------------------------------------- timing
-def _llava_core(model: nn.Module) -> nn.Module:
-    """The module whose forward calls ``self.get_image_features`` (``LlavaModel``)."""
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "get_image_features"):
-        return inner
-    if hasattr(model, "get_image_features"):
-        return model
-    raise ValueError(f"{type(model).__name__} has no get_image_features; expected a transformers LLaVA model")
-
-
 def _synchronizer(model: nn.Module) -> Callable[[], None]:
     """Waits for queued GPU work, so wall-clock stamps measure the work rather than its launch."""
     devices = {parameter.device for parameter in model.parameters()}
@@ -342,7 +334,7 @@ class StageTimer:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._core = _llava_core(model)
+        self._core = image_feature_owner(model)
         self._sync = _synchronizer(model)
         self.vision_s = 0.0
         self.prefill_s = 0.0

@@ -34,6 +34,21 @@ def llava_core(model: nn.Module) -> nn.Module:
     return core
 
 
+def vision_dtype(model: nn.Module):
+    """dtype of the vision tower's weights, which pixel values must match (the LLM may be quantised)."""
+    return next(llava_core(model).vision_tower.parameters()).dtype
+
+
+def image_feature_owner(model: nn.Module) -> nn.Module:
+    """The module whose forward calls ``self.get_image_features`` (``LlavaModel`` and its relatives)."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "get_image_features"):
+        return inner
+    if hasattr(model, "get_image_features"):
+        return model
+    raise ValueError(f"{type(model).__name__} has no get_image_features; expected a transformers LLaVA model")
+
+
 def matches(model: nn.Module) -> bool:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
