@@ -181,6 +181,10 @@ def load_llava(
         raise ModelLoadError(
             f"could not load {source!r} offline: pass a local folder holding the checkpoint ({reason})"
         ) from error
+    from .real_tower import restore_identity_pre_norm
+
+    if restore_identity_pre_norm(model):
+        logger.info("vision tower converted from DINOv2: pre_layrnorm restored to the identity")
     if device_map is None:
         model.to(target_device)
     model.eval()

@@ -53,6 +53,8 @@ PATCH_SIZE = 14
 NATIVE_IMAGE_SIZE = 518  # 37 x 37 position table
 DEFAULT_IMAGE_SIZE = 224  # 16 x 16 patches: the grid of CLIP ViT-L/14 at 224 px
 LAYER_NORM_EPS = 1e-6
+# Vision-config attribute marking a CLIP tower converted from DINOv2 (no norm before the encoder).
+NO_PRE_NORM_FLAG = "pitome_identity_pre_layrnorm"
 # Per encoder layer, the six anonymous MatMul weights appear in this order in the graph.
 LINEARS_PER_LAYER = ("key", "value", "query", "output.dense", "fc1", "fc2")
 
@@ -297,7 +299,30 @@ def load_into_clip_tower(tower: nn.Module, clip_state: dict[str, torch.Tensor]) 
     if leftover or unexpected:
         raise ValueError(f"CLIP conversion mismatch: missing {leftover}, unexpected {unexpected}")
     vision.pre_layrnorm = nn.Identity()  # DINOv2 has no norm before the encoder
+    # A LayerNorm cannot be an identity, so a saved checkpoint cannot hold this; the flag, saved
+    # with the config, tells `restore_identity_pre_norm` to redo it after from_pretrained.
+    setattr(tower.config, NO_PRE_NORM_FLAG, True)
     return tower
+
+
+def restore_identity_pre_norm(model: nn.Module) -> int:
+    """Make ``pre_layrnorm`` an identity again in every CLIP tower of ``model`` whose config says so.
+
+    ``from_pretrained`` rebuilds a converted DINOv2 tower with a fresh LayerNorm before the
+    encoder (``CLIPVisionModel`` always has one), which changes every feature. Loading code
+    calls this after ``from_pretrained``; towers without the flag are left alone.
+
+    Returns:
+        How many towers were restored.
+    """
+    restored = 0
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        vision = getattr(module, "vision_model", module)
+        if getattr(config, NO_PRE_NORM_FLAG, False) and isinstance(getattr(vision, "pre_layrnorm", None), nn.LayerNorm):
+            vision.pre_layrnorm = nn.Identity()
+            restored += 1
+    return restored
 
 
 def load_clip_vision_model(image_size: int = DEFAULT_IMAGE_SIZE, use_cache: bool = True):

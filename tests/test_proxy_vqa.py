@@ -188,6 +188,15 @@ def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monk
         record["train_questions"] % 16 > 0
     )
     stamp = (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns
+
+    # The saved checkpoint, loaded the way the lmms-eval plugin loads it, has the frozen tower
+    # exactly: the converted tower gets its identity pre-norm back (a LayerNorm cannot be one).
+    from pitome_mllm.loading import load_llava
+
+    fresh, processor = easy_vqa.build_mini_llava(spec, seed=settings.seed)
+    loaded, _ = load_llava(str(folder))
+    pixel_values = processor.image_processor([easy_vqa.load_image("test", 0)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(easy_vqa.tower_features(loaded, pixel_values), easy_vqa.tower_features(fresh, pixel_values))
     assert easy_vqa.train_mini_llava(folder, spec=spec, settings=settings) == folder
     assert (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns == stamp  # reused, not retrained
 

@@ -111,3 +111,27 @@ def test_patched_real_llava_at_keep_ratio_one_is_exact(pixel_values):
     with pitome_mllm.patched(model, processor, target_tokens=64) as handle:
         assert handle.num_visual_tokens == 64
         assert llava_view().shape == (2, 64, 384)
+
+
+def test_saved_real_llava_loads_back_with_its_identity_pre_norm(pixel_values, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from pitome_mllm.loading import load_llava
+
+    model, processor = real_tower.build_real_llava(text_layers=1)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    def tower_view(llava) -> torch.Tensor:
+        with torch.no_grad():
+            return llava.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+
+    expected = tower_view(model)
+    # Plain from_pretrained rebuilds CLIP's pre-encoder LayerNorm, which DINOv2 does not have.
+    plain = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert not torch.allclose(tower_view(plain), expected, atol=1e-2)
+    assert real_tower.restore_identity_pre_norm(plain) == 1
+    assert torch.equal(tower_view(plain), expected)
+    loaded, _ = load_llava(str(tmp_path))
+    assert torch.equal(tower_view(loaded), expected)
+    assert real_tower.restore_identity_pre_norm(loaded) == 0  # already restored: nothing left to do

@@ -186,7 +186,7 @@ class TrainSettings:
     """
 
     train_images: int = 2000
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
