@@ -14,6 +14,21 @@ from pitome_mllm.real_tower import is_available
 torch.set_num_threads(1)  # two shared cores; the end-to-end run stays small
 
 
+# ------------------------------------------------------------------------------------ data
+def test_missing_fashion_mnist_names_the_package_and_the_alternative(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--dataset digits"):
+        fidelity.load_fashion_mnist(2, 2, folder=tmp_path)
+
+
+@pytest.mark.skipif(not fidelity.FASHION_MNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_fashion_mnist_reads_grey_images_in_unit_range():
+    splits = fidelity.load_fashion_mnist(5, 3)
+    assert splits.train_images.shape == (5, 28, 28) and splits.test_images.shape == (3, 28, 28)
+    assert 0.0 <= splits.train_images.min() and splits.train_images.max() <= 1.0
+    assert splits.train_labels.tolist() == [9, 0, 0, 3, 0]  # the first Fashion-MNIST training labels
+    assert fidelity.to_pixel_values(splits.test_images, 224).shape == (3, 3, 224, 224)
+
+
 # --------------------------------------------------------------------------------- pooling
 def test_pool_tokens_plain_and_size_weighted():
     features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]])  # [1, 3, 2]
