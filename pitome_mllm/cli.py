@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "chat-llava": "pitome_mllm.llava_original_chat",
     "visualize": "pitome_mllm.visualize_cli",
     "spectral": "pitome_mllm.spectral_cli",
+    "proxy": "pitome_mllm.proxy_cli",
 }
 
 

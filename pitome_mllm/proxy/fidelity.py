@@ -94,11 +94,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # 224 px DINOv2 tower (11 merging layers) the solved keep ratio lands exactly on every budget in
     # 2..255, so there the step removes nothing and this row equals pitome_reference.
     "pitome_tower_only": {"method": "pitome", "preset": "reference", BUDGET_KEY: "tower_keep_ratio"},
+    # Only the projector-stage PiToMe steps (on the projected tokens); the tower runs unmerged.
+    "pitome_projector_only": {"method": "none"},
     "random": {"method": "random"},
     "pool": {"method": "pool"},
     "dominant": {"method": "dominant"},
 }
-DEFAULT_SETTINGS = tuple(SETTINGS)
+# pitome_tower_only is left out by default: on this tower it repeats pitome_reference exactly.
+DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name != "pitome_tower_only")
 
 
 # ------------------------------------------------------------------------------------ data

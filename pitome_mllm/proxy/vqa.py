@@ -264,8 +264,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=300, help=f"test questions per run (of {easy_vqa.TASK_ROWS})")
     parser.add_argument("--batch-size", type=int, default=16, help="lmms-eval batch size")
     parser.add_argument("--checkpoint", help="trained mini-LLaVA folder (default: trained once, cached)")
-    parser.add_argument("--train-images", type=int, default=easy_vqa.TrainSettings.train_images)
-    parser.add_argument("--epochs", type=int, default=easy_vqa.TrainSettings.epochs)
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=easy_vqa.TrainSettings.train_images,
+        help="training images (of 4000; every question on them is used)",
+    )
+    parser.add_argument("--epochs", type=int, default=easy_vqa.TrainSettings.epochs, help="training epochs")
     parser.add_argument("--seed", type=int, default=easy_vqa.TrainSettings.seed, help="training seed")
     parser.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint exists")
     parser.add_argument("--train-only", action="store_true", help="train (or find) the checkpoint and stop")
