@@ -151,7 +151,8 @@ def test_report_tabulates_settings_by_budget_and_plots(tmp_path):
     _fake_run(tmp_path, "tome-64", 0.6, 64, {"shape": 0.5, "color": 0.6, "yes/no": 0.7})
     paths = vqa.write_report(tmp_path, {"note": "test"})
     table = paths["md"].read_text()
-    assert "| setting | 64 tokens | 32 tokens |" in table
+    assert "| setting (accuracy) | 64 tokens | 32 tokens |" in table
+    assert "| setting (shape+color acc) | 64 tokens | 32 tokens |" in table
     assert "| pitome_reference | 0.700 | 0.500 |" in table
     assert "| tome | 0.600 |  |" in table
     assert "| none (256 tokens) | 0.900 |" in table
@@ -207,3 +208,15 @@ def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monk
     rows = {row["setting"]: row for row in vqa.collect_rows(output)}
     assert rows["none"]["visual_tokens"] == 256 and rows["pitome_reference"]["visual_tokens"] == 32
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
+
+
+def test_shape_and_colour_accuracy_leaves_yes_no_questions_out(tmp_path):
+    samples = [
+        {"accuracy": 1.0, "shape_accuracy": 1.0, "color_accuracy": None},
+        {"accuracy": 0.0, "shape_accuracy": 0.0, "color_accuracy": None},
+        {"accuracy": 1.0, "shape_accuracy": None, "color_accuracy": 1.0},
+        {"accuracy": 0.0, "shape_accuracy": None, "color_accuracy": None, "yes_no_accuracy": 0.0},
+    ]
+    (tmp_path / f"x_samples_{vqa.TASK}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert vqa.image_question_accuracy(tmp_path) == pytest.approx(2 / 3)
+    assert vqa.image_question_accuracy(tmp_path / "nothing") is None
