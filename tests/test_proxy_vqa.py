@@ -170,7 +170,7 @@ def test_cli_rejects_bad_settings_budgets_and_limits(tmp_path):
     for extra, message in (
         (["--settings", "none,bogus"], "unknown settings ['bogus']"),
         (["--budgets", "64,256"], "budgets must be in [1, 255]"),
-        (["--limit", "0"], "--limit must be in [1, 500]"),
+        (["--limit", "0"], "--limit must be in [1, 1000]"),
     ):
         assert main([*base, *extra]) == 2, message
 

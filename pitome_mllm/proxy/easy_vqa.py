@@ -45,7 +45,7 @@ COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 KINDS = ("shape", "color", "yes/no")
 # lmms-eval metric of each kind's accuracy (eval/tasks/easy_vqa).
 KIND_METRICS = {"shape": "shape_accuracy", "color": "color_accuracy", "yes/no": "yes_no_accuracy"}
-TASK_ROWS = 500
+TASK_ROWS = 1000
 CHECKPOINT_FILE = "training.json"
 
 
