@@ -59,6 +59,11 @@ class PiToMeConfig:
             (proportional attention, paper section 3.2).
         keep_order: hand the merged tokens to the language model in raster order
             (by each group's first patch) instead of the merge order.
+        llm_prop_attn: proportional attention inside the language model: add ``log(size)``
+            (patches a visual token holds) to the attention logits of every visual key in
+            every LLM self-attention layer, through the additive mask (SDPA stays on).
+            A no-op when every token holds one patch. transformers LLaVA-1.5 only
+            (``llava_hf``); see docs/methods.md.
         margin_start, margin_span: energy margin of layer ``l``:
             ``margin_start - margin_span * l / L``.
         alpha: ELU alpha of the energy.
@@ -75,6 +80,7 @@ class PiToMeConfig:
     reduce: str | None = None
     prop_attn: bool | None = None
     keep_order: bool = False
+    llm_prop_attn: bool = False
     margin_start: float = 0.9
     margin_span: float = 0.9
     alpha: float = 1.0
@@ -130,6 +136,9 @@ class PiToMeConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        # Not preset-derived, so None (unset) is not allowed either.
+        if not isinstance(self.llm_prop_attn, bool):
+            raise ValueError(f"llm_prop_attn must be True or False, got {self.llm_prop_attn!r}")
         for name in ("margin_start", "margin_span", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

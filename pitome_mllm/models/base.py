@@ -44,6 +44,16 @@ def clip_key_projection(layer: nn.Module) -> tuple[nn.Module, int]:
     return attention.k_proj, attention.num_heads
 
 
+def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
+    """Refuse ``llm_prop_attn=True`` for an adapter class that cannot apply it (before any mutation)."""
+    if config.llm_prop_attn and not getattr(adapter_cls, "supports_llm_prop_attn", False):
+        family = getattr(adapter_cls, "family", adapter_cls.__name__)
+        raise ValueError(
+            f"llm_prop_attn=True is not supported for the {family} family; only llava_hf (transformers "
+            "LlavaForConditionalGeneration / LlavaModel) supports it"
+        )
+
+
 class ClipTowerAdapter:
     """Plans and installs merging on a CLIP tower and a per-token projector.
 
@@ -63,6 +73,8 @@ class ClipTowerAdapter:
 
     family = "clip"
     supported = "a CLIP or SigLIP vision tower"
+    # Whether the adapter can put proportional attention into the language model (`llm_prop_attn`).
+    supports_llm_prop_attn = False
 
     def __init__(
         self,
@@ -74,6 +86,7 @@ class ClipTowerAdapter:
         feature_layer: int,
         drops_class_token: bool,
     ) -> None:
+        check_llm_prop_attn(type(self), config)
         self.model = model
         self.processor = processor
         self.config = config

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..hooks.llm_attention import LLMPropAttention
 from .base import ClipTowerAdapter
 
 FAMILY = "llava_hf"
@@ -21,6 +22,8 @@ SUPPORTED = (
 )
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 _MISSING = object()
+# Attention implementations whose layers take a 4D additive (or bool, or None) mask: llm_prop_attn adds to it.
+LLM_PROP_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def llava_core(model: nn.Module) -> nn.Module:
@@ -60,6 +63,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
+    supports_llm_prop_attn = True
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         llava = llava_core(model)
@@ -78,6 +82,35 @@ class LlavaHFAdapter(ClipTowerAdapter):
         if processor is not None:
             self._check_processor(processor)
         self._processor_saved: dict[str, object] = {}
+        self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
+
+    # ------------------------------------------------------------ LLM attention
+    def _llm_prop_attention(self, llava: nn.Module) -> LLMPropAttention:
+        """Hooks for ``llm_prop_attn`` on the core model and every self-attention of its language model."""
+        language_model = llava.language_model
+        text_config = language_model.config
+        implementation = text_config._attn_implementation
+        if implementation not in LLM_PROP_ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"llm_prop_attn adds to the language model's attention mask, which attn_implementation="
+                f"{implementation!r} does not take; supported: {', '.join(LLM_PROP_ATTN_IMPLEMENTATIONS)}"
+            )
+        # Sliding-window layers see keys from an offset that moves as the cache fills.
+        if getattr(text_config, "sliding_window", None) is not None:
+            raise ValueError(
+                f"llm_prop_attn supports full-attention language models; {type(language_model).__name__} has "
+                f"sliding_window={text_config.sliding_window}"
+            )
+        layers = getattr(language_model, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "self_attn") for layer in layers):
+            raise ValueError(f"cannot find the self-attention layers of {type(language_model).__name__}")
+        return LLMPropAttention(
+            llava,
+            [layer.self_attn for layer in layers],
+            llava.config.image_token_id,
+            # Read each forward: the projector stage replaces it on every call.
+            size_source=lambda: self.projector_merger.final_size,
+        )
 
     # ------------------------------------------------------------- processor
     def _check_processor(self, processor) -> None:
@@ -123,10 +156,14 @@ class LlavaHFAdapter(ClipTowerAdapter):
     def _install_extra(self) -> None:
         if self.processor is not None:
             self._patch_processor()
+        if self.llm_prop_attention is not None:
+            self.llm_prop_attention.install()
 
     def _remove_extra(self) -> None:
         if self.processor is not None:
             self._restore_processor()
+        if self.llm_prop_attention is not None:
+            self.llm_prop_attention.remove()
 
 
 ADAPTER = LlavaHFAdapter
