@@ -39,6 +39,23 @@ def test_defaults():
     assert (config.margin_start, config.margin_span, config.alpha) == (0.9, 0.9, 1.0)
 
 
+def test_llm_prop_attn_is_off_by_default_and_in_no_preset():
+    for preset in ("reference", "paper", "pure"):
+        assert PiToMeConfig(keep_ratio=0.9, preset=preset).llm_prop_attn is False
+    config = PiToMeConfig(keep_ratio=0.9, llm_prop_attn=True)
+    assert config.replace(preset="pure").llm_prop_attn is True  # a preset change keeps it
+
+
+def test_llm_prop_attn_as_an_lmms_eval_model_arg():
+    from pitome_mllm.lmms_eval_plugin import parse_patch_args
+
+    parsed = parse_patch_args({"keep_ratio": 0.9, "llm_prop_attn": "true"})
+    assert parsed == {"keep_ratio": 0.9, "llm_prop_attn": True}
+    assert PiToMeConfig(**parsed).llm_prop_attn is True
+    with pytest.raises(ValueError, match="llm_prop_attn must be true or false"):
+        parse_patch_args({"llm_prop_attn": "maybe"})
+
+
 def test_keep_ratio_or_budget_is_required_unless_method_none():
     with pytest.raises(ValueError, match="keep_ratio"):
         PiToMeConfig()
@@ -70,8 +87,9 @@ def test_integer_keep_ratio_becomes_float():
         PiToMeConfig(preset="pure", target_tokens=128, keep_order=True, alpha=0.5),
         PiToMeConfig(method="tome", keep_ratio=0.95, margin_start=0.75, margin_span=0.4),
         PiToMeConfig(method="none", target_tokens=64, metric="keys_mean"),
+        PiToMeConfig(keep_ratio=0.9, llm_prop_attn=True),
     ],
-    ids=["reference", "paper", "pure-budget", "tome", "none"],
+    ids=["reference", "paper", "pure-budget", "tome", "none", "llm_prop_attn"],
 )
 def test_json_round_trip(config, tmp_path):
     text = config.to_json()
@@ -114,6 +132,9 @@ def test_loaded_values_are_validated():
         ({"target_tokens": "64"}, "64"),
         ({"prop_attn": "yes"}, "yes"),
         ({"keep_order": 1}, "1"),
+        ({"llm_prop_attn": 1}, "1"),
+        ({"llm_prop_attn": "true"}, "true"),
+        ({"llm_prop_attn": None}, "None"),
         ({"alpha": -1.0}, "-1.0"),
         ({"alpha": float("inf")}, "inf"),
         ({"margin_start": float("nan")}, "nan"),
