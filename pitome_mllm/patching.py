@@ -11,6 +11,7 @@ from torch import nn
 from .config import PiToMeConfig
 from .hooks.base import is_overridden
 from .models import find_adapter
+from .models.base import check_llm_prop_attn
 
 _HANDLE_ATTR = "_pitome_patch_handle"
 
@@ -137,6 +138,7 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
     elif overrides:
         config = config.replace(**overrides)
     adapter_cls = find_adapter(model)
+    check_llm_prop_attn(adapter_cls, config)  # every family, before anything is touched
     adapter = adapter_cls(model, processor, config)  # validates and plans; no mutation yet
     if any(is_overridden(layer) for layer in adapter.layers):
         raise RuntimeError("the vision tower already carries a pitome_mllm patch")

@@ -312,11 +312,6 @@ def test_families_without_support_refuse_the_option():
     check_llm_prop_attn(LlavaOriginalAdapter, config.replace(llm_prop_attn=False))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LlavaNextAdapter does not derive from ClipTowerAdapter; the check has to be called from "
-    "pitome_mllm.patching.patch (or llava_next.py), which this change does not touch",
-)
 def test_llava_next_refuses_the_option_before_touching_the_model():
     from pitome_mllm.models.tiny import build_tiny_llava_next
 
