@@ -89,6 +89,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pitome_reference": {"method": "pitome", "preset": "reference"},
     "pitome_reference_sw": {"method": "pitome", "preset": "reference", "reduce": "size_weighted"},
     "pitome_keys": {"method": "pitome", "preset": "reference", "metric": "keys"},
+    "pitome_keys_sw": {"method": "pitome", "preset": "reference", "metric": "keys", "reduce": "size_weighted"},
     "pitome_pure": {"method": "pitome", "preset": "pure"},
     # Measures the projector-stage step: the same merges, but only as far as the tower gets. On the
     # 224 px DINOv2 tower (11 merging layers) the solved keep ratio lands exactly on every budget in
@@ -674,7 +675,7 @@ def plot_png(rows: Sequence[dict[str, Any]], dataset: str) -> bytes:
             axis.axhline(row["probe_acc_plain"], color="black", linewidth=0.8, label=label)
             continue
         # A colour per setting that stays the same whichever settings a run includes.
-        color = colors[(2 * order.get(setting, 0)) % len(colors)]
+        color = colors[order.get(setting, 0) % len(colors)]
         for key, style, suffix in (("probe_acc_plain", "-", ""), ("probe_acc_size_weighted", "--", " (size-weighted)")):
             points = sorted((row["visual_tokens"], row[key]) for row in mine if row[key] is not None)
             if points:

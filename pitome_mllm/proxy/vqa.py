@@ -45,6 +45,16 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pitome_order": {"method": "pitome", "preset": "reference", "keep_order": True},
     "pitome_llm_pa": {"method": "pitome", "preset": "reference", "llm_prop_attn": True},
     "pitome_pure": {"method": "pitome", "preset": "pure"},
+    "pitome_keys_sw": {"method": "pitome", "preset": "reference", "metric": "keys", "reduce": "size_weighted"},
+    "pitome_keys_sw_llm_pa": {
+        "method": "pitome",
+        "preset": "reference",
+        "metric": "keys",
+        "reduce": "size_weighted",
+        "llm_prop_attn": True,
+    },
+    "pitome_pure_llm_pa": {"method": "pitome", "preset": "pure", "llm_prop_attn": True},
+    "tome_sw_llm_pa": {"method": "tome", "preset": "reference", "reduce": "size_weighted", "llm_prop_attn": True},
     # Only the projector-stage PiToMe steps (on the projected tokens); the tower runs unmerged.
     "pitome_projector_only": {"method": "none"},
     "random": {"method": "random"},
