@@ -210,13 +210,34 @@ def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monk
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
 
 
-def test_shape_and_colour_accuracy_leaves_yes_no_questions_out(tmp_path):
+def test_logged_hits_keep_shape_and_colour_questions_apart(tmp_path):
     samples = [
-        {"accuracy": 1.0, "shape_accuracy": 1.0, "color_accuracy": None},
-        {"accuracy": 0.0, "shape_accuracy": 0.0, "color_accuracy": None},
-        {"accuracy": 1.0, "shape_accuracy": None, "color_accuracy": 1.0},
-        {"accuracy": 0.0, "shape_accuracy": None, "color_accuracy": None, "yes_no_accuracy": 0.0},
+        {"doc_id": 0, "accuracy": 1.0, "shape_accuracy": 1.0, "color_accuracy": None},
+        {"doc_id": 1, "accuracy": 0.0, "shape_accuracy": 0.0, "color_accuracy": None},
+        {"doc_id": 2, "accuracy": 1.0, "shape_accuracy": None, "color_accuracy": 1.0},
+        {"doc_id": 3, "accuracy": 0.0, "shape_accuracy": None, "color_accuracy": None, "yes_no_accuracy": 0.0},
     ]
     (tmp_path / f"x_samples_{vqa.TASK}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    assert vqa.image_question_accuracy(tmp_path) == pytest.approx(2 / 3)
-    assert vqa.image_question_accuracy(tmp_path / "nothing") is None
+    hits, image_hits = vqa.logged_hits(tmp_path)
+    assert hits == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
+    assert image_hits == {0: 1.0, 1: 0.0, 2: 1.0}
+    assert vqa.logged_hits(tmp_path / "nothing") == ({}, {})
+
+
+def test_paired_difference_pairs_questions_at_equal_budgets():
+    def row(setting, budget, hits):
+        return {"setting": setting, "budget": budget, "hits": dict(enumerate(hits))}
+
+    rows = [
+        row("pitome_reference", 64, [1, 0, 1, 0]),
+        row("pitome_reference", 32, [0, 0, 1, 1]),
+        row("tome", 64, [1, 1, 1, 0]),  # +1 on question 1
+        row("tome", 32, [0, 0, 0, 1]),  # -1 on question 2
+        row("tome", 16, [1, 1, 1, 1]),  # no reference at 16: left out
+        row("none", None, [1, 1, 1, 1]),
+    ]
+    mean, error, count = vqa.paired_difference(rows, "tome", "pitome_reference")
+    assert count == 8 and mean == 0.0
+    assert error == pytest.approx((2 / 7 / 8) ** 0.5)
+    assert vqa.paired_difference(rows, "none", "pitome_reference") is None
+    assert "| tome | +0.0000 |" in "\n".join(vqa.paired_table(rows, "pitome_reference"))

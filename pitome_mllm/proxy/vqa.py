@@ -62,6 +62,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dominant": {"method": "dominant"},
 }
 SINGLE_RUN_SETTINGS = ("none", "floor")
+REFERENCE_SETTING = "pitome_reference"  # what the paired differences are taken against
 DEFAULT_SETTINGS = tuple(SETTINGS)
 
 
@@ -132,24 +133,50 @@ def read_run(result_path: Path) -> dict[str, Any]:
     for kind, key in KIND_COLUMNS.items():
         value = lmms.get(key)
         row[f"{kind} acc"] = value if isinstance(value, (int, float)) else None
-    row["shape+color acc"] = image_question_accuracy(run_folder / Path(result["lmms_eval_results"]).parent)
+    hits, image_hits = logged_hits(run_folder / Path(result["lmms_eval_results"]).parent)
+    row["shape+color acc"] = sum(image_hits.values()) / len(image_hits) if image_hits else None
+    row["hits"] = hits
     return row
 
 
-def image_question_accuracy(lmms_folder: Path) -> float | None:
-    """Accuracy over the shape and colour questions, from lmms-eval's logged samples.
+def logged_hits(lmms_folder: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """``({doc_id: hit}, {doc_id: hit} of the shape and colour questions)`` from lmms-eval's samples.
 
     Yes/no questions about easy-VQA can be answered well from the text alone (the no-image
     floor gets about 0.8 of them right), so shape and colour are the questions that measure
     what the visual tokens kept.
     """
-    hits: list[float] = []
+    hits: dict[int, float] = {}
+    image_hits: dict[int, float] = {}
     for samples in lmms_folder.glob(f"*_samples_{TASK}.jsonl"):
         for line in samples.read_text().splitlines():
             sample = json.loads(line)
+            hits[int(sample["doc_id"])] = float(sample["accuracy"])
             if sample.get("shape_accuracy") is not None or sample.get("color_accuracy") is not None:
-                hits.append(float(sample["accuracy"]))
-    return sum(hits) / len(hits) if hits else None
+                image_hits[int(sample["doc_id"])] = float(sample["accuracy"])
+    return hits, image_hits
+
+
+def paired_difference(rows: list[dict[str, Any]], setting: str, reference: str) -> tuple[float, float, int] | None:
+    """Mean accuracy of ``setting`` minus ``reference`` over the same questions at the same budgets.
+
+    Pairing removes the between-question variance, so the standard error is that of the
+    per-question differences: ``(mean, standard error, pairs)``, or None without common runs.
+    """
+    by_key = {(row["setting"], row["budget"]): row for row in rows}
+    differences: list[float] = []
+    for (name, budget), row in by_key.items():
+        other = by_key.get((reference, budget))
+        if name != setting or other is None or budget is None:
+            continue
+        common = row["hits"].keys() & other["hits"].keys()
+        differences += [row["hits"][doc] - other["hits"][doc] for doc in sorted(common)]
+    if len(differences) < 2:
+        return None
+    count = len(differences)
+    mean = sum(differences) / count
+    variance = sum((value - mean) ** 2 for value in differences) / (count - 1)
+    return mean, (variance / count) ** 0.5, count
 
 
 def collect_rows(output: Path) -> list[dict[str, Any]]:
@@ -199,9 +226,27 @@ def budget_table(rows: list[dict[str, Any]], column: str) -> list[str]:
     return lines
 
 
+def paired_table(rows: list[dict[str, Any]], reference: str) -> list[str]:
+    """Markdown lines: every setting's paired accuracy difference to ``reference`` over all budgets."""
+    settings = [name for name in dict.fromkeys(row["setting"] for row in rows) if name != reference]
+    lines = [
+        f"| setting | accuracy − {reference}, all budgets (paired) | ± standard error | question pairs |",
+        "|---|---:|---:|---:|",
+    ]
+    for setting in settings:
+        difference = paired_difference(rows, setting, reference)
+        if difference is not None:
+            mean, error, count = difference
+            lines.append(f"| {setting} | {mean:+.4f} | {error:.4f} | {count} |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown_report(rows: list[dict[str, Any]]) -> str:
     """Accuracy and shape+colour accuracy per setting x budget, then every run's per-kind scores."""
     lines = [*budget_table(rows, "accuracy"), "", *budget_table(rows, "shape+color acc"), ""]
+    comparisons = paired_table(rows, REFERENCE_SETTING)
+    if comparisons:
+        lines += [*comparisons, ""]
     lines += [
         "| setting | budget | visual tokens | accuracy | shape+color | shape | color | yes/no |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -251,12 +296,13 @@ def write_report(output: Path, extra: dict[str, Any]) -> dict[str, Path]:
         raise ValueError(f"{output} holds no finished easy_vqa run")
     paths = {name: output / f"vqa.{name}" for name in ("md", "csv", "json", "png")}
     paths["md"].write_text(markdown_report(rows))
-    columns = [key for key in rows[0] if key != "config"]
+    columns = [key for key in rows[0] if key not in ("config", "hits")]
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    paths["json"].write_text(json.dumps({**extra, "rows": rows}, indent=1) + "\n")
+    stored = [{key: value for key, value in row.items() if key != "hits"} for row in rows]
+    paths["json"].write_text(json.dumps({**extra, "rows": stored}, indent=1) + "\n")
     plot_report(rows, paths["png"])
     return paths
 
