@@ -261,30 +261,52 @@ def markdown_report(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against visual tokens, one line per setting; the unmerged model and the floor as lines."""
+    """Accuracy and shape+colour accuracy against visual tokens, one line per setting.
+
+    The unmerged model and the no-image floor are horizontal lines; the selection baselines
+    (``random``, ``pool``, ``dominant``) are dotted.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
     settings = list(dict.fromkeys(row["setting"] for row in rows))
-    styles = {"random": ":", "pool": ":", "dominant": ":"}
-    for setting in settings:
-        points = sorted((row["visual_tokens"], row["accuracy"]) for row in rows if row["setting"] == setting)
-        if setting in SINGLE_RUN_SETTINGS:
-            label = f"{setting} ({points[0][0]:.0f} tokens)"
-            axis.axhline(points[0][1], color="grey", linestyle="--" if setting == "none" else "-.", label=label)
-            continue
-        linestyle = styles.get(setting, "-")
-        axis.plot(*zip(*points, strict=True), marker="o", linestyle=linestyle, label=setting)
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("visual tokens per image (log scale)")
-    axis.set_ylabel("easy-VQA accuracy")
-    axis.set_title("Mini-LLaVA (real DINOv2 tower) on easy-VQA: accuracy vs visual tokens")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="x-small", ncol=2)
-    figure.tight_layout()
+    order = {name: position for position, name in enumerate(SETTINGS)}
+    colors = plt.get_cmap("tab20").colors
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for axis, column, title in (
+        (axes[0], "accuracy", "all questions"),
+        (axes[1], "shape+color acc", "shape and colour questions"),
+    ):
+        for setting in settings:
+            points = sorted(
+                (row["visual_tokens"], row[column])
+                for row in rows
+                if row["setting"] == setting and row[column] is not None and row["visual_tokens"] is not None
+            )
+            if not points:
+                continue
+            if setting in SINGLE_RUN_SETTINGS:
+                style = "--" if setting == "none" else "-."
+                axis.axhline(
+                    points[0][1], color="grey", linestyle=style, label=f"{setting} ({points[0][0]:.0f} tokens)"
+                )
+                continue
+            color = colors[order.get(setting, len(order)) % len(colors)]
+            linestyle = ":" if SETTINGS.get(setting, {}).get("method") in ("random", "pool", "dominant") else "-"
+            axis.plot(
+                *zip(*points, strict=True), marker="o", markersize=4, linestyle=linestyle, color=color, label=setting
+            )
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("visual tokens per image (log scale)")
+        axis.set_ylabel("easy-VQA accuracy")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize="small")
+    figure.suptitle("Mini-LLaVA (real DINOv2 tower, trained on unmerged tokens) on easy-VQA")
+    figure.tight_layout(rect=(0, 0, 0.86, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
