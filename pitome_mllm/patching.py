@@ -69,6 +69,11 @@ class PatchHandle:
         """``[num_images, num_patches]``: the LLM token holding each patch, after the last forward."""
         return self._adapter.projector_merger.final_token_map
 
+    @property
+    def final_size(self):
+        """``[num_images, num_visual_tokens, 1]``: patches each LLM visual token holds, after the last forward."""
+        return self._adapter.projector_merger.final_size
+
     def record_merges(self, enabled: bool = True) -> None:
         """Keep every step's `Merge` of the next forwards in ``trace.merges`` (for visualisation)."""
         self._adapter.tower.record_merges = enabled

@@ -774,3 +774,17 @@ def test_keep_order_hands_tokens_over_in_raster_order(tiny_llava, images, settin
     # Same tokens, only reordered.
     order = merge_order_first[0].argsort()
     assert torch.equal(raster_features, merge_order_features[order])
+
+
+@pytest.mark.parametrize("keep_order", [False, True])
+def test_final_size_counts_the_patches_each_token_holds(tiny_llava, images, keep_order):
+    model, processor = tiny_llava
+    with pitome_mllm.patched(model, processor, target_tokens=10, keep_order=keep_order) as handle:
+        assert_llm_receives(model, processor, images["chelsea"], handle.num_visual_tokens)
+        size, token_map = handle.final_size, handle.final_token_map
+        assert size.shape == (1, 10, 1)
+        # Each token's size is the number of patches the source map assigns to it.
+        held = torch.bincount(token_map[0], minlength=10).to(size.dtype)
+        assert torch.equal(size[0, :, 0], held)
+        assert int(size.sum()) == TEST_SPEC.num_patches
+    assert handle.final_size is None  # unpatch() drops the last forward's state

@@ -324,15 +324,6 @@ def llava_view(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(tokens))
 
 
-def stage_sizes(handle) -> torch.Tensor:
-    """``[B, n, 1]`` patches held by each token of the last forward (tower trace + projector stage).
-
-    `PatchHandle` exposes the final token map but not these sizes; the projector stage
-    (`ProjectorMerger` or `SelectionStage`) keeps them as ``final_size``.
-    """
-    return handle._adapter.projector_merger.final_size
-
-
 @dataclass
 class Reduced:
     """One setting's output on the test images, summarised.
@@ -391,7 +382,7 @@ def run_setting(
                 num_tokens = features.shape[1]
             token_map = handle.final_token_map
             plain.append(pool_tokens(features))
-            weighted.append(pool_tokens(features, stage_sizes(handle)))
+            weighted.append(pool_tokens(features, handle.final_size))
             if reference is not None:
                 cosines.append(patch_cosine(reference[start : start + batch_size], features, token_map))
             if start < keep_maps:
