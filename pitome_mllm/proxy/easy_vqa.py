@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.llava_hf import llava_core
+
 logger = logging.getLogger("pitome_mllm")
 
 INSTALL_HINT = "pip install easy-vqa==1.0 (or pip install -e '.[proxy]')"
@@ -240,14 +242,15 @@ def build_mini_llava(spec: MiniLlavaSpec = MiniLlavaSpec(), seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     model = _instantiate(LlavaForConditionalGeneration, config, seed, tokenizer, torch.float32)
-    load_into_clip_tower(model.model.vision_tower, dinov2_to_clip_state_dict(load_dinov2(), DEFAULT_IMAGE_SIZE))
-    model.model.vision_tower.requires_grad_(False)
+    tower = llava_core(model).vision_tower
+    load_into_clip_tower(tower, dinov2_to_clip_state_dict(load_dinov2(), DEFAULT_IMAGE_SIZE))
+    tower.requires_grad_(False)
     return model, processor
 
 
 def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, 3, 224, 224]`` -> ``[B, 256, 384]``: LLaVA's view of the tower (layer -2, CLS dropped)."""
-    core = model.model
+    core = llava_core(model)
     with torch.no_grad():
         hidden = core.vision_tower(pixel_values, output_hidden_states=True).hidden_states
     return hidden[core.config.vision_feature_layer][:, 1:]
@@ -301,7 +304,7 @@ def answer_logits(model, features: torch.Tensor, input_ids: torch.Tensor, attent
     The same computation as the model's own forward after its vision tower, without re-running
     the frozen tower every step.
     """
-    core = model.model
+    core = llava_core(model)
     image_positions = input_ids == core.config.image_token_id
     embeddings = core.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
     projected = core.multi_modal_projector(features).to(embeddings.dtype)
@@ -421,7 +424,7 @@ def train_mini_llava(
     losses: list[float] = []
     validation: list[dict[str, float]] = []
     model.train()
-    model.model.vision_tower.eval()
+    llava_core(model).vision_tower.eval()  # frozen: no dropout, whatever train() set
     step = 0
     with tqdm(total=total_steps, desc="training mini-LLaVA", unit="step") as progress:
         for epoch in range(settings.epochs):
