@@ -63,7 +63,18 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 SINGLE_RUN_SETTINGS = ("none", "floor")
 REFERENCE_SETTING = "pitome_reference"  # what the paired differences are taken against
-DEFAULT_SETTINGS = tuple(SETTINGS)
+# A few minutes of evaluation on 2 cores; "--settings all" runs every entry of SETTINGS.
+DEFAULT_SETTINGS = (
+    "none",
+    "floor",
+    "tome",
+    "pitome_reference",
+    "pitome_pure",
+    "pitome_llm_pa",
+    "random",
+    "pool",
+    "dominant",
+)
 
 
 def setting_runs(name: str, budgets: Sequence[int]) -> dict[str, dict[str, Any]]:
@@ -361,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--settings",
         type=comma_separated(),
         default=list(DEFAULT_SETTINGS),
-        help=f"comma-separated settings (default: all): {', '.join(SETTINGS)}",
+        help=f"comma-separated settings, or 'all' (default: {','.join(DEFAULT_SETTINGS)}); all: {', '.join(SETTINGS)}",
     )
     parser.add_argument(
         "--budgets", type=comma_separated(int), default=list(DEFAULT_BUDGETS), help="visual-token budgets per image"
@@ -385,6 +396,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import sweep
 
+    if args.settings == ["all"]:
+        args.settings = list(SETTINGS)
     unknown = [name for name in args.settings if name not in SETTINGS]
     if unknown:
         raise ValueError(f"unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
