@@ -352,21 +352,27 @@ def build_real_llava(
     identity_projector: bool = True,
     seed: int = 0,
     use_cache: bool = True,
+    text_heads: int = NUM_HEADS,
+    text_intermediate: int | None = None,
 ):
     """A ``LlavaForConditionalGeneration`` with the real tower and a tiny random language model.
 
     Args:
         image_size: input size (224: 256 patch tokens + CLS, the CLIP ViT-L/14-224 grid).
-        text_layers, text_hidden: size of the (seeded, random) LLaMA decoder.
+        text_layers, text_hidden, text_heads, text_intermediate: size of the (seeded, random)
+            LLaMA decoder; ``text_intermediate`` defaults to ``2 * text_hidden``.
         identity_projector: the projector passes the tower features through unchanged
             (``linear_1 = linear_2 = I``, no activation; needs ``text_hidden == 384``), so the
             features reaching the language model are exactly LLaVA's view of the tower.
+            False: a random GELU MLP (a projector to train).
         seed: seed of the random language model and projector.
 
     Returns:
         ``(model, processor)``, eval mode, float32.
     """
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .models.tiny import _instantiate
 
     if identity_projector and text_hidden != HIDDEN_SIZE:
         raise ValueError(f"identity_projector needs text_hidden == {HIDDEN_SIZE}, got {text_hidden}")
@@ -375,10 +381,10 @@ def build_real_llava(
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
+        intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_HEADS,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_heads,
         max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -396,9 +402,7 @@ def build_real_llava(
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+    model = _instantiate(LlavaForConditionalGeneration, config, seed, tokenizer, torch.float32)
     llava = model.model
     dinov2 = load_dinov2(use_cache)
     load_into_clip_tower(llava.vision_tower, dinov2_to_clip_state_dict(dinov2, image_size))
@@ -407,7 +411,7 @@ def build_real_llava(
             for linear in (llava.multi_modal_projector.linear_1, llava.multi_modal_projector.linear_2):
                 linear.weight.copy_(torch.eye(HIDDEN_SIZE))
                 linear.bias.zero_()
-    return model.eval(), processor
+    return model, processor
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:

@@ -201,50 +201,18 @@ class TrainSettings:
 
 
 def build_mini_llava(spec: MiniLlavaSpec = MiniLlavaSpec(), seed: int = 0):
-    """``(model, processor)``: real DINOv2 tower, random projector and decoder (seeded), float32."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """``(model, processor)``: real DINOv2 tower (frozen), random GELU projector and decoder (seeded), float32."""
+    from ..real_tower import build_real_llava
 
-    from ..models.tiny import _instantiate
-    from ..real_tower import (
-        DEFAULT_IMAGE_SIZE,
-        PATCH_SIZE,
-        build_real_processor,
-        clip_vision_config,
-        dinov2_to_clip_state_dict,
-        load_dinov2,
-        load_into_clip_tower,
+    model, processor = build_real_llava(
+        text_layers=spec.text_layers,
+        text_hidden=spec.text_hidden,
+        text_heads=spec.text_heads,
+        text_intermediate=spec.text_intermediate,
+        identity_projector=False,
+        seed=seed,
     )
-
-    processor = build_real_processor(DEFAULT_IMAGE_SIZE)
-    tokenizer = processor.tokenizer
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=clip_vision_config(DEFAULT_IMAGE_SIZE),
-        text_config=text_config,
-        image_token_id=tokenizer.image_token_id,
-        image_seq_length=(DEFAULT_IMAGE_SIZE // PATCH_SIZE) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = _instantiate(LlavaForConditionalGeneration, config, seed, tokenizer, torch.float32)
-    tower = llava_core(model).vision_tower
-    load_into_clip_tower(tower, dinov2_to_clip_state_dict(load_dinov2(), DEFAULT_IMAGE_SIZE))
-    tower.requires_grad_(False)
+    llava_core(model).vision_tower.requires_grad_(False)
     return model, processor
 
 
