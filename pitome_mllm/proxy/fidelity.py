@@ -49,7 +49,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -59,6 +58,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..profiling import machine_info
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -570,34 +571,6 @@ def load_finished_rows(path: Path, identity: dict[str, Any]) -> list[dict[str, A
     return list(report.get("rows", []))
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """CPU model, threads, library versions and load average (no git needed)."""
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        load = None
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1_5_15": load,
-    }
-
-
 # ---------------------------------------------------------------------------------- report
 TABLE_COLUMNS = (
     ("setting", "setting", None),
@@ -832,11 +805,11 @@ def run_fidelity(
             row["seconds"] = round(time.perf_counter() - row_started, 1)
             rows.append(row)
             report["rows"] = sorted_rows(rows)
-            report["machine"] = machine_info(torch.get_num_threads())
+            report["machine"] = machine_info("cpu")
             report["wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
             atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
             print(markdown_table([row]).splitlines()[-1], flush=True)
-    report["machine"] = machine_info(torch.get_num_threads())
+    report["machine"] = machine_info("cpu")
     report["wall_seconds_this_call"] = round(time.perf_counter() - started, 1)
     atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     write_reports(output, rows, dataset)

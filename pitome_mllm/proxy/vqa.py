@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -340,29 +339,6 @@ def write_report(output: Path, extra: dict[str, Any]) -> dict[str, Path]:
     return paths
 
 
-def machine_info() -> dict[str, Any]:
-    import os
-
-    import torch
-    import transformers
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 # ------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..cli import comma_separated
@@ -395,6 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import sweep
+    from ..profiling import machine_info
 
     if args.settings == ["all"]:
         args.settings = list(SETTINGS)
@@ -430,7 +407,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(checkpoint),
         "training": {key: value for key, value in training.items() if key != "loss_per_step"},
         "limit": args.limit,
-        "machine": machine_info(),
+        "machine": machine_info("cpu"),
         "wall_seconds_this_call": round(time.perf_counter() - started, 1),
         "command": " ".join(sys.argv),
     }
