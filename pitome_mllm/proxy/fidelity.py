@@ -315,8 +315,10 @@ def mean_cosine(pooled: torch.Tensor, reference: torch.Tensor) -> float:
 
 def llava_view(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, n, D]``: the visual tokens the language model receives (identity projector)."""
+    from ..models.llava_hf import image_feature_owner
+
     with torch.no_grad():
-        output = model.model.get_image_features(
+        output = image_feature_owner(model).get_image_features(
             pixel_values=pixel_values,
             vision_feature_layer=model.config.vision_feature_layer,
             vision_feature_select_strategy=model.config.vision_feature_select_strategy,
