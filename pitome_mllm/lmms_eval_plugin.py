@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +57,7 @@ from tqdm import tqdm
 from .config import PiToMeConfig
 from .loading import StageTimer, load_llava
 from .models.llava_hf import vision_dtype
+from .sweep import write_json_atomically
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -250,13 +250,6 @@ def peak_memory_mib(model: torch.nn.Module) -> tuple[float, str]:
 
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -662,7 +655,7 @@ class PiToMeLlavaHF(lmms):
             additional_metrics=additional,
         )
         if self.record_path is not None:
-            _write_json_atomically(self.record_path, summary)
+            write_json_atomically(self.record_path, summary)
 
 
 __all__ = [

@@ -271,7 +271,8 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary file and rename it, so readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    # default=str: a stray non-JSON value (a dtype, a path) is recorded as text rather than losing the file.
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(temporary, path)
 
 
