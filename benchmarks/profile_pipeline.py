@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pitome_mllm.architectures import build_arch
     from pitome_mllm.profile_cli import native_visual_tokens, resolve_device
-    from pitome_mllm.profiling import ProfileSettings, markdown_table, plan_runs, print_table, profile, write_report
+    from pitome_mllm.profiling import ProfileSettings, plan_runs, profile, publish_report
 
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -70,17 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup
     )
     report = profile(model, processor, runs, settings, source=f"{args.arch} (random weights)")
-    print_table(report)
     stem = args.stem or f"pipeline_{args.arch}_{device.type}_{args.dtype}"
-    paths = write_report(report, args.output, stem)
-    machine = report.machine
-    print(
-        f"\nmachine: {machine.get('gpu') or machine['cpu']}, {machine['torch_threads']} torch threads, "
-        f"torch {machine['torch']}, load average before/after {machine['load_average_1_5_15']} / "
-        f"{machine['load_average_after']}"
-    )
-    print(markdown_table(report))
-    print("\nwrote " + ", ".join(str(path) for path in paths.values()))
+    publish_report(report, args.output, stem)
     return 0
 
 

@@ -1397,6 +1397,21 @@ def _where(report: ProfileReport) -> str:
     return machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
 
 
+def publish_report(report: ProfileReport, output_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Print the table, the machine and the markdown table, and write the report files (benchmark scripts)."""
+    print_table(report)
+    paths = write_report(report, output_dir, stem)
+    machine = report.machine
+    print(
+        f"\nmachine: {machine.get('gpu') or machine['cpu']}, {machine['torch_threads']} torch threads, "
+        f"torch {machine['torch']}, load average before/after {machine['load_average_1_5_15']} / "
+        f"{machine['load_average_after']}"
+    )
+    print(markdown_table(report))
+    print("\nwrote " + ", ".join(str(path) for path in paths.values()))
+    return paths
+
+
 def print_table(report: ProfileReport, console=None) -> None:
     """The latency table and the memory / FLOPs table, with rich."""
     from rich.console import Console

@@ -271,6 +271,14 @@ def test_report_files_are_written(report, tmp_path):
     assert "| run |" in profiling.markdown_table(report)
 
 
+def test_publish_report_prints_machine_and_tables_and_writes_files(report, tmp_path, capsys):
+    paths = profiling.publish_report(report, tmp_path, "published")
+    assert all(path.exists() for path in paths.values())
+    printed = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in printed and "load average before/after" in printed
+    assert "| run |" in printed and "wrote " in printed
+
+
 def test_cli_profile_on_the_tiny_model(tmp_path, capsys):
     from pitome_mllm.cli import main
 
