@@ -26,10 +26,21 @@ CLIP-L/14-336's (577 tokens in the tower, 576 placeholders per image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from .architecture_specs import (  # noqa: F401  (re-exported: the shapes belong with their builders)
+    ARCHITECTURES,
+    CLIP_L_336,
+    LLAMA2_7B,
+    LLAMA2_13B,
+    LLAMA_1B,
+    LLAVA_VOCAB_SIZE,
+    ArchSpec,
+    TextShape,
+    VisionShape,
+    get_arch,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -42,102 +53,9 @@ __all__ = [
     "get_arch",
 ]
 
-# Vocabulary of the llava-1.5 checkpoints: Llama-2's 32000 tokens plus added ones, padded to 32064.
-LLAVA_VOCAB_SIZE = 32064
 INIT_STD = 0.02
 # Odd length, so a weight row and the tiled noise block do not line up period by period.
 _NOISE_BLOCK_LEN = 1_048_573
-
-
-@dataclass(frozen=True)
-class VisionShape:
-    """A CLIP vision tower's shape (defaults: ViT-L/14 at 336 px, LLaVA-1.5's tower)."""
-
-    hidden_size: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    intermediate_size: int = 4096
-    patch_size: int = 14
-    image_size: int = 336
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens inside the tower: patches + CLS (577 for 336/14)."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-@dataclass(frozen=True)
-class TextShape:
-    """A Llama decoder's shape (defaults: Llama-2-7B / Vicuna-7B, LLaVA-1.5-7B's LLM)."""
-
-    hidden_size: int = 4096
-    num_layers: int = 32
-    num_heads: int = 32
-    num_kv_heads: int = 32
-    intermediate_size: int = 11008
-    vocab_size: int = LLAVA_VOCAB_SIZE
-    max_position_embeddings: int = 4096
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A named LLaVA-1.5 style architecture.
-
-    Attributes:
-        name: the ``--arch`` name.
-        description: one line for listings.
-        vision: the CLIP tower's shape.
-        text: the language model's shape (also fixes the projector's output width).
-        build_language_model: False leaves the language model and LM head on the ``meta``
-            device (vision tower + projector only); such a model cannot run ``forward``,
-            only ``get_image_features``.
-    """
-
-    name: str
-    description: str
-    vision: VisionShape
-    text: TextShape
-    build_language_model: bool = True
-
-
-LLAMA2_7B = TextShape()
-LLAMA2_13B = TextShape(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824)
-# A ~1B Llama (TinyLlama-like widths, grouped-query attention) that fits a CPU in fp32.
-LLAMA_1B = TextShape(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=5632)
-CLIP_L_336 = VisionShape()
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    spec.name: spec
-    for spec in (
-        ArchSpec("llava-1.5-7b", "CLIP ViT-L/14-336 + Llama-2-7B shape (LLaVA-1.5-7B)", CLIP_L_336, LLAMA2_7B),
-        ArchSpec("llava-1.5-13b", "CLIP ViT-L/14-336 + Llama-2-13B shape (LLaVA-1.5-13B)", CLIP_L_336, LLAMA2_13B),
-        ArchSpec(
-            "clip-l-336+1b", "CLIP ViT-L/14-336 + a ~1B Llama (hidden 2048, 16 layers, GQA 16/8)", CLIP_L_336, LLAMA_1B
-        ),
-        ArchSpec(
-            "clip-l-336",
-            "CLIP ViT-L/14-336 + LLaVA-1.5-7B projector only (no language model)",
-            CLIP_L_336,
-            LLAMA2_7B,
-            build_language_model=False,
-        ),
-    )
-}
-
-
-def get_arch(name: str) -> ArchSpec:
-    """The `ArchSpec` called ``name``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[name]
 
 
 def arch_config(spec: ArchSpec | str, tokenizer=None):
@@ -305,6 +223,21 @@ def _recompute_buffers(model: nn.Module) -> None:
                 for buffer in buffers:
                     buffer.__dict__.pop("_is_hf_initialized", None)
                 sub_model._init_weights(module)
+                _recompute_buffers_4x(module)
+
+
+@torch.no_grad()
+def _recompute_buffers_4x(module: nn.Module) -> None:
+    """transformers 4.57's ``_init_weights`` leaves non-persistent buffers alone: recompute the two kinds a
+    LLaVA has (CLIP's position ids, Llama's rotary frequencies). On 5.x they are already right."""
+    position_ids = getattr(module, "position_ids", None)
+    if isinstance(position_ids, torch.Tensor):
+        position_ids.copy_(torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids))
+    rope_init_fn = getattr(module, "rope_init_fn", None)
+    if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and rope_init_fn is not None:
+        inv_freq, _ = rope_init_fn(module.config, module.inv_freq.device)
+        module.inv_freq.copy_(inv_freq)
+        module.original_inv_freq = module.inv_freq
 
 
 def count_parameters(spec: ArchSpec | str) -> dict[str, int]:

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .loading import DTYPES
+from .config import DTYPES
 from .schedule import METHODS, PRESETS
 
 HELP = "chat about an image with a PiToMe-patched LLaVA model (streams answers, reports visual tokens and latency)"

@@ -44,7 +44,20 @@ def comma_separated(convert=str):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(with_arguments: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pitome-mllm`` parser; only the subcommands in ``with_arguments`` (None: all) get their options.
+
+    A subcommand's options can need its heavy imports (torch, transformers), so ``--help`` and a light
+    command such as ``schedule`` build only what they show.
+    """
     parser = argparse.ArgumentParser(
         prog="pitome-mllm",
         description="Spectrum-preserving token merging (PiToMe) for LLaVA-style multimodal LLMs.",
@@ -54,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(sub)
+        if with_arguments is None or name in with_arguments:
+            module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    parser = build_parser([] if command is None else [command])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command is None:

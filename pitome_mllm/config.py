@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .merge.energy import ENERGY_KINDS
-from .schedule import METHODS, PRESETS, check_keep_ratio
+from .schedule import ENERGY_KINDS, METHODS, PRESETS, check_keep_ratio
 
 METRICS = ("hidden", "keys", "keys_mean")
 # Baselines that leave the tower unmerged and choose or pool the patch tokens to exactly
 # target_tokens before the projector (pitome_mllm.merge.select; docs/methods.md).
 SELECTION_METHODS = ("random", "pool", "dominant")
+# Model dtypes the loaders and the command line accept ("auto": the checkpoint's own).
+DTYPES = ("auto", "float16", "bfloat16", "float32")
 ALL_METHODS = METHODS + SELECTION_METHODS
 REDUCES = ("mean", "size_weighted")
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .chat import TurnStats, add_session_arguments, answer_questions, checked_patch_config, stream_generate
-from .loading import TINY_MODEL_NAMES
 
 HELP = (
     "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
@@ -165,6 +164,7 @@ def _load_tiny(spec_name: str, args: argparse.Namespace):
 
 def load(args: argparse.Namespace):
     """``(tokenizer, model, image_processor)`` for the arguments."""
+    from .loading import TINY_MODEL_NAMES
     from .models.llava_original import load_llava_original
 
     spec_name = TINY_MODEL_NAMES.get(args.model)

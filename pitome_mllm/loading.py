@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import DTYPES
 from .models.llava_hf import image_feature_owner
 
 logger = logging.getLogger("pitome_mllm")
 
-DTYPES = ("auto", "float16", "bfloat16", "float32")
 TINY_SPECS = ("demo", "test")
 # Names that `load_model` maps to the offline tiny model instead of a folder or hub id.
 TINY_MODEL_NAMES = {"tiny": "demo", "tiny-test": "test"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .architectures import ARCHITECTURES
+from .architecture_specs import ARCHITECTURES
 from .cli import comma_separated
 from .schedule import METHODS, PRESETS
 

@@ -24,10 +24,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .merge.energy import margin_for_layer
-
 PRESETS = ("reference", "paper", "pure")
 METHODS = ("pitome", "tome", "none")
+ENERGY_KINDS = ("elu", "paper", "gaussian")
+
+
+def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: float = 0.9) -> float:
+    """The adaptive margin ``m_l = start - span * l / L`` (0-based ``l``).
+
+    It *decreases* with depth, as in the authors' code (the paper's text calls it
+    "increasing" but its formula decreases; see spec pitfall 4).
+    """
+    return start - span * layer_idx / num_layers
 
 
 @dataclass(frozen=True)

@@ -494,16 +494,13 @@ def vision_hidden_states(model: torch.nn.Module, pixel_values: torch.Tensor) -> 
     Uses the transformers method ``get_image_features`` (LLaVA and most vision-language
     models have it). On a patched model the entries after the first merge are shorter.
     """
-    if not hasattr(model, "get_image_features"):
-        raise ValueError(f"{type(model).__name__} has no get_image_features(); cannot read vision hidden states")
+    from .models.llava_hf import image_feature_owner
+    from .models.llava_hf import vision_hidden_states as read_hidden_states
+
+    image_feature_owner(model)  # ValueError naming the model when it has no get_image_features
     device, dtype = _model_placement(model)
     with torch.no_grad():
-        output = model.get_image_features(
-            pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=True, return_dict=True
-        )
-    hidden_states = getattr(output, "hidden_states", None)
-    if hidden_states is None:
-        raise ValueError(f"{type(model).__name__}.get_image_features() returned no hidden states")
+        hidden_states = read_hidden_states(model, pixel_values.to(device=device, dtype=dtype))
     return tuple(h.detach() for h in hidden_states)
 
 

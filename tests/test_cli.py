@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -244,3 +245,29 @@ def test_load_in_8bit_keeps_the_vision_tower_unquantised(tiny_folder):
         output = model.generate(**inputs, max_new_tokens=2)
         assert count_image_tokens(processor, inputs["input_ids"]) == handle.num_visual_tokens
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["schedule", "--keep-ratio", "0.9"], ["schedule", "--help"]])
+def test_help_and_schedule_import_neither_torch_nor_transformers(argv):
+    # A fresh interpreter: this one has imported torch already.
+    code = (
+        "import sys\n"
+        "from pitome_mllm.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "heavy: []"
+
+
+def test_chosen_command_skips_options():
+    from pitome_mllm.cli import chosen_command
+
+    assert chosen_command(["-v", "schedule", "--keep-ratio", "0.9"]) == "schedule"
+    assert chosen_command(["--help"]) is None
+    assert chosen_command(["nonsense"]) is None

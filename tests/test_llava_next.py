@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pitome_mllm
+from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.models.llava_next import AnyresLayout, anyres_layout, split_budget
 from pitome_mllm.models.tiny import (
     BOS_TOKEN,
@@ -62,9 +63,7 @@ def placeholders(processor, inputs) -> list[int]:
 
 def packed_lengths(model, inputs) -> list[int]:
     with torch.no_grad():
-        features = model.get_image_features(
-            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
-        ).pooler_output
+        features = image_features_per_image(model, inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     return [f.shape[0] for f in features]
 
 
@@ -236,6 +235,31 @@ def test_onevision_keep_ratio_one_and_unpatch_are_exact(tiny_onevision, images):
     with pitome_mllm.patched(model, None, target_tokens=50):
         assert logits_of(model, onevision_inputs(image_processor, pictures, [50, 50])).shape[1] < before.shape[1]
     assert torch.equal(logits_of(model, inputs), before)
+
+
+class _OnevisionProcessorWithoutPerImageCount:
+    """transformers 4.57's OneVision processor shape: a per-image ``_get_number_of_features``, no
+    ``replace_image_token`` (multi-image prompts are counted from ``num_image_tokens``)."""
+
+    image_token = "<image>"
+    vision_feature_select_strategy = "full"
+    num_image_tokens = 64
+
+    def _get_number_of_features(self, orig_height, orig_width, height, width):
+        return 65
+
+
+def test_onevision_processor_without_a_per_image_count_is_refused_untouched(tiny_onevision):
+    model, _, _ = tiny_onevision
+    processor = _OnevisionProcessorWithoutPerImageCount()
+    forward_before = dict(model.model.__dict__)
+    with pytest.raises(ValueError, match="cannot set the placeholder count.*processor=None"):
+        pitome_mllm.patch(model, processor, target_tokens=40)
+    assert pitome_mllm.get_patch(model) is None
+    assert dict(model.model.__dict__) == forward_before
+    assert "_get_number_of_features" not in processor.__dict__
+    with pitome_mllm.patched(model, None, target_tokens=40) as handle:  # the model alone still patches
+        assert handle.num_visual_tokens == 40
 
 
 class _OnevisionProcessorStandIn:

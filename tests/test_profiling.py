@@ -338,7 +338,9 @@ def test_small_arch_is_materialised_with_sane_weights_and_buffers():
         TextShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=600),
     )
     model, processor = build_arch(spec)
-    embeddings = model.model.vision_tower.embeddings
+    tower = model.model.vision_tower
+    # transformers 4.x keeps the embeddings one level down, on vision_model.
+    embeddings = getattr(tower, "vision_model", tower).embeddings
     assert torch.equal(embeddings.position_ids, torch.arange(17).unsqueeze(0))
     inv_freq = model.model.language_model.rotary_emb.inv_freq
     assert torch.allclose(inv_freq, 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8))

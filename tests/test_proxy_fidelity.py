@@ -145,6 +145,7 @@ def test_finished_rows_are_reused_only_for_the_same_identity(tmp_path):
 
 
 def test_run_resumes_without_running_finished_settings(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn ('pitome-mllm[proxy]')")
     identity = {"dataset": "digits", "train": 30, "test": 12, "seed": 0, "spectral_images": 0}
     finished = {"setting": "none", "budget": None, "visual_tokens": 256, "probe_acc_plain": 0.5}
     finished.update(probe_acc_size_weighted=0.5, pooled_cos_plain=1.0, pooled_cos_size_weighted=1.0)

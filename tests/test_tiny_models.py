@@ -7,6 +7,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pitome_mllm.assets import list_images, load_image
+from pitome_mllm.models.base import clip_encoder_layers
 from pitome_mllm.models.tiny import (
     DEMO_SPEC,
     TEST_SPEC,
@@ -107,7 +108,7 @@ def test_config_matches_spec_and_tokenizer(test_model_and_processor):
     assert config._attn_implementation == "sdpa"
     assert config.vision_config._attn_implementation == "sdpa"
     assert not model.training
-    assert len(model.model.vision_tower.encoder.layers) == TEST_SPEC.vision_layers
+    assert len(clip_encoder_layers(model.model.vision_tower)) == TEST_SPEC.vision_layers
 
 
 def test_build_is_deterministic_and_leaves_global_rng_alone():

@@ -17,6 +17,7 @@ tokens decoded with a KV cache); only full-attention layers (key offset 0) are s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -184,7 +185,11 @@ def call_kv_length(cache, layer_idx: int, q_length: int) -> int:
     """Keys an attention call will see, read from the cache before the layer updates it."""
     if cache is None:
         return q_length
-    kv_length, kv_offset = cache.get_mask_sizes(q_length, layer_idx)
+    if "cache_position" in inspect.signature(cache.get_mask_sizes).parameters:
+        # transformers 4.57: get_mask_sizes(cache_position, layer_idx) reads only the positions' count.
+        kv_length, kv_offset = cache.get_mask_sizes(torch.arange(q_length), layer_idx)
+    else:  # transformers 5.x: get_mask_sizes(query_length, layer_idx)
+        kv_length, kv_offset = cache.get_mask_sizes(q_length, layer_idx)
     if kv_offset:
         raise ValueError(
             f"layer {layer_idx} sees a sliding window of keys (offset {kv_offset}); llm_prop_attn supports "

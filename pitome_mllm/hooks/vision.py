@@ -115,6 +115,8 @@ class TowerMerger:
         last_layer: index of the last layer whose output the model reads.
         settings: metric, reduce, proportional attention, alpha, class token.
         key_projection: ``layer -> (k_proj module, num_heads)``, needed for the keys metrics.
+        layers_return_tuple: the layers return ``(hidden_states, ...)`` rather than the tensor, so a
+            skipped layer must too (the adapter knows which the installed library does).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class TowerMerger:
         last_layer: int,
         settings: MergeSettings,
         key_projection: Callable[[nn.Module], tuple[nn.Module, int]] | None = None,
+        layers_return_tuple: bool = False,
     ) -> None:
         if settings.metric != "hidden" and key_projection is None:
             raise ValueError(f"metric={settings.metric!r} needs the layers' key projections")
@@ -132,6 +135,7 @@ class TowerMerger:
         self.last_layer = last_layer
         self.settings = settings
         self.key_projection = key_projection
+        self.layers_return_tuple = layers_return_tuple
         self.trace: MergeTrace | None = None
         self.record_merges = False
         self._steps: list[LayerStep] = []
@@ -149,7 +153,7 @@ class TowerMerger:
                         k_proj, num_heads = self.key_projection(layer)
                         self._key_hooks.append(k_proj.register_forward_hook(self._make_key_hook(num_heads)))
                 else:
-                    override_forward(layer, _passthrough_forward)
+                    override_forward(layer, _passthrough_forward(self.layers_return_tuple))
                 self._installed.append(layer)
         except Exception:
             self.remove()
@@ -206,11 +210,16 @@ class TowerMerger:
         self.trace = MergeTrace.start(hidden_states, self.record_merges)
 
 
-def _passthrough_forward(original_forward: Callable) -> Callable:
-    def passthrough(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states
+def _passthrough_forward(as_tuple: bool) -> Callable[[Callable], Callable]:
+    """An override making a layer hand its input on unchanged, in the layer's own output form."""
 
-    return passthrough
+    def make(original_forward: Callable) -> Callable:
+        def passthrough(hidden_states: torch.Tensor, *args, **kwargs):
+            return (hidden_states,) if as_tuple else hidden_states
+
+        return passthrough
+
+    return make
 
 
 def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> torch.Tensor:

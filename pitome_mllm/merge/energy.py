@@ -12,16 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-ENERGY_KINDS = ("elu", "paper", "gaussian")
-
-
-def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: float = 0.9) -> float:
-    """The adaptive margin ``m_l = start - span * l / L`` (0-based ``l``).
-
-    It *decreases* with depth, as in the authors' code (the paper's text calls it
-    "increasing" but its formula decreases; see spec pitfall 4).
-    """
-    return start - span * layer_idx / num_layers
+# The names and the margin schedule are pure arithmetic, kept torch-free in `pitome_mllm.schedule`
+# (the command line plans schedules without importing torch); re-exported here as part of the merge API.
+from ..schedule import ENERGY_KINDS, margin_for_layer  # noqa: F401
 
 
 def energy_from_unit(unit: torch.Tensor, margin: float, alpha: float = 1.0, kind: str = "elu") -> torch.Tensor:

@@ -17,6 +17,7 @@ from ..hooks.vision import MergeSettings, TowerMerger
 from ..merge.energy import margin_for_layer
 from ..merge.select import pool_grid, square_grid
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
+from .compat import encoder_layers_return_tuple
 from .siglip import tower_has_class_token
 
 logger = logging.getLogger("pitome_mllm")
@@ -133,6 +134,7 @@ class ClipTowerAdapter:
                 class_token=self.class_token,
             ),
             key_projection=clip_key_projection,
+            layers_return_tuple=encoder_layers_return_tuple(),
         )
         energy = config.energy or PRESET_SCHEDULES[config.preset].energy
         self.projector_merger = ProjectorMerger(

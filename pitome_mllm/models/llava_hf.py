@@ -13,6 +13,7 @@ from torch import nn
 from ..config import PiToMeConfig
 from ..hooks.llm_attention import LLMPropAttention
 from .base import ClipTowerAdapter
+from .compat import transformers_version
 
 FAMILY = "llava_hf"
 SUPPORTED = (
@@ -21,6 +22,9 @@ SUPPORTED = (
     "and a single integer vision_feature_layer"
 )
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
+# transformers 4.57's LlavaProcessor has no per-image hook: __call__ and _get_num_multimodal_tokens expand each
+# <image> into (H // patch_size) * (W // patch_size) + num_additional_image_tokens - (1 if strategy == "default").
+_PROCESSOR_ATTRIBUTES_4X = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
 _MISSING = object()
 # Attention implementations whose layers take a 4D additive (or bool, or None) mask: llm_prop_attn adds to it.
 LLM_PROP_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -52,10 +56,64 @@ def image_feature_owner(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__} has no get_image_features; expected a transformers LLaVA model")
 
 
+def image_features_per_image(model: nn.Module, pixel_values, **kwargs) -> list:
+    """The projected features of each image, as the model's ``get_image_features`` computes them.
+
+    transformers 5.x returns an output whose ``pooler_output`` holds the per-image features; 4.57
+    returns the features themselves (a ``[num_images, K, D]`` tensor, or per-image tensors for NeXT).
+    """
+    output = image_feature_owner(model).get_image_features(pixel_values=pixel_values, **kwargs)
+    return list(getattr(output, "pooler_output", output))
+
+
+def vision_hidden_states(model: nn.Module, pixel_values) -> tuple:
+    """Every hidden state of the vision tower (index 0: embeddings) for ``pixel_values``.
+
+    transformers 5.x hands them out through ``get_image_features(output_hidden_states=True)``; 4.57's
+    ``get_image_features`` returns the features only.
+    """
+    if transformers_version()[0] < 5:
+        # 4.57's get_image_features asks the tower for every hidden state but returns only the features:
+        # catch them on the way, so the call (projector stage included) is the one the model makes.
+        caught: list = []
+        hook = llava_core(model).vision_tower.register_forward_hook(
+            lambda module, args, output: caught.append(output.hidden_states)
+        )
+        try:
+            image_feature_owner(model).get_image_features(pixel_values=pixel_values)
+        finally:
+            hook.remove()
+        return tuple(caught[-1])
+    output = image_feature_owner(model).get_image_features(
+        pixel_values=pixel_values, output_hidden_states=True, return_dict=True
+    )
+    return tuple(output.hidden_states)
+
+
 def matches(model: nn.Module) -> bool:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
     return isinstance(model, (LlavaForConditionalGeneration, LlavaModel))
+
+
+def processor_output_size(processor) -> tuple[int, int]:
+    """``(height, width)`` of every image the processor's image processor produces (transformers 4.x path).
+
+    Raises:
+        ValueError: the image processor keeps each image's aspect ratio, so no single size exists.
+    """
+    image_processor = processor.image_processor
+    crop = getattr(image_processor, "crop_size", None)
+    if getattr(image_processor, "do_center_crop", False) and crop and "height" in crop:
+        return int(crop["height"]), int(crop["width"])
+    size = getattr(image_processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    raise ValueError(
+        f"{type(image_processor).__name__} (size={size}, crop_size={crop}) does not give every image one size; "
+        "with transformers 4.x, patch() needs a fixed output size (center crop or height/width resize) to set "
+        "the number of image placeholders"
+    )
 
 
 class LlavaHFAdapter(ClipTowerAdapter):
@@ -79,6 +137,8 @@ class LlavaHFAdapter(ClipTowerAdapter):
             feature_layer=llava.config.vision_feature_layer,
             drops_class_token=strategy == "default",
         )
+        # (height, width) the processor's own placeholder formula is set for (transformers 4.x), else None.
+        self._processor_image_size: tuple[int, int] | None = None
         if processor is not None:
             self._check_processor(processor)
         self._processor_saved: dict[str, object] = {}
@@ -114,14 +174,21 @@ class LlavaHFAdapter(ClipTowerAdapter):
 
     # ------------------------------------------------------------- processor
     def _check_processor(self, processor) -> None:
-        missing = [name for name in _PROCESSOR_METHODS if not hasattr(processor, name)]
-        if missing:
-            raise ValueError(
-                f"processor {type(processor).__name__} lacks {missing}; pass a transformers LlavaProcessor "
-                "(or processor=None and emit handle.num_visual_tokens placeholders yourself)"
-            )
+        if all(hasattr(processor, name) for name in _PROCESSOR_METHODS):
+            return
+        if all(getattr(processor, name, None) is not None for name in _PROCESSOR_ATTRIBUTES_4X):
+            self._processor_image_size = processor_output_size(processor)
+            return
+        raise ValueError(
+            f"processor {type(processor).__name__} lacks {[n for n in _PROCESSOR_METHODS if not hasattr(processor, n)]}"
+            "; pass a transformers LlavaProcessor (or processor=None and emit handle.num_visual_tokens placeholders "
+            "yourself)"
+        )
 
     def _patch_processor(self) -> None:
+        if self._processor_image_size is not None:
+            self._patch_processor_4x()
+            return
         processor = self.processor
         for name in _PROCESSOR_METHODS:
             self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
@@ -144,6 +211,23 @@ class LlavaHFAdapter(ClipTowerAdapter):
 
         processor.replace_image_token = replace_image_token
         processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+
+    def _patch_processor_4x(self) -> None:
+        """transformers 4.57: make the processor's own formula give the merged count.
+
+        Its formula depends on the image only through the size of the first processed image, which
+        the image processor fixes (`processor_output_size`); ``num_additional_image_tokens`` is set so
+        that the formula gives ``visual_tokens_for`` of that size.
+        """
+        processor = self.processor
+        height, width = self._processor_image_size
+        name = "num_additional_image_tokens"
+        self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
+        patches = (height // processor.patch_size) * (width // processor.patch_size)
+        extra = processor.num_additional_image_tokens
+        dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+        merged = self.visual_tokens_for(patches + extra)
+        processor.num_additional_image_tokens = merged - patches + dropped
 
     def _restore_processor(self) -> None:
         for name, saved in self._processor_saved.items():

@@ -48,6 +48,7 @@ from ..merge import bipartite_soft_matching, pitome
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
 from .base import clip_encoder_layers
+from .compat import transformers_version, transformers_version_text
 from .siglip import tower_has_class_token
 
 FAMILY = "llava_next"
@@ -57,10 +58,17 @@ SUPPORTED = (
     "pack_image_features to a per-image budget"
 )
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
+_NUMBER_OF_FEATURES_4X = "_get_number_of_features"
 _PACK = "pack_image_features"
 _MISSING = object()
 # One newline token closes the image after merging (see the module docstring).
 KEPT_NEWLINES = 1
+
+
+def is_onevision(model: nn.Module) -> bool:
+    from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+
+    return isinstance(model, (LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel))
 
 
 def matches(model: nn.Module) -> bool:
@@ -332,13 +340,16 @@ class LlavaNextAdapter:
             reduce=config.reduce,
             keep_order=config.keep_order,
         )
+        if processor is not None and is_onevision(model) and not hasattr(processor, "replace_image_token"):
+            # transformers 4.57's LlavaOnevisionProcessor counts a multi-image prompt's images from its
+            # num_image_tokens attribute, which its video path also reads: there is no per-image count to set.
+            raise ValueError(
+                f"with transformers {transformers_version_text()}, patch() cannot set the placeholder count of "
+                f"{type(processor).__name__}; pass processor=None and emit handle.visual_tokens_for_image(h, w) "
+                "placeholders yourself, or use transformers >= 5.16"
+            )
         if processor is not None:
-            missing = [name for name in _PROCESSOR_METHODS if not hasattr(processor, name)]
-            if missing:
-                raise ValueError(
-                    f"processor {type(processor).__name__} lacks {missing}; pass a transformers LlavaNextProcessor "
-                    "(or processor=None and emit handle.visual_tokens_for_image(h, w) placeholders yourself)"
-                )
+            self._check_processor(processor)
         self._processor_saved: dict[str, object] = {}
         self._pack_saved: object = None
 
@@ -444,8 +455,34 @@ class LlavaNextAdapter:
         self._processor_saved.clear()
 
     # ------------------------------------------------------------- processor
+    def _check_processor(self, processor) -> None:
+        if all(hasattr(processor, name) for name in _PROCESSOR_METHODS):
+            return
+        # transformers 4.57: __call__ and _get_num_multimodal_tokens ask _get_number_of_features per image.
+        if hasattr(processor, _NUMBER_OF_FEATURES_4X) and getattr(processor, "vision_feature_select_strategy", None):
+            return
+        missing = [name for name in _PROCESSOR_METHODS if not hasattr(processor, name)]
+        raise ValueError(
+            f"processor {type(processor).__name__} lacks {missing}; pass a transformers LlavaNextProcessor "
+            "(or processor=None and emit handle.visual_tokens_for_image(h, w) placeholders yourself)"
+        )
+
+    def _patch_processor_4x(self) -> None:
+        """transformers 4.57: the processor's per-image count, before it drops the class token, is ours."""
+        processor = self.processor
+        self._processor_saved[_NUMBER_OF_FEATURES_4X] = processor.__dict__.get(_NUMBER_OF_FEATURES_4X, _MISSING)
+        dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
+
+        def get_number_of_features(orig_height: int, orig_width: int, height: int, width: int) -> int:
+            return self.visual_tokens_for_image(int(orig_height), int(orig_width)) + dropped
+
+        setattr(processor, _NUMBER_OF_FEATURES_4X, get_number_of_features)
+
     def _patch_processor(self) -> None:
         processor = self.processor
+        if not hasattr(processor, "replace_image_token"):
+            self._patch_processor_4x()
+            return
         for name in _PROCESSOR_METHODS:
             self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
         original_count = processor._get_num_multimodal_tokens

@@ -157,6 +157,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         padding_side="left",
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
+        # transformers 4.x defaults to also returning token_type_ids, which LLaVA's generate refuses.
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 
@@ -184,21 +186,25 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _clip_image_processor_class() -> type:
-    """The CLIP image processor class for the installed backends.
+def _image_processor_class(name: str) -> type:
+    """The image processor class ``name`` for the installed transformers and backends.
 
-    transformers 5.x names the torchvision-backed class ``CLIPImageProcessor`` and the PIL one
-    ``CLIPImageProcessorPil``; asking for the former without torchvision silently substitutes the latter
-    with a warning.  Choosing explicitly keeps the output quiet.  Either way the saved
-    ``image_processor_type`` is ``"CLIPImageProcessor"`` and ``AutoProcessor`` picks the backend at load time.
+    transformers 5.x names the torchvision-backed class ``name`` and the PIL one ``name + "Pil"``; asking for the
+    former without torchvision silently substitutes the latter with a warning, so the choice is explicit here.
+    transformers 4.x has no ``Pil`` classes: there ``name`` is the PIL one (``name + "Fast"`` uses torchvision).
+    Either way the saved ``image_processor_type`` is ``name`` and ``AutoProcessor`` picks the backend at load time.
     """
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
+    import transformers
 
-        return CLIPImageProcessor
-    from transformers import CLIPImageProcessorPil
+    pil_class = getattr(transformers, name + "Pil", None)
+    if pil_class is None or is_torchvision_available():
+        return getattr(transformers, name)
+    return pil_class
 
-    return CLIPImageProcessorPil
+
+def _clip_image_processor_class() -> type:
+    """The CLIP image processor class for the installed transformers and backends."""
+    return _image_processor_class("CLIPImageProcessor")
 
 
 def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
@@ -423,10 +429,7 @@ SIGLIP_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6,
 
 def _siglip_image_processor(image_size: int):
     """A SigLIP image processor resizing to ``image_size`` square (PIL backend without torchvision)."""
-    if is_torchvision_available():
-        from transformers import SiglipImageProcessor as processor_class
-    else:
-        from transformers import SiglipImageProcessorPil as processor_class
+    processor_class = _image_processor_class("SiglipImageProcessor")
     return processor_class(
         size={"height": image_size, "width": image_size},
         do_resize=True,
@@ -494,10 +497,7 @@ def build_tiny_llava_next(
     """
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    if is_torchvision_available():
-        from transformers import LlavaNextImageProcessor as image_processor_class
-    else:
-        from transformers import LlavaNextImageProcessorPil as image_processor_class
+    image_processor_class = _image_processor_class("LlavaNextImageProcessor")
 
     tokenizer = build_tiny_tokenizer()
     llava_config = _build_config(spec, tokenizer)
@@ -559,10 +559,7 @@ def build_tiny_onevision(
         SiglipVisionConfig,
     )
 
-    if is_torchvision_available():
-        from transformers import LlavaOnevisionImageProcessor as image_processor_class
-    else:
-        from transformers import LlavaOnevisionImageProcessorPil as image_processor_class
+    image_processor_class = _image_processor_class("LlavaOnevisionImageProcessor")
 
     tokenizer = build_tiny_tokenizer()
     text_config = _build_config(spec, tokenizer).text_config
