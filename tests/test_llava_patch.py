@@ -521,7 +521,10 @@ def test_4bit_language_model_is_patched(saved_tiny_llava_dir, tiny_llava, images
     from transformers import BitsAndBytesConfig
 
     quantisation = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=SKIP_QUANTISATION)
-    model = LlavaForConditionalGeneration.from_pretrained(saved_tiny_llava_dir, quantization_config=quantisation)
+    # dtype given: transformers 4.57 otherwise loads the unquantised modules of a 4-bit model in fp16.
+    model = LlavaForConditionalGeneration.from_pretrained(
+        saved_tiny_llava_dir, quantization_config=quantisation, dtype=torch.float32
+    )
     processor = AutoProcessor.from_pretrained(saved_tiny_llava_dir)
     assert type(model.model.language_model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     assert type(clip_encoder_layers(model.model.vision_tower)[0].self_attn.k_proj) is torch.nn.Linear
