@@ -27,6 +27,7 @@ counts as done only when its results file holds the metric.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import fnmatch
@@ -37,14 +38,38 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import PiToMeConfig
+from .sweep_process import (
+    REPEATED_FAILURES,
+    SweepInterrupted,
+    SweepLock,
+    SweepLocked,
+    failure_signature,
+    log_tail,
+    repeated_failure,
+    run_child,
+    sigterm_as_interrupt,
+)
+from .sweep_suite import (
+    LOADER_ARGS,
+    SUITE_KEYS,
+    SuiteError,
+    check_batch_size,
+    check_include_path,
+    check_model_args,
+    check_name,
+    check_runs,
+    check_tasks,
+    check_unique_run_ids,
+    inside,
+    read_yaml,
+)
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -56,9 +81,6 @@ PATCH_CONFIG_FILE = "patch_config.json"
 RECORD_FILE = "pitome_record.json"
 LOG_FILE = "lmms_eval.log"
 PATCH_FIELDS = {field.name for field in dataclasses.fields(PiToMeConfig)}
-# Keys a suite may not set: the sweep sets them for every run.
-RESERVED_MODEL_ARGS = {"pretrained", "record"}
-SUITE_KEYS = {"name", "description", "tasks", "model_args", "runs", "baseline", "batch_size", "include_path", "notes"}
 
 
 # ------------------------------------------------------------------------------------ suites
@@ -125,60 +147,75 @@ def _check_arg_value(where: str, key: str, value: Any) -> None:
 
 
 def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file (see the module docstring for its shape).
+    """Read and validate a suite file (see the module docstring and `pitome_mllm.sweep_suite`).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a missing or malformed entry, or a run whose patch config is invalid.
+        SuiteError: (a ValueError) one line naming the file, the key and what is allowed.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a suite is a mapping with 'tasks' and 'runs'")
-    unknown = sorted(set(data) - SUITE_KEYS)
+        raise SuiteError(f"{path}: a suite is a mapping with 'tasks' and 'runs', got {data!r:.60}")
+    unknown = sorted(set(map(str, data)) - SUITE_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {sorted(SUITE_KEYS)}")
-    tasks = data.get("tasks")
-    if not isinstance(tasks, dict) or not tasks:
-        raise ValueError(f"{path}: 'tasks' must map each lmms-eval task to its metric, e.g. gqa: exact_match,none")
-    runs = data.get("runs")
-    if not isinstance(runs, dict) or not runs or not all(isinstance(args, dict) for args in runs.values()):
-        raise ValueError(f"{path}: 'runs' must map run names to model arguments, e.g. none: {{method: none}}")
-    model_args = data.get("model_args") or {}
-    for where, arguments in [("model_args", model_args), *((f"runs.{name}", args) for name, args in runs.items())]:
-        reserved = sorted(RESERVED_MODEL_ARGS & set(arguments))
-        if reserved:
-            raise ValueError(f"{path}: {where} may not set {reserved}; the sweep sets them")
+        raise SuiteError(f"{path}: unknown keys {unknown}; allowed: {sorted(SUITE_KEYS)}")
+    known_args = PATCH_FIELDS | LOADER_ARGS
+    tasks = check_tasks(path, data.get("tasks"))
+    runs = check_runs(path, data.get("runs"), known_args)
+    model_args = check_model_args(f"{path}: model_args", data.get("model_args"), known_args, sweepable=False)
     baseline = data.get("baseline")
     if baseline is not None and baseline not in runs:
-        raise ValueError(f"{path}: baseline {baseline!r} is not one of the runs {sorted(runs)}")
-    include_path = data.get("include_path")
+        raise SuiteError(f"{path}: baseline {baseline!r} is not one of the runs {sorted(runs)}")
+    name = data.get("name") or path.stem
+    if not isinstance(name, str):
+        raise SuiteError(f"{path}: name is {name!r}; it must be a string")
     suite = Suite(
-        name=str(data.get("name") or path.stem),
-        tasks={str(task): str(metric) for task, metric in tasks.items()},
-        model_args=dict(model_args),
-        runs={str(name): dict(args) for name, args in runs.items()},
+        name=name,
+        tasks=tasks,
+        model_args=model_args,
+        runs=runs,
         baseline=baseline,
-        batch_size=int(data.get("batch_size", 1)),
-        include_path=(path.parent / include_path).resolve() if include_path else None,
+        batch_size=check_batch_size(f"{path}: batch_size", data.get("batch_size", 1)),
+        include_path=check_include_path(path, data.get("include_path")),
         path=path,
     )
-    for run in suite.expand():
-        for key, value in run.model_args.items():
-            _check_arg_value(f"{path}: run {run.run_id}", key, value)
-        try:
-            PiToMeConfig(**run.patch_args())
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: run {run.run_id} has an invalid patch config: {error}") from error
+    check_runs_expand(suite)
     return suite
 
 
-def parse_model_args(text: str | None) -> dict[str, str]:
-    """``"k=v,k2=v2"`` -> dict (the ``--model-args`` override)."""
+def check_runs_expand(suite: Suite) -> None:
+    """Every expanded run: a safe, unique folder name and a valid patch config."""
+    path = suite.path
+    for task in suite.tasks:
+        runs = [run for run in suite.expand() if run.task == task]
+        for run in runs:
+            check_name(path, f"run {run.name!r} expands to run id", run.run_id)
+        check_unique_run_ids(path, [(run.run_id, run.name) for run in runs])
+    for run in suite.expand():
+        try:
+            PiToMeConfig(**run.patch_args())
+        except (TypeError, ValueError) as error:
+            raise SuiteError(f"{path}: run {run.run_id} has an invalid patch config: {error}") from None
+
+
+def scalar_from_text(text: str) -> Any:
+    """A command-line value typed as the same text in a suite file would be (``16`` -> 16, ``true`` -> True)."""
+    import yaml
+
+    if text.lower() in ("", "none", "null"):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) else text
+
+
+def parse_model_args(text: str | None) -> dict[str, Any]:
+    """``"k=v,k2=v2"`` -> dict (the ``--model-args`` override), checked as a suite's ``model_args``."""
     if not text:
         return {}
     parsed = {}
@@ -186,13 +223,49 @@ def parse_model_args(text: str | None) -> dict[str, str]:
         if "=" not in item:
             raise ValueError(f"--model-args takes k=v pairs separated by commas, got {item!r}")
         key, value = item.split("=", 1)
-        parsed[key.strip()] = value.strip()
-    return parsed
+        parsed[key.strip()] = scalar_from_text(value.strip())
+    return check_model_args("--model-args", parsed, PATCH_FIELDS | LOADER_ARGS, sweepable=False)
+
+
+def planned_runs(suite: Suite, only: Sequence[str], overrides: dict[str, Any]) -> list[Run]:
+    """The runs matching the ``only`` globs, with ``overrides`` (``--model-args``) applied to each.
+
+    Raises:
+        SuiteError: nothing matches, or an override makes a run's patch config invalid.
+    """
+    runs = [
+        dataclasses.replace(run, model_args={**run.model_args, **overrides})
+        for run in suite.expand()
+        if not only or any(fnmatch.fnmatch(run.key, pattern) for pattern in only)
+    ]
+    if not runs:
+        raise SuiteError(f"no run of suite {suite.name!r} matches {list(only)}")
+    for run in runs:
+        try:
+            PiToMeConfig(**run.patch_args())
+        except (TypeError, ValueError) as error:
+            raise SuiteError(f"--model-args: run {run.key} gets an invalid patch config: {error}") from None
+    return runs
 
 
 # -------------------------------------------------------------------------------------- runs
 def run_dir(output: Path, run: Run) -> Path:
-    return output / "runs" / run.task / run.run_id
+    """``OUTPUT/runs/<task>/<run id>``, checked to stay inside ``output`` (symlinks included)."""
+    return inside(output, output / "runs" / run.task / run.run_id)
+
+
+def prepare_output(output: str | Path) -> Path:
+    """The sweep folder, created; a `SuiteError` when it is a file or cannot be written."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise SuiteError(f"--output {output} is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SuiteError(f"--output {output}: cannot create the folder ({error.strerror})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise SuiteError(f"--output {output}: the folder is not writable")
+    return output
 
 
 def _model_args_string(args: dict[str, Any]) -> str:
@@ -281,8 +354,29 @@ def _identity(model: str, run: Run, limit: float | None, batch_size: int) -> dic
     return {"model": model, "model_args": run.model_args, "limit": limit, "batch_size": batch_size}
 
 
-def _check_reusable(result_path: Path, identity: dict[str, Any]) -> None:
-    stored = json.loads(result_path.read_text())
+def read_stored_result(result_path: Path) -> dict[str, Any] | None:
+    """A run's ``result.json``, or None (with a warning naming it) when it is not a usable result.
+
+    A corrupt file is moved aside to ``result.json.corrupt`` (kept for inspection) so that the
+    run is redone instead of stopping the sweep or the aggregation.
+    """
+    try:
+        stored = json.loads(result_path.read_text())
+        problem = None if isinstance(stored, dict) else f"holds {type(stored).__name__}, not a result object"
+        if problem is None and not isinstance(stored.get("score"), (int, float)):
+            problem = "has no numeric 'score'"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        problem = f"is not readable JSON ({error})"
+    if problem is None:
+        return stored
+    corrupt = result_path.with_name(result_path.name + ".corrupt")
+    with contextlib.suppress(OSError):
+        os.replace(result_path, corrupt)
+    logger.warning("%s %s; moved it to %s and treating the run as not done", result_path, problem, corrupt.name)
+    return None
+
+
+def _check_reusable(result_path: Path, stored: dict[str, Any], identity: dict[str, Any]) -> None:
     differing = [key for key, value in identity.items() if stored.get(key) != value]
     if differing:
         details = ", ".join(f"{key}: stored {stored.get(key)!r} vs now {identity[key]!r}" for key in differing)
@@ -290,6 +384,15 @@ def _check_reusable(result_path: Path, identity: dict[str, Any]) -> None:
             f"{result_path} was produced with other settings ({details}); "
             "use another --output folder, or delete that run folder to redo it"
         )
+
+
+class RunFailed(RuntimeError):
+    """A run that produced no result; ``signature`` is set when lmms-eval evaluated nothing."""
+
+    def __init__(self, message: str, signature: str | None = None, tail: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.signature = signature
+        self.tail = list(tail)
 
 
 def execute_run(
@@ -301,11 +404,14 @@ def execute_run(
     launcher: Sequence[str],
     batch_size: int,
     limit: float | None,
+    on_child: Callable[[int], None] = lambda pid: None,
 ) -> dict[str, Any]:
     """Run one (task, run) through lmms-eval and store its ``result.json``; returns the result.
 
+    ``on_child`` receives the pid of the lmms-eval process once it has started.
+
     Raises:
-        RuntimeError: lmms-eval failed or wrote no usable metric (see the run's log file).
+        RunFailed: lmms-eval failed or wrote no usable metric (see the run's log file).
     """
     directory = run_dir(output, run)
     lmms_dir = directory / "lmms_eval"
@@ -322,18 +428,22 @@ def execute_run(
     with open(directory / LOG_FILE, "w") as log:
         log.write(shlex.join(command) + "\n\n")
         log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        returncode = run_child(command, log, on_start=on_child)
     wall_s = time.perf_counter() - started
     log_hint = f"see {directory / LOG_FILE}"
-    if returncode != 0:
-        raise RuntimeError(f"{run.key}: lmms-eval exited with status {returncode}; {log_hint}")
     results_file = find_results_file(lmms_dir)
     if results_file is None:
-        raise RuntimeError(f"{run.key}: lmms-eval exited 0 but wrote no results file; {log_hint}")
+        # lmms-eval evaluated nothing: the reason is in the last lines of its log.
+        tail = log_tail(directory / LOG_FILE)
+        status = f"exited with status {returncode}" if returncode else "exited 0"
+        message = f"{run.key}: lmms-eval {status} and wrote no results; {log_hint}"
+        raise RunFailed(message, failure_signature(tail), tail)
+    if returncode != 0:
+        raise RunFailed(f"{run.key}: lmms-eval exited with status {returncode}; {log_hint}")
     try:
         score = read_metric(results_file, run.task, run.metric)
     except ValueError as error:
-        raise RuntimeError(f"{run.key}: {error}; {log_hint}") from error
+        raise RunFailed(f"{run.key}: {error}; {log_hint}") from error
     record_path = directory / RECORD_FILE
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     result = {
@@ -395,40 +505,77 @@ def run_suite(
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [...]}`` of run keys.
     """
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    output = prepare_output(output)
     launcher = list(launcher) if launcher else [sys.executable, "-m", "lmms_eval"]
-    batch_size = batch_size or suite.batch_size
-    if extra_model_args:
-        suite = dataclasses.replace(suite, model_args={**suite.model_args, **extra_model_args})
-    runs = [run for run in suite.expand() if not only or any(fnmatch.fnmatch(run.key, pattern) for pattern in only)]
-    if not runs:
-        raise ValueError(f"no run of suite {suite.name!r} matches {list(only)}")
-    write_json_atomically(
-        output / "sweep.json",
-        {"suite": suite.name, "suite_file": str(suite.path.resolve()), "model": model, "limit": limit},
-    )
+    batch_size = check_batch_size("--batch-size", batch_size) if batch_size is not None else suite.batch_size
+    runs = planned_runs(suite, only, extra_model_args or {})
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    with SweepLock(output) as lock, sigterm_as_interrupt():
+        write_json_atomically(
+            output / "sweep.json",
+            {"suite": suite.name, "suite_file": str(suite.path.resolve()), "model": model, "limit": limit},
+        )
+        try:
+            _run_each(runs, suite, model, output, lock, outcome, launcher=launcher, batch_size=batch_size, limit=limit)
+        except KeyboardInterrupt:
+            raise SweepInterrupted(outcome) from None
+    return outcome
+
+
+class SweepStopped(RuntimeError):
+    """The sweep gave up early because its setup is broken; carries what it had done."""
+
+    def __init__(self, message: str, outcome: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def _run_each(runs, suite, model, output, lock, outcome, *, launcher, batch_size, limit) -> None:
     from tqdm import tqdm
 
+    signatures: list[str | None] = []  # per attempted run: why it failed before evaluating, else None
     progress = tqdm(runs, desc=f"sweep {suite.name}", unit="run")
     for run in progress:
         progress.set_postfix_str(run.key)
         result_path = run_dir(output, run) / RESULT_FILE
-        if result_path.exists():
-            _check_reusable(result_path, _identity(model, run, limit, batch_size))
+        stored = read_stored_result(result_path) if result_path.exists() else None
+        if stored is not None:
+            _check_reusable(result_path, stored, _identity(model, run, limit, batch_size))
             outcome["skipped"].append(run.key)
             continue
         try:
-            result = execute_run(run, model, output, suite=suite, launcher=launcher, batch_size=batch_size, limit=limit)
-        except RuntimeError as error:
+            result = execute_run(
+                run, model, output, suite=suite, launcher=launcher, batch_size=batch_size, limit=limit,
+                on_child=lock.set_child,
+            )  # fmt: skip
+        except RunFailed as error:
             logger.error("%s", error)
             progress.write(f"FAILED {error}")
+            if error.tail:
+                progress.write("  last lines of its log:\n" + "\n".join(f"  | {line}" for line in error.tail))
             outcome["failed"].append(run.key)
+            signatures.append(error.signature)
+            reason = _stop_reason(run, suite, error, signatures)
+            if reason:
+                raise SweepStopped(reason, outcome) from None
             continue
+        finally:
+            lock.set_child(None)
+        signatures.append(None)
         progress.write(f"done {run.key}: {run.metric} = {result['score']:.4g}")
         outcome["done"].append(run.key)
-    return outcome
+
+
+def _stop_reason(run: Run, suite: Suite, error: RunFailed, signatures: list[str | None]) -> str | None:
+    """Why the sweep should stop after ``run`` failed, or None to go on with the next run."""
+    if error.signature is None:
+        return None
+    if run.name == suite.baseline:
+        return f"the baseline run {run.key} failed before lmms-eval evaluated anything ({error.signature})"
+    repeated = repeated_failure(signatures)
+    if repeated:
+        return f"the last {REPEATED_FAILURES} runs failed the same way before evaluating anything: {repeated}"
+    return None
 
 
 # ------------------------------------------------------------------------------- aggregation
@@ -464,7 +611,8 @@ def load_results(output: str | Path) -> list[dict[str, Any]]:
     paths = sorted(Path(output).glob(f"runs/*/*/{RESULT_FILE}"))
     if not paths:
         raise FileNotFoundError(f"no {RESULT_FILE} under {str(Path(output) / 'runs')!r}; run the sweep first")
-    return [json.loads(path.read_text()) for path in paths]
+    results = [read_stored_result(path) for path in paths]
+    return [result for result in results if result is not None]
 
 
 def _relative_pct(score: float, baseline: float | None) -> float | None:
@@ -526,15 +674,19 @@ def mark_best_per_budget(rows: list[dict[str, Any]], is_baseline: list[bool]) ->
 
     Among the runs of a task with the same budget, the highest score is the best (every
     suite metric is higher-is-better: accuracy, F1, MME score); ties all count as best.
-    The baseline run is the 100% reference, not a competitor: its ``best_at_budget`` is None.
+    The baseline run is the 100% reference and a 0-token run (the ``floor``: what the LLM
+    answers without the image) the 0% reference, not competitors: their ``best_at_budget``
+    is None.
     """
     best: dict[tuple[str, float], float] = {}
-    for row, baseline in zip(rows, is_baseline, strict=True):
+    for row in rows:
         row["budget"] = _budget(row)
+    is_reference = [baseline or row["budget"] == 0 for row, baseline in zip(rows, is_baseline, strict=True)]
+    for row, baseline in zip(rows, is_reference, strict=True):
         if not baseline and row["budget"] is not None:
             key = (row["task"], row["budget"])
             best[key] = max(best.get(key, -math.inf), row["score"])
-    for row, baseline in zip(rows, is_baseline, strict=True):
+    for row, baseline in zip(rows, is_reference, strict=True):
         key = (row["task"], row["budget"])
         row["best_at_budget"] = None if baseline or key not in best else row["score"] == best[key]
 
@@ -739,10 +891,7 @@ def run(args: argparse.Namespace) -> int:
     launcher = shlex.split(args.launcher) if args.launcher else None
     extra = parse_model_args(args.model_args)
     if args.dry_run:
-        for planned in suite.expand():
-            if args.only and not any(fnmatch.fnmatch(planned.key, pattern) for pattern in args.only):
-                continue
-            planned = dataclasses.replace(planned, model_args={**planned.model_args, **extra})
+        for planned in planned_runs(suite, args.only, extra):
             directory = run_dir(Path(args.output or "sweep"), planned)
             command = lmms_eval_command(
                 planned,
@@ -755,18 +904,46 @@ def run(args: argparse.Namespace) -> int:
             )
             print(shlex.join(command))
         return 0
-    outcome = run_suite(
-        suite,
-        args.model,
-        args.output,
-        limit=limit,
-        only=args.only,
-        launcher=launcher,
-        batch_size=args.batch_size,
-        extra_model_args=extra,
-    )
+    try:
+        outcome = run_suite(
+            suite,
+            args.model,
+            args.output,
+            limit=limit,
+            only=args.only,
+            launcher=launcher,
+            batch_size=args.batch_size,
+            extra_model_args=extra,
+        )
+    except SweepLocked as error:
+        print(f"pitome-mllm sweep: {error}", file=sys.stderr)
+        return 2
+    except SweepStopped as error:
+        _print_outcome(error.outcome)
+        print(f"pitome-mllm sweep: stopped: {error}; fix that, then rerun the same command", file=sys.stderr)
+        return 1
+    except SweepInterrupted as interrupted:
+        _print_outcome(interrupted.outcome)
+        print(
+            "interrupted: finished runs are kept; resume with the same command:\n  " + resume_command(args),
+            file=sys.stderr,
+        )
+        return 130
     _print_outcome(outcome)
     if outcome["done"] or outcome["skipped"]:
         paths = aggregate(args.output)
         print("wrote " + ", ".join(str(path) for path in paths.values()))
     return 1 if outcome["failed"] else 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``pitome-mllm sweep`` command line that carries on where ``args`` stopped."""
+    command = ["pitome-mllm", "sweep", "--suite", args.suite, "--model", args.model, "--output", args.output]
+    optional = [("--limit", args.limit), ("--batch-size", args.batch_size), ("--model-args", args.model_args),
+                ("--launcher", args.launcher)]  # fmt: skip
+    for flag, value in optional:
+        if value is not None:
+            command += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    for pattern in args.only:
+        command += ["--only", pattern]
+    return shlex.join(command)

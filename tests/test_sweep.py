@@ -99,11 +99,11 @@ def test_suite_task_and_metric_names_exist_in_lmms_eval():
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("tasks: {gqa: exact_match,none}\nruns: {a: {method: none, pretrained: x}}", "may not set"),
-        ("tasks: {gqa: exact_match,none}\nruns: {a: {method: none}}\nbaseline: b", "baseline 'b'"),
-        ("tasks: {gqa: exact_match,none}\nruns: {a: {method: pitome}}", "invalid patch config"),
-        ("tasks: {gqa: exact_match,none}\nruns: {a: {method: none, prompt_format: 'a,b'}}", "may not contain"),
-        ("tasks: {gqa: exact_match,none}\nrun: {a: {method: none}}", "unknown keys"),
+        ('tasks: {gqa: "exact_match,none"}\nruns: {a: {method: none, pretrained: x}}', "may not set"),
+        ('tasks: {gqa: "exact_match,none"}\nruns: {a: {method: none}}\nbaseline: b', "baseline 'b'"),
+        ('tasks: {gqa: "exact_match,none"}\nruns: {a: {method: pitome}}', "invalid patch config"),
+        ("tasks: {gqa: \"exact_match,none\"}\nruns: {a: {method: none, prompt_format: 'a,b'}}", "may not contain"),
+        ('tasks: {gqa: "exact_match,none"}\nrun: {a: {method: none}}', "unknown keys"),
         ("runs: {a: {method: none}}", "'tasks' must map"),
     ],
 )
@@ -265,12 +265,13 @@ def test_aggregate_marks_the_best_method_of_each_budget():
     assert rows["none"]["best_at_budget"] is None  # the reference, not a competitor
     assert rows["pool-target_tokens64"]["best_at_budget"] and not rows["pitome-target_tokens64"]["best_at_budget"]
     assert rows["random-target_tokens128"]["best_at_budget"] and rows["dominant-target_tokens128"]["best_at_budget"]
-    assert rows["floor"]["budget"] == 0 and rows["floor"]["best_at_budget"]
+    # The 0-token floor is the 0% reference, as the baseline is the 100% one: never "best at budget 0".
+    assert rows["floor"]["budget"] == 0 and rows["floor"]["best_at_budget"] is None
     markdown = markdown_table(list(rows.values()))
     assert "Best method per budget" in markdown
     assert "| 128 | dominant = random 0.5 (83.3%) |" in markdown
     assert "| 64 | pool 0.57 (95.0%) |" in markdown
-    assert "| 0 | none 0.3 (50.0%) |" in markdown
+    assert "| 0 |" not in markdown.split("Best method per budget")[1]
 
 
 def test_smoke_suite_runs_every_method_at_two_budgets():
