@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from .config import DTYPES
 from .schedule import METHODS, PRESETS
+from .terminal import add_threads_argument
 
 HELP = "chat about an image with a PiToMe-patched LLaVA model (streams answers, reports visual tokens and latency)"
 
@@ -56,6 +57,7 @@ def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_threads_argument(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one question and exit")
 
 
@@ -208,6 +210,13 @@ def _load(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .terminal import torch_threads
+
+    with torch_threads(args.threads):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from . import patch
     from .loading import load_image_arg
 

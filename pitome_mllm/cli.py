@@ -26,24 +26,6 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def comma_separated(convert=str):
-    """An argparse ``type`` parsing ``"a,b,c"`` into ``[convert(a), convert(b), convert(c)]``."""
-
-    def parse(text: str) -> list:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        try:
-            return [convert(item) for item in items]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated list of {convert.__name__}, got {text!r}"
-            ) from error
-
-    parse.__name__ = f"comma-separated {convert.__name__}"
-    return parse
-
-
 def chosen_command(argv: list[str]) -> str | None:
     """The subcommand named in ``argv`` (the first word that is not an option), or None."""
     for word in argv:

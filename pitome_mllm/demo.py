@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .schedule import PRESETS
+from .terminal import add_list_argument, add_threads_argument, plural
 
 HELP = "compare unpatched vs. PiToMe / ToMe on an offline tiny LLaVA (no download): visual tokens and latency"
 
@@ -57,23 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", default="astronaut", help="a bundled image name or an image file (default: astronaut)"
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the question asked in every run")
-    parser.add_argument(
+    # nargs="*": an empty --keep-ratios / --budgets leaves those runs out.
+    add_list_argument(
+        parser,
         "--keep-ratios",
-        type=float,
+        float,
         nargs="*",
         default=list(DEFAULT_KEEP_RATIOS),
         help="PiToMe keep ratios per merging layer, in (0.5, 1.0] (default: 0.9 0.95)",
     )
-    parser.add_argument(
+    add_list_argument(
+        parser,
         "--budgets",
-        type=int,
+        int,
         nargs="*",
         default=list(DEFAULT_BUDGETS),
         help="PiToMe runs with an exact visual-token budget, target_tokens (default: 64 128 192)",
     )
-    parser.add_argument(
+    add_list_argument(
+        parser,
         "--methods",
-        nargs="+",
         choices=DEMO_METHODS,
         default=list(DEMO_METHODS),
         help="pitome runs at every keep ratio and budget; tome (ToMe matching) runs at the first keep ratio "
@@ -85,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens decoded per run (default: 16)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument(
         "--json", type=Path, metavar="PATH", help="also write the table (and trajectory) to this JSON file"
     )
@@ -122,8 +126,6 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
 
 
 # ----------------------------------------------------------------------------------- measuring
@@ -253,31 +255,34 @@ def _trajectory_config(settings: list[Setting], preset: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- output
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def _spread(runs: list[dict[str, float]], key: str) -> float:
+    """Half the range of ``key`` over the timed runs: how far apart two rows must be to differ."""
+    values = [run[key] for run in runs]
+    return (max(values) - min(values)) / 2 if values else 0.0
 
 
-def render_table(rows: list[Row]):
-    from rich import box
-    from rich.table import Table
+def table_text(rows: list[Row], width: int | None = None) -> str:
+    """The demo table: medians ± half the range of the timed runs, and the prefill speed-up."""
+    from .terminal import render_table
 
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("setting", no_wrap=True)
-    for column in ("visual\ntokens", "vision\nms", "prefill\nms", "total\nms", "output\ntokens", "prefill\nspeed-up"):
-        table.add_column(column, justify="right")
+    columns = ["setting", "visual tokens", "vision ms", "prefill ms", "total ms", "output tokens", "prefill speed-up"]
     baseline_prefill = rows[0].prefill_ms if rows else 0.0
+    cells = []
     for row in rows:
         speed_up = baseline_prefill / row.prefill_ms if row.prefill_ms > 0 else float("nan")
-        table.add_row(
-            row.setting,
-            str(row.visual_tokens),
-            f"{row.vision_ms:.1f}",
-            f"{row.prefill_ms:.1f}",
-            f"{row.total_ms:.1f}",
-            str(row.output_tokens),
-            f"{speed_up:.2f}x",
+        cells.append(
+            [
+                row.setting,
+                str(row.visual_tokens),
+                *(
+                    f"{getattr(row, key):.1f} ±{_spread(row.runs, key):.1f}"
+                    for key in ("vision_ms", "prefill_ms", "total_ms")
+                ),
+                str(row.output_tokens),
+                f"{speed_up:.2f}x",
+            ]
         )
-    return table
+    return render_table(columns, cells, width=width)
 
 
 def describe_merges(summary: dict[str, Any]) -> list[str]:
@@ -307,16 +312,11 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from .terminal import torch_threads
 
     _validate_args(args)
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run_demo(args)
-    finally:
-        torch.set_num_threads(threads_before)  # callers of main() (tests) keep their setting
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -325,6 +325,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .loading import build_prompt, load_image_arg, resolve_device, tiny_demo_model
+    from .terminal import output_width
 
     settings = demo_settings(args.methods, args.keep_ratios, args.budgets, args.preset)
     check_configs(settings)
@@ -359,10 +360,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]Tiny random LLaVA[/bold] ({vision.image_size} px, {vision.patch_size} px patches, "
         f"{vision.num_hidden_layers} CLIP layers, width {vision.hidden_size}); image {args.image!r}; "
-        f"PiToMe preset {args.preset!r}; {device.type}, {_plural(torch.get_num_threads(), 'thread')}; "
-        f"median of {_plural(args.repeats, 'run')} after 1 warm-up"
+        f"PiToMe preset {args.preset!r}; {device.type}, {plural(torch.get_num_threads(), 'thread')}; "
+        f"median ± half the range of {plural(args.repeats, 'run')} after 1 warm-up"
     )
-    console.print(render_table(rows))
+    print(table_text(rows, output_width()))
     console.print(
         "[dim]Weights are random, so the answers are gibberish by design; what the table shows is the token "
         f"counts and their cost. Every run decodes exactly {args.max_new_tokens} tokens so the rows compare; "

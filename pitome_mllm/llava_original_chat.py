@@ -190,6 +190,13 @@ def _check_conv_mode(conv_mode: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .terminal import torch_threads
+
+    with torch_threads(args.threads):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
     from . import patch
     from .loading import load_image_arg
     from .models.llava_original import enable_generate_compat, require_llava

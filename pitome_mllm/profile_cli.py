@@ -1,8 +1,8 @@
 """``pitome-mllm profile``: latency, memory and FLOPs per stage, with and without merging.
 
-    pitome-mllm profile --arch clip-l-336+1b --budgets 64,128,576 --new-tokens 4 --output out/
+    pitome-mllm profile --arch clip-l-336+1b --budgets 64 128 576 --new-tokens 4 --output out/
     pitome-mllm profile --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16
-    pitome-mllm profile --arch clip-l-336 --keep-ratios 0.9,0.95 --methods pitome
+    pitome-mllm profile --arch clip-l-336 --keep-ratios 0.9 0.95 --methods pitome
 
 ``--arch`` builds a real-size model with random weights (no download; the cost of a
 fixed token budget does not depend on the weights). ``--model`` loads a checkpoint
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from .architecture_specs import ARCHITECTURES
-from .cli import comma_separated
 from .schedule import METHODS, PRESETS
+from .terminal import add_list_argument, add_threads_argument
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
 
@@ -32,20 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="real-size architecture with random weights: "
         + "; ".join(f"{name}: {spec.description}" for name, spec in ARCHITECTURES.items()),
     )
-    parser.add_argument(
-        "--methods",
-        type=comma_separated(str),
-        default=["none", "tome", "pitome"],
-        help="e.g. none,tome,pitome",
-    )
-    parser.add_argument(
+    add_list_argument(parser, "--methods", default=["none", "tome", "pitome"], help="e.g. none tome pitome")
+    add_list_argument(
+        parser,
         "--budgets",
-        type=comma_separated(int),
+        int,
         default=None,
-        help="visual-token budgets (target_tokens); the native count means unpatched (default 64,128,192,576 "
+        help="visual-token budgets (target_tokens); the native count means unpatched (default 64 128 192 576 "
         "unless --keep-ratios is given)",
     )
-    parser.add_argument("--keep-ratios", type=comma_separated(float), default=[], help="e.g. 0.9,0.95")
+    add_list_argument(parser, "--keep-ratios", float, default=[], help="e.g. 0.9 0.95")
     parser.add_argument("--preset", choices=PRESETS, default="reference")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per pass (EOS ignored)")
@@ -53,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="discarded passes per config (the last measures memory)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    add_threads_argument(parser)
     parser.add_argument("--vision-only", action="store_true", help="profile only the vision tower and projector")
     parser.add_argument("--image", default="astronaut", help="bundled image: astronaut, chelsea, coffee")
     parser.add_argument("--prompt", default=None, help="question about the image")
@@ -116,18 +112,20 @@ def native_visual_tokens(model) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-
-    from .profiling import DEFAULT_PROMPT, ProfileSettings, plan_runs, print_table, profile, write_report
+    from .terminal import torch_threads
 
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods must be drawn from {METHODS}, got {unknown}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return _profile(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .profiling import DEFAULT_PROMPT, ProfileSettings, plan_runs, print_table, profile, write_report
+
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     settings = ProfileSettings(
@@ -146,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     budgets = args.budgets if args.budgets is not None else ([] if args.keep_ratios else [64, 128, 192, 576])
     runs = plan_runs(args.methods, budgets, args.keep_ratios, native_visual_tokens(model), args.preset)
     report = profile(model, processor, runs, settings, source=source)
-    print_table(report, Console())
+    print_table(report)
     if args.output:
         paths = write_report(report, args.output, args.stem)
         console.print("wrote " + ", ".join(str(path) for path in paths.values()))

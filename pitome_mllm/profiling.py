@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ import torch
 from torch import nn
 
 from .models.llava_hf import llava_core
+from .terminal import plural
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -1231,6 +1233,16 @@ def _series(report: ProfileReport) -> dict[str, list[RunResult]]:
     return by_method
 
 
+# One colour per method in every plot, whichever methods a run profiled (matplotlib's cycle
+# would hand them out in the order they happen to appear).
+METHOD_COLOURS = {"unpatched": "black", "pitome": "C0", "tome": "C1", "none": "C7", "random": "C2", "pool": "C4",
+                  "dominant": "C5"}  # fmt: skip
+
+
+def method_colour(method: str) -> str:
+    return METHOD_COLOURS.get(method, "C9")
+
+
 def _plot_stages(report: ProfileReport, stages: list[str], value, ylabel: str, title: str, path: Path) -> Path:
     import matplotlib
 
@@ -1246,17 +1258,22 @@ def _plot_stages(report: ProfileReport, stages: list[str], value, ylabel: str, t
             xs, ys, errors = zip(*points, strict=True)
             style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method == "unpatched" else {"marker": "o"}
             axis.errorbar(
-                xs, ys, yerr=[[e[0] for e in errors], [e[1] for e in errors]], label=method, capsize=3, **style
+                xs,
+                ys,
+                yerr=[[e[0] for e in errors], [e[1] for e in errors]],
+                label=method,
+                capsize=3,
+                color=method_colour(method),
+                **style,
             )
         axis.set_title(stage.replace("_", " "))
         axis.set_xlabel("visual tokens per image")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    machine = report.machine
-    where = machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
     figure.suptitle(
-        f"{title} - {report.model.get('source') or 'model'} ({where}, {report.settings['dtype']})", fontsize=10
+        f"{title} - {report.model.get('source') or 'model'} ({_where(report)}, {report.settings['dtype']})",
+        fontsize=10,
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -1394,7 +1411,7 @@ def resource_rows(report: ProfileReport) -> tuple[list[str], list[list[str]]]:
 
 def _where(report: ProfileReport) -> str:
     machine = report.machine
-    return machine.get("gpu") or f"{machine['cpu']}, {machine['torch_threads']} threads"
+    return machine.get("gpu") or f"{machine['cpu']}, {plural(machine['torch_threads'], 'thread')}"
 
 
 def publish_report(report: ProfileReport, output_dir: str | Path, stem: str) -> dict[str, Path]:
@@ -1412,30 +1429,21 @@ def publish_report(report: ProfileReport, output_dir: str | Path, stem: str) -> 
     return paths
 
 
-def print_table(report: ProfileReport, console=None) -> None:
-    """The latency table and the memory / FLOPs table, with rich."""
-    from rich.console import Console
-    from rich.table import Table
+def print_table(report: ProfileReport, stream=None) -> None:
+    """The latency table and the memory / FLOPs table, fitted to the terminal (`terminal.render_table`)."""
+    from .terminal import output_width, render_table
 
-    console = console or Console()
+    stream = stream or sys.stdout
     settings = report.settings
     header = (
         f"{report.model.get('source') or 'model'} on {_where(report)} ({settings['dtype']}, batch "
-        f"{settings['batch_size']}, {settings['repeats']} repeats)"
+        f"{settings['batch_size']}, {plural(settings['repeats'], 'repeat')})"
     )
     for title, (columns, rows) in (
         (f"latency, ms (median ± IQR/2) - {header}", latency_rows(report)),
         ("memory, FLOPs, speed-up against the unpatched model", resource_rows(report)),
     ):
-        table = Table(title=title)
-        for column in columns:
-            if column == "run":
-                table.add_column(column, no_wrap=True)
-            else:
-                table.add_column(column, justify="right")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        print(render_table(columns, rows, title=title, width=output_width(stream)) + "\n", file=stream)
 
 
 def markdown_table(report: ProfileReport) -> str:

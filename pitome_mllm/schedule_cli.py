@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 
 from .schedule import METHODS, PRESETS, plan_layers
+from .terminal import add_list_argument
 
 HELP = "print the per-layer merge plan and the visual tokens that reach the LLM (no model needed)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--keep-ratio", type=float, nargs="+", default=[0.9], help="one or more keep ratios")
+    add_list_argument(parser, "--keep-ratio", float, default=[0.9], help="one or more keep ratios")
     parser.add_argument("--preset", choices=PRESETS, default="reference")
     parser.add_argument("--method", choices=METHODS, default="pitome")
     parser.add_argument("--image-size", type=int, default=336)

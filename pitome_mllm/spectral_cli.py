@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import comma_separated
 from .schedule import PRESETS
-from .visualize_cli import add_model_arguments, comma_ints, comma_list
+from .terminal import add_list_argument
+from .visualize_cli import add_model_arguments
 
 HELP = "spectral distance of PiToMe / ToMe merges to the unmerged token graph, at equal token counts"
 
@@ -34,11 +34,10 @@ REFERENCE_SHORT = {
 }
 
 
-comma_floats = comma_separated(float)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--methods", type=comma_list, default=["tome", "pitome"], help="e.g. tome,pitome")
+    add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--keep-ratio",
@@ -47,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep ratio of the anchor method (pitome if listed, else the first); the others get the ratio "
         "that gives the same token count (default 0.9; synthetic mode: 0.85)",
     )
-    budget.add_argument("--budgets", type=comma_ints, default=None, help="visual tokens to the LLM, e.g. 54,128")
-    parser.add_argument("--images", default="all", help="'all' bundled images, or comma-separated names / files")
+    add_list_argument(budget, "--budgets", int, default=None, help="visual tokens to the LLM, e.g. 54 128")
+    add_list_argument(parser, "--images", default=["all"], help="'all' bundled images, or names / files")
     add_model_arguments(parser)
     parser.add_argument(
         "--preset",
@@ -73,9 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="spectral", help="file stem of the outputs")
     synthetic = parser.add_argument_group("synthetic mode (no model)")
     synthetic.add_argument("--synthetic", action="store_true", help="Gaussian clusters instead of a model")
-    synthetic.add_argument("--noise", type=comma_floats, default=[0.25, 0.5, 1.0, 2.0], help="noise levels")
+    add_list_argument(synthetic, "--noise", float, default=[0.25, 0.5, 1.0, 2.0], help="noise levels")
     synthetic.add_argument("--trials", type=int, default=5, help="draws per noise level")
-    synthetic.add_argument("--cluster-sizes", type=comma_ints, default=[120, 50, 20, 6, 3, 1])
+    add_list_argument(synthetic, "--cluster-sizes", int, default=[120, 50, 20, 6, 3, 1], help="points per cluster")
     synthetic.add_argument("--dim", type=int, default=64, help="feature dimension")
     synthetic.add_argument("--steps", type=int, default=8, help="merge steps")
     synthetic.add_argument("--margin", type=float, default=None, help="fixed PiToMe margin (default 0.9 - 0.9 s/S)")
@@ -203,7 +202,7 @@ def run_model(args) -> dict:
     from .viz import pixel_values_for, trace_merges, vision_hidden_states
 
     loaded = load_model(args.model, args.device)
-    image_names = list_images() if args.images == "all" else comma_list(args.images)
+    image_names = list_images() if args.images == ["all"] else args.images
     budgets = matched_keep_ratios(args, loaded.model)
     methods = list(args.methods)
     curves: list[dict[str, MethodCurves]] = [{} for _ in budgets]

@@ -7,16 +7,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import comma_separated
 from .schedule import PRESETS
+from .terminal import add_list_argument
 
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
 
 TINY_MODELS = ("tiny", "tiny-test")
 
 
-comma_list = comma_separated(str)
-comma_ints = comma_separated(int)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image", default="chelsea", help=f"a bundled image ({', '.join(list_images())}) or an image file"
     )
     add_model_arguments(parser)
-    parser.add_argument("--methods", type=comma_list, default=["tome", "pitome"], help="e.g. tome,pitome")
+    add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
     parser.add_argument("--keep-ratio", type=float, default=0.9, help="keep ratio of every merging layer")
     parser.add_argument(
         "--preset",
@@ -45,11 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="reference",
         help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
     )
-    parser.add_argument(
+    add_list_argument(
+        parser,
         "--layers",
-        type=comma_ints,
+        int,
         default=None,
-        help="vision layers to show, e.g. 0,6,12,22 (the default on a 24-layer tower; same depth fractions otherwise)",
+        help="vision layers to show, e.g. 0 6 12 22 (the default on a 24-layer tower; same depth fractions otherwise)",
     )
     parser.add_argument("--colour", choices=("mean", "palette"), default="mean", help="group fill colour")
     parser.add_argument("--no-energy", action="store_true", help="leave out the energy-map row")

@@ -819,29 +819,17 @@ def run_fidelity(
 
 
 # ------------------------------------------------------------------------------------- CLI
-def _flatten(values: Iterable[Iterable[Any]]) -> list[Any]:
-    return [item for group in values for item in group]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import comma_separated
+    from ..terminal import add_list_argument
 
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
     parser.add_argument("--train", type=int, default=600, help="training images of the linear probe (default 600)")
     parser.add_argument("--test", type=int, default=300, help="test images scored per setting (default 300)")
-    parser.add_argument(
-        "--budgets",
-        type=comma_separated(int),
-        nargs="+",
-        default=[list(DEFAULT_BUDGETS)],
-        help="visual-token budgets, space- or comma-separated (default: 128 64 32)",
+    add_list_argument(
+        parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets (default: 128 64 32)"
     )
-    parser.add_argument(
-        "--settings",
-        type=comma_separated(),
-        nargs="+",
-        default=[list(DEFAULT_SETTINGS)],
-        help=f"settings, space- or comma-separated (default: all): {', '.join(SETTINGS)}",
+    add_list_argument(
+        parser, "--settings", default=list(DEFAULT_SETTINGS), help=f"settings (default: all): {', '.join(SETTINGS)}"
     )
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default {DEFAULT_OUTPUT})")
     parser.add_argument("--spectral-images", type=int, default=50, help="test images scored for SD (default 50)")
@@ -856,8 +844,8 @@ def run(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         train=args.train,
         test=args.test,
-        budgets=_flatten(args.budgets),
-        settings=_flatten(args.settings),
+        budgets=args.budgets,
+        settings=args.settings,
         output=args.output,
         spectral_images=args.spectral_images,
         batch_size=args.batch_size,

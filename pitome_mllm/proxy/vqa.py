@@ -341,18 +341,16 @@ def write_report(output: Path, extra: dict[str, Any]) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import comma_separated
+    from ..terminal import add_list_argument
 
     parser.add_argument("--output", default="proxy_results/vqa", help="folder of the sweep and the report")
-    parser.add_argument(
+    add_list_argument(
+        parser,
         "--settings",
-        type=comma_separated(),
         default=list(DEFAULT_SETTINGS),
-        help=f"comma-separated settings, or 'all' (default: {','.join(DEFAULT_SETTINGS)}); all: {', '.join(SETTINGS)}",
+        help=f"settings, or 'all' (default: {' '.join(DEFAULT_SETTINGS)}); all: {', '.join(SETTINGS)}",
     )
-    parser.add_argument(
-        "--budgets", type=comma_separated(int), default=list(DEFAULT_BUDGETS), help="visual-token budgets per image"
-    )
+    add_list_argument(parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets per image")
     parser.add_argument("--limit", type=int, default=300, help=f"test questions per run (of {easy_vqa.TASK_ROWS})")
     parser.add_argument("--batch-size", type=int, default=16, help="lmms-eval batch size")
     parser.add_argument("--checkpoint", help="trained mini-LLaVA folder (default: trained once, cached)")
