@@ -222,6 +222,26 @@ def test_enable_generate_compat_standalone_and_alongside_a_patch(tiny, inputs):
     assert "forward" not in model.__dict__
 
 
+def test_generate_gives_no_past_key_values_warning_patched_or_not(tiny, inputs):
+    """llava hands past_key_values=None on beside transformers 5.x's cache; the compat handle
+    calls through without it, so transformers has nothing to warn about on each turn."""
+    import warnings
+
+    model = tiny[0]
+    input_ids = inputs["input_ids"][:1, : int(inputs["attention_mask"][0].sum())]
+    images = inputs["images"][:1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with original.enable_generate_compat(model) as compat:
+            assert compat.quiet_prepare == original.needs_quiet_prepare(model)
+            unpatched = model.generate(input_ids, images=images, max_new_tokens=3, do_sample=False)
+        with pitome_mllm.patched(model, None, keep_ratio=1.0):
+            patched = model.generate(input_ids, images=images, max_new_tokens=3, do_sample=False)
+    assert torch.equal(unpatched, patched)
+    assert not [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert "prepare_inputs_for_generation" not in model.__dict__ and "forward" not in model.__dict__
+
+
 def test_mistral_variant_is_exact_at_keep_ratio_one_and_generates_merged(tiny, inputs):
     from llava.model.language_model.llava_mistral import LlavaMistralConfig, LlavaMistralForCausalLM
 

@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,11 +76,12 @@ def matches(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ generate compatibility
-def _transformers_forward(model: nn.Module) -> Callable | None:
-    """The forward of the transformers causal LM the llava class derives from (e.g. LlamaForCausalLM)."""
+def _transformers_forward(model: nn.Module, name: str = "forward") -> Callable | None:
+    """The forward (or method ``name``) of the transformers class the llava class derives from
+    (e.g. LlamaForCausalLM's forward, GenerationMixin's prepare_inputs_for_generation)."""
     for cls in type(model).__mro__[1:]:
-        if cls.__module__.startswith("transformers.") and "forward" in cls.__dict__:
-            return cls.__dict__["forward"]
+        if cls.__module__.startswith("transformers.") and name in cls.__dict__:
+            return cls.__dict__[name]
     return None
 
 
@@ -125,6 +127,49 @@ def _make_compat_forward(original_forward: Callable) -> Callable:
     return forward
 
 
+def _ignore_llava_past_key_values_warning() -> None:
+    """Ignore the one deprecation transformers 5.x raises at llava's own forward.
+
+    llava's forward hands ``past_key_values=`` on to ``LlamaForCausalLM.forward`` itself, which
+    takes ``cache`` now and warns on every generation step; avoiding the keyword would mean
+    forking llava's multimodal input preparation. The filter matches only that message and only
+    when raised from llava's modules, so every other warning still shows.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`past_key_values` is deprecated",
+        category=FutureWarning,
+        module=r"llava\.model\.",
+    )
+
+
+def needs_quiet_prepare(model: nn.Module) -> bool:
+    """Whether llava's ``prepare_inputs_for_generation`` hands ``past_key_values=None`` on
+    explicitly to a transformers version that renamed it ``cache``: transformers then warns
+    ("Both `past_key_values` and `cache` are set") on every generate call."""
+    own = type(model).__dict__.get("prepare_inputs_for_generation")
+    base = _transformers_forward(model, "prepare_inputs_for_generation")
+    if own is None or base is None:
+        return False
+    return "past_key_values" in _accepted_keywords(own)[0] and "cache" in _accepted_keywords(base)[0]
+
+
+def _quiet_prepare_inputs(model: nn.Module) -> Callable:
+    """llava's ``prepare_inputs_for_generation`` (llava/model/language_model/llava_llama.py),
+    passing ``past_key_values`` on only when it holds a cache."""
+    base = _transformers_forward(model, "prepare_inputs_for_generation").__get__(model)
+
+    def prepare_inputs_for_generation(input_ids, past_key_values=None, inputs_embeds=None, **kwargs):
+        extras = {key: kwargs.pop(key, None) for key in ("images", "image_sizes")}
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        inputs = base(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        inputs.update({key: value for key, value in extras.items() if value is not None})
+        return inputs
+
+    return prepare_inputs_for_generation
+
+
 def has_generate_compat(model: nn.Module) -> bool:
     """Whether ``model.forward`` is the compatibility wrapper."""
     return is_overridden(model) and getattr(model.__dict__.get("forward"), _COMPAT_MARK, False)
@@ -141,17 +186,26 @@ class GenerateCompat:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.installed = False
+        self.quiet_prepare = False  # this object set the instance's prepare_inputs_for_generation
 
     def install(self) -> GenerateCompat:
         if needs_generate_compat(self.model) and not has_generate_compat(self.model):
             override_forward(self.model, _make_compat_forward)
             self.installed = True
+        if needs_generate_compat(self.model):
+            _ignore_llava_past_key_values_warning()
+        if needs_quiet_prepare(self.model) and "prepare_inputs_for_generation" not in self.model.__dict__:
+            self.model.prepare_inputs_for_generation = _quiet_prepare_inputs(self.model)
+            self.quiet_prepare = True
         return self
 
     def remove(self) -> None:
         if self.installed:
             restore_forward(self.model)
             self.installed = False
+        if self.quiet_prepare:
+            del self.model.__dict__["prepare_inputs_for_generation"]
+            self.quiet_prepare = False
 
     def __enter__(self) -> GenerateCompat:
         return self
