@@ -658,7 +658,7 @@ def visualize(
         for layer_idx in layers:
             record.check_layer(layer_idx)
         layer_counts = [record.tokens_after(layer_idx) - 1 for layer_idx in layers]
-        rows.append(record_row(record, layers, grid, layer_counts))
+        rows.append(record_row(record, layers, grid))
         keep_ratios[method] = record.keep_ratio
         counts[method] = layer_counts
         visual_tokens[method] = record.num_visual_tokens
@@ -689,10 +689,11 @@ def visualize(
     return VisualizeResult(Path(path), list(layers), keep_ratios, counts, visual_tokens)
 
 
-def record_row(record: MergeRecord, layers: Sequence[int], grid: tuple[int, int], counts: Sequence[int]) -> MergeMapRow:
-    """The figure row of one traced method (patch tokens only; counts without the class token)."""
+def record_row(record: MergeRecord, layers: Sequence[int], grid: tuple[int, int]) -> MergeMapRow:
+    """The figure row of one traced method: maps of the patch tokens; the titles count tokens with
+    the class token, as ``pitome-mllm schedule`` and ``demo`` do."""
     maps = [record.patch_labels_after(layer_idx)[0].view(*grid) for layer_idx in layers]
-    titles = [f"after layer {layer_idx}: {count} tokens" for layer_idx, count in zip(layers, counts, strict=True)]
+    titles = [f"after layer {layer_idx}: {record.tokens_after(layer_idx)} tokens" for layer_idx in layers]
     label = (
         f"{record.method}\nkeep ratio {record.keep_ratio:.4g}\n{record.num_visual_tokens} tokens to LLM\n\n"
         + record.schedule_summary().replace(", ", "\n")

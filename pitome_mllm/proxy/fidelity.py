@@ -623,7 +623,8 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot_png(rows: Sequence[dict[str, Any]], dataset: str) -> bytes:
-    """Probe accuracy against visual tokens: one colour per setting, solid plain pool, dashed size-weighted."""
+    """Probe accuracy against visual tokens: one colour per setting; plain pool solid with dots,
+    size-weighted dashed with hollow squares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -642,16 +643,24 @@ def plot_png(rows: Sequence[dict[str, Any]], dataset: str) -> bytes:
             continue
         # A colour per setting that stays the same whichever settings a run includes.
         color = colors[order.get(setting, 0) % len(colors)]
-        for key, style, suffix in (("probe_acc_plain", "-", ""), ("probe_acc_size_weighted", "--", " (size-weighted)")):
+        # Line style alone cannot tell the two pools apart at a single budget (one point per line),
+        # so the size-weighted points are also hollow squares.
+        pools = (
+            ("probe_acc_plain", {"linestyle": "-", "marker": "o"}, ""),
+            (
+                "probe_acc_size_weighted",
+                {"linestyle": "--", "marker": "s", "markerfacecolor": "none"},
+                " (size-weighted)",
+            ),
+        )
+        for key, style, suffix in pools:
             points = sorted((row["visual_tokens"], row[key]) for row in mine if row[key] is not None)
             if points:
-                axis.plot(
-                    *zip(*points, strict=True), style, color=color, marker="o", markersize=3, label=setting + suffix
-                )
+                axis.plot(*zip(*points, strict=True), color=color, markersize=5, label=setting + suffix, **style)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("visual tokens per image (log scale)")
     axis.set_ylabel(f"linear-probe accuracy ({dataset})")
-    axis.set_title(f"Real DINOv2 ViT-S/14, LLaVA view; dashed: {WEIGHTED_POOL_LABEL}", fontsize=9)
+    axis.set_title(f"Real DINOv2 ViT-S/14, LLaVA view; dashed, hollow squares: {WEIGHTED_POOL_LABEL}", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
