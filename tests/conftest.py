@@ -7,6 +7,9 @@ Saved folders are session-scoped because nothing writes to them after creation.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from pitome_mllm.assets import load_image
@@ -45,3 +48,9 @@ def saved_tiny_llava_dir(tmp_path_factory):
 def images():
     """The bundled photos by name."""
     return {name: load_image(name) for name in ("astronaut", "chelsea", "coffee")}
+
+
+@pytest.fixture
+def fake_launcher() -> list[str]:
+    """`fake_lmms_eval.py` in place of ``python -m lmms_eval``, for sweep tests."""
+    return [sys.executable, str(Path(__file__).parent / "fake_lmms_eval.py")]

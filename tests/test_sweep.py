@@ -113,32 +113,6 @@ def test_bad_suites_are_rejected_with_the_reason(tmp_path, body, message):
 
 
 # ---------------------------------------------------------------------------------- resuming
-# Stands in for `python -m lmms_eval`: writes what lmms-eval and the plugin write, or fails
-# the way lmms-eval does without --verbosity DEBUG (exit 0, no results).
-FAKE_LMMS_EVAL = r"""
-import json, os, sys
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-model_args = dict(item.split("=", 1) for item in args["--model_args"].split(","))
-if os.environ.get("FAKE_LMMS_EVAL_FAIL") == model_args.get("method"):
-    sys.exit(0)
-folder = os.path.join(args["--output_path"], "model")
-os.makedirs(folder, exist_ok=True)
-score = {"none": 0.8, "pitome": 0.7, "tome": 0.6}[model_args["method"]]
-tokens = int(model_args.get("target_tokens", 64))
-with open(os.path.join(folder, "20260101_results.json"), "w") as f:
-    json.dump({"results": {args["--tasks"]: {"exact_match,none": score, "alias": args["--tasks"]}}}, f)
-with open(model_args["record"], "w") as f:
-    json.dump({"samples": 2, "mean_visual_tokens": tokens, "mean_ttft_s": 0.01 * tokens, "patch": {}}, f)
-"""
-
-
-@pytest.fixture
-def fake_launcher(tmp_path) -> list[str]:
-    script = tmp_path / "fake_lmms_eval.py"
-    script.write_text(FAKE_LMMS_EVAL)
-    return [sys.executable, str(script)]
-
-
 @pytest.fixture
 def small_suite(tmp_path):
     return load_suite(

@@ -115,36 +115,6 @@ def test_model_args_override_is_checked_like_the_suite(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- folders
-# Stands in for `python -m lmms_eval`. FAKE_MODE: "ok" writes what lmms-eval and the plugin
-# write; "crash" fails before evaluating, as a broken install does; "sleep" hangs (to be interrupted).
-FAKE_LMMS_EVAL = r"""
-import json, os, sys, time
-args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-model_args = dict(item.split("=", 1) for item in args["--model_args"].split(","))
-mode = os.environ.get("FAKE_MODE", "ok")
-if mode == "crash":
-    print("Traceback (most recent call last):\n  File \"<frozen runpy>\", line 1\n"
-          "ModuleNotFoundError: No module named 'lmms_eval'", flush=True)
-    sys.exit(1)
-if mode == "sleep":
-    print("evaluating", flush=True)
-    time.sleep(600)
-folder = os.path.join(args["--output_path"], "model")
-os.makedirs(folder, exist_ok=True)
-with open(os.path.join(folder, "20260101_results.json"), "w") as f:
-    json.dump({"results": {args["--tasks"]: {"exact_match,none": 0.5}}}, f)
-with open(model_args["record"], "w") as f:
-    json.dump({"samples": 2, "mean_visual_tokens": 16, "patch": {}}, f)
-"""
-
-
-@pytest.fixture
-def fake_launcher(tmp_path) -> list[str]:
-    script = tmp_path / "fake_lmms_eval.py"
-    script.write_text(FAKE_LMMS_EVAL)
-    return [sys.executable, str(script)]
-
-
 @pytest.fixture
 def four_run_suite(tmp_path):
     return load_suite(
@@ -183,7 +153,7 @@ def test_corrupt_result_files_are_named_and_the_run_redone(
     corrupt.write_text(content)
     outcome = run_suite(four_run_suite, "tiny", output, launcher=fake_launcher)
     assert outcome["done"] == ["taska/pitome-target_tokens8"] and len(outcome["skipped"]) == 3
-    assert json.loads(corrupt.read_text())["score"] == 0.5
+    assert json.loads(corrupt.read_text())["score"] == 0.7
     assert corrupt.with_name("result.json.corrupt").read_text() == content
 
 
