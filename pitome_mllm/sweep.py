@@ -354,11 +354,11 @@ def _identity(model: str, run: Run, limit: float | None, batch_size: int) -> dic
     return {"model": model, "model_args": run.model_args, "limit": limit, "batch_size": batch_size}
 
 
-def read_stored_result(result_path: Path) -> dict[str, Any] | None:
+def read_stored_result(result_path: Path, move_aside: bool = True) -> dict[str, Any] | None:
     """A run's ``result.json``, or None (with a warning naming it) when it is not a usable result.
 
-    A corrupt file is moved aside to ``result.json.corrupt`` (kept for inspection) so that the
-    run is redone instead of stopping the sweep or the aggregation.
+    With ``move_aside`` (the sweep) a corrupt file is moved to ``result.json.corrupt`` (kept for
+    inspection) and its run is redone; aggregation only leaves it out.
     """
     try:
         stored = json.loads(result_path.read_text())
@@ -369,6 +369,9 @@ def read_stored_result(result_path: Path) -> dict[str, Any] | None:
         problem = f"is not readable JSON ({error})"
     if problem is None:
         return stored
+    if not move_aside:
+        logger.warning("%s %s; leaving that run out", result_path, problem)
+        return None
     corrupt = result_path.with_name(result_path.name + ".corrupt")
     with contextlib.suppress(OSError):
         os.replace(result_path, corrupt)
@@ -611,7 +614,7 @@ def load_results(output: str | Path) -> list[dict[str, Any]]:
     paths = sorted(Path(output).glob(f"runs/*/*/{RESULT_FILE}"))
     if not paths:
         raise FileNotFoundError(f"no {RESULT_FILE} under {str(Path(output) / 'runs')!r}; run the sweep first")
-    results = [read_stored_result(path) for path in paths]
+    results = [read_stored_result(path, move_aside=False) for path in paths]
     return [result for result in results if result is not None]
 
 

@@ -148,9 +148,9 @@ def test_corrupt_result_files_are_named_and_the_run_redone(
     corrupt = run_dir(output, four_run_suite.expand()[1]) / RESULT_FILE
     corrupt.write_text(content)
     with caplog.at_level("WARNING", logger="pitome_mllm"):
-        aggregate(output)  # the summary leaves it out instead of failing
-    assert f"{corrupt} {problem}" in caplog.text
-    corrupt.write_text(content)
+        aggregate(output)  # the summary leaves it out instead of failing, and moves nothing
+    assert f"{corrupt} {problem}" in caplog.text and "leaving that run out" in caplog.text
+    assert corrupt.read_text() == content
     outcome = run_suite(four_run_suite, "tiny", output, launcher=fake_launcher)
     assert outcome["done"] == ["taska/pitome-target_tokens8"] and len(outcome["skipped"]) == 3
     assert json.loads(corrupt.read_text())["score"] == 0.7
