@@ -260,8 +260,8 @@ def test_ctrl_c_ends_the_child_and_says_how_to_resume(tmp_path, four_run_suite, 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
 def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
-    """A second sweep on a busy folder is refused; SIGKILL of the sweep takes its lmms-eval child
-    along; the next sweep takes over the stale lock and leaves exactly one results file."""
+    """SIGKILL of the sweep takes its lmms-eval child along; the next sweep takes over the stale
+    lock, refuses a second sweep on the folder while it runs, and leaves exactly one results file."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
     from pitome_mllm.models.tiny import TEST_SPEC, save_tiny_llava
 
@@ -270,23 +270,26 @@ def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = ["--suite", str(SMOKE_SUITE), "--model", str(model), "--output", str(output), "--limit", "2",
             "--only", "pitome_smoke/pitome-target_tokens16"]  # fmt: skip
+    folder = output / "runs" / "pitome_smoke" / "pitome-target_tokens16"
     first = sweep_process(args, **env)
     child = wait_for(lambda: lock_child(output), "lmms-eval to start")
+    # Killed while lmms-eval is still starting (it takes seconds to import), so the kill matters.
     assert process_running(child)
+    first.kill()
+    first.communicate(timeout=60)
+    wait_for(lambda: not process_running(child), "lmms-eval to end", timeout_s=300)
+    # It died with the sweep: an orphan would have finished its evaluation and written into the folder.
+    assert not list(folder.rglob("*_results.json")) and not (folder / "pitome_record.json").exists()
 
+    resumed = sweep_process(args, **env)
+    wait_for(lambda: lock_child(output) not in (None, child), "the resumed sweep's lmms-eval to start")
     second = sweep_process(args, **env)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 2
-    assert f"is in use by another sweep (pid {first.pid}" in err and "Traceback" not in err
+    assert f"is in use by another sweep (pid {resumed.pid}" in err and "Traceback" not in err
 
-    first.kill()
-    first.communicate(timeout=60)
-    wait_for(lambda: not process_running(child), "lmms-eval to die with the sweep", timeout_s=60)
-
-    third = sweep_process(args, **env)
-    out, err = third.communicate(timeout=600)
-    assert third.returncode == 0, err
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
     assert f"the sweep that held it (pid {first.pid}" in err
-    folder = output / "runs" / "pitome_smoke" / "pitome-target_tokens16"
     assert len(list(folder.rglob("*_results.json"))) == 1
     assert json.loads((folder / RESULT_FILE).read_text())["num_visual_tokens"] == 16
