@@ -48,7 +48,7 @@ from ..merge import bipartite_soft_matching, pitome
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
 from .base import clip_encoder_layers
-from .compat import transformers_version, transformers_version_text
+from .compat import transformers_version_text
 from .siglip import tower_has_class_token
 
 FAMILY = "llava_next"
