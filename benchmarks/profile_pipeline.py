@@ -53,9 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pitome_mllm.architectures import build_arch
-    from pitome_mllm.profile_cli import native_visual_tokens, resolve_device
-    from pitome_mllm.profiling import ProfileSettings, plan_runs, profile, publish_report
+    from pitome_mllm.testing.architectures import build_arch
+    from pitome_mllm.cli.profile import native_visual_tokens, resolve_device
+    from pitome_mllm.tools.profiling import ProfileSettings, plan_runs, profile, publish_report
 
     args = parse_args(argv)
     device = resolve_device(args.device)

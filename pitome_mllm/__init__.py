@@ -18,16 +18,16 @@ __version__ = "0.1.0"
 from .config import PiToMeConfig  # noqa: E402  (light: no transformers)
 
 if TYPE_CHECKING:
-    from .patching import PatchHandle, get_patch, patch, patched
+    from .api import PatchHandle, get_patch, patch, patched
 
 _LAZY = {"patch", "patched", "get_patch", "PatchHandle"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from . import patching
+        from . import api
 
-        return getattr(patching, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'pitome_mllm' has no attribute {name!r}")
 
 

@@ -9,10 +9,10 @@ load time, and the model class (torch, transformers) is only imported when a run
 from __future__ import annotations
 
 MODEL_ID = "pitome_llava_hf"
-CLASS_PATH = "pitome_mllm.lmms_eval_plugin.PiToMeLlavaHF"
+CLASS_PATH = "pitome_mllm.integrations.lmms_eval.llava_hf.PiToMeLlavaHF"
 # The original LLaVA code (`llava` package), for reproducing the paper's harness.
 LLAVA_ORIGINAL_MODEL_ID = "pitome_llava"
-LLAVA_ORIGINAL_CLASS_PATH = "pitome_mllm.lmms_eval_llava_original.PiToMeLlava"
+LLAVA_ORIGINAL_CLASS_PATH = "pitome_mllm.integrations.lmms_eval.llava_original.PiToMeLlava"
 
 
 def manifest():

@@ -29,7 +29,7 @@ from pitome_mllm.merge.select import (
     random_keep_indices,
     top_indices,
 )
-from pitome_mllm.models.tiny import TEST_SPEC
+from pitome_mllm.testing.tiny import TEST_SPEC
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 BUDGET = 16  # of the 64 patches; pools the 8 x 8 grid to 4 x 4, i.e. 2 x 2 windows

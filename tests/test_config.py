@@ -48,7 +48,7 @@ def test_llm_prop_attn_is_off_by_default_and_in_no_preset():
 
 def test_llm_prop_attn_as_an_lmms_eval_model_arg():
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
-    from pitome_mllm.lmms_eval_plugin import parse_patch_args
+    from pitome_mllm.integrations.lmms_eval.llava_hf import parse_patch_args
 
     parsed = parse_patch_args({"keep_ratio": 0.9, "llm_prop_attn": "true"})
     assert parsed == {"keep_ratio": 0.9, "llm_prop_attn": True}

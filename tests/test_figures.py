@@ -45,7 +45,7 @@ def _overlapping_labels(axis) -> list[tuple[str, str]]:
 def test_merge_map_colour_bars_have_room_for_their_labels(tmp_path, saved_figures):
     import torch
 
-    from pitome_mllm.viz import MergeMapRow, plot_merge_maps
+    from pitome_mllm.tools.viz import MergeMapRow, plot_merge_maps
 
     image = np.random.default_rng(0).random((112, 112, 3))
     rows = [MergeMapRow("pitome", [torch.arange(64).view(8, 8)] * 3, ["a", "b", "c"])]
@@ -92,7 +92,7 @@ def test_profile_plots_keep_each_methods_colour(tmp_path, saved_figures):
 
 
 def test_a_one_budget_fidelity_plot_tells_the_pools_apart():
-    from pitome_mllm.proxy.fidelity import plot_png
+    from pitome_mllm.experiments.proxy.fidelity import plot_png
 
     rows = [
         {"setting": "pitome_reference", "budget": 64, "visual_tokens": 64, "probe_acc_plain": 0.70,

@@ -15,7 +15,7 @@ import pitome_mllm  # noqa: E402
 from pitome_mllm.assets import load_image  # noqa: E402
 from pitome_mllm.models import find_adapter, llava_hf  # noqa: E402
 from pitome_mllm.models import llava_original as original  # noqa: E402
-from pitome_mllm.models.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
+from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
 
 # llava-torch passes past_key_values to LlamaForCausalLM, which transformers 5.x renamed.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
@@ -409,7 +409,7 @@ def test_chat_llava_reports_bad_arguments_in_one_line(extra, message, capsys):
 def lmms_model(saved_checkpoint):
     """``pitome_llava`` on the saved tiny checkpoint, patched to 16 visual tokens, batch size 2."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
-    from pitome_mllm.lmms_eval_llava_original import PiToMeLlava
+    from pitome_mllm.integrations.lmms_eval.llava_original import PiToMeLlava
 
     model = PiToMeLlava(
         pretrained=str(saved_checkpoint), device="cpu", batch_size="2", target_tokens="16", keep_order="true"
@@ -430,7 +430,7 @@ def test_lmms_eval_manifest_names_the_model_class():
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'pitome-mllm[eval]')")
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
-    from pitome_mllm import lmms_eval_llava_original as plugin
+    from pitome_mllm.integrations.lmms_eval import llava_original as plugin
     from pitome_mllm.lmms_eval_manifest import manifest_llava_original
 
     registry = ModelRegistryV2()

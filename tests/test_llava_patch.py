@@ -22,10 +22,10 @@ from transformers import (
 )
 
 import pitome_mllm
-from pitome_mllm.models.base import clip_encoder_layers
+from pitome_mllm.models.clip_tower import clip_encoder_layers
 from pitome_mllm.models.compat import transformers_version
 from pitome_mllm.models.llava_hf import image_features_per_image, vision_hidden_states
-from pitome_mllm.models.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
+from pitome_mllm.testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
 from pitome_mllm.schedule import plan_layers
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"

@@ -23,7 +23,7 @@ from pitome_mllm.hooks.llm_attention import (
     key_bias_for,
     visual_key_log_sizes,
 )
-from pitome_mllm.models.base import check_llm_prop_attn
+from pitome_mllm.models.clip_tower import check_llm_prop_attn
 from pitome_mllm.models.llava_original import LlavaOriginalAdapter
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
@@ -313,7 +313,7 @@ def test_families_without_support_refuse_the_option():
 
 
 def test_llava_next_refuses_the_option_before_touching_the_model():
-    from pitome_mllm.models.tiny import build_tiny_llava_next
+    from pitome_mllm.testing.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next()
     with pytest.raises(ValueError, match="llava_next family; only llava_hf"):

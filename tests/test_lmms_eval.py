@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 
 from pitome_mllm.assets import load_image  # noqa: E402
-from pitome_mllm.lmms_eval_plugin import (  # noqa: E402
+from pitome_mllm.integrations.lmms_eval.llava_hf import (  # noqa: E402
     LLAVA_V1_SYSTEM,
     PiToMeLlavaHF,
     build_prompt,
@@ -30,7 +30,7 @@ from pitome_mllm.lmms_eval_plugin import (  # noqa: E402
     parse_patch_args,
     truncate_at_stop,
 )
-from pitome_mllm.models.tiny import TEST_SPEC, build_tiny_processor, save_tiny_llava  # noqa: E402
+from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_processor, save_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "tasks"
@@ -122,7 +122,7 @@ def test_entry_point_registers_the_plugin_class():
     values = {entry_point.name: entry_point.value for entry_point in entry_points}
     assert values.get("pitome_llava_hf") == "pitome_mllm.lmms_eval_manifest:manifest"
     manifest = get_model_manifest("pitome_llava_hf")
-    assert manifest.simple_class_path == "pitome_mllm.lmms_eval_plugin.PiToMeLlavaHF"
+    assert manifest.simple_class_path == "pitome_mllm.integrations.lmms_eval.llava_hf.PiToMeLlavaHF"
     assert manifest.chat_class_path is None
     model_class = get_model("pitome_llava_hf")
     assert model_class is PiToMeLlavaHF and model_class.is_simple

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import pitome_mllm
-from pitome_mllm import profiling
-from pitome_mllm.architectures import (
+from pitome_mllm.tools import profiling
+from pitome_mllm.testing.architectures import (
     ARCHITECTURES,
     ArchSpec,
     TextShape,
@@ -22,7 +22,7 @@ from pitome_mllm.architectures import (
     count_parameters,
     get_arch,
 )
-from pitome_mllm.profiling import (
+from pitome_mllm.tools.profiling import (
     LLMShape,
     ProfileSettings,
     RunSpec,
@@ -225,7 +225,8 @@ def test_cuda_stopwatch_reads_event_pairs(monkeypatch):
 
 
 def test_merge_timing_restores_the_library_functions():
-    from pitome_mllm.hooks import projector, vision
+    from pitome_mllm.hooks import projector
+    from pitome_mllm.hooks import tower as vision
 
     originals = (vision.decide_step, vision.apply_step, vision.MergeTrace.apply, projector.reduce_to_budget)
     with merge_timing(lambda: None):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pitome_mllm.proxy import fidelity
-from pitome_mllm.real_tower import is_available
+from pitome_mllm.experiments.proxy import fidelity
+from pitome_mllm.testing.real_tower import is_available
 
 torch.set_num_threads(1)  # two shared cores; the end-to-end run stays small
 

@@ -10,10 +10,10 @@ import torch
 
 easy_vqa_data = pytest.importorskip("easy_vqa", reason="the easy-VQA proxy needs easy-vqa==1.0")
 
-from pitome_mllm import sweep  # noqa: E402
-from pitome_mllm.lmms_eval_plugin import build_prompt  # noqa: E402
-from pitome_mllm.proxy import easy_vqa, vqa  # noqa: E402
-from pitome_mllm.real_tower import build_real_processor, is_available  # noqa: E402
+from pitome_mllm.experiments import sweep  # noqa: E402
+from pitome_mllm.integrations.lmms_eval.llava_hf import build_prompt  # noqa: E402
+from pitome_mllm.experiments.proxy import easy_vqa, vqa  # noqa: E402
+from pitome_mllm.testing.real_tower import build_real_processor, is_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FOLDER = REPO / "eval" / "tasks"
@@ -95,7 +95,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_answer_logits_equal_the_model_forward():
-    from pitome_mllm.models.tiny import TEST_SPEC, build_tiny_llava
+    from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava
 
     model, processor = build_tiny_llava(TEST_SPEC)[:2]
     image = easy_vqa.load_image("test", 0)
@@ -192,7 +192,7 @@ def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monk
 
     # The saved checkpoint, loaded the way the lmms-eval plugin loads it, has the frozen tower
     # exactly: the converted tower gets its identity pre-norm back (a LayerNorm cannot be one).
-    from pitome_mllm.loading import load_llava
+    from pitome_mllm.runtime.loading import load_llava
 
     fresh, processor = easy_vqa.build_mini_llava(spec, seed=settings.seed)
     loaded, _ = load_llava(str(folder))

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 import torch
 
-from pitome_mllm import real_tower
+from pitome_mllm.testing import real_tower
 from pitome_mllm.models.llava_hf import image_features_per_image
 
 pytestmark = pytest.mark.skipif(
@@ -117,7 +117,7 @@ def test_patched_real_llava_at_keep_ratio_one_is_exact(pixel_values):
 def test_saved_real_llava_loads_back_with_its_identity_pre_norm(pixel_values, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from pitome_mllm.loading import load_llava
+    from pitome_mllm.runtime.loading import load_llava
 
     model, processor = real_tower.build_real_llava(text_layers=1)
     model.save_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""Spectral distance (pitome_mllm.spectral) and the ``pitome-mllm spectral`` command."""
+"""Spectral distance (pitome_mllm.tools.spectral) and the ``pitome-mllm spectral`` command."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pitome_mllm.cli import main
-from pitome_mllm.spectral import (
+from pitome_mllm.tools.spectral import (
     SimStep,
     SpectralReference,
     assignment_matrix,
@@ -29,7 +29,7 @@ from pitome_mllm.spectral import (
     summed_coarse_graph,
     synthetic_study,
 )
-from pitome_mllm.viz import curves_size_px
+from pitome_mllm.tools.viz import curves_size_px
 
 
 def _clusters(sizes=(12, 8, 6, 3, 1), dim=16, noise=0.1, seed=0):
@@ -164,7 +164,7 @@ def test_batched_distance_matches_per_image_and_per_node_divides_by_n():
 
 
 def test_spectral_module_imports_no_transformers():
-    code = "import sys, pitome_mllm.spectral; assert 'transformers' not in sys.modules, 'transformers imported'"
+    code = "import sys, pitome_mllm.tools.spectral; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,4 +1,4 @@
-"""``pitome-mllm sweep``: suite files, resuming, aggregation (pitome_mllm.sweep).
+"""``pitome-mllm sweep``: suite files, resuming, aggregation (pitome_mllm.experiments.sweep).
 
 Suite parsing, resuming and aggregation run with a stand-in for lmms-eval; the end-to-end test
 runs the real lmms-eval on the tiny model and is skipped without the ``eval`` extra.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pitome_mllm import cli
-from pitome_mllm.sweep import (
+from pitome_mllm.experiments.sweep import (
     RESULT_FILE,
     aggregate,
     load_suite,
@@ -288,7 +288,7 @@ def test_smoke_suite_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     """The real lmms-eval on the tiny model: run part of the smoke suite (as if interrupted),
     resume it through the CLI, aggregate."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
-    from pitome_mllm.models.tiny import TEST_SPEC, save_tiny_llava
+    from pitome_mllm.testing.tiny import TEST_SPEC, save_tiny_llava
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

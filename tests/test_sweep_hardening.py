@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from pitome_mllm import cli
-from pitome_mllm.sweep import RESULT_FILE, aggregate, load_suite, run_dir, run_suite
-from pitome_mllm.sweep_process import LOCK_FILE, failure_signature, repeated_failure
-from pitome_mllm.sweep_suite import LOADER_ARGS, SuiteError
+from pitome_mllm.experiments.sweep import RESULT_FILE, aggregate, load_suite, run_dir, run_suite
+from pitome_mllm.experiments.sweep_process import LOCK_FILE, failure_signature, repeated_failure
+from pitome_mllm.experiments.sweep_suite import LOADER_ARGS, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SUITE = REPO / "eval" / "suites" / "smoke.yaml"
@@ -92,7 +92,7 @@ def test_loader_arguments_match_the_plugin():
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
     import inspect
 
-    from pitome_mllm.lmms_eval_plugin import PiToMeLlavaHF
+    from pitome_mllm.integrations.lmms_eval.llava_hf import PiToMeLlavaHF
 
     parameters = inspect.signature(PiToMeLlavaHF.__init__).parameters
     named = {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
@@ -184,7 +184,7 @@ def test_runs_failing_the_same_way_stop_the_sweep_with_the_cause(tmp_path, fake_
 
 
 def test_a_baseline_that_cannot_start_stops_the_sweep(tmp_path, four_run_suite, fake_launcher, monkeypatch):
-    from pitome_mllm.sweep import SweepStopped
+    from pitome_mllm.experiments.sweep import SweepStopped
 
     monkeypatch.setenv("FAKE_MODE", "crash")
     with pytest.raises(SweepStopped, match="baseline run taska/none failed") as stopped:
@@ -263,7 +263,7 @@ def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
     """SIGKILL of the sweep takes its lmms-eval child along; the next sweep takes over the stale
     lock, refuses a second sweep on the folder while it runs, and leaves exactly one results file."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
-    from pitome_mllm.models.tiny import TEST_SPEC, save_tiny_llava
+    from pitome_mllm.testing.tiny import TEST_SPEC, save_tiny_llava
 
     model = save_tiny_llava(tmp_path / "tiny", TEST_SPEC)
     output = tmp_path / "sweep"

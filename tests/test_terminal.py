@@ -1,4 +1,4 @@
-"""Terminal output and list options (pitome_mllm.terminal) and the commands that use them."""
+"""Terminal output and list options (pitome_mllm.runtime.terminal) and the commands that use them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pitome_mllm import cli
-from pitome_mllm.terminal import busy_machine_warning, column_blocks, render_table, torch_threads
+from pitome_mllm.runtime.terminal import busy_machine_warning, column_blocks, render_table, torch_threads
 
 WIDE_COLUMNS = ["run", "visual tokens", "keep ratio", "tower", "merge share", "projector", "LLM prefill", "TTFT",
                 "decode / token", "total", "tower speed-up meas / FLOPs"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Merge maps (pitome_mllm.viz) and the ``pitome-mllm visualize`` command."""
+"""Merge maps (pitome_mllm.tools.viz) and the ``pitome-mllm visualize`` command."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from PIL import Image
 
 from pitome_mllm.assets import load_image
 from pitome_mllm.cli import main
-from pitome_mllm.models.tiny import TEST_SPEC, build_tiny_llava
-from pitome_mllm.spectral import plan_steps
-from pitome_mllm.viz import (
+from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava
+from pitome_mllm.tools.spectral import plan_steps
+from pitome_mllm.tools.viz import (
     BOUNDARY_RGB,
     SINGLETON_RGB,
     Curve,

@@ -31,7 +31,7 @@ from ..merge.select import (
     random_keep_indices,
     square_grid,
 )
-from .vision import MergeTrace, TowerMerger, raster_order
+from .tower import MergeTrace, TowerMerger, raster_order
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PiToMeConfig
 from ..hooks.llm_attention import LLMPropAttention
-from .base import ClipTowerAdapter
+from .clip_tower import ClipTowerAdapter
 from .compat import transformers_version
 
 FAMILY = "llava_hf"

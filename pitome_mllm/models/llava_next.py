@@ -43,11 +43,11 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.vision import raster_order
+from ..hooks.tower import raster_order
 from ..merge import bipartite_soft_matching, pitome
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
-from .base import clip_encoder_layers
+from .clip_tower import clip_encoder_layers
 from .compat import transformers_version_text
 from .siglip import tower_has_class_token
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import PiToMeConfig
 from ..hooks.base import is_overridden, override_forward, restore_forward
-from .base import ClipTowerAdapter
+from .clip_tower import ClipTowerAdapter
 
 FAMILY = "llava_original"
 SUPPORTED = (
@@ -368,7 +368,7 @@ def load_llava_original(
     from llava.mm_utils import get_model_name_from_path
     from llava.model.builder import load_pretrained_model
 
-    from ..loading import resolve_device, resolve_dtype
+    from ..runtime.loading import resolve_device, resolve_dtype
 
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -458,7 +458,7 @@ def prepare_images(images, image_processor, model: nn.Module) -> torch.Tensor:
 def _tiny_llava_config(spec, tokenizer, tower_folder: Path):
     from llava.model.language_model.llava_llama import LlavaConfig
 
-    from .tiny import tiny_llama_kwargs
+    from ..testing.tiny import tiny_llama_kwargs
 
     return LlavaConfig(
         **tiny_llama_kwargs(spec, tokenizer),
@@ -480,7 +480,7 @@ def _tiny_llava_config(spec, tokenizer, tower_folder: Path):
 def _tiny_vision_tower(spec):
     from transformers import CLIPVisionModel
 
-    from .tiny import tiny_clip_vision_config
+    from ..testing.tiny import tiny_clip_vision_config
 
     vision_config = tiny_clip_vision_config(spec)
     with torch.random.fork_rng(devices=[]):
@@ -493,7 +493,7 @@ def build_tiny_llava_original(folder: str | Path, spec=None, vision_tower: nn.Mo
 
     llava loads its CLIP tower and image processor by name, so they are written to
     ``folder / "vision_tower"`` and the config points there. Geometry and widths follow
-    a `pitome_mllm.models.tiny.TinyLlavaSpec` (default ``TEST_SPEC``); ``vision_tower``
+    a `pitome_mllm.testing.tiny.TinyLlavaSpec` (default ``TEST_SPEC``); ``vision_tower``
     reuses a given ``CLIPVisionModel`` (e.g. a transformers LLaVA's, to compare families).
 
     Returns:
@@ -503,7 +503,7 @@ def build_tiny_llava_original(folder: str | Path, spec=None, vision_tower: nn.Mo
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from transformers import GenerationConfig
 
-    from .tiny import TEST_SPEC, build_tiny_processor, build_tiny_tokenizer
+    from ..testing.tiny import TEST_SPEC, build_tiny_processor, build_tiny_tokenizer
 
     spec = spec or TEST_SPEC
     tower_folder = Path(folder) / "vision_tower"

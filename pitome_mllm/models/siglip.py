@@ -5,7 +5,7 @@ pooling head attends over all tokens instead). The merge schedule, the merge
 steps and the placeholder count all depend on that difference, so adapters ask
 `tower_has_class_token` once and pass the answer on. SigLIP's encoder layers and
 attention (``self_attn.k_proj``, ``num_heads``) are laid out like CLIP's, so the
-layer and key lookups of `pitome_mllm.models.base` serve both.
+layer and key lookups of `pitome_mllm.models.clip_tower` serve both.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Helpers of the offline ``easy_vqa`` task (resolved by lmms-eval's ``!function utils.x``).
 
 Images are read from the installed ``easy-vqa`` package; the prompt text and answer
-normalisation come from `pitome_mllm.proxy.easy_vqa`, the same code the mini-LLaVA was trained
+normalisation come from `pitome_mllm.experiments.proxy.easy_vqa`, the same code the mini-LLaVA was trained
 with, so training and evaluation prompts cannot drift apart.
 """
 
 from __future__ import annotations
 
-from pitome_mllm.proxy import easy_vqa
+from pitome_mllm.experiments.proxy import easy_vqa
 
 
 def easy_vqa_doc_to_visual(doc: dict) -> list:

@@ -1,0 +1,165 @@
+"""`patch()` / `patched()`: the public entry point, and the handle that undoes it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from .config import PiToMeConfig
+from .hooks.base import is_overridden
+from .models import find_adapter
+from .models.clip_tower import check_llm_prop_attn
+
+_HANDLE_ATTR = "_pitome_patch_handle"
+
+
+class PatchHandle:
+    """A live patch on a model (and its processor).
+
+    Attributes:
+        model, processor, config: what was patched, with which settings.
+        num_visual_tokens: visual tokens per image the language model receives
+            (for the model's native image size), known before the model runs.
+        keep_ratio: the keep ratio the vision tower uses (solved when only
+            ``target_tokens`` was given).
+    """
+
+    def __init__(self, model: nn.Module, processor, config: PiToMeConfig, adapter) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self._adapter = adapter
+        self._active = True
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def family(self) -> str:
+        return self._adapter.family
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self._adapter.num_visual_tokens
+
+    @property
+    def keep_ratio(self) -> float:
+        return self._adapter.tower_keep_ratio
+
+    def visual_tokens_for_image(self, height: int, width: int) -> int:
+        """Visual tokens for a preprocessed image of ``height`` x ``width`` pixels."""
+        return self._adapter.visual_tokens_for_image(height, width)
+
+    @property
+    def schedule(self):
+        """The `LayerStep` of every vision layer the model reads, for the native image size."""
+        return list(self._adapter.plan(self._adapter.default_num_tokens))
+
+    @property
+    def trace(self):
+        """`MergeTrace` of the last vision-tower forward (source map, sizes, counts), or None."""
+        return self._adapter.tower.trace
+
+    @property
+    def final_token_map(self):
+        """``[num_images, num_patches]``: the LLM token holding each patch, after the last forward."""
+        return self._adapter.projector_merger.final_token_map
+
+    @property
+    def final_size(self):
+        """``[num_images, num_visual_tokens, 1]``: patches each LLM visual token holds, after the last forward."""
+        return self._adapter.projector_merger.final_size
+
+    def record_merges(self, enabled: bool = True) -> None:
+        """Keep every step's `Merge` of the next forwards in ``trace.merges`` (for visualisation)."""
+        self._adapter.tower.record_merges = enabled
+
+    def summary(self) -> dict[str, Any]:
+        steps = self.schedule
+        return {
+            "family": self.family,
+            "config": self.config.to_dict(),
+            "keep_ratio": self.keep_ratio,
+            "num_visual_tokens": self.num_visual_tokens,
+            "tokens_after_layer": [step.tokens_out for step in steps],
+            "methods": [step.method for step in steps],
+        }
+
+    def unpatch(self) -> None:
+        """Restore the model and processor exactly as they were. Idempotent."""
+        if not self._active:
+            return
+        self._adapter.remove()
+        self.model.__dict__.pop(_HANDLE_ATTR, None)
+        self._active = False
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return (
+            f"PatchHandle({self.family}, method={self.config.method!r}, preset={self.config.preset!r}, "
+            f"keep_ratio={self.keep_ratio:.4f}, num_visual_tokens={self.num_visual_tokens}, {state})"
+        )
+
+
+def get_patch(model: nn.Module) -> PatchHandle | None:
+    """The active handle of a patched model, or None."""
+    return model.__dict__.get(_HANDLE_ATTR)
+
+
+def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any) -> PatchHandle:
+    """Put token merging into ``model`` (in place) and make ``processor`` emit the new token count.
+
+    Args:
+        model: a supported model (see `pitome_mllm.models.supported_families`).
+        processor: its processor; after patching it emits ``handle.num_visual_tokens``
+            image placeholders per image. None: build the prompts yourself.
+        config: a `PiToMeConfig` (or its dict); keyword ``overrides`` change fields of it,
+            e.g. ``patch(model, processor, keep_ratio=0.9)`` or ``target_tokens=128``.
+
+    Returns:
+        A `PatchHandle`; ``handle.unpatch()`` restores everything.
+
+    Raises:
+        ValueError: a bad config value, an unsupported model, or a budget the model
+            cannot reach. The model is left untouched.
+        RuntimeError: the model is already patched.
+    """
+    if get_patch(model) is not None:
+        raise RuntimeError("model is already patched; call handle.unpatch() (pitome_mllm.get_patch(model)) first")
+    if isinstance(config, dict):
+        config = PiToMeConfig.from_dict(config)
+    if config is None:
+        config = PiToMeConfig.from_dict(overrides)  # unknown keys: ValueError naming the allowed ones
+    elif overrides:
+        config = config.replace(**overrides)
+    adapter_cls = find_adapter(model)
+    check_llm_prop_attn(adapter_cls, config)  # every family, before anything is touched
+    adapter = adapter_cls(model, processor, config)  # validates and plans; no mutation yet
+    if any(is_overridden(layer) for layer in adapter.layers):
+        raise RuntimeError("the vision tower already carries a pitome_mllm patch")
+    adapter.install()
+    handle = PatchHandle(model, processor, config, adapter)
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+@contextlib.contextmanager
+def patched(
+    model: nn.Module, processor=None, config: PiToMeConfig | dict | None = None, **overrides: Any
+) -> Iterator[PatchHandle]:
+    """Context manager: ``with patched(model, processor, keep_ratio=0.9) as handle: ...``."""
+    handle = patch(model, processor, config, **overrides)
+    try:
+        yield handle
+    finally:
+        handle.unpatch()

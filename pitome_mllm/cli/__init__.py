@@ -1,0 +1,72 @@
+"""``pitome-mllm`` command line: thin wrappers that parse, call the library, print.
+
+Each subcommand lives in its own module exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; modules keep heavy imports
+(transformers, matplotlib) inside ``run`` so that ``pitome-mllm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> module implementing it
+COMMANDS: dict[str, str] = {
+    "schedule": "pitome_mllm.cli.schedule",
+    "sweep": "pitome_mllm.experiments.sweep",
+    "profile": "pitome_mllm.cli.profile",
+    "demo": "pitome_mllm.cli.demo",
+    "chat": "pitome_mllm.cli.chat",
+    "chat-llava": "pitome_mllm.cli.chat_llava",
+    "visualize": "pitome_mllm.cli.visualize",
+    "spectral": "pitome_mllm.cli.spectral",
+    "proxy": "pitome_mllm.cli.proxy",
+}
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(with_arguments: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pitome-mllm`` parser; only the subcommands in ``with_arguments`` (None: all) get their options.
+
+    A subcommand's options can need its heavy imports (torch, transformers), so ``--help`` and a light
+    command such as ``schedule`` build only what they show.
+    """
+    parser = argparse.ArgumentParser(
+        prog="pitome-mllm",
+        description="Spectrum-preserving token merging (PiToMe) for LLaVA-style multimodal LLMs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what gets patched and planned")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        if with_arguments is None or name in with_arguments:
+            module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    parser = build_parser([] if command is None else [command])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad input: one clear line, not a traceback.
+        print(f"pitome-mllm {args.command}: error: {error}", file=sys.stderr)
+        return 2

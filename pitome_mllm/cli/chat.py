@@ -1,0 +1,238 @@
+"""``pitome-mllm chat``: talk about one image with a (patched) LLaVA model, streaming the answers.
+
+Questions come from stdin, one per line; ``--prompt`` answers one question and exits.
+The image goes with the first question and the conversation is kept, so later questions
+can refer to earlier answers. Each turn re-runs the prompt of the whole conversation
+(image included), so the timing line after an answer is what that turn cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from ..config import DTYPES
+from ..schedule import METHODS, PRESETS
+from ..runtime.terminal import add_threads_argument
+
+HELP = "chat about an image with a PiToMe-patched LLaVA model (streams answers, reports visual tokens and latency)"
+
+EXIT_WORDS = ("exit", "quit")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_ID",
+        help="a local LLaVA folder, a hub id (e.g. llava-hf/llava-1.5-7b-hf), or 'tiny' for the offline tiny model",
+    )
+    add_session_arguments(parser)
+
+
+def add_session_arguments(parser: argparse.ArgumentParser) -> None:
+    """Image, merge settings, loading and generation flags shared by ``chat`` and ``chat-llava``."""
+    parser.add_argument(
+        "--image",
+        required=True,
+        metavar="IMG",
+        help="a bundled image name (astronaut, chelsea, coffee) or an image file",
+    )
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep-ratio", type=float, help="fraction of tokens each merging layer keeps, in (0.5, 1.0]")
+    budget.add_argument("--target-tokens", type=int, help="exact number of visual tokens per image")
+    parser.add_argument("--preset", choices=PRESETS, default="reference")
+    parser.add_argument("--method", choices=METHODS, default="pitome")
+    parser.add_argument("--keep-order", action="store_true", help="hand merged tokens to the LLM in raster order")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument(
+        "--load-in-4bit", action="store_true", help="quantise the language model to 4 bit (bitsandbytes)"
+    )
+    quantization.add_argument(
+        "--load-in-8bit", action="store_true", help="quantise the language model to 8 bit (bitsandbytes)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    add_threads_argument(parser)
+    parser.add_argument("--prompt", metavar="TEXT", help="answer this one question and exit")
+
+
+def checked_patch_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`patch_config`, validated before any model is loaded (bad values raise ValueError)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config = patch_config(args)
+    if config is not None:
+        from ..config import PiToMeConfig
+
+        PiToMeConfig(**config)
+    return config
+
+
+def answer_questions(session, args: argparse.Namespace) -> None:
+    """Answer ``--prompt`` or every question read from stdin, printing a timing line after each."""
+    if args.prompt is not None:
+        questions = [args.prompt]
+    else:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print("Ask about the image; 'exit', 'quit' or Ctrl-D ends the chat.", file=sys.stderr)
+        questions = read_questions(sys.stdin, interactive)
+    for question in questions:
+        stats = session.ask(question, sys.stdout)
+        print(stats.line())
+
+
+def patch_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``patch()`` keywords the arguments ask for; None when no merging was requested."""
+    if args.keep_ratio is None and args.target_tokens is None:
+        return None
+    config: dict[str, Any] = {"method": args.method, "preset": args.preset, "keep_order": args.keep_order}
+    if args.keep_ratio is not None:
+        config["keep_ratio"] = args.keep_ratio
+    if args.target_tokens is not None:
+        config["target_tokens"] = args.target_tokens
+    return config
+
+
+@dataclass
+class TurnStats:
+    visual_tokens: int
+    vision_s: float
+    prefill_s: float
+    total_s: float
+    output_tokens: int
+
+    def line(self) -> str:
+        return (
+            f"[{self.visual_tokens} visual tokens, vision {self.vision_s * 1e3:.0f} ms, "
+            f"prefill {self.prefill_s * 1e3:.0f} ms, total {self.total_s:.2f} s]"
+        )
+
+
+@dataclass
+class ChatSession:
+    """A conversation about one image: ``(question, answer)`` turns, the image in the first."""
+
+    model: Any
+    processor: Any
+    image: Any
+    max_new_tokens: int
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def ask(self, question: str, out: TextIO) -> TurnStats:
+        """Stream the answer to ``question`` into ``out``; remember the turn."""
+        from transformers import TextIteratorStreamer
+
+        from ..runtime.loading import StageTimer, build_conversation_prompt, count_image_tokens
+
+        prompt = build_conversation_prompt(self.processor, [*self.turns, (question, None)])
+        inputs = self.processor(images=self.image, text=prompt, return_tensors="pt").to(self.model.device)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        timer = StageTimer(self.model)
+        answer, output_ids = stream_generate(
+            self.model, streamer, timer, out, **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
+        )
+        self.turns.append((question, answer))
+        return TurnStats(
+            visual_tokens=count_image_tokens(self.processor, inputs["input_ids"]),
+            vision_s=timer.vision_s,
+            prefill_s=timer.prefill_s,
+            total_s=timer.total_s,
+            output_tokens=int(output_ids.shape[1] - inputs["input_ids"].shape[1]),
+        )
+
+
+def stream_generate(model, streamer, timer, out: TextIO, **generate_kwargs) -> tuple[str, Any]:
+    """Run ``model.generate`` in a worker thread and copy the streamed text into ``out``.
+
+    ``timer`` (a context manager such as `StageTimer`) is entered around the whole generation.
+    Returns the answer text (stripped) and what ``generate`` returned. An error raised inside
+    ``generate`` is re-raised here, in the caller's thread.
+    """
+    import torch
+
+    generation: dict[str, Any] = {}
+
+    def generate() -> None:
+        try:
+            with torch.inference_mode():
+                generation["ids"] = model.generate(streamer=streamer, **generate_kwargs)
+        except BaseException as error:  # re-raised in the caller's thread
+            generation["error"] = error
+            streamer.end()  # unblock the reader; generate() never reached its own end()
+
+    pieces = []
+    with timer:
+        worker = threading.Thread(target=generate, name="pitome-mllm-generate", daemon=True)
+        worker.start()
+        for text in streamer:
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+        worker.join()
+    out.write("\n")
+    if "error" in generation:
+        raise generation["error"]
+    return "".join(pieces).strip(), generation["ids"]
+
+
+def read_questions(stream: TextIO, interactive: bool):
+    """Non-empty lines of ``stream`` until EOF or an exit word (shared by ``chat`` and ``chat-llava``)."""
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = stream.readline()
+        if not line:
+            return
+        question = line.strip()
+        if question.lower() in EXIT_WORDS:
+            return
+        if question:
+            yield question
+
+
+def _load(args: argparse.Namespace):
+    from ..runtime.loading import load_model
+
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.terminal import torch_threads
+
+    with torch_threads(args.threads):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .. import patch
+    from ..runtime.loading import load_image_arg
+
+    config = checked_patch_config(args)
+    image = load_image_arg(args.image)
+    try:
+        model, processor = _load(args)
+    except ImportError as error:  # bitsandbytes missing: a setup problem, reported in one line
+        print(f"pitome-mllm chat: error: {error}", file=sys.stderr)
+        return 2
+    handle = patch(model, processor, **config) if config is not None else None
+    try:
+        merging = repr(handle) if handle is not None else "unpatched (no --keep-ratio / --target-tokens)"
+        print(f"{args.model}: {merging}", file=sys.stderr)
+        answer_questions(ChatSession(model, processor, image, args.max_new_tokens), args)
+    finally:
+        if handle is not None:
+            handle.unpatch()
+    return 0

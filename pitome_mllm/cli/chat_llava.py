@@ -1,0 +1,225 @@
+"""``pitome-mllm chat-llava``: ``chat`` for checkpoints of the original LLaVA code (``llava`` package).
+
+Same flags and output as ``pitome-mllm chat``, for models such as ``liuhaotian/llava-v1.5-7b``
+loaded with llava's own builder and prompted with its conversation templates (``vicuna_v1``
+for LLaVA-1.5). The prompt carries one image marker and the model splices in however many
+visual tokens the (merged) tower returns, so the visual-token count in the timing line is
+measured at the projector. Unpatched runs get the ``generate`` compatibility wrapper only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .chat import TurnStats, add_session_arguments, answer_questions, checked_patch_config, stream_generate
+
+HELP = (
+    "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
+)
+
+DEFAULT_CONV_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's; llava.conversation.conv_templates lists the others
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_ID",
+        help="an original LLaVA folder or hub id (e.g. liuhaotian/llava-v1.5-7b), or 'tiny' for an offline tiny model",
+    )
+    parser.add_argument("--model-base", metavar="PATH_OR_ID", help="base LLM of a projector-only or LoRA checkpoint")
+    parser.add_argument(
+        "--model-name", help="name llava picks the architecture by (default: from the path; must contain 'llava')"
+    )
+    parser.add_argument("--conv-mode", default=DEFAULT_CONV_TEMPLATE, help="llava conversation template")
+    add_session_arguments(parser)
+
+
+# ----------------------------------------------------------------------------------- timing
+class VisionStageTimer:
+    """Times one ``generate`` call on an original LLaVA model and counts its visual tokens.
+
+    Hooks on the tower wrapper (start) and the projector (end) time the vision stage,
+    merges included; a hook on the model stamps the end of the first forward (prefill).
+    ``visual_tokens`` is the projector's output length: what the LLM receives per image.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.model = model
+        self._sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        self.vision_s = self.prefill_s = self.total_s = 0.0
+        self.visual_tokens = 0
+        self._hooks: list = []
+
+    def __enter__(self) -> VisionStageTimer:
+        tower = self.model.get_vision_tower()
+        projector = self.model.get_model().mm_projector
+        self._vision_start = 0.0
+        self._first_forward_end: float | None = None
+        self._hooks = [
+            tower.register_forward_pre_hook(self._on_vision_start),
+            projector.register_forward_hook(self._on_vision_end),
+            self.model.register_forward_hook(self._on_forward),
+        ]
+        self._sync()
+        self._start = time.perf_counter()
+        return self
+
+    def _on_vision_start(self, module, args) -> None:
+        self._sync()
+        self._vision_start = time.perf_counter()
+
+    def _on_vision_end(self, module, args, output) -> None:
+        self._sync()
+        self.vision_s += time.perf_counter() - self._vision_start
+        self.visual_tokens = int(output.shape[1])
+
+    def _on_forward(self, module, args, output) -> None:
+        if self._first_forward_end is None:
+            self._sync()
+            self._first_forward_end = time.perf_counter()
+
+    def __exit__(self, *exc_info) -> None:
+        self._sync()
+        end = time.perf_counter()
+        self.total_s = end - self._start
+        self.prefill_s = (self._first_forward_end or end) - self._start
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+# ------------------------------------------------------------------------------------ chat
+@dataclass
+class LlavaChatSession:
+    """A conversation about one image with an original LLaVA model."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    image: Any
+    conv_template: str
+    max_new_tokens: int
+    turns: list[tuple[str, str]] = field(default_factory=list)
+
+    def ask(self, question: str, out: TextIO) -> TurnStats:
+        """Stream the answer to ``question`` into ``out``; remember the turn."""
+        from transformers import TextIteratorStreamer
+
+        from ..models.llava_original import build_prompt, prepare_images, tokenize_prompt
+
+        image_start_end = bool(getattr(self.model.config, "mm_use_im_start_end", False))
+        prompt = build_prompt([*self.turns, (question, None)], self.conv_template, image_start_end)
+        input_ids = tokenize_prompt(prompt, self.tokenizer)[None].to(self.model.device)
+        images = prepare_images([self.image], self.image_processor, self.model)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        timer = VisionStageTimer(self.model)
+        answer, output_ids = stream_generate(
+            self.model,
+            streamer,
+            timer,
+            out,
+            inputs=input_ids,
+            images=images,
+            image_sizes=[self.image.size],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        self.turns.append((question, answer))
+        return TurnStats(
+            visual_tokens=timer.visual_tokens,
+            vision_s=timer.vision_s,
+            prefill_s=timer.prefill_s,
+            total_s=timer.total_s,
+            # Generating from embeddings, llava's generate returns only the new tokens.
+            output_tokens=int(output_ids.shape[1]),
+        )
+
+
+# ---------------------------------------------------------------------------------- loading
+def _load_tiny(spec_name: str, args: argparse.Namespace):
+    """An offline tiny random original-LLaVA model (``tiny``: CLIP-L/14-336 geometry)."""
+    from ..runtime.loading import resolve_device, resolve_dtype
+    from ..models.llava_original import build_tiny_llava_original
+    from ..testing.tiny import DEMO_SPEC, TEST_SPEC
+
+    if args.load_in_4bit or args.load_in_8bit:
+        raise ValueError(f"cannot quantise the built-in {args.model!r} model")
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="pitome-tiny-llava-") as folder:
+        # The tower is read from the folder once, during the build.
+        model, tokenizer, image_processor = build_tiny_llava_original(
+            folder, DEMO_SPEC if spec_name == "demo" else TEST_SPEC
+        )
+    return tokenizer, model.to(device=device, dtype=resolve_dtype(args.dtype, device)), image_processor
+
+
+def load(args: argparse.Namespace):
+    """``(tokenizer, model, image_processor)`` for the arguments."""
+    from ..runtime.loading import TINY_MODEL_NAMES
+    from ..models.llava_original import load_llava_original
+
+    spec_name = TINY_MODEL_NAMES.get(args.model)
+    if spec_name is not None:
+        return _load_tiny(spec_name, args)
+    tokenizer, model, image_processor, _ = load_llava_original(
+        args.model,
+        args.model_base,
+        model_name=args.model_name,
+        dtype=args.dtype,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+    )
+    return tokenizer, model, image_processor
+
+
+def _check_conv_mode(conv_mode: str) -> None:
+    from llava.conversation import conv_templates
+
+    if conv_mode not in conv_templates:
+        raise ValueError(f"unknown --conv-mode {conv_mode!r}; one of {', '.join(sorted(conv_templates))}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.terminal import torch_threads
+
+    with torch_threads(args.threads):
+        return _chat(args)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .. import patch
+    from ..runtime.loading import load_image_arg
+    from ..models.llava_original import enable_generate_compat, require_llava
+
+    config = checked_patch_config(args)
+    image = load_image_arg(args.image)
+    try:
+        require_llava()
+        _check_conv_mode(args.conv_mode)
+        tokenizer, model, image_processor = load(args)
+    except ImportError as error:  # llava or bitsandbytes missing: a setup problem, reported in one line
+        print(f"pitome-mllm chat-llava: error: {error}", file=sys.stderr)
+        return 2
+    # Unpatched models still need the generate wrapper on transformers 5.x.
+    handle = patch(model, image_processor, **config) if config is not None else enable_generate_compat(model)
+    try:
+        merging = repr(handle) if config is not None else "unpatched (no --keep-ratio / --target-tokens)"
+        print(f"{args.model}: {merging}", file=sys.stderr)
+        session = LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
+        answer_questions(session, args)
+    finally:
+        if config is not None:
+            handle.unpatch()
+        else:
+            handle.remove()
+    return 0

@@ -1,0 +1,151 @@
+"""``pitome-mllm profile``: latency, memory and FLOPs per stage, with and without merging.
+
+    pitome-mllm profile --arch clip-l-336+1b --budgets 64 128 576 --new-tokens 4 --output out/
+    pitome-mllm profile --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16
+    pitome-mllm profile --arch clip-l-336 --keep-ratios 0.9 0.95 --methods pitome
+
+``--arch`` builds a real-size model with random weights (no download; the cost of a
+fixed token budget does not depend on the weights). ``--model`` loads a checkpoint
+folder or hub id (``tiny`` / ``tiny-test``: the offline tiny model).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..testing.architecture_specs import ARCHITECTURES
+from ..schedule import METHODS, PRESETS
+from ..runtime.terminal import add_list_argument, add_threads_argument
+
+HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
+
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+TINY_MODELS = {"tiny": "demo", "tiny-test": "test"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="PATH_OR_ID", help="checkpoint folder or hub id; 'tiny' / 'tiny-test'")
+    source.add_argument(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        help="real-size architecture with random weights: "
+        + "; ".join(f"{name}: {spec.description}" for name, spec in ARCHITECTURES.items()),
+    )
+    add_list_argument(parser, "--methods", default=["none", "tome", "pitome"], help="e.g. none tome pitome")
+    add_list_argument(
+        parser,
+        "--budgets",
+        int,
+        default=None,
+        help="visual-token budgets (target_tokens); the native count means unpatched (default 64 128 192 576 "
+        "unless --keep-ratios is given)",
+    )
+    add_list_argument(parser, "--keep-ratios", float, default=[], help="e.g. 0.9 0.95")
+    parser.add_argument("--preset", choices=PRESETS, default="reference")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per pass (EOS ignored)")
+    parser.add_argument("--repeats", type=int, default=5, help="measured passes per config")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded passes per config (the last measures memory)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
+    add_threads_argument(parser)
+    parser.add_argument("--vision-only", action="store_true", help="profile only the vision tower and projector")
+    parser.add_argument("--image", default="astronaut", help="bundled image: astronaut, chelsea, coffee")
+    parser.add_argument("--prompt", default=None, help="question about the image")
+    parser.add_argument("--output", metavar="DIR", default=None, help="write JSON, CSV and plots here")
+    parser.add_argument("--stem", default="profile", help="file name stem of the outputs")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed for --arch")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_for_profiling(args: argparse.Namespace, device, dtype):
+    """``(model, processor, source description, vision_only)`` for ``--arch`` or ``--model``."""
+    if args.arch:
+        from ..testing.architectures import build_arch, get_arch
+
+        spec = get_arch(args.arch)
+        model, processor = build_arch(spec, device=device, dtype=dtype, seed=args.seed)
+        return model, processor, f"{spec.name} (random weights)", not spec.build_language_model
+    if args.model in TINY_MODELS:
+        from ..testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+
+        spec = DEMO_SPEC if TINY_MODELS[args.model] == "demo" else TEST_SPEC
+        model, processor = build_tiny_llava(spec)
+        return model.to(device=device, dtype=dtype), processor, f"{args.model} (random weights)", False
+    try:
+        from ..runtime.loading import load_llava
+    except ImportError:
+        load_llava = None
+    if load_llava is not None:
+        model, processor = load_llava(args.model, dtype=dtype, device=device)
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        processor = AutoProcessor.from_pretrained(args.model)
+    return model, processor, args.model, False
+
+
+def native_visual_tokens(model) -> int:
+    vision = model.config.vision_config
+    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
+    return (vision.image_size // vision.patch_size) ** 2 + 1 - drop
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime.terminal import torch_threads
+
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods must be drawn from {METHODS}, got {unknown}")
+    with torch_threads(args.threads):
+        return _profile(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from ..tools.profiling import DEFAULT_PROMPT, ProfileSettings, plan_runs, print_table, profile, write_report
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    settings = ProfileSettings(
+        batch_size=args.batch_size,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        vision_only=args.vision_only,
+        prompt=args.prompt or DEFAULT_PROMPT,
+        image=args.image,
+    )
+    console = Console(stderr=True)
+    console.print(f"building {args.arch or args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
+    model, processor, source, vision_only = load_model_for_profiling(args, device, dtype)
+    settings.vision_only = settings.vision_only or vision_only
+    budgets = args.budgets if args.budgets is not None else ([] if args.keep_ratios else [64, 128, 192, 576])
+    runs = plan_runs(args.methods, budgets, args.keep_ratios, native_visual_tokens(model), args.preset)
+    report = profile(model, processor, runs, settings, source=source)
+    print_table(report)
+    if args.output:
+        paths = write_report(report, args.output, args.stem)
+        console.print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0

@@ -1,0 +1,157 @@
+"""``pitome-mllm visualize``: merge maps of one image, per method and vision layer, as a PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..schedule import PRESETS
+from ..runtime.terminal import add_list_argument
+
+HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
+
+TINY_MODELS = ("tiny", "tiny-test")
+
+
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` / ``--device``, shared with ``pitome-mllm spectral``."""
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (offline random-weight LLaVA with CLIP ViT-L/14-336 geometry, the default), "
+        "'tiny-test' (112 px, 6 layers) or a local folder loadable with from_pretrained",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..assets import list_images
+
+    parser.add_argument(
+        "--image", default="chelsea", help=f"a bundled image ({', '.join(list_images())}) or an image file"
+    )
+    add_model_arguments(parser)
+    add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
+    parser.add_argument("--keep-ratio", type=float, default=0.9, help="keep ratio of every merging layer")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="reference",
+        help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
+    )
+    add_list_argument(
+        parser,
+        "--layers",
+        int,
+        default=None,
+        help="vision layers to show, e.g. 0 6 12 22 (the default on a 24-layer tower; same depth fractions otherwise)",
+    )
+    parser.add_argument("--colour", choices=("mean", "palette"), default="mean", help="group fill colour")
+    parser.add_argument("--no-energy", action="store_true", help="leave out the energy-map row")
+    parser.add_argument("--panel-px", type=int, default=240, help="size of one panel in pixels")
+    parser.add_argument("--output", type=Path, default=Path("."), help="folder for merge_map.png and merge_map.json")
+    parser.add_argument("--name", default="merge_map", help="file stem of the outputs")
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    processor: object
+    name: str
+    random_weights: bool
+
+
+def load_model(name: str, device: str | None = None) -> LoadedModel:
+    """The tiny offline models by name, or a local checkpoint folder."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name in TINY_MODELS:
+        from ..testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+
+        model, processor = build_tiny_llava(DEMO_SPEC if name == "tiny" else TEST_SPEC)
+        return LoadedModel(model.to(device), processor, f"{name} LLaVA (random weights)", True)
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {name!r} is neither one of {TINY_MODELS} nor an existing folder")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(device).eval()
+    return LoadedModel(model, AutoProcessor.from_pretrained(path), path.name, False)
+
+
+def load_input_image(spec: str):
+    """A bundled image by name, or an image file."""
+    from PIL import Image
+
+    from ..assets import list_images, load_image
+
+    if spec in list_images():
+        return load_image(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {spec!r} is neither a bundled image ({', '.join(list_images())}) nor a file")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def default_layers(last_layer: int) -> list[int]:
+    """0, 6, 12, 22 for a tower read at layer 22; the same fractions of depth otherwise."""
+    return sorted({0, round(last_layer * 3 / 11), round(last_layer * 6 / 11), last_layer})
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..tools.viz import RANDOM_WEIGHTS_NOTE, last_vision_layer, visualize
+
+    loaded = load_model(args.model, args.device)
+    image = load_input_image(args.image)
+    layers = args.layers
+    if layers is None:
+        layers = default_layers(last_vision_layer(loaded.model))
+    output = args.output / f"{args.name}.png"
+    image_name = Path(args.image).stem
+    result = visualize(
+        loaded.model,
+        loaded.processor,
+        image,
+        output,
+        methods=args.methods,
+        keep_ratio=args.keep_ratio,
+        layers=layers,
+        preset=args.preset,
+        colour=args.colour,
+        energy=not args.no_energy,
+        title=f"Merge groups: {loaded.name}, image '{image_name}', {args.preset} preset",
+        caption=RANDOM_WEIGHTS_NOTE if loaded.random_weights else "",
+        panel_px=args.panel_px,
+    )
+    summary = {
+        "model": args.model,
+        "image": args.image,
+        "preset": args.preset,
+        "random_weights": loaded.random_weights,
+        **result.to_dict(),
+    }
+    (args.output / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    table = Table(title=f"visual tokens after each shown layer ({image_name})")
+    table.add_column("method")
+    table.add_column("keep ratio", justify="right")
+    for layer_idx in result.layers:
+        table.add_column(f"layer {layer_idx}", justify="right")
+    table.add_column("to the LLM", justify="right")
+    for method in args.methods:
+        counts = [str(count) for count in result.tokens_after_layer[method]]
+        table.add_row(method, f"{result.keep_ratio[method]:.4g}", *counts, str(result.num_visual_tokens[method]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {output}")
+    return 0

@@ -1,0 +1,1 @@
+"""Experiments over many configurations: benchmark sweeps (`sweep`) and the accuracy proxies (`proxy`)."""

@@ -1,0 +1,7 @@
+"""CPU proxy benchmarks on a real pretrained ViT (the DINOv2 tower of `pitome_mllm.testing.real_tower`).
+
+* `pitome_mllm.experiments.proxy.fidelity`: how much of the tower's features each token-reduction method keeps
+  (linear probe, pooled and per-patch cosine, spectral distance).
+* `pitome_mllm.experiments.proxy.easy_vqa` / `pitome_mllm.experiments.proxy.vqa`: a mini-LLaVA on that tower answering
+  easy-VQA questions with every method and budget.
+"""

@@ -1,0 +1,1 @@
+"""Other frameworks' model interfaces, wrapping a patched model."""

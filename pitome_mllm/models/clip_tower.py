@@ -1,0 +1,292 @@
+"""The family-independent part of an adapter for a CLIP-style tower + projector.
+
+Subclasses (one per model family) find the vision tower, its layers, the projector
+and how the model selects features; this class plans the merge schedule, checks
+budgets, and installs / removes the tower and projector hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ..config import SELECTION_METHODS, PiToMeConfig
+from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
+from ..hooks.tower import MergeSettings, TowerMerger
+from ..merge.energy import margin_for_layer
+from ..merge.select import pool_grid, square_grid
+from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
+from .compat import encoder_layers_return_tuple
+from .siglip import tower_has_class_token
+
+logger = logging.getLogger("pitome_mllm")
+
+
+def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The encoder layers of a transformers CLIP vision model."""
+    # transformers >= 5.12 keeps the encoder on CLIPVisionModel itself; 4.x and 5.0 one level down.
+    for owner in (vision_tower, getattr(vision_tower, "vision_model", None)):
+        encoder = getattr(owner, "encoder", None)
+        if encoder is not None and isinstance(getattr(encoder, "layers", None), nn.ModuleList):
+            return encoder.layers
+    raise ValueError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
+
+
+def clip_query_key_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+    """A CLIP encoder layer's query and key projections and its number of heads."""
+    attention = layer.self_attn
+    return attention.q_proj, attention.k_proj, attention.num_heads
+
+
+def clip_key_projection(layer: nn.Module) -> tuple[nn.Module, int]:
+    """A CLIP encoder layer's key projection and its number of heads."""
+    attention = layer.self_attn
+    return attention.k_proj, attention.num_heads
+
+
+def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
+    """Refuse ``llm_prop_attn=True`` for an adapter class that cannot apply it (before any mutation)."""
+    if config.llm_prop_attn and not getattr(adapter_cls, "supports_llm_prop_attn", False):
+        family = getattr(adapter_cls, "family", adapter_cls.__name__)
+        raise ValueError(
+            f"llm_prop_attn=True is not supported for the {family} family; only llava_hf (transformers "
+            "LlavaForConditionalGeneration / LlavaModel) supports it"
+        )
+
+
+class ClipTowerAdapter:
+    """Plans and installs merging on a CLIP tower and a per-token projector.
+
+    Construction validates and plans without touching the model; `install` mutates it
+    and `remove` undoes exactly what `install` did.
+
+    Args:
+        model: the whole model (kept for logging and the handle).
+        processor: the processor or None.
+        config: the validated config.
+        vision_tower: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (no class token).
+        projector: the module mapping selected vision features to the LLM width.
+        feature_layer: hidden-state index the model reads (negative counts from the end;
+            0 is the embedding output).
+        drops_class_token: the model drops the class token before the projector.
+    """
+
+    family = "clip"
+    supported = "a CLIP or SigLIP vision tower"
+    # Whether the adapter can put proportional attention into the language model (`llm_prop_attn`).
+    supports_llm_prop_attn = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        config: PiToMeConfig,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        feature_layer: int,
+        drops_class_token: bool,
+    ) -> None:
+        check_llm_prop_attn(type(self), config)
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.vision_tower = vision_tower
+        self.projector = projector
+        # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
+        self.class_token = tower_has_class_token(vision_tower)
+        if drops_class_token and not self.class_token:
+            raise ValueError(
+                f"vision_feature_select_strategy='default' drops the first token, but {type(vision_tower).__name__} "
+                "has no class token (it would drop a patch); supported with this tower: 'full'"
+            )
+        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+            raise ValueError(
+                f"the vision feature layer {feature_layer!r} selects several layers; supported: {self.supported}"
+            )
+        self.layers = clip_encoder_layers(vision_tower)
+        self.num_layers = len(self.layers)
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i - 1.
+        self.last_layer = feature_layer % (self.num_layers + 1) - 1
+        if self.last_layer < 0:
+            raise ValueError(
+                f"the vision feature layer {feature_layer} selects the patch embeddings; no encoder layer to merge in"
+            )
+        vision_config = vision_tower.config
+        self.patch_size = vision_config.patch_size
+        self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
+        self.dropped_leading = 1 if drops_class_token else 0
+        self._plans: dict[int, list[LayerStep]] = {}
+        # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
+        self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
+        self.tower_keep_ratio = self._resolve_keep_ratio()
+        self._check_budget(self.default_num_tokens)
+
+        self.tower = TowerMerger(
+            self.layers,
+            self.plan,
+            self.last_layer,
+            MergeSettings(
+                metric=config.metric,
+                reduce=config.reduce,
+                prop_attn=config.prop_attn,
+                alpha=config.alpha,
+                class_token=self.class_token,
+            ),
+            key_projection=clip_key_projection,
+            layers_return_tuple=encoder_layers_return_tuple(),
+        )
+        energy = config.energy or PRESET_SCHEDULES[config.preset].energy
+        self.projector_merger = ProjectorMerger(
+            projector,
+            self.tower,
+            ProjectorSettings(
+                target_tokens=config.target_tokens,
+                keep_order=config.keep_order,
+                dropped_leading=self.dropped_leading,
+                # The tower's margin schedule continued one layer past the last one.
+                margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
+                alpha=config.alpha,
+                energy=energy,
+                reduce=config.reduce,
+            ),
+        )
+        if config.method in SELECTION_METHODS:
+            self.projector_merger = self._selection_stage()
+
+    def _selection_stage(self) -> SelectionStage:
+        """The projector-input stage of ``random`` / ``pool`` / ``dominant``, after checking the model fits."""
+        config = self.config
+        # Towers without a class token (SigLIP) have nothing to drop.
+        has_class_token = self.class_token
+        if self.dropped_leading != int(has_class_token):
+            raise ValueError(
+                f"method={config.method!r} selects among patch tokens only, but this model hands the class token "
+                "to the projector (vision_feature_select_strategy='full'); supported: 'default'"
+            )
+        num_patches = self.default_num_tokens - self.dropped_leading
+        if config.method == "pool":
+            pool_grid(config.target_tokens, square_grid(num_patches))  # ValueError naming nearby budgets
+        query_key, num_heads = None, 1
+        if config.method == "dominant":
+            if not has_class_token:
+                raise ValueError(
+                    f"method='dominant' ranks patches by the class token's attention; "
+                    f"{type(self.vision_tower).__name__} has no class token"
+                )
+            query, key, num_heads = clip_query_key_projections(self.layers[self.last_layer])
+            query_key = (query, key)
+        settings = SelectionSettings(
+            method=config.method,
+            target_tokens=config.target_tokens,
+            seed=config.seed,
+            dropped_leading=self.dropped_leading,
+            num_heads=num_heads,
+        )
+        return SelectionStage(self.projector, self.tower, settings, query_key)
+
+    # -------------------------------------------------------------- planning
+    def _resolve_keep_ratio(self) -> float:
+        config = self.config
+        if config.method == "none" or config.method in SELECTION_METHODS:
+            return 1.0
+        if config.keep_ratio is not None:
+            return config.keep_ratio
+        # target_tokens without keep_ratio: merge in the tower as far as possible
+        # without going below the budget; the projector step trims the rest.
+        available = self.default_num_tokens - self.dropped_leading
+        if config.target_tokens > available:
+            raise ValueError(
+                f"target_tokens={config.target_tokens} is larger than the {available} visual tokens "
+                "this model produces per image"
+            )
+        return solve_keep_ratio(
+            self.default_num_tokens,
+            self.num_layers,
+            config.target_tokens + self.dropped_leading,
+            self.last_layer,
+            method=self.tower_method,
+            preset=config.preset,
+            class_token=self.class_token,
+        )
+
+    def plan(self, num_tokens: int) -> list[LayerStep]:
+        """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (class token, if any, included)."""
+        if num_tokens not in self._plans:
+            self._plans[num_tokens] = plan_layers(
+                num_tokens,
+                self.num_layers,
+                self.tower_keep_ratio,
+                method=self.tower_method,
+                preset=self.config.preset,
+                class_token=self.class_token,
+                last_layer=self.last_layer,
+                margin_start=self.config.margin_start,
+                margin_span=self.config.margin_span,
+                energy=self.config.energy,
+            )
+        return self._plans[num_tokens]
+
+    def tower_output_tokens(self, num_tokens: int) -> int:
+        """Visual tokens the projector receives per image (after the class token is dropped)."""
+        return self.plan(num_tokens)[-1].tokens_out - self.dropped_leading
+
+    def visual_tokens_for(self, num_tokens: int) -> int:
+        """Visual tokens the language model receives per image, for ``num_tokens`` tower inputs."""
+        from_tower = self.tower_output_tokens(num_tokens)
+        target = self.config.target_tokens
+        return from_tower if target is None else min(target, from_tower)
+
+    def _check_budget(self, num_tokens: int) -> None:
+        target = self.config.target_tokens
+        if target is None:
+            return
+        available = num_tokens - self.dropped_leading
+        if target > available:
+            raise ValueError(
+                f"target_tokens={target} is larger than the {available} visual tokens this model produces per image"
+            )
+        from_tower = self.tower_output_tokens(num_tokens)
+        if from_tower < target:
+            raise ValueError(
+                f"keep_ratio={self.tower_keep_ratio} leaves {from_tower} visual tokens, fewer than "
+                f"target_tokens={target}; raise keep_ratio or leave it unset to have it chosen"
+            )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.visual_tokens_for(self.default_num_tokens)
+
+    def visual_tokens_for_image(self, height: int, width: int) -> int:
+        """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
+        return self.visual_tokens_for((height // self.patch_size) * (width // self.patch_size) + int(self.class_token))
+
+    # --------------------------------------------------------------- install
+    def install(self) -> None:
+        self.tower.install()
+        try:
+            self.projector_merger.install()
+            self._install_extra()
+        except Exception:
+            self.remove()
+            raise
+        steps = self.plan(self.default_num_tokens)
+        logger.info(
+            "patched %s: %s, keep_ratio=%.4f, %d merge steps, %d visual tokens per image",
+            type(self.model).__name__,
+            self.config.method,
+            self.tower_keep_ratio,
+            sum(step.method != "none" for step in steps),
+            self.num_visual_tokens,
+        )
+
+    def remove(self) -> None:
+        self.projector_merger.remove()
+        self.tower.remove()
+        self._remove_extra()
+
+    def _install_extra(self) -> None:
+        """Family-specific changes (processor, compatibility wrappers); undone by `_remove_extra`."""
+
+    def _remove_extra(self) -> None:
+        """Undo `_install_extra`; must be safe to call when it did not run."""

@@ -1,7 +1,0 @@
-"""CPU proxy benchmarks on a real pretrained ViT (the DINOv2 tower of `pitome_mllm.real_tower`).
-
-* `pitome_mllm.proxy.fidelity`: how much of the tower's features each token-reduction method keeps
-  (linear probe, pooled and per-patch cosine, spectral distance).
-* `pitome_mllm.proxy.easy_vqa` / `pitome_mllm.proxy.vqa`: a mini-LLaVA on that tower answering
-  easy-VQA questions with every method and budget.
-"""
