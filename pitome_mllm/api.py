@@ -10,7 +10,8 @@ from torch import nn
 
 from .config import PiToMeConfig
 from .hooks.base import is_overridden
-from .models import find_adapter
+from .hooks.observers import Observer, ObserverHandle
+from .models import ModelParts, find_adapter
 from .models.clip_tower import check_llm_prop_attn
 
 _HANDLE_ATTR = "_pitome_patch_handle"
@@ -62,21 +63,33 @@ class PatchHandle:
     @property
     def trace(self):
         """`MergeTrace` of the last vision-tower forward (source map, sizes, counts), or None."""
-        return self._adapter.tower.trace
+        return self._adapter.state.trace
 
     @property
     def final_token_map(self):
         """``[num_images, num_patches]``: the LLM token holding each patch, after the last forward."""
-        return self._adapter.projector_merger.final_token_map
+        return self._adapter.state.final_token_map
 
     @property
     def final_size(self):
         """``[num_images, num_visual_tokens, 1]``: patches each LLM visual token holds, after the last forward."""
-        return self._adapter.projector_merger.final_size
+        return self._adapter.state.final_size
 
     def record_merges(self, enabled: bool = True) -> None:
         """Keep every step's `Merge` of the next forwards in ``trace.merges`` (for visualisation)."""
-        self._adapter.tower.record_merges = enabled
+        self._adapter.record_merges(enabled)
+
+    def add_observer(self, observer: Observer) -> ObserverHandle:
+        """Tell ``observer`` (a `pitome_mllm.hooks.observers.Observer`) about every merge stage.
+
+        Returns a handle whose ``remove()`` detaches it; `unpatch` detaches every observer.
+        """
+        return self._adapter.state.observers.add(observer)
+
+    @property
+    def parts(self) -> ModelParts:
+        """The model's vision tower, projector, feature layer, ... (`pitome_mllm.models.ModelParts`)."""
+        return self._adapter.parts(self.model)
 
     def summary(self) -> dict[str, Any]:
         steps = self.schedule
@@ -94,6 +107,7 @@ class PatchHandle:
         if not self._active:
             return
         self._adapter.remove()
+        self._adapter.state.observers.clear()
         self.model.__dict__.pop(_HANDLE_ATTR, None)
         self._active = False
 

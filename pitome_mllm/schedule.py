@@ -43,14 +43,14 @@ class PresetSchedule:
     """How a preset spreads merges over the layers."""
 
     odd_layers_only: bool  # merge only after layers 1, 3, 5, ...
-    bsm_first_half: bool  # layers l <= L // 2 use bipartite soft matching
+    tome_first_half: bool  # layers l <= L // 2 use bipartite soft matching
     energy: str  # energy kind of the PiToMe layers
 
 
 PRESET_SCHEDULES = {
-    "reference": PresetSchedule(odd_layers_only=False, bsm_first_half=True, energy="elu"),
-    "paper": PresetSchedule(odd_layers_only=True, bsm_first_half=True, energy="gaussian"),
-    "pure": PresetSchedule(odd_layers_only=False, bsm_first_half=False, energy="paper"),
+    "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy="elu"),
+    "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy="gaussian"),
+    "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy="paper"),
 }
 
 
@@ -60,7 +60,7 @@ class LayerStep:
 
     Attributes:
         layer_idx: 0-based encoder layer index.
-        method: ``"pitome"``, ``"bsm"`` or ``"none"``.
+        method: ``"pitome"``, ``"tome"`` (bipartite soft matching) or ``"none"``.
         r: tokens removed after this layer.
         margin: PiToMe energy margin of this layer.
         energy: energy kind of a PiToMe step.
@@ -148,8 +148,8 @@ def plan_layers(
         merges_here = method != "none" and (not schedule.odd_layers_only or layer_idx % 2 == 1)
         if not merges_here or keep_ratio >= 1.0:
             kind, r = "none", 0
-        elif method == "tome" or (schedule.bsm_first_half and layer_idx <= num_layers // 2):
-            kind, r = "bsm", removal_count(tokens, keep_ratio)
+        elif method == "tome" or (schedule.tome_first_half and layer_idx <= num_layers // 2):
+            kind, r = "tome", removal_count(tokens, keep_ratio)
         else:
             kind, r = "pitome", removal_count(tokens - cls, keep_ratio)
         if r == 0:

@@ -199,7 +199,7 @@ def test_dominant_cls_attention_equals_eager_attention(tiny_llava, images):
     with pitome_mllm.patched(model, processor, method="dominant", target_tokens=BUDGET) as handle:
         features = prefill_features(model, encode(processor, [images["astronaut"], images["coffee"]]))
         features = features.view(2, BUDGET, -1)
-        stage = handle._adapter.projector_merger
+        stage = handle._adapter.projector_stage
         assert model.config.vision_config._attn_implementation == "sdpa"
         torch.testing.assert_close(stage.cls_attention, eager_cls, rtol=1e-5, atol=1e-6)
         token_map = handle.final_token_map

@@ -178,7 +178,7 @@ def test_logits_equal_the_unpatched_lm_with_an_explicit_mask(tiny_llava, images)
         batch = encode(processor, [images["astronaut"], images["coffee"], images["chelsea"]], [PROMPT, TWO_IMAGES])
         assert batch["attention_mask"][0, 0] == 0, "the shorter prompt should be left padded"
         patched = logits_of(model, batch)
-        sizes = handle._adapter.projector_merger.final_size
+        sizes = handle.final_size
     assert sizes.shape == (3, handle.num_visual_tokens, 1) and sizes.max() > 1
     # Every patch is held by exactly one token.
     assert torch.equal(sizes.sum(dim=(1, 2)), torch.full((3,), 64.0))

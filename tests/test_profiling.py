@@ -24,12 +24,14 @@ from pitome_mllm.testing.architectures import (
 )
 from pitome_mllm.tools.profiling import (
     LLMShape,
+    MergeTimer,
+    PassClock,
     ProfileSettings,
     RunSpec,
+    Stopwatch,
     kv_cache_bytes,
     kv_cache_bytes_formula,
     llm_prefill_macs,
-    merge_timing,
     plan_runs,
     profile,
     summarize,
@@ -224,14 +226,25 @@ def test_cuda_stopwatch_reads_event_pairs(monkeypatch):
     assert stopwatch.seconds(start, end) > 0
 
 
-def test_merge_timing_restores_the_library_functions():
-    from pitome_mllm.hooks import projector
+def test_merge_timer_observes_every_stage_without_replacing_the_hooks(tiny_llava, images):
     from pitome_mllm.hooks import tower as vision
 
-    originals = (vision.decide_step, vision.apply_step, vision.MergeTrace.apply, projector.reduce_to_budget)
-    with merge_timing(lambda: None):
-        assert vision.decide_step is not originals[0]
-    assert (vision.decide_step, vision.apply_step, vision.MergeTrace.apply, projector.reduce_to_budget) == originals
+    model, processor = tiny_llava
+    originals = (vision.decide_step, vision.MergeTrace.apply, vision.TowerMerger._make_merging_forward)
+    timer = MergeTimer()
+    timer.clock = PassClock(Stopwatch(torch.device("cpu")))
+    with pitome_mllm.patched(model, processor, keep_ratio=0.9, target_tokens=20) as handle:
+        inputs = processor(images=[images["astronaut"]], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
+        observer = handle.add_observer(timer)
+        with torch.no_grad():
+            model(**inputs)
+        steps = sum(step.method != "none" for step in handle.schedule)
+        observer.remove()
+        with torch.no_grad():
+            model(**inputs)  # detached: nothing more is recorded
+    intervals = timer.clock.merge_intervals
+    assert [len(intervals[kind]) for kind in ("decide", "apply", "trace", "projector")] == [steps, steps, steps, 1]
+    assert (vision.decide_step, vision.MergeTrace.apply, vision.TowerMerger._make_merging_forward) == originals
 
 
 def test_profile_refuses_a_patched_model(tiny_llava):

@@ -68,7 +68,7 @@ def test_bsm_counts_the_class_token_and_pitome_does_not():
 
 def methods_by_layer(**kwargs) -> str:
     steps = plan_layers(CLIP_TOKENS, CLIP_LAYERS, 0.9, **kwargs)
-    return "".join({"bsm": "B", "pitome": "P", "none": "-"}[step.method] for step in steps)
+    return "".join({"tome": "B", "pitome": "P", "none": "-"}[step.method] for step in steps)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_methods_per_layer(kwargs, pattern):
 
 def test_bsm_half_follows_depth():
     steps = plan_layers(65, 12, 0.9)
-    assert [step.method for step in steps] == ["bsm"] * 7 + ["pitome"] * 5  # l <= 6
+    assert [step.method for step in steps] == ["tome"] * 7 + ["pitome"] * 5  # l <= 6
 
 
 @pytest.mark.parametrize(("preset", "energy"), [("reference", "elu"), ("paper", "gaussian"), ("pure", "paper")])

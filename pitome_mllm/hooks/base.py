@@ -43,3 +43,33 @@ def restore_forward(module: nn.Module) -> None:
 
 def is_overridden(module: nn.Module) -> bool:
     return hasattr(module, _SAVED_FORWARD)
+
+
+class InstanceOverrides:
+    """Instance attributes set on one object and later put back exactly.
+
+    `set` records what the instance's ``__dict__`` held (or that it held nothing, so the
+    class attribute showed through) before the first change of each name; `restore`
+    brings every recorded name back and forgets them. Used for processor methods and
+    model methods the adapters replace.
+    """
+
+    def __init__(self, target: object) -> None:
+        self.target = target
+        self._saved: dict[str, object] = {}
+
+    def set(self, name: str, value: object) -> None:
+        if name not in self._saved:
+            self._saved[name] = self.target.__dict__.get(name, _MISSING)
+        setattr(self.target, name, value)
+
+    def restore(self) -> None:
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
+                self.target.__dict__.pop(name, None)
+            else:
+                setattr(self.target, name, saved)
+        self._saved.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._saved)

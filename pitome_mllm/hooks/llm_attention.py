@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .tower import PatchState
+
 # --------------------------------------------------------------------------------------- pure functions
 
 
@@ -217,9 +219,9 @@ class LLMPropAttention:
     A pre-hook on the multimodal core model (the module that scatters image features into
     the image-token positions and calls the language model) reads ``input_ids`` and records
     where the image tokens are; a pre-hook on each self-attention module replaces its
-    ``attention_mask`` keyword by ``additive mask + key bias``. Sizes come from
-    ``size_source()`` (the projector stage's ``final_size``, ``[num_images, K, 1]``), read at
-    the first attention layer, after the projector has run.
+    ``attention_mask`` keyword by ``additive mask + key bias``. Sizes are the patch state's
+    ``final_size`` (``[num_images, K, 1]``, written by the projector stage), read at the
+    first attention layer, after the projector has run.
 
     State: ``key_log_sizes`` (``[B, T]``, the bias of every key the cache holds plus this
     forward's, or None when no key needs one) survives the decode steps of one generation
@@ -232,7 +234,7 @@ class LLMPropAttention:
         attention_modules: the language model's self-attention modules, called with the
             keywords ``hidden_states``, ``attention_mask`` and ``cache``.
         image_token_id: the placeholder token of image features.
-        size_source: returns the sizes of the visual tokens of the last projector call.
+        state: the patch's `PatchState`, whose ``final_size`` the projector stage writes.
     """
 
     def __init__(
@@ -240,12 +242,12 @@ class LLMPropAttention:
         core: nn.Module,
         attention_modules: Sequence[nn.Module],
         image_token_id: int,
-        size_source: Callable[[], torch.Tensor | None],
+        state: PatchState,
     ) -> None:
         self.core = core
         self.attention_modules = list(attention_modules)
         self.image_token_id = image_token_id
-        self.size_source = size_source
+        self.state = state
         self.key_log_sizes: torch.Tensor | None = None
         self._pending: _PendingImages | None = None
         self._in_forward = False
@@ -295,7 +297,7 @@ class LLMPropAttention:
         self._pending = _PendingImages(
             image_mask=input_ids == self.image_token_id,
             past_length=past_length,
-            sizes_before=self.size_source(),
+            sizes_before=self.state.final_size,
             projector_runs=pixel_values is not None,
         )
 
@@ -304,7 +306,7 @@ class LLMPropAttention:
 
     def _resolve_pending(self) -> None:
         pending, self._pending = self._pending, None
-        sizes = self.size_source()
+        sizes = self.state.final_size
         if sizes is None or (pending.projector_runs and sizes is pending.sizes_before):
             raise RuntimeError(
                 "llm_prop_attn: the projector stage recorded no token sizes for this forward's images "

@@ -2,8 +2,9 @@
 
 Runs as a forward hook on the projector (a per-token MLP in LLaVA), so the language
 model receives exactly ``target_tokens`` tokens per image, optionally back in raster
-order. The tower's `MergeTrace` supplies token sizes (for size-weighted merging) and
-the source map (for raster order). ``target_tokens=0`` (method ``none`` only) hands the
+order. The tower's `MergeTrace` (read from the patch's `PatchState`) supplies token sizes
+(for size-weighted merging) and the source map (for raster order); the stage writes the
+final map and sizes back to the same state. ``target_tokens=0`` (method ``none`` only) hands the
 language model no visual token at all.
 
 `SelectionStage` is the stage of the baselines (``random``, ``pool``, ``dominant``): a
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..merge import pitome
+from ..merge.budget import merge_to_budget
 from ..merge.select import (
     cls_attention,
     dominant_and_contextual,
@@ -31,7 +32,7 @@ from ..merge.select import (
     random_keep_indices,
     square_grid,
 )
-from .tower import MergeTrace, TowerMerger, raster_order
+from .tower import MergeTrace, PatchState, raster_order
 
 
 @dataclass(frozen=True)
@@ -54,41 +55,13 @@ class ProjectorSettings:
     reduce: str
 
 
-def reduce_to_budget(
-    features: torch.Tensor, size: torch.Tensor, token_map: torch.Tensor, settings: ProjectorSettings
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PiToMe steps on ``features`` (``[B, n, D]``) until ``target_tokens`` remain.
-
-    One step removes at most half of the tokens, so a budget below ``n / 2`` takes
-    several steps. ``size`` is ``[B, n, 1]`` and ``token_map`` ``[B, N0]`` (indices into
-    the ``n`` tokens); both are carried along.
-    """
-    target = settings.target_tokens
-    if target == 0:
-        # The zero-visual-token floor: nothing reaches the language model, no patch is held.
-        return features[:, :0], size[:, :0], torch.full_like(token_map, -1)
-    while target is not None and features.shape[1] > target:
-        num_tokens = features.shape[1]
-        r = min(num_tokens - target, num_tokens // 2)
-        step = pitome(features, r, settings.margin, alpha=settings.alpha, energy=settings.energy)
-        if settings.reduce == "size_weighted":
-            features, _ = step.weighted(features, size.to(features.dtype))
-        else:
-            features = step(features, reduce="mean")
-        size = step(size, reduce="sum")
-        token_map = step.track_source(token_map)
-    return features, size, token_map
-
-
 class ProjectorMerger:
     """Forward hook on a projector that applies `ProjectorSettings`."""
 
-    def __init__(self, projector: nn.Module, tower: TowerMerger, settings: ProjectorSettings) -> None:
+    def __init__(self, projector: nn.Module, state: PatchState, settings: ProjectorSettings) -> None:
         self.projector = projector
-        self.tower = tower
+        self.state = state
         self.settings = settings
-        self.final_token_map: torch.Tensor | None = None
-        self.final_size: torch.Tensor | None = None
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     @property
@@ -103,11 +76,11 @@ class ProjectorMerger:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        self.final_token_map = None
-        self.final_size = None
+        self.state.final_token_map = None
+        self.state.final_size = None
 
     def _on_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        trace: MergeTrace | None = self.tower.trace
+        trace: MergeTrace | None = self.state.trace
         if trace is None or output.dim() != 3 or trace.size.shape[0] != output.shape[0]:
             return None  # not a call that followed a tower forward (e.g. a user calling it alone)
         drop = self.settings.dropped_leading
@@ -116,15 +89,28 @@ class ProjectorMerger:
         token_map = trace.token_map[:, drop:] - drop
         if size.shape[1] != output.shape[1]:
             return None
-        features, size, token_map = reduce_to_budget(output, size, token_map, self.settings)
+        settings = self.settings
+        features, size, token_map = self.state.observers.run(
+            "projector",
+            None,
+            merge_to_budget,
+            output,
+            size,
+            token_map,
+            settings.target_tokens,
+            margin=settings.margin,
+            alpha=settings.alpha,
+            energy=settings.energy,
+            reduce=settings.reduce,
+        )
         if self.settings.keep_order:
             order = raster_order(token_map, features.shape[1])
             features = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
             size = size.gather(1, order.unsqueeze(-1))
             inverse = order.argsort(dim=1)
             token_map = inverse.gather(1, token_map)
-        self.final_token_map = token_map
-        self.final_size = size
+        self.state.final_token_map = token_map
+        self.state.final_size = size
         return features if self.active else None
 
 
@@ -160,10 +146,11 @@ class SelectionStage:
     last one the model reads) to compute the class token's attention itself, so the tower
     keeps its SDPA path and no attention maps are requested.
 
+    Writes the patch state's ``final_token_map`` (``[B, num_patches]`` after the last
+    forward: the LLM token holding each patch, ``-1`` for a patch that was dropped;
+    ``dominant`` never drops, unchosen patches are in a contextual token) and ``final_size``.
+
     Attributes:
-        final_token_map: ``[B, num_patches]`` after the last forward: the LLM token holding
-            each patch, ``-1`` for a patch that was dropped (``random``, ``dominant`` never
-            drops: unchosen patches are in a contextual token).
         cls_attention: ``[B, num_patches]`` (``dominant``) the class token's attention to each
             patch in the selected layer, averaged over heads, of the last forward.
     """
@@ -171,18 +158,16 @@ class SelectionStage:
     def __init__(
         self,
         projector: nn.Module,
-        tower: TowerMerger,
+        state: PatchState,
         settings: SelectionSettings,
         query_key: tuple[nn.Module, nn.Module] | None = None,
     ) -> None:
         if settings.method == "dominant" and query_key is None:
             raise ValueError("method='dominant' needs the selected layer's query and key projections")
         self.projector = projector
-        self.tower = tower
+        self.state = state
         self.settings = settings
         self.query_key = query_key
-        self.final_token_map: torch.Tensor | None = None
-        self.final_size: torch.Tensor | None = None
         self.cls_attention: torch.Tensor | None = None
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -202,8 +187,8 @@ class SelectionStage:
             hook.remove()
         self._hooks.clear()
         self._captured.clear()
-        self.final_token_map = None
-        self.final_size = None
+        self.state.final_token_map = None
+        self.state.final_size = None
         self.cls_attention = None
 
     def _make_capture(self, name: str):
@@ -213,7 +198,7 @@ class SelectionStage:
         return capture
 
     def _on_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        trace: MergeTrace | None = self.tower.trace
+        trace: MergeTrace | None = self.state.trace
         if not args or trace is None:
             return None  # not a call that followed a tower forward (e.g. a user calling it alone)
         features = args[0]
@@ -222,8 +207,8 @@ class SelectionStage:
             return None
         with torch.no_grad():
             selected, token_map = self._select(features.detach())
-        self.final_token_map = token_map
-        self.final_size = patches_held(token_map, selected.shape[1])
+        self.state.final_token_map = token_map
+        self.state.final_size = patches_held(token_map, selected.shape[1])
         return (selected, *args[1:])
 
     def _select(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..merge import Merge, bipartite_soft_matching, pitome
+from ..merge import Merge
+from ..merge.budget import apply_merge, decide_merge
 from ..schedule import LayerStep
 from .base import override_forward, restore_forward
+from .observers import Observers
 
 
 @dataclass
@@ -76,28 +78,42 @@ class MergeSettings:
 
 def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) -> Merge:
     """The `Merge` for one planned step, decided on ``metric`` (``[B, N, C]``)."""
-    if step.method == "bsm":
-        return bipartite_soft_matching(metric, step.r, class_token=settings.class_token)
-    return pitome(
+    return decide_merge(
+        step.method,
         metric,
         step.r,
-        step.margin,
+        margin=step.margin,
         alpha=settings.alpha,
-        class_token=settings.class_token,
         energy=step.energy,
+        class_token=settings.class_token,
     )
 
 
-def apply_step(step: Merge, hidden_states: torch.Tensor, trace: MergeTrace, reduce: str) -> torch.Tensor:
-    """Merge ``hidden_states`` with ``step``: plain mean, or weighted by the trace's token sizes.
+@dataclass
+class PatchState:
+    """What the stages of one patched forward hand each other, and what the handle reads.
 
-    The trace itself is updated by `MergeTrace.apply` once the step is applied.
+    One object per patch, given to every hook at construction: the tower writes ``trace``
+    (a new one at every forward), the projector stage reads it and writes the final map
+    and sizes, and proportional attention in the language model reads ``final_size``.
+
+    Attributes:
+        trace: the tower's `MergeTrace` of the last forward, or None.
+        final_token_map: ``[num_images, num_patches]`` the LLM token holding each patch
+            (``-1``: dropped), after the last projector call.
+        final_size: ``[num_images, K, 1]`` patches each LLM visual token holds.
+        observers: the `Observers` every stage is announced to.
     """
-    if reduce == "size_weighted":
-        merged, _ = step.weighted(hidden_states, trace.size.to(hidden_states.dtype))
-    else:
-        merged = step(hidden_states, reduce="mean")
-    return merged
+
+    trace: MergeTrace | None = None
+    final_token_map: torch.Tensor | None = None
+    final_size: torch.Tensor | None = None
+    observers: Observers = field(default_factory=Observers)
+
+    def clear(self) -> None:
+        self.trace = None
+        self.final_token_map = None
+        self.final_size = None
 
 
 def proportional_attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -114,6 +130,7 @@ class TowerMerger:
             token count by the caller or here).
         last_layer: index of the last layer whose output the model reads.
         settings: metric, reduce, proportional attention, alpha, class token.
+        state: the patch's `PatchState`; the tower writes its ``trace``.
         key_projection: ``layer -> (k_proj module, num_heads)``, needed for the keys metrics.
         layers_return_tuple: the layers return ``(hidden_states, ...)`` rather than the tensor, so a
             skipped layer must too (the adapter knows which the installed library does).
@@ -125,6 +142,7 @@ class TowerMerger:
         plan: Callable[[int], list[LayerStep]],
         last_layer: int,
         settings: MergeSettings,
+        state: PatchState,
         key_projection: Callable[[nn.Module], tuple[nn.Module, int]] | None = None,
         layers_return_tuple: bool = False,
     ) -> None:
@@ -136,7 +154,7 @@ class TowerMerger:
         self.settings = settings
         self.key_projection = key_projection
         self.layers_return_tuple = layers_return_tuple
-        self.trace: MergeTrace | None = None
+        self.state = state
         self.record_merges = False
         self._steps: list[LayerStep] = []
         self._keys: torch.Tensor | None = None
@@ -166,7 +184,7 @@ class TowerMerger:
         for layer in self._installed:
             restore_forward(layer)
         self._installed.clear()
-        self.trace = None
+        self.state.trace = None
         self._keys = None
 
     # ---------------------------------------------------------------- hooks
@@ -185,7 +203,7 @@ class TowerMerger:
             def merging_forward(hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
                 if layer_idx == 0:
                     self._start(hidden_states)
-                trace = self.trace
+                trace = self.state.trace
                 if self.settings.prop_attn and trace is not None and trace.token_counts:
                     bias = proportional_attention_bias(trace.size, hidden_states.dtype)
                     attention_mask = bias if attention_mask is None else attention_mask + bias
@@ -195,9 +213,12 @@ class TowerMerger:
                     return output
                 layer_out = output[0] if isinstance(output, tuple) else output
                 metric = layer_out if self.settings.metric == "hidden" else self._keys
-                decision = decide_step(step, metric, self.settings)
-                merged = apply_step(decision, layer_out, trace, self.settings.reduce)
-                trace.apply(layer_idx, decision)
+                observers = self.state.observers
+                decision = observers.run("decide", layer_idx, decide_step, step, metric, self.settings)
+                size = trace.size if self.settings.reduce == "size_weighted" else None
+                merged = observers.run("apply", layer_idx, apply_merge, decision, layer_out, size, self.settings.reduce)
+                observers.run("trace", layer_idx, trace.apply, layer_idx, decision)
+                observers.merged(layer_idx, decision)
                 self._keys = None
                 return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
@@ -207,7 +228,7 @@ class TowerMerger:
 
     def _start(self, hidden_states: torch.Tensor) -> None:
         self._steps = self.plan(hidden_states.shape[1])
-        self.trace = MergeTrace.start(hidden_states, self.record_merges)
+        self.state.trace = MergeTrace.start(hidden_states, self.record_merges)
 
 
 def _passthrough_forward(as_tuple: bool) -> Callable[[Callable], Callable]:
@@ -246,8 +267,8 @@ def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> t
 __all__ = [
     "MergeSettings",
     "MergeTrace",
+    "PatchState",
     "TowerMerger",
-    "apply_step",
     "decide_step",
     "proportional_attention_bias",
     "raster_order",

@@ -1,8 +1,9 @@
 """The family-independent part of an adapter for a CLIP-style tower + projector.
 
-Subclasses (one per model family) find the vision tower, its layers, the projector
-and how the model selects features; this class plans the merge schedule, checks
-budgets, and installs / removes the tower and projector hooks.
+Subclasses (one per model family) say where the vision tower, the projector and the
+feature selection are (`ModelAdapter.parts`); this class plans the merge schedule,
+checks budgets, and installs / removes the tower and projector hooks. The helpers
+(`clip_encoder_layers`, `last_encoder_layer`, ...) serve every family with such a tower.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from torch import nn
 
 from ..config import SELECTION_METHODS, PiToMeConfig
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
-from ..hooks.tower import MergeSettings, TowerMerger
+from ..hooks.tower import MergeSettings, PatchState, TowerMerger
 from ..merge.energy import margin_for_layer
 from ..merge.select import pool_grid, square_grid
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
+from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
 
 logger = logging.getLogger("pitome_mllm")
@@ -31,6 +33,32 @@ def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
         if encoder is not None and isinstance(getattr(encoder, "layers", None), nn.ModuleList):
             return encoder.layers
     raise ValueError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
+
+
+def last_encoder_layer(feature_layer: int, num_layers: int, supported: str = "one integer") -> int:
+    """The encoder layer whose output ``hidden_states[feature_layer]`` is.
+
+    ``hidden_states`` has ``num_layers + 1`` entries: index 0 is the embedding output and
+    index ``i`` the output of layer ``i - 1``; negative indices count from the end.
+
+    Raises:
+        ValueError: ``feature_layer`` is not an integer in ``[-(num_layers + 1), num_layers]``
+            (the message names ``supported``), or selects the embedding output (no encoder
+            layer to merge in).
+    """
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise ValueError(f"the vision feature layer {feature_layer!r} selects several layers; supported: {supported}")
+    if not -(num_layers + 1) <= feature_layer <= num_layers:
+        raise ValueError(
+            f"vision feature layer {feature_layer} is out of range for a tower of {num_layers} layers; "
+            f"allowed: {-(num_layers + 1)} .. {num_layers} (hidden_states has {num_layers + 1} entries)"
+        )
+    last_layer = feature_layer % (num_layers + 1) - 1
+    if last_layer < 0:
+        raise ValueError(
+            f"the vision feature layer {feature_layer} selects the patch embeddings; no encoder layer to merge in"
+        )
+    return last_layer
 
 
 def clip_query_key_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, int]:
@@ -55,73 +83,52 @@ def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
         )
 
 
-class ClipTowerAdapter:
+class ClipTowerAdapter(ModelAdapter):
     """Plans and installs merging on a CLIP tower and a per-token projector.
 
     Construction validates and plans without touching the model; `install` mutates it
-    and `remove` undoes exactly what `install` did.
+    and `remove` undoes exactly what `install` did. Subclasses implement `matches` and
+    `parts`; the tower, projector and feature selection come from ``parts(model)``.
 
     Args:
         model: the whole model (kept for logging and the handle).
         processor: the processor or None.
         config: the validated config.
-        vision_tower: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (no class token).
-        projector: the module mapping selected vision features to the LLM width.
-        feature_layer: hidden-state index the model reads (negative counts from the end;
-            0 is the embedding output).
-        drops_class_token: the model drops the class token before the projector.
     """
 
     family = "clip"
     supported = "a CLIP or SigLIP vision tower"
-    # Whether the adapter can put proportional attention into the language model (`llm_prop_attn`).
-    supports_llm_prop_attn = False
 
-    def __init__(
-        self,
-        model: nn.Module,
-        processor,
-        config: PiToMeConfig,
-        vision_tower: nn.Module,
-        projector: nn.Module,
-        feature_layer: int,
-        drops_class_token: bool,
-    ) -> None:
+    def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         check_llm_prop_attn(type(self), config)
+        parts = self.parts(model)
         self.model = model
         self.processor = processor
         self.config = config
-        self.vision_tower = vision_tower
-        self.projector = projector
+        self.vision_tower = parts.vision_tower
+        self.projector = parts.projector
         # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
-        self.class_token = tower_has_class_token(vision_tower)
-        if drops_class_token and not self.class_token:
+        self.class_token = tower_has_class_token(parts.vision_tower)
+        if parts.drops_class_token and not self.class_token:
             raise ValueError(
-                f"vision_feature_select_strategy='default' drops the first token, but {type(vision_tower).__name__} "
-                "has no class token (it would drop a patch); supported with this tower: 'full'"
+                f"vision_feature_select_strategy='default' drops the first token, but "
+                f"{type(parts.vision_tower).__name__} has no class token (it would drop a patch); "
+                "supported with this tower: 'full'"
             )
-        if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
-            raise ValueError(
-                f"the vision feature layer {feature_layer!r} selects several layers; supported: {self.supported}"
-            )
-        self.layers = clip_encoder_layers(vision_tower)
+        self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i - 1.
-        self.last_layer = feature_layer % (self.num_layers + 1) - 1
-        if self.last_layer < 0:
-            raise ValueError(
-                f"the vision feature layer {feature_layer} selects the patch embeddings; no encoder layer to merge in"
-            )
-        vision_config = vision_tower.config
+        self.last_layer = parts.last_layer
+        vision_config = parts.vision_tower.config
         self.patch_size = vision_config.patch_size
         self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
-        self.dropped_leading = 1 if drops_class_token else 0
+        self.dropped_leading = 1 if parts.drops_class_token else 0
         self._plans: dict[int, list[LayerStep]] = {}
         # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
         self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
         self.tower_keep_ratio = self._resolve_keep_ratio()
         self._check_budget(self.default_num_tokens)
 
+        self.state = PatchState()
         self.tower = TowerMerger(
             self.layers,
             self.plan,
@@ -133,26 +140,27 @@ class ClipTowerAdapter:
                 alpha=config.alpha,
                 class_token=self.class_token,
             ),
+            self.state,
             key_projection=clip_key_projection,
             layers_return_tuple=encoder_layers_return_tuple(),
         )
-        energy = config.energy or PRESET_SCHEDULES[config.preset].energy
-        self.projector_merger = ProjectorMerger(
-            projector,
-            self.tower,
-            ProjectorSettings(
-                target_tokens=config.target_tokens,
-                keep_order=config.keep_order,
-                dropped_leading=self.dropped_leading,
-                # The tower's margin schedule continued one layer past the last one.
-                margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
-                alpha=config.alpha,
-                energy=energy,
-                reduce=config.reduce,
-            ),
-        )
         if config.method in SELECTION_METHODS:
-            self.projector_merger = self._selection_stage()
+            self.projector_stage = self._selection_stage()
+        else:
+            self.projector_stage = ProjectorMerger(
+                self.projector,
+                self.state,
+                ProjectorSettings(
+                    target_tokens=config.target_tokens,
+                    keep_order=config.keep_order,
+                    dropped_leading=self.dropped_leading,
+                    # The tower's margin schedule continued one layer past the last one.
+                    margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
+                    alpha=config.alpha,
+                    energy=config.energy or PRESET_SCHEDULES[config.preset].energy,
+                    reduce=config.reduce,
+                ),
+            )
 
     def _selection_stage(self) -> SelectionStage:
         """The projector-input stage of ``random`` / ``pool`` / ``dominant``, after checking the model fits."""
@@ -183,7 +191,7 @@ class ClipTowerAdapter:
             dropped_leading=self.dropped_leading,
             num_heads=num_heads,
         )
-        return SelectionStage(self.projector, self.tower, settings, query_key)
+        return SelectionStage(self.projector, self.state, settings, query_key)
 
     # -------------------------------------------------------------- planning
     def _resolve_keep_ratio(self) -> float:
@@ -261,11 +269,14 @@ class ClipTowerAdapter:
         """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
         return self.visual_tokens_for((height // self.patch_size) * (width // self.patch_size) + int(self.class_token))
 
+    def record_merges(self, enabled: bool) -> None:
+        self.tower.record_merges = enabled
+
     # --------------------------------------------------------------- install
     def install(self) -> None:
         self.tower.install()
         try:
-            self.projector_merger.install()
+            self.projector_stage.install()
             self._install_extra()
         except Exception:
             self.remove()
@@ -281,9 +292,10 @@ class ClipTowerAdapter:
         )
 
     def remove(self) -> None:
-        self.projector_merger.remove()
+        self.projector_stage.remove()
         self.tower.remove()
         self._remove_extra()
+        self.state.clear()
 
     def _install_extra(self) -> None:
         """Family-specific changes (processor, compatibility wrappers); undone by `_remove_extra`."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..hooks.base import InstanceOverrides
 from ..hooks.llm_attention import LLMPropAttention
-from .clip_tower import ClipTowerAdapter
+from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
 from .compat import transformers_version
+from .protocol import ModelParts
 
 FAMILY = "llava_hf"
 SUPPORTED = (
@@ -25,7 +27,10 @@ _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 # transformers 4.57's LlavaProcessor has no per-image hook: __call__ and _get_num_multimodal_tokens expand each
 # <image> into (H // patch_size) * (W // patch_size) + num_additional_image_tokens - (1 if strategy == "default").
 _PROCESSOR_ATTRIBUTES_4X = ("patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
-_MISSING = object()
+FEATURE_SELECT_STRATEGIES = ("default", "full")
+# Quantising the projector would change the features the merges are decided on, and the
+# vision tower is small: 4/8-bit loading quantises the language model only.
+QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 # Attention implementations whose layers take a 4D additive (or bool, or None) mask: llm_prop_attn adds to it.
 LLM_PROP_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -96,6 +101,46 @@ def matches(model: nn.Module) -> bool:
     return isinstance(model, (LlavaForConditionalGeneration, LlavaModel))
 
 
+def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = False) -> ModelParts:
+    """The `ModelParts` of a transformers LLaVA-style model (also NeXT / OneVision: same names).
+
+    ``several_layers``: a list ``vision_feature_layer`` is allowed (a tower that is not merged
+    reads them all); ``last_layer`` is then the encoder's last layer.
+    """
+    llava = llava_core(model)
+    strategy = llava.config.vision_feature_select_strategy
+    if strategy not in FEATURE_SELECT_STRATEGIES:
+        raise ValueError(
+            f"unsupported vision_feature_select_strategy={strategy!r}; supported: {', '.join(FEATURE_SELECT_STRATEGIES)}"
+        )
+    layers = clip_encoder_layers(llava.vision_tower)
+    feature_layer = llava.config.vision_feature_layer
+    if several_layers and isinstance(feature_layer, (list, tuple)):
+        last_layer = len(layers) - 1
+    else:
+        last_layer = last_encoder_layer(feature_layer, len(layers), supported or SUPPORTED)
+
+    def encode_images(pixel_values, **kwargs) -> list:
+        return image_features_per_image(model, pixel_values, **kwargs)
+
+    def hidden_states(pixel_values) -> tuple:
+        return vision_hidden_states(model, pixel_values)
+
+    return ModelParts(
+        vision_tower=llava.vision_tower,
+        projector=llava.multi_modal_projector,
+        language_model=getattr(llava, "language_model", None),
+        encoder_layers=layers,
+        feature_layer=feature_layer,
+        last_layer=last_layer,
+        drops_class_token=strategy == "default",
+        encode_images=encode_images,
+        vision_hidden_states=hidden_states,
+        image_feature_owner=image_feature_owner(model),
+        image_feature_method="get_image_features",
+    )
+
+
 def processor_output_size(processor) -> tuple[int, int]:
     """``(height, width)`` of every image the processor's image processor produces (transformers 4.x path).
 
@@ -123,25 +168,20 @@ class LlavaHFAdapter(ClipTowerAdapter):
     supported = SUPPORTED
     supports_llm_prop_attn = True
 
+    matches = staticmethod(matches)
+
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
+        return llava_parts(model, cls.supported)
+
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
+        super().__init__(model, processor, config)
         llava = llava_core(model)
-        strategy = llava.config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: default, full")
-        super().__init__(
-            model,
-            processor,
-            config,
-            vision_tower=llava.vision_tower,
-            projector=llava.multi_modal_projector,
-            feature_layer=llava.config.vision_feature_layer,
-            drops_class_token=strategy == "default",
-        )
         # (height, width) the processor's own placeholder formula is set for (transformers 4.x), else None.
         self._processor_image_size: tuple[int, int] | None = None
         if processor is not None:
             self._check_processor(processor)
-        self._processor_saved: dict[str, object] = {}
+        self._processor_overrides = InstanceOverrides(processor)
         self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
 
     # ------------------------------------------------------------ LLM attention
@@ -168,8 +208,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
             llava,
             [layer.self_attn for layer in layers],
             llava.config.image_token_id,
-            # Read each forward: the projector stage replaces it on every call.
-            size_source=lambda: self.projector_merger.final_size,
+            self.state,
         )
 
     # ------------------------------------------------------------- processor
@@ -190,8 +229,6 @@ class LlavaHFAdapter(ClipTowerAdapter):
             self._patch_processor_4x()
             return
         processor = self.processor
-        for name in _PROCESSOR_METHODS:
-            self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
         original_count = processor._get_num_multimodal_tokens
         image_token = processor.image_token
         extra = processor.num_additional_image_tokens
@@ -209,8 +246,8 @@ class LlavaHFAdapter(ClipTowerAdapter):
                 data.num_image_tokens = [self.visual_tokens_for(n + self.dropped_leading) for n in counts]
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
+        self._processor_overrides.set("replace_image_token", replace_image_token)
+        self._processor_overrides.set("_get_num_multimodal_tokens", get_num_multimodal_tokens)
 
     def _patch_processor_4x(self) -> None:
         """transformers 4.57: make the processor's own formula give the merged count.
@@ -221,21 +258,11 @@ class LlavaHFAdapter(ClipTowerAdapter):
         """
         processor = self.processor
         height, width = self._processor_image_size
-        name = "num_additional_image_tokens"
-        self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
         patches = (height // processor.patch_size) * (width // processor.patch_size)
         extra = processor.num_additional_image_tokens
         dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
         merged = self.visual_tokens_for(patches + extra)
-        processor.num_additional_image_tokens = merged - patches + dropped
-
-    def _restore_processor(self) -> None:
-        for name, saved in self._processor_saved.items():
-            if saved is _MISSING:
-                self.processor.__dict__.pop(name, None)
-            else:
-                setattr(self.processor, name, saved)
-        self._processor_saved.clear()
+        self._processor_overrides.set("num_additional_image_tokens", merged - patches + dropped)
 
     def _install_extra(self) -> None:
         if self.processor is not None:
@@ -244,10 +271,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
             self.llm_prop_attention.install()
 
     def _remove_extra(self) -> None:
-        if self.processor is not None:
-            self._restore_processor()
+        self._processor_overrides.restore()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.remove()
 
-
-ADAPTER = LlavaHFAdapter

@@ -43,12 +43,14 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.tower import raster_order
-from ..merge import bipartite_soft_matching, pitome
+from ..hooks.base import InstanceOverrides
+from ..hooks.tower import PatchState, raster_order
+from ..merge.budget import merge_to_budget
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
-from .clip_tower import clip_encoder_layers
 from .compat import transformers_version_text
+from .llava_hf import llava_core, llava_parts
+from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
 
 FAMILY = "llava_next"
@@ -60,7 +62,6 @@ SUPPORTED = (
 _PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 _NUMBER_OF_FEATURES_4X = "_get_number_of_features"
 _PACK = "pack_image_features"
-_MISSING = object()
 # One newline token closes the image after merging (see the module docstring).
 KEPT_NEWLINES = 1
 
@@ -231,19 +232,17 @@ def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -
     num_tokens = x.shape[1]
     size = torch.ones(1, num_tokens, 1, device=x.device)
     token_map = torch.arange(num_tokens, device=x.device).unsqueeze(0)
-    while x.shape[1] > keep:
-        current = x.shape[1]
-        r = min(current - keep, current // 2)
-        if settings.method == "tome":
-            step = bipartite_soft_matching(x, r)
-        else:
-            step = pitome(x, r, settings.margin, alpha=settings.alpha, energy=settings.energy)
-        if settings.reduce == "size_weighted":
-            x, _ = step.weighted(x, size.to(x.dtype))
-        else:
-            x = step(x, reduce="mean")
-        size = step(size, reduce="sum")
-        token_map = step.track_source(token_map)
+    x, size, token_map = merge_to_budget(
+        x,
+        size,
+        token_map,
+        keep,
+        method=settings.method,
+        margin=settings.margin,
+        alpha=settings.alpha,
+        energy=settings.energy,
+        reduce=settings.reduce,
+    )
     if settings.keep_order and x.shape[1] < num_tokens:
         # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
         order = raster_order(token_map, x.shape[1])
@@ -268,25 +267,26 @@ def merge_packed_image(
 # ------------------------------------------------------------------------------------------ adapter
 
 
-@dataclass
-class UnmergedTower:
-    """Stands where other adapters keep their `TowerMerger`: this tower is not merged, so no trace."""
+class LlavaNextAdapter(ModelAdapter):
+    """Merges LLaVA-NeXT's packed image features to a per-image budget; patches the processor's count.
 
-    trace: None = None
-    record_merges: bool = False
-
-
-class LlavaNextAdapter:
-    """Merges LLaVA-NeXT's packed image features to a per-image budget; patches the processor's count."""
+    The tower is left unmerged (the packing needs whole crops), so the patch state holds
+    no tower trace; the merge to the budget is `merge_to_budget`, the projector stage's.
+    """
 
     family = FAMILY
     supported = SUPPORTED
+    matches = staticmethod(matches)
+
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
+        return llava_parts(model, cls.supported, several_layers=True)
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         self.model = model
         self.processor = processor
         self.config = config
-        self.llava = model.model if hasattr(model, "model") and hasattr(model.model, "vision_tower") else model
+        self.llava = llava_core(model)
         llava_config = self.llava.config
         if config.method not in ("pitome", "tome", "none"):
             raise ValueError(f"method={config.method!r} is not supported on LLaVA-NeXT; supported: pitome, tome, none")
@@ -300,12 +300,11 @@ class LlavaNextAdapter:
                 f"target_tokens={config.target_tokens} is too small for LLaVA-NeXT: at least one base token, "
                 "one grid token and the closing newline (>= 3)"
             )
+        parts = self.parts(model)
         strategy = llava_config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: default, full")
-        self.vision_tower = self.llava.vision_tower
+        self.vision_tower = parts.vision_tower
         class_token = tower_has_class_token(self.vision_tower)
-        if class_token != (strategy == "default"):
+        if class_token != parts.drops_class_token:
             allowed = "'default'" if class_token else "'full'"
             raise ValueError(
                 f"vision_feature_select_strategy={strategy!r} does not leave a whole token grid per crop with "
@@ -320,17 +319,15 @@ class LlavaNextAdapter:
         self.default_num_tokens = side * side + int(class_token)
         # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
         self.base_tokens = side * side
-        self.layers = clip_encoder_layers(self.vision_tower)
+        self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
-        feature_layer = llava_config.vision_feature_layer
+        feature_layer = parts.feature_layer
         single_layer = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
-        self.last_layer = feature_layer % (self.num_layers + 1) - 1 if single_layer else self.num_layers - 1
+        self.last_layer = parts.last_layer
         self.class_token = class_token
         # The tower is not merged (the grid logic needs whole crops): its schedule is all "none".
         self.tower_keep_ratio = 1.0
-        self.tower = UnmergedTower()
-        self.projector_merger = self  # the handle reads final_token_map from here
-        self.final_token_map = None
+        self.state = PatchState()
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
         self.merge_settings = PackedMergeSettings(
             method="tome" if config.method == "tome" else "pitome",
@@ -350,8 +347,8 @@ class LlavaNextAdapter:
             )
         if processor is not None:
             self._check_processor(processor)
-        self._processor_saved: dict[str, object] = {}
-        self._pack_saved: object = None
+        self._processor_overrides = InstanceOverrides(processor)
+        self._model_overrides = InstanceOverrides(self.llava)
 
     # -------------------------------------------------------------- budgets
     def _per_crop_tokens(self, single_layer: bool) -> int | None:
@@ -427,7 +424,9 @@ class LlavaNextAdapter:
                     )
                 budget = self.budget_for(layout)
                 if budget is not None:
-                    features = merge_packed_image(features, layout, budget, self.merge_settings)
+                    features = self.state.observers.run(
+                        "projector", None, merge_packed_image, features, layout, budget, self.merge_settings
+                    )
                 merged.append(features)
             lengths = torch.tensor([f.shape[0] for f in merged], dtype=torch.long, device=merged[0].device)
             return merged, lengths
@@ -435,24 +434,14 @@ class LlavaNextAdapter:
         return pack_with_budget
 
     def install(self) -> None:
-        self._pack_saved = self.llava.__dict__.get(_PACK, _MISSING)
-        setattr(self.llava, _PACK, self._make_pack(self.llava.pack_image_features))
+        self._model_overrides.set(_PACK, self._make_pack(self.llava.pack_image_features))
         if self.processor is not None:
             self._patch_processor()
 
     def remove(self) -> None:
-        if self._pack_saved is not None:
-            if self._pack_saved is _MISSING:
-                self.llava.__dict__.pop(_PACK, None)
-            else:
-                setattr(self.llava, _PACK, self._pack_saved)
-            self._pack_saved = None
-        for name, saved in self._processor_saved.items():
-            if saved is _MISSING:
-                self.processor.__dict__.pop(name, None)
-            else:
-                setattr(self.processor, name, saved)
-        self._processor_saved.clear()
+        self._model_overrides.restore()
+        self._processor_overrides.restore()
+        self.state.clear()
 
     # ------------------------------------------------------------- processor
     def _check_processor(self, processor) -> None:
@@ -470,21 +459,18 @@ class LlavaNextAdapter:
     def _patch_processor_4x(self) -> None:
         """transformers 4.57: the processor's per-image count, before it drops the class token, is ours."""
         processor = self.processor
-        self._processor_saved[_NUMBER_OF_FEATURES_4X] = processor.__dict__.get(_NUMBER_OF_FEATURES_4X, _MISSING)
         dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
 
         def get_number_of_features(orig_height: int, orig_width: int, height: int, width: int) -> int:
             return self.visual_tokens_for_image(int(orig_height), int(orig_width)) + dropped
 
-        setattr(processor, _NUMBER_OF_FEATURES_4X, get_number_of_features)
+        self._processor_overrides.set(_NUMBER_OF_FEATURES_4X, get_number_of_features)
 
     def _patch_processor(self) -> None:
         processor = self.processor
         if not hasattr(processor, "replace_image_token"):
             self._patch_processor_4x()
             return
-        for name in _PROCESSOR_METHODS:
-            self._processor_saved[name] = processor.__dict__.get(name, _MISSING)
         original_count = processor._get_num_multimodal_tokens
         image_token = processor.image_token
 
@@ -500,8 +486,5 @@ class LlavaNextAdapter:
                 data.num_image_tokens = [self.visual_tokens_for_image(int(h), int(w)) for h, w in image_sizes]
             return data
 
-        processor.replace_image_token = replace_image_token
-        processor._get_num_multimodal_tokens = get_num_multimodal_tokens
-
-
-ADAPTER = LlavaNextAdapter
+        self._processor_overrides.set("replace_image_token", replace_image_token)
+        self._processor_overrides.set("_get_num_multimodal_tokens", get_num_multimodal_tokens)

@@ -34,7 +34,8 @@ from torch import nn
 
 from ..config import PiToMeConfig
 from ..hooks.base import is_overridden, override_forward, restore_forward
-from .clip_tower import ClipTowerAdapter
+from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
+from .protocol import ModelParts
 
 FAMILY = "llava_original"
 SUPPORTED = (
@@ -245,7 +246,10 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
     family = FAMILY
     supported = SUPPORTED
 
-    def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
+    matches = staticmethod(matches)
+
+    @classmethod
+    def parts(cls, model: nn.Module) -> ModelParts:
         merge_type = _merge_type(model)
         if merge_type not in SUPPORTED_MERGE_TYPES:
             raise ValueError(
@@ -269,15 +273,23 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
             raise ValueError(
                 f"unsupported mm_vision_select_feature={select_feature!r}; supported: {', '.join(SELECT_FEATURES)}"
             )
-        super().__init__(
-            model,
-            processor,
-            config,
+        layers = clip_encoder_layers(tower_wrapper.vision_tower)
+        return ModelParts(
             vision_tower=tower_wrapper.vision_tower,
             projector=model.get_model().mm_projector,
+            language_model=model.get_model(),
+            encoder_layers=layers,
             feature_layer=select_layer,
+            last_layer=last_encoder_layer(select_layer, len(layers), cls.supported),
             drops_class_token=SELECT_FEATURES[select_feature],
+            # llava's own vision tower + projector call (prepare_inputs_labels_for_multimodal uses it).
+            encode_images=model.encode_images,
+            image_feature_owner=model,
+            image_feature_method="encode_images",
         )
+
+    def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
+        super().__init__(model, processor, config)
         self.generate_compat = GenerateCompat(model)
 
     def _install_extra(self) -> None:
@@ -287,7 +299,6 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
         self.generate_compat.remove()
 
 
-ADAPTER = LlavaOriginalAdapter
 
 
 # ----------------------------------------------------------------------------- loading
@@ -541,7 +552,6 @@ def save_tiny_llava_original(folder: str | Path, spec=None) -> Path:
 
 
 __all__ = [
-    "ADAPTER",
     "DEFAULT_CONV_TEMPLATE",
     "FAMILY",
     "SUPPORTED",

@@ -34,10 +34,9 @@ measures, for each:
   `merge_macs`, `projector_macs`, `llm_prefill_macs`, `llm_decode_macs`), and the ratio
   of measured speed-up to FLOPs speed-up against the unpatched run.
 
-The merge steps are timed by wrapping `pitome_mllm.hooks.tower.decide_step`,
-`~pitome_mllm.hooks.tower.apply_step`, `MergeTrace.apply` and
-`pitome_mllm.hooks.projector.reduce_to_budget` for the duration of a `profile` call
-(`merge_timing`); nothing in the library is changed.
+The merge steps are timed by a `MergeTimer`, an observer of the patch
+(``handle.add_observer``, `pitome_mllm.hooks.observers`): the hooks announce every
+decide / apply / trace step and the projector stage, and nothing in them is replaced.
 """
 
 from __future__ import annotations
@@ -62,7 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.llava_hf import llava_core
+from ..hooks.observers import Observer
+from ..models import ModelParts, model_parts
 from ..runtime.terminal import plural
 
 logger = logging.getLogger("pitome_mllm")
@@ -109,7 +109,7 @@ def patch_embedding_macs(num_patches: int, hidden: int, patch_size: int, channel
     return num_patches * channels * patch_size * patch_size * hidden
 
 
-def bsm_macs(num_tokens: int, hidden: int) -> int:
+def tome_macs(num_tokens: int, hidden: int) -> int:
     """Similarity MACs of one bipartite-matching step: ``ceil(N/2) x floor(N/2) x C``."""
     return math.ceil(num_tokens / 2) * (num_tokens // 2) * hidden
 
@@ -124,8 +124,8 @@ def merge_macs(steps: Sequence, hidden: int, class_token: bool = True) -> int:
     """Similarity MACs of the tower's merge steps (`LayerStep` list)."""
     total = 0
     for step in steps:
-        if step.method == "bsm":
-            total += bsm_macs(step.tokens_in, hidden)
+        if step.method == "tome":
+            total += tome_macs(step.tokens_in, hidden)
         elif step.method == "pitome":
             total += pitome_macs(step.tokens_in - (1 if class_token else 0), step.r, hidden)
     return total
@@ -480,42 +480,25 @@ def memory_probe_for(device: torch.device) -> MemoryProbe:
 
 
 # ===================================================================== merge timing
-@contextlib.contextmanager
-def merge_timing(current_clock: Callable[[], PassClock | None]) -> Iterator[None]:
-    """Time every merge step into ``current_clock()`` (when it returns a clock).
+class MergeTimer(Observer):
+    """Times every merge stage the patch announces into ``clock`` (when one is set).
 
-    Wraps the module-level functions the layer overrides and the projector hook call
-    (looked up at call time, so replacing them here takes effect) and restores them on
-    exit.
+    The stages (``decide``, ``apply``, ``trace`` of the tower steps, ``projector``) are the
+    kinds of `PassClock.merge_intervals`. Attach with ``handle.add_observer(timer)``.
     """
-    from ..hooks import projector as projector_hooks
-    from ..hooks import tower as vision_hooks
 
-    def timed(kind: str, function: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            clock = current_clock()
-            if clock is None:
-                return function(*args, **kwargs)
-            start = clock.stopwatch.stamp()
-            result = function(*args, **kwargs)
-            clock.merge_intervals[kind].append((start, clock.stopwatch.stamp()))
-            return result
+    def __init__(self) -> None:
+        self.clock: PassClock | None = None
+        self._starts: list[Any] = []
 
-        return wrapper
+    def stage_started(self, stage: str, layer_idx: int | None) -> None:
+        if self.clock is not None:
+            self._starts.append(self.clock.stopwatch.stamp())
 
-    originals = [
-        (vision_hooks, "decide_step", vision_hooks.decide_step, "decide"),
-        (vision_hooks, "apply_step", vision_hooks.apply_step, "apply"),
-        (vision_hooks.MergeTrace, "apply", vision_hooks.MergeTrace.apply, "trace"),
-        (projector_hooks, "reduce_to_budget", projector_hooks.reduce_to_budget, "projector"),
-    ]
-    try:
-        for owner, name, function, kind in originals:
-            setattr(owner, name, timed(kind, function))
-        yield
-    finally:
-        for owner, name, function, _ in originals:
-            setattr(owner, name, function)
+    def stage_finished(self, stage: str, layer_idx: int | None) -> None:
+        if self.clock is not None and self._starts:
+            start = self._starts.pop()
+            self.clock.merge_intervals[stage].append((start, self.clock.stopwatch.stamp()))
 
 
 # ========================================================================= run specs
@@ -584,7 +567,7 @@ class ProfileSettings:
         repeats: measured passes per run.
         warmup: discarded passes per run before the measured ones; the last one also
             measures memory (at least one memory pass always runs).
-        vision_only: run only the vision tower and projector (``get_image_features``).
+        vision_only: run only the vision tower and projector (the model's image encoding).
         prompt: the question about the image.
         image: a bundled image name (``astronaut``, ``chelsea``, ``coffee``).
         interleave: measure round-robin (repeat 1 of every run, then repeat 2, ...) so
@@ -689,16 +672,16 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
     prompt = _build_prompt(processor, settings.prompt)
     batch = settings.batch_size
     inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
-    vision_dtype = next(llava_core(model).vision_tower.parameters()).dtype
     moved = {name: tensor.to(device) for name, tensor in inputs.items()}
-    moved["pixel_values"] = moved["pixel_values"].to(vision_dtype)
+    moved["pixel_values"] = moved["pixel_values"].to(model_parts(model).vision_dtype)
     return moved
 
 
 def model_shapes(model: nn.Module) -> dict[str, Any]:
     """The vision and language-model shapes the FLOPs formulas use."""
     config = model.config
-    vision = config.vision_config
+    parts = model_parts(model)
+    vision = parts.vision_tower.config
     shapes = {
         "vision": {
             "hidden": vision.hidden_size,
@@ -710,14 +693,13 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
             "tokens": (vision.image_size // vision.patch_size) ** 2 + 1,
         },
         "llm": dataclasses.asdict(LLMShape.from_config(config.text_config)),
-        "vision_feature_layer": config.vision_feature_layer,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_feature_layer": parts.feature_layer,
+        "vision_feature_select_strategy": "default" if parts.drops_class_token else "full",
     }
     counts: dict[str, int] = {}
-    core = llava_core(model)
-    for name, part in (("vision_tower", core.vision_tower), ("projector", core.multi_modal_projector)):
+    for name, part in (("vision_tower", parts.vision_tower), ("projector", parts.projector)):
         counts[name] = sum(p.numel() for p in part.parameters())
-    counts["language_model"] = sum(p.numel() for p in core.language_model.parameters())
+    counts["language_model"] = sum(p.numel() for p in parts.language_model.parameters())
     if hasattr(model, "lm_head"):
         counts["language_model"] += sum(p.numel() for p in model.lm_head.parameters())
     shapes["parameters"] = counts
@@ -732,8 +714,8 @@ class StageHooks:
     merge hook (forward hooks run in registration order).
     """
 
-    def __init__(self, core: nn.Module) -> None:
-        self.core = core
+    def __init__(self, parts: ModelParts) -> None:
+        self.parts = parts
         self.clock: PassClock | None = None
         self.memory: MemoryProbe | None = None
         self.visual_tokens: int | None = None
@@ -742,16 +724,14 @@ class StageHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
-        from ..models.clip_tower import clip_encoder_layers
-
-        tower, projector = self.core.vision_tower, self.core.multi_modal_projector
+        tower, projector = self.parts.vision_tower, self.parts.projector
         self._handles += [
             tower.register_forward_pre_hook(self._stage_start("vision_tower"), prepend=True),
             tower.register_forward_hook(self._stage_end("vision_tower")),
             projector.register_forward_pre_hook(self._stage_start("projector"), prepend=True),
             projector.register_forward_hook(self._projector_end),
         ]
-        for layer in clip_encoder_layers(tower):
+        for layer in self.parts.encoder_layers:
             self._handles.append(layer.register_forward_pre_hook(self._count_layer_tokens, prepend=True))
 
     def remove(self) -> None:
@@ -797,9 +777,9 @@ class _PassOutput:
     kv_sequence_length: int | None = None
 
 
-def _vision_pass(core: nn.Module, inputs: dict, clock: PassClock) -> _PassOutput:
+def _vision_pass(parts: ModelParts, inputs: dict, clock: PassClock) -> _PassOutput:
     clock.mark("start")
-    core.get_image_features(pixel_values=inputs["pixel_values"])
+    parts.encode_images(inputs["pixel_values"])
     clock.mark("end")
     clock.stopwatch.synchronize()
     seconds = {
@@ -894,11 +874,11 @@ class _Profiler:
         self.model = model
         self.processor = processor
         self.settings = settings
-        self.core = llava_core(model)
-        self.device = next(self.core.vision_tower.parameters()).device
+        self.parts = model_parts(model)
+        self.device = self.parts.vision_device
         self.stopwatch = Stopwatch(self.device)
         self.cache_keyword = _cache_keyword(model)
-        self.current_clock: PassClock | None = None
+        self.merge_timer = MergeTimer()
         self.progress = progress
         self.shapes = model_shapes(model)
         self.llm_shape = LLMShape(**self.shapes["llm"])
@@ -927,8 +907,10 @@ class _Profiler:
         import pitome_mllm
 
         handle = pitome_mllm.patch(self.model, self.processor, **spec.overrides) if spec.patched else None
-        hooks = StageHooks(self.core)
+        hooks = StageHooks(self.parts)
         try:
+            if handle is not None:
+                handle.add_observer(self.merge_timer)
             hooks.install()
             yield handle, hooks
         finally:
@@ -967,18 +949,18 @@ class _Profiler:
     def _one_pass(self, inputs: dict, hooks: StageHooks, probe: MemoryProbe | None) -> _PassOutput:
         clock = PassClock(self.stopwatch)
         hooks.clock, hooks.memory = clock, probe
-        self.current_clock = clock
+        self.merge_timer.clock = clock
         try:
             with torch.inference_mode():
                 if self.settings.vision_only:
-                    result = _vision_pass(self.core, inputs, clock)
+                    result = _vision_pass(self.parts, inputs, clock)
                 else:
                     result = _generation_pass(
                         self.model, inputs, clock, self.settings.new_tokens, self.cache_keyword, probe
                     )
         finally:
             hooks.clock, hooks.memory = None, None
-            self.current_clock = None
+            self.merge_timer.clock = None
         result.seconds["merge_tower"] = clock.merge_seconds("decide", "apply", "trace")
         for part in ("decide", "apply", "trace"):
             result.seconds[f"merge_tower_{part}"] = clock.merge_seconds(part)
@@ -1145,12 +1127,12 @@ def profile(
         machine = machine_info(device)
         # CUDA events record on the current device's stream: make it the model's device.
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-        with on_device, merge_timing(lambda: profiler.current_clock):
+        with on_device:
             results = profiler.run_all(runs)
     machine["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     _add_speedups(results)
     settings_dict = dataclasses.asdict(settings)
-    settings_dict.update(dtype=str(next(profiler.core.vision_tower.parameters()).dtype).replace("torch.", ""))
+    settings_dict.update(dtype=str(profiler.parts.vision_dtype).replace("torch.", ""))
     model_info = {"source": source, **profiler.shapes}
     return ProfileReport(machine, settings_dict, model_info, results)
 
@@ -1462,7 +1444,7 @@ __all__ = [
     "ProfileSettings",
     "RunResult",
     "RunSpec",
-    "bsm_macs",
+    "tome_macs",
     "kv_cache_bytes",
     "kv_cache_bytes_formula",
     "latency_rows",
@@ -1471,7 +1453,7 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "merge_macs",
-    "merge_timing",
+    "MergeTimer",
     "patch_embedding_macs",
     "pitome_macs",
     "plan_runs",

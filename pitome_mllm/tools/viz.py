@@ -528,7 +528,7 @@ class MergeRecord:
     layer_methods: list[str] = field(default_factory=list)
 
     def schedule_summary(self) -> str:
-        """Which step each layer ran, as runs: ``"bsm 0-12, pitome 13-22"``."""
+        """Which step each layer ran, as runs: ``"tome 0-12, pitome 13-22"``."""
         runs: list[list] = []
         for layer_idx, method in enumerate(self.layer_methods):
             if runs and runs[-1][0] == method:

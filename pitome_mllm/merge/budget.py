@@ -1,0 +1,94 @@
+"""Deciding and applying merge steps, and merging a token set down to an exact budget.
+
+Every place that merges tokens goes through these three functions: the vision-tower
+layers (one planned step after a layer), the projector stage (LLaVA-1.5: down to
+``target_tokens``) and the packed anyres features (LLaVA-NeXT / OneVision: each part
+down to its share of the budget).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pitome import pitome
+from .plan import Merge
+from .tome import bipartite_soft_matching
+
+# Algorithms a step can use; "tome" is bipartite soft matching (ToMe, Bolya et al. 2023).
+STEP_METHODS = ("pitome", "tome")
+REDUCES = ("mean", "size_weighted")
+
+
+def decide_merge(
+    method: str,
+    metric: torch.Tensor,
+    r: int,
+    *,
+    margin: float = 0.0,
+    alpha: float = 1.0,
+    energy: str = "elu",
+    class_token: bool = False,
+) -> Merge:
+    """The `Merge` removing ``r`` tokens of ``metric`` (``[B, N, C]``) with ``method``.
+
+    ``margin``, ``alpha`` and ``energy`` are PiToMe's; ToMe ignores them.
+    """
+    if method == "tome":
+        return bipartite_soft_matching(metric, r, class_token=class_token)
+    if method == "pitome":
+        return pitome(metric, r, margin, alpha=alpha, class_token=class_token, energy=energy)
+    raise ValueError(f"method must be one of {STEP_METHODS}, got {method!r}")
+
+
+def apply_merge(step: Merge, features: torch.Tensor, size: torch.Tensor | None, reduce: str) -> torch.Tensor:
+    """Apply ``step`` to ``features`` (``[B, N, C]``): ``[B, N - r, C]``.
+
+    ``reduce="mean"`` is the plain mean of a group (the authors' released code);
+    ``"size_weighted"`` weighs every token by ``size`` (``[B, N, 1]``, the patches it holds).
+    The caller carries the sizes on with ``step(size, reduce="sum")``, in fp32 whatever the
+    features' dtype: bf16 counts stop being exact above 256 patches.
+    """
+    if reduce == "size_weighted":
+        merged, _ = step.weighted(features, size.to(features.dtype))
+        return merged
+    if reduce == "mean":
+        return step(features, reduce="mean")
+    raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+
+
+def merge_to_budget(
+    features: torch.Tensor,
+    size: torch.Tensor,
+    token_map: torch.Tensor,
+    target_tokens: int | None,
+    *,
+    method: str = "pitome",
+    margin: float = 0.0,
+    alpha: float = 1.0,
+    energy: str = "elu",
+    reduce: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge steps on ``features`` (``[B, n, C]``) until ``target_tokens`` remain.
+
+    One step removes at most half of the tokens, so a budget below ``n / 2`` takes
+    several steps, each decided on the current features. ``size`` (``[B, n, 1]``, patches
+    each token holds) and ``token_map`` (``[B, N0]``, the current token of every original
+    one) are carried along. ``target_tokens=None`` (or ``>= n``) leaves everything as it is;
+    ``0`` returns no token and a map of ``-1`` (no patch is held).
+
+    Returns:
+        ``(features [B, k, C], size [B, k, 1], token_map [B, N0])``.
+    """
+    if target_tokens == 0:
+        return features[:, :0], size[:, :0], torch.full_like(token_map, -1)
+    while target_tokens is not None and features.shape[1] > target_tokens:
+        num_tokens = features.shape[1]
+        r = min(num_tokens - target_tokens, num_tokens // 2)
+        step = decide_merge(method, features, r, margin=margin, alpha=alpha, energy=energy)
+        features = apply_merge(step, features, size, reduce)
+        size = step(size, reduce="sum")
+        token_map = step.track_source(token_map)
+    return features, size, token_map
+
+
+__all__ = ["REDUCES", "STEP_METHODS", "apply_merge", "decide_merge", "merge_to_budget"]
