@@ -59,8 +59,10 @@ class VisionStageTimer:
         self._hooks: list = []
 
     def __enter__(self) -> VisionStageTimer:
-        tower = self.model.get_vision_tower()
-        projector = self.model.get_model().mm_projector
+        from ..models import model_parts
+
+        parts = model_parts(self.model)
+        tower, projector = parts.vision_tower, parts.projector
         self._vision_start = 0.0
         self._first_forward_end: float | None = None
         self._hooks = [

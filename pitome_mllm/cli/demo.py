@@ -216,7 +216,7 @@ def inspect_merges(model, processor, image, config: dict[str, Any]) -> dict[str,
         handle.record_merges(True)
         pixel_values = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            model.model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+            handle.parts.encode_images(pixel_values.to(model.device, model.dtype))
         trace = handle.trace
         steps = handle.schedule
         num_input_tokens = steps[0].tokens_in

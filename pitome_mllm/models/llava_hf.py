@@ -8,6 +8,7 @@ Tested against transformers 5.24.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..config import PiToMeConfig
@@ -93,6 +94,32 @@ def vision_hidden_states(model: nn.Module, pixel_values) -> tuple:
         pixel_values=pixel_values, output_hidden_states=True, return_dict=True
     )
     return tuple(output.hidden_states)
+
+
+def tower_geometry(config) -> tuple[int, int, int]:
+    """``(tower tokens incl. the class token, encoder layers, last layer read)`` from a LLaVA config."""
+    vision = config.vision_config
+    num_layers = vision.num_hidden_layers
+    num_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return num_tokens, num_layers, last_encoder_layer(config.vision_feature_layer, num_layers, SUPPORTED)
+
+
+def logits_from_tower_features(
+    model: nn.Module, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """``[B, L, V]`` logits with tower ``features`` (``[B, n, C]``, already selected) at the image tokens.
+
+    The model's own forward after its vision tower (projector, scatter into the image-token
+    positions, language model, head), so a frozen tower's features can be computed once and
+    the rest trained.
+    """
+    core = llava_core(model)
+    image_positions = input_ids == core.config.image_token_id
+    embeddings = core.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
+    projected = core.multi_modal_projector(features).to(embeddings.dtype)
+    embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
+    hidden = core.language_model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+    return model.lm_head(hidden)
 
 
 def matches(model: nn.Module) -> bool:

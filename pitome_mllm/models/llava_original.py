@@ -274,6 +274,13 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
                 f"unsupported mm_vision_select_feature={select_feature!r}; supported: {', '.join(SELECT_FEATURES)}"
             )
         layers = clip_encoder_layers(tower_wrapper.vision_tower)
+
+        def encode_images(pixel_values, **kwargs) -> list:
+            # llava's own tower + projector call (prepare_inputs_labels_for_multimodal uses it).
+            return list(model.encode_images(pixel_values))
+
+        def vision_hidden_states(pixel_values) -> tuple:
+            return tuple(tower_wrapper.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
         return ModelParts(
             vision_tower=tower_wrapper.vision_tower,
             projector=model.get_model().mm_projector,
@@ -282,8 +289,8 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
             feature_layer=select_layer,
             last_layer=last_encoder_layer(select_layer, len(layers), cls.supported),
             drops_class_token=SELECT_FEATURES[select_feature],
-            # llava's own vision tower + projector call (prepare_inputs_labels_for_multimodal uses it).
-            encode_images=model.encode_images,
+            encode_images=encode_images,
+            vision_hidden_states=vision_hidden_states,
             image_feature_owner=model,
             image_feature_method="encode_images",
         )

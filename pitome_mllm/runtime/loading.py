@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..config import DTYPES
-from ..models.llava_hf import image_feature_owner
+from ..hooks.base import InstanceOverrides
+from ..models import model_parts
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -326,33 +327,34 @@ class StageTimer:
     >>> timer.vision_s, timer.prefill_s, timer.total_s        # doctest: +SKIP
 
     Attributes (seconds, set on exit):
-        vision_s: vision tower + projector (``get_image_features``, merges included).
+        vision_s: vision tower + projector (the model's image encoding, merges included).
         prefill_s: from entering the block to the end of the first model forward, i.e. the
             time to the first token's logits (vision included).
         total_s: the whole block.
 
-    ``get_image_features`` is shadowed on the instance while timing and restored on exit;
+    The image-encoding method the adapter names (`ModelParts.image_feature_method` on
+    ``image_feature_owner``) is shadowed on the instance while timing and restored on exit;
     a forward hook on the model stamps the end of the first forward. The model may run
     in another thread inside the block (streaming); only one call at a time.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self._core = image_feature_owner(model)
+        parts = model_parts(model)
+        self._overrides = InstanceOverrides(parts.image_feature_owner)
+        self._method = parts.image_feature_method
         self._sync = _synchronizer(model)
         self.vision_s = 0.0
         self.prefill_s = 0.0
         self.total_s = 0.0
         self._start = 0.0
         self._first_forward_end: float | None = None
-        self._saved_attr: Any = None
         self._hook = None
 
     def __enter__(self) -> StageTimer:
         self.vision_s = 0.0
         self._first_forward_end = None
-        self._saved_attr = self._core.__dict__.get("get_image_features")
-        original = self._core.get_image_features
+        original = getattr(self._overrides.target, self._method)
 
         # wraps() keeps the signature visible: generate() inspects it to decide which
         # inputs (pixel_values) to encode before the prefill and remove from the forward.
@@ -365,7 +367,7 @@ class StageTimer:
             self.vision_s += time.perf_counter() - began
             return output
 
-        self._core.get_image_features = timed_get_image_features
+        self._overrides.set(self._method, timed_get_image_features)
         self._hook = self.model.register_forward_hook(self._on_forward)
         self._sync()
         self._start = time.perf_counter()
@@ -383,10 +385,7 @@ class StageTimer:
         first = self._first_forward_end if self._first_forward_end is not None else end
         self.prefill_s = first - self._start
         self._hook.remove()
-        if self._saved_attr is None:
-            del self._core.get_image_features
-        else:
-            self._core.get_image_features = self._saved_attr
+        self._overrides.restore()
 
 
 __all__ = [

@@ -491,16 +491,16 @@ def _model_placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]
 def vision_hidden_states(model: torch.nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every hidden state of the vision tower (index 0: embeddings; ``l + 1``: output of layer ``l``).
 
-    Uses the transformers method ``get_image_features`` (LLaVA and most vision-language
-    models have it). On a patched model the entries after the first merge are shorter.
+    Read the way the model's own image encoding computes them (its adapter's
+    `pitome_mllm.models.ModelParts.vision_hidden_states`). On a patched model the entries after
+    the first merge are shorter.
     """
-    from ..models.llava_hf import image_feature_owner
-    from ..models.llava_hf import vision_hidden_states as read_hidden_states
+    from ..models import model_parts
 
-    image_feature_owner(model)  # ValueError naming the model when it has no get_image_features
+    read_hidden_states = model_parts(model).vision_hidden_states
     device, dtype = _model_placement(model)
     with torch.no_grad():
-        hidden_states = read_hidden_states(model, pixel_values.to(device=device, dtype=dtype))
+        hidden_states = read_hidden_states(pixel_values.to(device=device, dtype=dtype))
     return tuple(h.detach() for h in hidden_states)
 
 

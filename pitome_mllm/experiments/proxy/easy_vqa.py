@@ -37,7 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...models.llava_hf import llava_core
+from ...models import model_parts
+from ...models.llava_hf import logits_from_tower_features
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -212,16 +213,16 @@ def build_mini_llava(spec: MiniLlavaSpec = MiniLlavaSpec(), seed: int = 0):
         identity_projector=False,
         seed=seed,
     )
-    llava_core(model).vision_tower.requires_grad_(False)
+    model_parts(model).vision_tower.requires_grad_(False)
     return model, processor
 
 
 def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, 3, 224, 224]`` -> ``[B, 256, 384]``: LLaVA's view of the tower (layer -2, CLS dropped)."""
-    core = llava_core(model)
+    parts = model_parts(model)
     with torch.no_grad():
-        hidden = core.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-    return hidden[core.config.vision_feature_layer][:, 1:]
+        hidden = parts.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden[parts.feature_layer][:, 1:]
 
 
 def prompt_text(processor, question: str) -> str:
@@ -272,13 +273,7 @@ def answer_logits(model, features: torch.Tensor, input_ids: torch.Tensor, attent
     The same computation as the model's own forward after its vision tower, without re-running
     the frozen tower every step.
     """
-    core = llava_core(model)
-    image_positions = input_ids == core.config.image_token_id
-    embeddings = core.get_input_embeddings()(input_ids.masked_fill(image_positions, 0))
-    projected = core.multi_modal_projector(features).to(embeddings.dtype)
-    embeddings = embeddings.masked_scatter(image_positions.unsqueeze(-1), projected.reshape(-1, projected.shape[-1]))
-    hidden = core.language_model(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
-    return model.lm_head(hidden)
+    return logits_from_tower_features(model, features, input_ids, attention_mask)
 
 
 def sequence_loss_and_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +387,7 @@ def train_mini_llava(
     losses: list[float] = []
     validation: list[dict[str, float]] = []
     model.train()
-    llava_core(model).vision_tower.eval()  # frozen: no dropout, whatever train() set
+    model_parts(model).vision_tower.eval()  # frozen: no dropout, whatever train() set
     step = 0
     with tqdm(total=total_steps, desc="training mini-LLaVA", unit="step") as progress:
         for epoch in range(settings.epochs):

@@ -200,10 +200,9 @@ class TowerGeometry:
 
     @classmethod
     def of(cls, model) -> TowerGeometry:
-        vision = model.config.vision_config
-        num_layers = vision.num_hidden_layers
-        last_layer = model.config.vision_feature_layer % (num_layers + 1) - 1
-        return cls((vision.image_size // vision.patch_size) ** 2 + 1, num_layers, last_layer)
+        from ...models.llava_hf import tower_geometry
+
+        return cls(*tower_geometry(model.config))
 
 
 def tower_visual_tokens(geometry: TowerGeometry, keep_ratio: float, preset: str, method: str = "pitome") -> int:
@@ -315,16 +314,10 @@ def mean_cosine(pooled: torch.Tensor, reference: torch.Tensor) -> float:
 
 def llava_view(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, n, D]``: the visual tokens the language model receives (identity projector)."""
-    from ...models.llava_hf import image_feature_owner
+    from ...models import model_parts
 
     with torch.no_grad():
-        output = image_feature_owner(model).get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        )
-    tokens = output.pooler_output if hasattr(output, "pooler_output") else output
-    return torch.stack(list(tokens))
+        return torch.stack(model_parts(model).encode_images(pixel_values))
 
 
 @dataclass
