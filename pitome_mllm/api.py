@@ -3,18 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import numbers
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
 from .config import PiToMeConfig
-from .hooks.base import is_overridden
+from .hooks.base import COPY_REFUSED, is_overridden
 from .hooks.observers import Observer, ObserverHandle
 from .models import ModelParts, find_adapter
 from .models.clip_tower import check_llm_prop_attn
 
 _HANDLE_ATTR = "_pitome_patch_handle"
+SIGNATURE = "pitome_mllm.patch(model, processor=None, config=None, **overrides)"
+logger = logging.getLogger("pitome_mllm")
+
+
+def _check_arguments(model, processor, config) -> None:
+    """TypeErrors for arguments in the wrong place, before anything else looks at them."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{SIGNATURE}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(processor, (numbers.Number, str, dict, PiToMeConfig)):
+        raise TypeError(
+            f"{SIGNATURE}: processor must be the model's processor or None, got {type(processor).__name__} "
+            f"{processor!r}; pass settings by keyword (keep_ratio=0.9) or as config="
+        )
+    if config is not None and not isinstance(config, (PiToMeConfig, dict)):
+        hint = ""
+        if isinstance(config, numbers.Real) and not isinstance(config, bool):
+            hint = f"; for a keep ratio write keep_ratio={config!r}"
+        elif isinstance(config, str):
+            hint = f"; for a method or preset write method={config!r} or preset={config!r}"
+        raise TypeError(
+            f"{SIGNATURE}: config must be a PiToMeConfig, a dict or None, got {type(config).__name__} {config!r}{hint}"
+        )
 
 
 class PatchHandle:
@@ -114,6 +139,13 @@ class PatchHandle:
     def __enter__(self) -> PatchHandle:
         return self
 
+    # The handle sits in the model's __dict__: copying or pickling the model meets it here.
+    def __deepcopy__(self, memo: dict):
+        raise TypeError(COPY_REFUSED)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(COPY_REFUSED)
+
     def __exit__(self, *exc_info) -> None:
         self.unpatch()
 
@@ -144,10 +176,13 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
         A `PatchHandle`; ``handle.unpatch()`` restores everything.
 
     Raises:
+        TypeError: an argument of the wrong kind (e.g. ``patch(model, processor, 0.9)``);
+            the message names the signature.
         ValueError: a bad config value, an unsupported model, or a budget the model
             cannot reach. The model is left untouched.
         RuntimeError: the model is already patched.
     """
+    _check_arguments(model, processor, config)
     if get_patch(model) is not None:
         raise RuntimeError("model is already patched; call handle.unpatch() (pitome_mllm.get_patch(model)) first")
     if isinstance(config, dict):
@@ -164,6 +199,15 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
     adapter.install()
     handle = PatchHandle(model, processor, config, adapter)
     model.__dict__[_HANDLE_ATTR] = handle
+    if processor is None and adapter.processor_counts_placeholders:
+        warnings.warn(
+            f"patched {type(model).__name__} without its processor: prompts must now carry "
+            f"handle.num_visual_tokens={adapter.num_visual_tokens} image placeholders per image "
+            "(handle.visual_tokens_for_image(h, w) for other sizes); pass the processor to patch() "
+            "to have it emit them",
+            UserWarning,
+            stacklevel=2,
+        )
     return handle
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,9 @@ class PiToMeConfig:
         if self.keep_ratio is not None:
             self.keep_ratio = check_keep_ratio(self.keep_ratio)
         if self.target_tokens is not None:
-            if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, int):
+            if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, numbers.Integral):
                 raise ValueError(f"target_tokens must be a positive integer, got {self.target_tokens!r}")
+            self.target_tokens = int(self.target_tokens)  # numpy integers too; JSON needs a plain int
             if self.target_tokens < 0:
                 raise ValueError(f"target_tokens must be >= 1, got {self.target_tokens}")
             if self.target_tokens == 0 and self.method != "none":
@@ -121,6 +123,11 @@ class PiToMeConfig:
                     "target_tokens must be >= 1, got 0 (target_tokens=0, no visual tokens at all, is valid only "
                     f"with method='none'; got method={self.method!r})"
                 )
+        if self.method == "none" and self.keep_ratio is not None and self.keep_ratio != 1.0:
+            raise ValueError(
+                f"method='none' does not merge in the vision tower, so keep_ratio={self.keep_ratio} would be ignored; "
+                "drop keep_ratio (target_tokens alone sets the budget) or choose method 'pitome' or 'tome'"
+            )
         if self.method in SELECTION_METHODS:
             if self.target_tokens is None:
                 raise ValueError(f"method={self.method!r} needs target_tokens (the exact budget per image)")
@@ -129,8 +136,9 @@ class PiToMeConfig:
                     f"method={self.method!r} leaves the vision tower unmerged: keep_ratio must be None or 1.0, "
                     f"got {self.keep_ratio}"
                 )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self.seed = int(self.seed)
         if self.keep_ratio is None and self.target_tokens is None and self.method != "none":
             raise ValueError(f"method={self.method!r} needs keep_ratio (in (0.5, 1.0]) or target_tokens")
         for name in ("prop_attn", "keep_order"):
@@ -142,8 +150,9 @@ class PiToMeConfig:
             raise ValueError(f"llm_prop_attn must be True or False, got {self.llm_prop_attn!r}")
         for name in ("margin_start", "margin_span", "alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value) if not isinstance(value, int) else value)
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 

@@ -22,6 +22,7 @@ the authors' runs.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 PRESETS = ("reference", "paper", "pure")
@@ -78,7 +79,8 @@ class LayerStep:
 
 
 def check_keep_ratio(keep_ratio: float) -> float:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+    # numbers.Real admits numpy scalars (np.float32 is not a float subclass, np.float64 is).
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
         raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {keep_ratio!r}")
     if not (0.5 < keep_ratio <= 1.0):
         raise ValueError(

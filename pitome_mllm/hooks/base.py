@@ -13,7 +13,50 @@ from collections.abc import Callable
 from torch import nn
 
 _SAVED_FORWARD = "_pitome_saved_forward"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "the instance had no attribute of that name"; one object, also through copies."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __copy__(self) -> _Missing:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _Missing:
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
+
+COPY_REFUSED = (
+    "a model patched by pitome_mllm cannot be copied or pickled: the patch's forwards and hooks belong to the "
+    "original model, so a copy would still run (and unpatch) the original's modules. Call handle.unpatch(), "
+    "copy or save the model, then patch the copy"
+)
+
+
+class _SavedForward:
+    """What an overridden module's ``__dict__`` held under ``forward`` before the override.
+
+    Kept in the module's ``__dict__``, so copying or pickling the module meets it and is refused
+    with a clear message (the override closes over the original module).
+    """
+
+    __slots__ = ("forward",)
+
+    def __init__(self, forward: object) -> None:
+        self.forward = forward
+
+    def __deepcopy__(self, memo: dict):
+        raise TypeError(COPY_REFUSED)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(COPY_REFUSED)
 
 
 def override_forward(module: nn.Module, make_forward: Callable[[Callable], Callable]) -> None:
@@ -26,7 +69,7 @@ def override_forward(module: nn.Module, make_forward: Callable[[Callable], Calla
         raise RuntimeError(f"{type(module).__name__} already carries a pitome_mllm forward override")
     saved = module.__dict__.get("forward", _MISSING)
     current = module.forward
-    object.__setattr__(module, _SAVED_FORWARD, saved)
+    object.__setattr__(module, _SAVED_FORWARD, _SavedForward(saved))
     module.forward = make_forward(current)
 
 
@@ -34,7 +77,7 @@ def restore_forward(module: nn.Module) -> None:
     """Undo `override_forward` (no-op on a module that is not overridden)."""
     if not hasattr(module, _SAVED_FORWARD):
         return
-    saved = module.__dict__.pop(_SAVED_FORWARD)
+    saved = module.__dict__.pop(_SAVED_FORWARD).forward
     if saved is _MISSING:
         module.__dict__.pop("forward", None)
     else:

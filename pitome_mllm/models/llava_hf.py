@@ -8,11 +8,13 @@ Tested against transformers 5.24.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.base import InstanceOverrides
+from ..hooks.base import InstanceOverrides, override_forward, restore_forward
 from ..hooks.llm_attention import LLMPropAttention
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
 from .compat import transformers_version
@@ -122,6 +124,92 @@ def logits_from_tower_features(
     return model.lm_head(hidden)
 
 
+# transformers' own check (get_placeholder_mask), 4.x and 5.x.
+TRANSFORMERS_MISMATCH = "Image features and image tokens do not match"
+
+
+def count_image_placeholders(core: nn.Module, image_token_id: int, input_ids, inputs_embeds) -> int:
+    """Image-token positions in ``input_ids`` (or, without them, embeddings equal to the image token's)."""
+    if input_ids is not None and input_ids.numel() > 0:
+        return int((input_ids == image_token_id).sum())
+    if inputs_embeds is None:
+        return 0
+    token = torch.full((), image_token_id, dtype=torch.long, device=inputs_embeds.device)
+    image_embedding = core.get_input_embeddings()(token)
+    return int((inputs_embeds == image_embedding).all(-1).sum())
+
+
+def count_encoded_image_tokens(pooler_output) -> int:
+    """Visual tokens in pre-encoded image features: a list of ``[n_i, D]`` or a ``[N, n, D]`` tensor."""
+    if isinstance(pooler_output, torch.Tensor):
+        return int(pooler_output.shape[0] * pooler_output.shape[1]) if pooler_output.dim() == 3 else len(pooler_output)
+    return sum(len(features) for features in pooler_output)
+
+
+class PlaceholderCheck:
+    """Says what to do when a prompt's image placeholders do not match the patched token count.
+
+    A prompt built by the unpatched processor holds the unpatched count. transformers then
+    fails with "Image features and image tokens do not match" (greedy decoding), or, with
+    ``num_beams > 1``, ``generate`` cannot split the pre-encoded features between the beams
+    (it matches cumulative placeholder counts against cumulative feature counts) and hands
+    the model an empty feature list (``torch.cat(): expected a non-empty list``). This
+    override of the core model's forward compares the counts first whenever features come
+    pre-encoded, and adds the remedy to transformers' own error otherwise.
+
+    Args:
+        core: the module holding the vision tower and the language model (``LlavaModel``).
+        image_token_id: the placeholder token.
+        num_visual_tokens: visual tokens per image under the patch (native size).
+    """
+
+    def __init__(self, core: nn.Module, image_token_id: int, num_visual_tokens: int) -> None:
+        self.core = core
+        self.image_token_id = image_token_id
+        self.num_visual_tokens = num_visual_tokens
+
+    def install(self) -> None:
+        override_forward(self.core, self._make_forward)
+
+    def remove(self) -> None:
+        restore_forward(self.core)
+
+    def remedy(self) -> str:
+        return (
+            f"the model is patched by pitome_mllm and gives {self.num_visual_tokens} visual tokens per image "
+            "(handle.num_visual_tokens), so each image needs that many placeholders: pass the processor to "
+            "pitome_mllm.patch(model, processor, ...) and build the inputs with it after patching, or put "
+            "handle.visual_tokens_for_image(h, w) placeholders per image into the prompt yourself"
+        )
+
+    def _check_encoded(self, args: tuple, kwargs: dict) -> None:
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        pooler_output = getattr(encoded, "pooler_output", None)
+        if pooler_output is None:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        placeholders = count_image_placeholders(self.core, self.image_token_id, input_ids, kwargs.get("inputs_embeds"))
+        features = count_encoded_image_tokens(pooler_output)
+        if placeholders != features:
+            raise ValueError(
+                f"the prompts hold {placeholders} image placeholders, the encoded images {features} visual tokens; "
+                + self.remedy()
+            )
+
+    def _make_forward(self, original_forward):
+        @functools.wraps(original_forward)
+        def forward(*args, **kwargs):
+            self._check_encoded(args, kwargs)
+            try:
+                return original_forward(*args, **kwargs)
+            except ValueError as error:
+                if TRANSFORMERS_MISMATCH in str(error):
+                    raise ValueError(f"{error}; {self.remedy()}") from error
+                raise
+
+        return forward
+
+
 def matches(model: nn.Module) -> bool:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
@@ -209,6 +297,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
         if processor is not None:
             self._check_processor(processor)
         self._processor_overrides = InstanceOverrides(processor)
+        self.placeholder_check = PlaceholderCheck(llava, llava.config.image_token_id, self.num_visual_tokens)
         self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
 
     # ------------------------------------------------------------ LLM attention
@@ -294,11 +383,13 @@ class LlavaHFAdapter(ClipTowerAdapter):
     def _install_extra(self) -> None:
         if self.processor is not None:
             self._patch_processor()
+        self.placeholder_check.install()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.install()
 
     def _remove_extra(self) -> None:
         self._processor_overrides.restore()
+        self.placeholder_check.remove()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.remove()
 

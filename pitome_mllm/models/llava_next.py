@@ -49,7 +49,7 @@ from ..merge.budget import merge_to_budget
 from ..merge.energy import margin_for_layer
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
 from .compat import transformers_version_text
-from .llava_hf import llava_core, llava_parts
+from .llava_hf import PlaceholderCheck, llava_core, llava_parts
 from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
 
@@ -349,6 +349,7 @@ class LlavaNextAdapter(ModelAdapter):
             self._check_processor(processor)
         self._processor_overrides = InstanceOverrides(processor)
         self._model_overrides = InstanceOverrides(self.llava)
+        self.placeholder_check = PlaceholderCheck(self.llava, llava_config.image_token_id, self.num_visual_tokens)
 
     # -------------------------------------------------------------- budgets
     def _per_crop_tokens(self, single_layer: bool) -> int | None:
@@ -435,10 +436,16 @@ class LlavaNextAdapter(ModelAdapter):
 
     def install(self) -> None:
         self._model_overrides.set(_PACK, self._make_pack(self.llava.pack_image_features))
-        if self.processor is not None:
-            self._patch_processor()
+        try:
+            self.placeholder_check.install()
+            if self.processor is not None:
+                self._patch_processor()
+        except Exception:
+            self.remove()
+            raise
 
     def remove(self) -> None:
+        self.placeholder_check.remove()
         self._model_overrides.restore()
         self._processor_overrides.restore()
         self.state.clear()

@@ -245,7 +245,8 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
-
+    # One IMAGE_TOKEN_INDEX per image; the model splices in however many features there are.
+    processor_counts_placeholders = False
     matches = staticmethod(matches)
 
     @classmethod

@@ -87,6 +87,9 @@ class ModelAdapter(ABC):
     supported: ClassVar[str]
     # Whether the adapter can put proportional attention into the language model (`llm_prop_attn`).
     supports_llm_prop_attn: ClassVar[bool] = False
+    # Whether the prompt's image placeholders come from the processor (so patching without it
+    # leaves the user to emit the merged count); False where the model counts features itself.
+    processor_counts_placeholders: ClassVar[bool] = True
 
     model: nn.Module
     processor: Any
