@@ -343,11 +343,13 @@ def test_dominant_and_contextual_on_plain_tensors():
 def test_baselines_and_floor_on_the_original_llava_code(tmp_path, images):
     """The same stage on the original code's `LlavaLlamaForCausalLM`: spliced lengths and exact undo."""
     pytest.importorskip("llava", reason="the original LLaVA code is not installed (pip install --no-deps llava-torch)")
-    from pitome_mllm.models import llava_original as original
+    from pitome_mllm.runtime import llava_original as original_runtime
+    from pitome_mllm.testing import tiny_llava_original as original_tiny
 
-    model, tokenizer, image_processor = original.build_tiny_llava_original(tmp_path)
-    input_ids = original.tokenize_prompt(original.build_prompt([("What is this?", None)]), tokenizer)[None]
-    pixels = original.prepare_images([images["chelsea"]], image_processor, model)
+    model, tokenizer, image_processor = original_tiny.build_tiny_llava_original(tmp_path)
+    prompt = original_runtime.build_prompt([("What is this?", None)])
+    input_ids = original_runtime.tokenize_prompt(prompt, tokenizer)[None]
+    pixels = original_runtime.prepare_images([images["chelsea"]], image_processor, model)
     with torch.no_grad():
         reference = model(input_ids=input_ids, images=pixels).logits
     for settings in [

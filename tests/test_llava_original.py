@@ -15,6 +15,8 @@ import pitome_mllm  # noqa: E402
 from pitome_mllm.assets import load_image  # noqa: E402
 from pitome_mllm.models import find_adapter, llava_hf  # noqa: E402
 from pitome_mllm.models import llava_original as original  # noqa: E402
+from pitome_mllm.runtime import llava_original as original_runtime  # noqa: E402
+from pitome_mllm.testing import tiny_llava_original as original_tiny  # noqa: E402
 from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
 
 # llava-torch passes past_key_values to LlamaForCausalLM, which transformers 5.x renamed.
@@ -34,20 +36,23 @@ MERGING_CONFIGS = [
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """``(model, tokenizer, image_processor)``: a tiny `LlavaLlamaForCausalLM` (6 CLIP layers, 112 px)."""
-    return original.build_tiny_llava_original(tmp_path_factory.mktemp("tiny_llava_original"))
+    return original_tiny.build_tiny_llava_original(tmp_path_factory.mktemp("tiny_llava_original"))
 
 
 @pytest.fixture(scope="module")
 def inputs(tiny):
     """Two prompts (different lengths) with one image each, right-padded as llava expects."""
     model, tokenizer, image_processor = tiny
-    prompts = [original.build_prompt([(QUESTION, None)]), original.build_prompt([("Describe it.", None)])]
-    ids = [original.tokenize_prompt(prompt, tokenizer) for prompt in prompts]
+    prompts = [
+        original_runtime.build_prompt([(QUESTION, None)]),
+        original_runtime.build_prompt([("Describe it.", None)]),
+    ]
+    ids = [original_runtime.tokenize_prompt(prompt, tokenizer) for prompt in prompts]
     input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id)
     attention_mask = torch.nn.utils.rnn.pad_sequence(
         [torch.ones_like(row) for row in ids], batch_first=True, padding_value=0
     )
-    images = original.prepare_images([load_image("chelsea"), load_image("astronaut")], image_processor, model)
+    images = original_runtime.prepare_images([load_image("chelsea"), load_image("astronaut")], image_processor, model)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "images": images}
 
 
@@ -163,7 +168,7 @@ def test_selected_state_is_merged_when_patched_after_a_forward(tiny, inputs):
 
 @pytest.mark.parametrize("select_feature", ["patch", "cls_patch"])
 def test_selected_state_is_merged_when_patched_before_any_forward(tmp_path, inputs, select_feature):
-    model, _, _ = original.build_tiny_llava_original(tmp_path)
+    model, _, _ = original_tiny.build_tiny_llava_original(tmp_path)
     model.get_vision_tower().select_feature = select_feature
     model.config.mm_vision_select_feature = select_feature
     with pitome_mllm.patched(model, None, keep_ratio=0.9) as handle:
@@ -298,7 +303,7 @@ def test_rejects_spatial_patch_merge_types(tiny, merge_type):
 def _tie_to_transformers_llava(tmp_path):
     """A transformers LLaVA and an original LLaVA sharing the same CLIP tower and projector weights."""
     hf_model, processor = build_tiny_llava(TEST_SPEC)
-    model, _, _ = original.build_tiny_llava_original(tmp_path, TEST_SPEC, vision_tower=hf_model.model.vision_tower)
+    model, _, _ = original_tiny.build_tiny_llava_original(tmp_path, TEST_SPEC, vision_tower=hf_model.model.vision_tower)
     hf_projector = hf_model.model.multi_modal_projector
     projector = model.get_model().mm_projector  # mlp2x_gelu: Linear, GELU, Linear
     projector[0].load_state_dict(hf_projector.linear_1.state_dict())
@@ -325,7 +330,7 @@ def test_same_merged_visual_tokens_in_both_families(tmp_path, config):
     # The transformers processor's pixel values go to both, so both towers see the same input.
     with pitome_mllm.patched(hf_model, processor, **config):
         hf_inputs = processor(images=image, text=f"USER: <image>\n{QUESTION} ASSISTANT:", return_tensors="pt")
-    ids = original.tokenize_prompt(original.build_prompt([(QUESTION, None)]), processor.tokenizer)[None]
+    ids = original_runtime.tokenize_prompt(original_runtime.build_prompt([(QUESTION, None)]), processor.tokenizer)[None]
 
     hf_tokens, hf_map = _merged_visual_tokens(
         hf_model, processor, hf_model.model.multi_modal_projector, config, lambda: hf_model(**hf_inputs)
@@ -344,15 +349,17 @@ def test_same_merged_visual_tokens_in_both_families(tmp_path, config):
 # --------------------------------------------------------------------------------- loading
 @pytest.fixture(scope="module")
 def saved_checkpoint(tmp_path_factory):
-    return original.save_tiny_llava_original(tmp_path_factory.mktemp("ckpt") / "tiny-llava-original")
+    return original_tiny.save_tiny_llava_original(tmp_path_factory.mktemp("ckpt") / "tiny-llava-original")
 
 
 def test_checkpoint_loads_through_llava_builder_and_generates_patched(saved_checkpoint):
-    tokenizer, model, image_processor, context_len = original.load_llava_original(saved_checkpoint, device="cpu")
+    tokenizer, model, image_processor, context_len = original_runtime.load_llava_original(
+        saved_checkpoint, device="cpu"
+    )
     assert model.dtype == torch.float32 and model.get_vision_tower().dtype == torch.float32
-    ids = original.tokenize_prompt(original.build_prompt([(QUESTION, None)]), tokenizer)[None]
+    ids = original_runtime.tokenize_prompt(original_runtime.build_prompt([(QUESTION, None)]), tokenizer)[None]
     assert (ids == IMAGE_TOKEN_INDEX).sum() == 1
-    images = original.prepare_images([load_image("coffee")], image_processor, model)
+    images = original_runtime.prepare_images([load_image("coffee")], image_processor, model)
     with pitome_mllm.patched(model, image_processor, target_tokens=16):
         output = model.generate(ids, images=images, max_new_tokens=3, do_sample=False)
     assert output.shape == (1, 3)
@@ -360,15 +367,15 @@ def test_checkpoint_loads_through_llava_builder_and_generates_patched(saved_chec
 
 def test_loader_needs_llava_in_the_model_name(saved_checkpoint):
     with pytest.raises(ValueError, match="model_name"):
-        original.load_llava_original(saved_checkpoint, model_name="tiny", device="cpu")
+        original_runtime.load_llava_original(saved_checkpoint, model_name="tiny", device="cpu")
 
 
 def test_build_prompt_uses_the_llava_template():
-    prompt = original.build_prompt([(QUESTION, "A cat."), ("What colour?", None)])
+    prompt = original_runtime.build_prompt([(QUESTION, "A cat."), ("What colour?", None)])
     assert prompt.count("<image>") == 1 and prompt.index("<image>") < prompt.index(QUESTION)
     assert prompt.endswith("USER: What colour? ASSISTANT:")
     with pytest.raises(ValueError, match="conv_template"):
-        original.build_prompt([(QUESTION, None)], conv_template="nope")
+        original_runtime.build_prompt([(QUESTION, None)], conv_template="nope")
 
 
 # ------------------------------------------------------------------------------------- chat

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import pitome_mllm
-from pitome_mllm.tools import profiling
 from pitome_mllm.testing.architectures import (
     ARCHITECTURES,
     ArchSpec,
@@ -22,6 +21,7 @@ from pitome_mllm.testing.architectures import (
     count_parameters,
     get_arch,
 )
+from pitome_mllm.tools import profiling
 from pitome_mllm.tools.profiling import (
     LLMShape,
     MergeTimer,

@@ -115,7 +115,7 @@ class LlavaChatSession:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
         from transformers import TextIteratorStreamer
 
-        from ..models.llava_original import build_prompt, prepare_images, tokenize_prompt
+        from ..runtime.llava_original import build_prompt, prepare_images, tokenize_prompt
 
         image_start_end = bool(getattr(self.model.config, "mm_use_im_start_end", False))
         prompt = build_prompt([*self.turns, (question, None)], self.conv_template, image_start_end)
@@ -150,8 +150,8 @@ class LlavaChatSession:
 def _load_tiny(spec_name: str, args: argparse.Namespace):
     """An offline tiny random original-LLaVA model (``tiny``: CLIP-L/14-336 geometry)."""
     from ..runtime.loading import resolve_device, resolve_dtype
-    from ..models.llava_original import build_tiny_llava_original
     from ..testing.tiny import DEMO_SPEC, TEST_SPEC
+    from ..testing.tiny_llava_original import build_tiny_llava_original
 
     if args.load_in_4bit or args.load_in_8bit:
         raise ValueError(f"cannot quantise the built-in {args.model!r} model")
@@ -166,8 +166,8 @@ def _load_tiny(spec_name: str, args: argparse.Namespace):
 
 def load(args: argparse.Namespace):
     """``(tokenizer, model, image_processor)`` for the arguments."""
+    from ..runtime.llava_original import load_llava_original
     from ..runtime.loading import TINY_MODEL_NAMES
-    from ..models.llava_original import load_llava_original
 
     spec_name = TINY_MODEL_NAMES.get(args.model)
     if spec_name is not None:
@@ -200,8 +200,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .. import patch
+    from ..models.llava_original import enable_generate_compat
+    from ..runtime.llava_original import require_llava
     from ..runtime.loading import load_image_arg
-    from ..models.llava_original import enable_generate_compat, require_llava
 
     config = checked_patch_config(args)
     image = load_image_arg(args.image)

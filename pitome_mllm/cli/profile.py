@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..testing.architecture_specs import ARCHITECTURES
 from ..schedule import METHODS, PRESETS
+from ..testing.architecture_specs import ARCHITECTURES
 from ..runtime.terminal import add_list_argument, add_threads_argument
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"

@@ -198,8 +198,8 @@ def run_model(args) -> dict:
     from rich.progress import track
 
     from ..assets import list_images
-    from .visualize import load_input_image, load_model
     from ..tools.viz import pixel_values_for, trace_merges, vision_hidden_states
+    from .visualize import load_input_image, load_model
 
     loaded = load_model(args.model, args.device)
     image_names = list_images() if args.images == ["all"] else args.images

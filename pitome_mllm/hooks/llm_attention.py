@@ -18,7 +18,7 @@ tokens decoded with a KV cache); only full-attention layers (key offset 0) are s
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch

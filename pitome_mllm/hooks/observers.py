@@ -63,7 +63,9 @@ class Observers:
 
     def add(self, observer: Observer) -> ObserverHandle:
         if not isinstance(observer, Observer):
-            raise TypeError(f"observers derive from pitome_mllm.hooks.observers.Observer, got {type(observer).__name__}")
+            raise TypeError(
+                f"observers derive from pitome_mllm.hooks.observers.Observer, got {type(observer).__name__}"
+            )
         self._observers.append(observer)
         return ObserverHandle(self, observer)
 

@@ -19,7 +19,7 @@ from ..merge.energy import margin_for_layer
 from ..merge.select import pool_grid, square_grid
 from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
-from .protocol import ModelAdapter, ModelParts
+from .protocol import ModelAdapter
 from .siglip import tower_has_class_token
 
 logger = logging.getLogger("pitome_mllm")

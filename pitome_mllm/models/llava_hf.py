@@ -225,9 +225,8 @@ def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = Fa
     llava = llava_core(model)
     strategy = llava.config.vision_feature_select_strategy
     if strategy not in FEATURE_SELECT_STRATEGIES:
-        raise ValueError(
-            f"unsupported vision_feature_select_strategy={strategy!r}; supported: {', '.join(FEATURE_SELECT_STRATEGIES)}"
-        )
+        allowed = ", ".join(FEATURE_SELECT_STRATEGIES)
+        raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: {allowed}")
     layers = clip_encoder_layers(llava.vision_tower)
     feature_layer = llava.config.vision_feature_layer
     if several_layers and isinstance(feature_layer, (list, tuple)):
@@ -392,4 +391,3 @@ class LlavaHFAdapter(ClipTowerAdapter):
         self.placeholder_check.remove()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.remove()
-

@@ -9,6 +9,9 @@ No processor changes are needed: the prompt carries one ``IMAGE_TOKEN_INDEX`` (-
 per image and ``prepare_inputs_labels_for_multimodal`` splices in however many
 features the projector returns, so a merged (shorter) sequence flows through as is.
 
+Loading checkpoints and building prompts live in `pitome_mllm.runtime.llava_original`,
+tiny offline models in `pitome_mllm.testing.tiny_llava_original`.
+
 This module also holds the ``generate`` compatibility wrapper: llava-torch 1.2.2's
 ``LlavaLlamaForCausalLM.forward`` predates the ``cache`` / ``cache_position``
 keywords that ``generate`` passes on transformers 5.x, so generation fails there
@@ -22,14 +25,11 @@ whether it `matches` a model, and most users do not have the package.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..config import PiToMeConfig
@@ -282,6 +282,7 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
 
         def vision_hidden_states(pixel_values) -> tuple:
             return tuple(tower_wrapper.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
+
         return ModelParts(
             vision_tower=tower_wrapper.vision_tower,
             projector=model.get_model().mm_projector,
@@ -307,273 +308,20 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
         self.generate_compat.remove()
 
 
-
-
 # ----------------------------------------------------------------------------- loading
 # Quantising the projector would change the features the merges are decided on; the
 # vision tower is loaded separately by llava (never quantised), listed for safety.
 QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.mm_projector", "lm_head"]
 
 
-def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype):
-    """A ``BitsAndBytesConfig`` for the language model only, or None.
-
-    Passed to ``from_pretrained`` directly: llava's own ``load_4bit`` / ``load_8bit`` also
-    pass ``load_in_*bit`` keywords that transformers 5.x no longer accepts.
-    """
-    if load_in_4bit and load_in_8bit:
-        raise ValueError("choose one of load_in_4bit and load_in_8bit, not both")
-    if not (load_in_4bit or load_in_8bit):
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("4/8-bit loading needs bitsandbytes: pip install 'pitome-mllm[quant]'")
-    from transformers import BitsAndBytesConfig
-
-    if load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_quant_type="nf4",  # what llava's builder uses
-            llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES))
-
-
-def require_llava() -> None:
-    """Raise an ImportError that says how to install the ``llava`` package."""
-    try:
-        import llava.model  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "the original LLaVA code is not installed: pip install --no-deps llava-torch==1.2.2.post1 "
-            f"(see docs/llava_original.md) ({error})"
-        ) from error
-    # llava/model/__init__.py swallows import errors with a bare except; import the
-    # class directly so a broken install shows its real cause.
-    import llava.model.language_model.llava_llama  # noqa: F401
-
-
-def load_llava_original(
-    model_path: str | Path,
-    model_base: str | None = None,
-    *,
-    model_name: str | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str | torch.device = "auto",
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    attn_implementation: str | None = None,
-):
-    """Load a checkpoint with ``llava.model.builder.load_pretrained_model`` onto one device.
-
-    Args:
-        model_path: a folder or hub id, e.g. ``"liuhaotian/llava-v1.5-7b"``.
-        model_base: base LLM for projector-only or LoRA checkpoints (as in llava).
-        model_name: llava decides the architecture from the name (it must contain
-            ``"llava"``); defaults to ``get_model_name_from_path(model_path)``.
-        dtype: ``"auto"`` (float16 on GPUs, float32 on CPU), ``"float16"``, ``"bfloat16"``,
-            ``"float32"`` or a ``torch.dtype``. llava's builder always loads float16; the
-            model is cast afterwards.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
-        load_in_4bit, load_in_8bit: quantise the language model (bitsandbytes); the
-            vision tower and projector stay in ``dtype``.
-        attn_implementation: e.g. ``"sdpa"`` or ``"eager"`` for the language model.
-
-    Returns:
-        ``(tokenizer, model, image_processor, context_len)`` as llava's builder returns them.
-    """
-    require_llava()
-    from llava.mm_utils import get_model_name_from_path
-    from llava.model.builder import load_pretrained_model
-
-    from ..runtime.loading import resolve_device, resolve_dtype
-
-    target_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target_device)
-    model_name = model_name or get_model_name_from_path(str(model_path))
-    if "llava" not in model_name.lower():
-        raise ValueError(
-            f"llava's builder loads a multimodal model only when the model name contains 'llava'; "
-            f"got {model_name!r}: pass model_name=..."
-        )
-    kwargs: dict = {}
-    quantization = _quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    # A device string (not "auto") makes the builder place the model and the separately
-    # loaded vision tower on that one device.
-    device_name = str(target_device)
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
-        str(model_path), model_base, model_name, device=device_name, device_map=device_name, **kwargs
-    )
-    if quantization is None:
-        model.to(dtype=torch_dtype)
-    else:
-        # Quantised weights cannot be cast; the tower and projector can and must match.
-        model.get_vision_tower().to(dtype=torch_dtype)
-        model.get_model().mm_projector.to(dtype=torch_dtype)
-    model.eval()
-    return tokenizer, model, image_processor, context_len
-
-
-# ------------------------------------------------------------------ prompts and images
-DEFAULT_CONV_TEMPLATE = "vicuna_v1"
-
-
-def build_prompt(
-    turns, conv_template: str = DEFAULT_CONV_TEMPLATE, image_start_end: bool = False, num_images: int = 1
-) -> str:
-    """The prompt for a conversation about images, in an llava conversation template.
-
-    Args:
-        turns: ``(question, answer)`` pairs; the images go before the first question
-            (unless it already holds ``<image>`` markers); the last answer is None (the
-            one to generate).
-        conv_template: a key of ``llava.conversation.conv_templates`` (LLaVA-1.5: ``vicuna_v1``).
-        image_start_end: wrap the image token in ``<im_start>`` / ``<im_end>``
-            (``model.config.mm_use_im_start_end``).
-        num_images: image markers to put before the first question.
-    """
-    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-    from llava.conversation import conv_templates
-
-    if conv_template not in conv_templates:
-        raise ValueError(f"unknown conv_template {conv_template!r}; one of {sorted(conv_templates)}")
-    if not turns:
-        raise ValueError("a conversation needs at least one question")
-    image_token = DEFAULT_IMAGE_TOKEN
-    if image_start_end:
-        image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-    conversation = conv_templates[conv_template].copy()
-    for index, (question, answer) in enumerate(turns):
-        if index == 0 and num_images and DEFAULT_IMAGE_TOKEN not in question:
-            question = " ".join([image_token] * num_images) + f"\n{question}"
-        conversation.append_message(conversation.roles[0], question)
-        conversation.append_message(conversation.roles[1], answer)
-    return conversation.get_prompt()
-
-
-def tokenize_prompt(prompt: str, tokenizer) -> torch.Tensor:
-    """``[L]`` token ids of ``prompt`` with ``IMAGE_TOKEN_INDEX`` (-200) where each image goes."""
-    from llava.constants import IMAGE_TOKEN_INDEX
-    from llava.mm_utils import tokenizer_image_token
-
-    return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
-
-
-def prepare_images(images, image_processor, model: nn.Module) -> torch.Tensor:
-    """``[N, 3, H, W]`` pixel values on the model's device and in its vision dtype."""
-    from llava.mm_utils import process_images
-
-    tower = model.get_vision_tower()
-    pixel_values = process_images(list(images), image_processor, model.config)
-    return pixel_values.to(device=tower.device, dtype=tower.dtype)
-
-
-# ------------------------------------------------------------------- tiny offline model
-def _tiny_llava_config(spec, tokenizer, tower_folder: Path):
-    from llava.model.language_model.llava_llama import LlavaConfig
-
-    from ..testing.tiny import tiny_llama_kwargs
-
-    return LlavaConfig(
-        **tiny_llama_kwargs(spec, tokenizer),
-        # The multimodal fields a LLaVA-1.5 checkpoint's config.json carries.
-        mm_vision_tower=str(tower_folder.resolve()),
-        mm_hidden_size=spec.vision_hidden,
-        mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=spec.vision_feature_layer,
-        mm_vision_select_feature="patch",
-        mm_patch_merge_type="flat",
-        image_aspect_ratio="pad",
-        mm_use_im_start_end=False,
-        mm_use_im_patch_token=False,
-        use_mm_proj=True,
-        tokenizer_padding_side="right",
-    )
-
-
-def _tiny_vision_tower(spec):
-    from transformers import CLIPVisionModel
-
-    from ..testing.tiny import tiny_clip_vision_config
-
-    vision_config = tiny_clip_vision_config(spec)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        return CLIPVisionModel(vision_config)
-
-
-def build_tiny_llava_original(folder: str | Path, spec=None, vision_tower: nn.Module | None = None):
-    """A tiny random ``LlavaLlamaForCausalLM`` built offline, its tower saved under ``folder``.
-
-    llava loads its CLIP tower and image processor by name, so they are written to
-    ``folder / "vision_tower"`` and the config points there. Geometry and widths follow
-    a `pitome_mllm.testing.tiny.TinyLlavaSpec` (default ``TEST_SPEC``); ``vision_tower``
-    reuses a given ``CLIPVisionModel`` (e.g. a transformers LLaVA's, to compare families).
-
-    Returns:
-        ``(model, tokenizer, image_processor)``, the model in eval mode, float32.
-    """
-    require_llava()
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from transformers import GenerationConfig
-
-    from ..testing.tiny import TEST_SPEC, build_tiny_processor, build_tiny_tokenizer
-
-    spec = spec or TEST_SPEC
-    tower_folder = Path(folder) / "vision_tower"
-    tower = vision_tower if vision_tower is not None else _tiny_vision_tower(spec)
-    tower.save_pretrained(tower_folder)
-    build_tiny_processor(spec.image_size, spec.patch_size).image_processor.save_pretrained(tower_folder)
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.padding_side = "right"  # llava pads right itself and reads this from its config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = LlavaLlamaForCausalLM(_tiny_llava_config(spec, tokenizer, tower_folder))
-    model.get_vision_tower().load_model()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-    )
-    return model.float().eval(), tokenizer, model.get_vision_tower().image_processor
-
-
-def save_tiny_llava_original(folder: str | Path, spec=None) -> Path:
-    """Save a tiny model as an original-LLaVA checkpoint that ``load_pretrained_model`` loads offline.
-
-    The folder name must contain ``llava`` for llava's builder to treat it as multimodal.
-    Like real LLaVA-1.5 checkpoints, the weights leave out the CLIP tower, which is
-    loaded from ``folder / "vision_tower"`` (the absolute path in ``config.json``).
-    """
-    folder = Path(folder)
-    model, tokenizer, _ = build_tiny_llava_original(folder, spec)
-    state = {name: value for name, value in model.state_dict().items() if ".vision_tower." not in name}
-    model.save_pretrained(folder, state_dict=state)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 __all__ = [
-    "DEFAULT_CONV_TEMPLATE",
     "FAMILY",
+    "QUANTIZATION_SKIP_MODULES",
     "SUPPORTED",
     "GenerateCompat",
     "LlavaOriginalAdapter",
-    "build_prompt",
-    "build_tiny_llava_original",
     "enable_generate_compat",
     "has_generate_compat",
-    "load_llava_original",
     "matches",
     "needs_generate_compat",
-    "prepare_images",
-    "require_llava",
-    "save_tiny_llava_original",
-    "tokenize_prompt",
 ]

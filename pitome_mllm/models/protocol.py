@@ -124,6 +124,7 @@ class ModelAdapter(ABC):
 
     def record_merges(self, enabled: bool) -> None:
         """Keep every tower step's `Merge` in the trace (families whose tower is not merged: nothing)."""
+        del enabled  # overridden by adapters whose tower merges
 
     @abstractmethod
     def install(self) -> None:

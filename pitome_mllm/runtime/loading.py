@@ -10,7 +10,6 @@ Heavy imports (transformers, bitsandbytes) happen inside the functions.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import re
 import time
@@ -24,15 +23,14 @@ from torch import nn
 from ..config import DTYPES
 from ..hooks.base import InstanceOverrides
 from ..models import model_parts
+from ..models.llava_hf import QUANTIZATION_SKIP_MODULES
+from .quantization import bitsandbytes_config
 
 logger = logging.getLogger("pitome_mllm")
 
 TINY_SPECS = ("demo", "test")
 # Names that `load_model` maps to the offline tiny model instead of a folder or hub id.
 TINY_MODEL_NAMES = {"tiny": "demo", "tiny-test": "test"}
-# Quantising the vision tower or the projector would change the features the merges are
-# decided on; bitsandbytes matches these names from the start of each module's full name.
-QUANTIZATION_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 # A model hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'), not starting with '.'.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -96,24 +94,7 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: t
         ValueError: both 4- and 8-bit were asked for.
         ImportError: bitsandbytes is not installed.
     """
-    if load_in_4bit and load_in_8bit:
-        raise ValueError("choose one of load_in_4bit and load_in_8bit, not both")
-    if not (load_in_4bit or load_in_8bit):
-        return None
-    if importlib.util.find_spec("bitsandbytes") is None:
-        bits = 4 if load_in_4bit else 8
-        raise ImportError(
-            f"load_in_{bits}bit needs bitsandbytes: pip install 'pitome-mllm[quant]' (or pip install bitsandbytes)"
-        )
-    from transformers import BitsAndBytesConfig
-
-    if load_in_4bit:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
-        )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES))
+    return bitsandbytes_config(load_in_4bit, load_in_8bit, compute_dtype, QUANTIZATION_SKIP_MODULES)
 
 
 def _check_source(model_id_or_path: str | Path) -> tuple[str, bool]:

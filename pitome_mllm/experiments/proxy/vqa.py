@@ -368,8 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import sweep
     from ...tools.profiling import machine_info
+    from .. import sweep
 
     if args.settings == ["all"]:
         args.settings = list(SETTINGS)

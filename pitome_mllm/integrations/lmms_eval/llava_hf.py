@@ -55,9 +55,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...config import PiToMeConfig
-from ...runtime.loading import StageTimer, load_llava
-from ...models.llava_hf import vision_dtype
 from ...experiments.sweep import write_json_atomically
+from ...models.llava_hf import vision_dtype
+from ...runtime.loading import StageTimer, load_llava
 
 logger = logging.getLogger("pitome_mllm")
 

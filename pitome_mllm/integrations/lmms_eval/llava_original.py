@@ -31,9 +31,10 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from ...config import PiToMeConfig
 from ...cli.chat_llava import VisionStageTimer
+from ...config import PiToMeConfig
 from ...lmms_eval_manifest import LLAVA_ORIGINAL_MODEL_ID
+from ...runtime.llava_original import DEFAULT_CONV_TEMPLATE
 from .llava_hf import (
     LOGLIKELIHOOD_VALUES,
     PiToMeLlavaHF,
@@ -45,7 +46,6 @@ from .llava_hf import (
     parse_patch_args,
     truncate_at_stop,
 )
-from ...models.llava_original import DEFAULT_CONV_TEMPLATE
 
 
 def left_pad(rows: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +139,7 @@ class PiToMeLlava(PiToMeLlavaHF):
 
     @staticmethod
     def _check_conv_template(conv_template: str) -> str:
-        from ...models.llava_original import require_llava
+        from ...runtime.llava_original import require_llava
 
         require_llava()
         from llava.conversation import conv_templates
@@ -149,7 +149,7 @@ class PiToMeLlava(PiToMeLlavaHF):
         return conv_template
 
     def _load(self, model_base: str | None, model_name: str | None) -> None:
-        from ...models.llava_original import load_llava_original
+        from ...runtime.llava_original import load_llava_original
 
         tokenizer, model, image_processor, context_len = load_llava_original(
             self.pretrained, model_base, model_name=model_name, **self.load_settings
@@ -183,14 +183,14 @@ class PiToMeLlava(PiToMeLlavaHF):
 
     def _prompt_ids(self, context: str, num_images: int) -> torch.Tensor:
         """``[L]`` ids of ``context`` in the conversation template, one -200 marker per image."""
-        from ...models.llava_original import build_prompt, tokenize_prompt
+        from ...runtime.llava_original import build_prompt, tokenize_prompt
 
         image_start_end = bool(getattr(self._config, "mm_use_im_start_end", False))
         prompt = build_prompt([(context, None)], self.conv_template, image_start_end, num_images)
         return tokenize_prompt(prompt, self._tokenizer)
 
     def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
-        from ...models.llava_original import prepare_images
+        from ...runtime.llava_original import prepare_images
 
         return prepare_images(images, self.image_processor, self._model) if images else None
 
