@@ -21,7 +21,7 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 ALL_METHODS = METHODS + SELECTION_METHODS
 REDUCES = ("mean", "size_weighted")
 
-# What each preset sets beyond the schedule (spec sections 2.1, 2.11, 6).
+# What each preset sets beyond the schedule (docs/algorithm.md §1, §5, §6).
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The authors' released LLaVA code: layer output as metric, plain mean, no size tracking.
     "reference": {"metric": "hidden", "reduce": "mean", "prop_attn": False},

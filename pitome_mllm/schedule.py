@@ -4,7 +4,7 @@ Pure arithmetic: no tensors, no models. For a config and an input token count th
 module says which method each vision layer uses, how many tokens it removes, with
 which margin, and so how many visual tokens reach the language model.
 
-Presets (spec sections 2.2, 2.8, 3.4-3.6):
+Presets (docs/algorithm.md §2 and §5):
 
 * ``reference`` - the authors' released LLaVA code: a merge after every layer;
   bipartite soft matching (BSM) on the first half of the layers (``l <= L // 2``,
@@ -34,7 +34,7 @@ def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: 
     """The adaptive margin ``m_l = start - span * l / L`` (0-based ``l``).
 
     It *decreases* with depth, as in the authors' code (the paper's text calls it
-    "increasing" but its formula decreases; see spec pitfall 4).
+    "increasing" but its formula decreases; docs/algorithm.md §6).
     """
     return start - span * layer_idx / num_layers
 

@@ -1,8 +1,8 @@
 """Naive reference implementations of one PiToMe step and one bipartite-soft-matching step.
 
-Written from the text of the specification (sections 2.3-2.7 and 2.9), one batch item
+Written from the description in docs/algorithm.md (§3 and §4), one batch item
 at a time, with Python lists for every decision, so that the tests have an oracle
-that shares no code with `pitome_mllm.merge`. The similarities are what the spec
+that shares no code with `pitome_mllm.merge`. The similarities are what that description
 fixes, fp32 cosines (one matrix product per item); the energy terms are evaluated
 elementwise in float64 from them; every decision (sorting, splitting, matching,
 selecting) is made on Python lists and floats.
@@ -133,7 +133,7 @@ def reference_pitome(
     energy: str = "elu",
     order: list[list[int]] | None = None,
 ) -> ReferenceStep:
-    """One PiToMe step, item by item (spec 2.3-2.7).
+    """One PiToMe step, item by item (docs/algorithm.md §3).
 
     Args:
         metric: ``[B, N, C]``.
@@ -185,7 +185,7 @@ def reference_pitome(
 
 # ---------------------------------------------------------------------- ToMe
 def reference_bsm(metric: torch.Tensor, r: int, class_token: bool = False) -> ReferenceStep:
-    """One bipartite-soft-matching step, item by item (spec 2.9).
+    """One bipartite-soft-matching step, item by item (docs/algorithm.md §4).
 
     A = even positions, B = odd positions; each A finds its most similar B; the ``r``
     A tokens with the highest best-similarity merge (the class token never does).

@@ -1,5 +1,5 @@
 """Per-layer schedules and token counts (`pitome_mllm.schedule`), checked against the
-counts of spec section 3.4 for CLIP ViT-L/14-336 (577 tokens = CLS + 24 x 24, 24 layers)."""
+counts of docs/algorithm.md §5 for CLIP ViT-L/14-336 (577 tokens = CLS + 24 x 24, 24 layers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``pitome-mllm spectral``: spectral distance of merged vs original token graphs (spec section 5).
+"""``pitome-mllm spectral``: spectral distance of merged vs original token graphs (paper §3.3; docs/spectral.md).
 
 Model mode: for every image, the reference graph is built on the UNMERGED model's
 features (default: the output of the vision layer the LLM reads, class token removed),
@@ -6,7 +6,7 @@ then each method's partition after every vision layer is scored against it. Meth
 are compared at EQUAL token counts: each method gets its own keep ratio, solved so that
 all reach the same number of visual tokens.
 
-Synthetic mode (``--synthetic``): Gaussian clusters, no model (spec 5.4's check).
+Synthetic mode (``--synthetic``): Gaussian clusters, no model (the check of docs/spectral.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""One PiToMe step (paper Alg. 1; the released code's behaviour, spec section 2.3-2.7)."""
+"""One PiToMe step (paper §3.2, Alg. 1; the released code's behaviour, docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _descending_order(values: torch.Tensor) -> torch.Tensor:
     """Indices sorting ``values`` (``[B, n]``) high to low; ties keep the lower index first.
 
     A stable sort makes the plan independent of the backend's sort algorithm
-    (the authors' unstable ``argsort`` is not, spec pitfall 12).
+    (the authors' unstable ``argsort`` is not; docs/algorithm.md §3).
     """
     return torch.sort(values, dim=-1, descending=True, stable=True).indices
 

@@ -1,4 +1,4 @@
-"""ToMe's bipartite soft matching (Bolya et al., ICLR 2023; spec section 2.9).
+"""ToMe's bipartite soft matching (Bolya et al., ICLR 2023; docs/algorithm.md §4).
 
 Used as the baseline method and, in the authors' released LLaVA code, for the
 first half of the CLIP layers.

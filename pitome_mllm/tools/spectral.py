@@ -1,11 +1,11 @@
-"""Spectral distance between a token graph and its merged version (spec section 5).
+"""Spectral distance between a token graph and its merged version (paper §3.3; docs/spectral.md).
 
 Pure tensors: no transformers, no models. The merge of ``N`` original tokens into
 ``n`` tokens is a partition of the original tokens; we describe it by a *token map*
 ``[N]`` giving, for every original token, the index of the token that holds it
 (any integer labels: only which tokens share a label matters).
 
-Definitions (spec 5.1, 5.4), all in float64:
+Definitions (paper §3.3, Def. 1–2, Lemma 1; docs/spectral.md), all in float64:
 
 * Graph of the original tokens: ``W[i, j] = 1 - cos(v_i, v_j)`` (cosine *distance*),
   zero diagonal; normalised Laplacian ``I - D^{-1/2} W D^{-1/2}``.
@@ -16,7 +16,7 @@ Definitions (spec 5.1, 5.4), all in float64:
 * ``SD = sum_i |lambda_i - lambda_l,i|`` over the sorted eigenvalues of the two
   normalised Laplacians (optionally divided by ``N``).
 
-The lifted spectrum has a closed form (spec 5.4, checked in the tests): the
+The lifted spectrum has a closed form (docs/spectral.md, checked in the tests): the
 eigenvalues of ``L(W_l)`` are those of the normalised Laplacian of the *sum-aggregated*
 coarse graph ``C^T W C`` (self-loops included) plus ``N - n`` ones. Why: with
 ``S = diag(|V|)`` the lifted degrees are the block means of the original degrees, so
@@ -354,7 +354,7 @@ def synthetic_study(
     per_node: bool = False,
     seed: int = 0,
 ) -> list[SyntheticResult]:
-    """Spectral distance of each method on ``trials`` draws of Gaussian clusters (spec 5.4).
+    """Spectral distance of each method on ``trials`` draws of Gaussian clusters (docs/spectral.md).
 
     Every method sees the same draws and removes the same number of tokens per step;
     the reference graph is built on the original (unmerged) tokens.
