@@ -10,8 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .schedule import ENERGY_KINDS, METHODS, PRESETS, check_keep_ratio
-
+# ------------------------------------------------------------------------------ vocabulary
+# Every name a setting can take, in one place (the schedule, the merge functions, the
+# adapters and the command line take them from here).
+PRESETS = ("reference", "paper", "pure")
+# Algorithms of a merge step: PiToMe, and ToMe's bipartite soft matching.
+MERGE_METHODS = ("pitome", "tome")
+# Methods that plan the vision tower (a schedule of merge steps, or none at all).
+METHODS = (*MERGE_METHODS, "none")
+ENERGY_KINDS = ("elu", "paper", "gaussian")
+# The energy of each preset's PiToMe steps (docs/algorithm.md §3, §5), used when energy is None.
+PRESET_ENERGY = {"reference": "elu", "paper": "gaussian", "pure": "paper"}
 METRICS = ("hidden", "keys", "keys_mean")
 # Baselines that leave the tower unmerged and choose or pool the patch tokens to exactly
 # target_tokens before the projector (pitome_mllm.merge.select; docs/methods.md).
@@ -30,6 +39,18 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # The paper's algorithm: keys as metric, size-weighted merge, proportional attention.
     "pure": {"metric": "keys", "reduce": "size_weighted", "prop_attn": True},
 }
+
+
+def check_keep_ratio(keep_ratio: float) -> float:
+    """``keep_ratio`` as a float, or a ValueError naming the allowed range."""
+    # numbers.Real admits numpy scalars (np.float32 is not a float subclass, np.float64 is).
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
+        raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {keep_ratio!r}")
+    if not (0.5 < keep_ratio <= 1.0):
+        raise ValueError(
+            f"keep_ratio must be in (0.5, 1.0], got {keep_ratio} (a step can remove at most half of the tokens)"
+        )
+    return float(keep_ratio)
 
 
 @dataclass
@@ -161,6 +182,11 @@ class PiToMeConfig:
     def effective_keep_ratio(self) -> float:
         """The keep ratio the tower uses when it is fixed by the user (1.0 if unset)."""
         return 1.0 if self.keep_ratio is None else self.keep_ratio
+
+    @property
+    def resolved_energy(self) -> str:
+        """The energy kind of the PiToMe steps: ``energy``, or the preset's when unset."""
+        return self.energy or PRESET_ENERGY[self.preset]
 
     @property
     def merges_in_tower(self) -> bool:

@@ -7,12 +7,12 @@ which margin, and so how many visual tokens reach the language model.
 Presets (docs/algorithm.md §2 and §5):
 
 * ``reference`` - the authors' released LLaVA code: a merge after every layer;
-  bipartite soft matching (BSM) on the first half of the layers (``l <= L // 2``,
+  ToMe's bipartite soft matching on the first half of the layers (``l <= L // 2``,
   ``r = floor(T - T*ratio)`` with ``T`` counting the class token), PiToMe with the
   ELU energy after that (``T`` without the class token).
 * ``paper`` - the schedule behind the paper's LLaVA table (spring 2024 code): merges
-  only on odd layer indices, BSM on the first half, the Gaussian-kernel energy after.
-* ``pure`` - the paper's algorithm (Eq. 4 energy) on every layer, no BSM layers.
+  only on odd layer indices, ToMe on the first half, the Gaussian-kernel energy after.
+* ``pure`` - the paper's algorithm (Eq. 4 energy) on every layer, no ToMe layers.
 
 The removal count replicates the released code's float arithmetic exactly
 (``math.floor(T - T * ratio)`` in float64), so token counts can be compared with
@@ -22,12 +22,9 @@ the authors' runs.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
-PRESETS = ("reference", "paper", "pure")
-METHODS = ("pitome", "tome", "none")
-ENERGY_KINDS = ("elu", "paper", "gaussian")
+from .config import ENERGY_KINDS, METHODS, PRESET_ENERGY, PRESETS, check_keep_ratio  # noqa: F401  (re-exported)
 
 
 def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: float = 0.9) -> float:
@@ -37,6 +34,11 @@ def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: 
     "increasing" but its formula decreases; docs/algorithm.md §6).
     """
     return start - span * layer_idx / num_layers
+
+
+def projector_margin(num_layers: int, start: float = 0.9, span: float = 0.9) -> float:
+    """The margin of a merge after the tower: the layer schedule continued one layer past the last."""
+    return margin_for_layer(num_layers, num_layers, start, span)
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,9 @@ class PresetSchedule:
 
 
 PRESET_SCHEDULES = {
-    "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy="elu"),
-    "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy="gaussian"),
-    "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy="paper"),
+    "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy=PRESET_ENERGY["reference"]),
+    "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy=PRESET_ENERGY["paper"]),
+    "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["pure"]),
 }
 
 
@@ -76,17 +78,6 @@ class LayerStep:
     energy: str
     tokens_in: int
     tokens_out: int
-
-
-def check_keep_ratio(keep_ratio: float) -> float:
-    # numbers.Real admits numpy scalars (np.float32 is not a float subclass, np.float64 is).
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
-        raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {keep_ratio!r}")
-    if not (0.5 < keep_ratio <= 1.0):
-        raise ValueError(
-            f"keep_ratio must be in (0.5, 1.0], got {keep_ratio} (a step can remove at most half of the tokens)"
-        )
-    return float(keep_ratio)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

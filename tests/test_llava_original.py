@@ -156,7 +156,7 @@ def _check_selected_state_is_merged(model, images) -> None:
     merged = selected_outputs[-1]
     merged = merged[0] if isinstance(merged, tuple) else merged
     assert features.shape[1] == handle.num_visual_tokens
-    assert torch.equal(features, merged[:, adapter.dropped_leading :])
+    assert torch.equal(features, merged[:, int(adapter.drops_class_token) :])
 
 
 def test_selected_state_is_merged_when_patched_after_a_forward(tiny, inputs):
@@ -172,7 +172,7 @@ def test_selected_state_is_merged_when_patched_before_any_forward(tmp_path, inpu
     model.get_vision_tower().select_feature = select_feature
     model.config.mm_vision_select_feature = select_feature
     with pitome_mllm.patched(model, None, keep_ratio=0.9) as handle:
-        assert handle._adapter.dropped_leading == (select_feature == "patch")
+        assert handle._adapter.drops_class_token == (select_feature == "patch")
         _check_selected_state_is_merged(model, inputs["images"])
 
 

@@ -14,8 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..config import DTYPES
-from ..schedule import METHODS, PRESETS
+from ..config import DTYPES, METHODS, PRESETS
 from ..runtime.terminal import add_threads_argument
 
 HELP = "chat about an image with a PiToMe-patched LLaVA model (streams answers, reports visual tokens and latency)"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..schedule import PRESETS
+from ..config import PRESETS
 from ..runtime.terminal import add_list_argument, add_threads_argument, plural
 
 HELP = "compare unpatched vs. PiToMe / ToMe on an offline tiny LLaVA (no download): visual tokens and latency"

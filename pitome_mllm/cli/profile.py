@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..schedule import METHODS, PRESETS
+from ..config import METHODS, PRESETS
 from ..testing.architecture_specs import ARCHITECTURES
 from ..runtime.terminal import add_list_argument, add_threads_argument
 

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..schedule import PRESETS
+from ..config import PRESETS
 from ..runtime.terminal import add_list_argument
 from .visualize import add_model_arguments
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..schedule import PRESETS
+from ..config import PRESETS
 from ..runtime.terminal import add_list_argument
 
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"

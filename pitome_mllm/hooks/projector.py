@@ -40,15 +40,14 @@ class ProjectorSettings:
     """Attributes:
     target_tokens: tokens per image after this stage (None: keep what the tower gives).
     keep_order: sort the tokens by the first patch each one holds.
-    dropped_leading: leading tower tokens the model drops before the projector
-        (1 when LLaVA drops the class token, else 0).
+    drops_class_token: the model drops the tower's class token (index 0) before the projector.
     margin, alpha, energy: of the PiToMe step(s).
     reduce: ``"mean"`` or ``"size_weighted"``.
     """
 
     target_tokens: int | None
     keep_order: bool
-    dropped_leading: int
+    drops_class_token: bool
     margin: float
     alpha: float
     energy: str
@@ -83,7 +82,7 @@ class ProjectorMerger:
         trace: MergeTrace | None = self.state.trace
         if trace is None or output.dim() != 3 or trace.size.shape[0] != output.shape[0]:
             return None  # not a call that followed a tower forward (e.g. a user calling it alone)
-        drop = self.settings.dropped_leading
+        drop = int(self.settings.drops_class_token)
         size = trace.size[:, drop:]
         # Original tokens dropped with the class token are left out of the map.
         token_map = trace.token_map[:, drop:] - drop
@@ -127,15 +126,15 @@ class SelectionSettings:
     method: ``"random"``, ``"pool"`` or ``"dominant"``.
     target_tokens: tokens per image handed to the projector (and the language model).
     seed: seed of ``random``.
-    dropped_leading: leading tower tokens the model drops before the projector (the class
-        token); the projector input must be exactly the patch tokens.
+    drops_class_token: the model drops the tower's class token before the projector; the
+        projector input must be exactly the patch tokens.
     num_heads: attention heads of the selected layer (``dominant``).
     """
 
     method: str
     target_tokens: int
     seed: int
-    dropped_leading: int
+    drops_class_token: bool
     num_heads: int = 1
 
 
@@ -202,7 +201,7 @@ class SelectionStage:
         if not args or trace is None:
             return None  # not a call that followed a tower forward (e.g. a user calling it alone)
         features = args[0]
-        drop = self.settings.dropped_leading
+        drop = int(self.settings.drops_class_token)
         if features.dim() != 3 or tuple(trace.size.shape[:2]) != (features.shape[0], features.shape[1] + drop):
             return None
         with torch.no_grad():
@@ -227,7 +226,7 @@ class SelectionStage:
             return pool_patches(features, grid, pooled), token_map
         # dominant
         queries, keys = self._captured.pop("queries"), self._captured.pop("keys")
-        drop = self.settings.dropped_leading
+        drop = int(self.settings.drops_class_token)
         attention = cls_attention(queries, keys, self.settings.num_heads)[:, drop:]
         self.cls_attention = attention
         channels = keys.shape[-1]

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..config import MERGE_METHODS, REDUCES
 from .pitome import pitome
 from .plan import Merge
 from .tome import bipartite_soft_matching
-
-# Algorithms a step can use; "tome" is bipartite soft matching (ToMe, Bolya et al. 2023).
-STEP_METHODS = ("pitome", "tome")
-REDUCES = ("mean", "size_weighted")
 
 
 def decide_merge(
@@ -37,7 +34,7 @@ def decide_merge(
         return bipartite_soft_matching(metric, r, class_token=class_token)
     if method == "pitome":
         return pitome(metric, r, margin, alpha=alpha, class_token=class_token, energy=energy)
-    raise ValueError(f"method must be one of {STEP_METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {MERGE_METHODS}, got {method!r}")
 
 
 def apply_merge(step: Merge, features: torch.Tensor, size: torch.Tensor | None, reduce: str) -> torch.Tensor:
@@ -91,4 +88,4 @@ def merge_to_budget(
     return features, size, token_map
 
 
-__all__ = ["REDUCES", "STEP_METHODS", "apply_merge", "decide_merge", "merge_to_budget"]
+__all__ = ["apply_merge", "decide_merge", "merge_to_budget"]

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 # The names and the margin schedule are pure arithmetic, kept torch-free in `pitome_mllm.schedule`
 # (the command line plans schedules without importing torch); re-exported here as part of the merge API.
-from ..schedule import ENERGY_KINDS, margin_for_layer  # noqa: F401
+from ..config import ENERGY_KINDS
+from ..schedule import margin_for_layer  # noqa: F401  (re-exported: pitome_mllm.merge.margin_for_layer)
 
 
 def energy_from_unit(unit: torch.Tensor, margin: float, alpha: float = 1.0, kind: str = "elu") -> torch.Tensor:

@@ -15,9 +15,8 @@ from torch import nn
 from ..config import SELECTION_METHODS, PiToMeConfig
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.tower import MergeSettings, PatchState, TowerMerger
-from ..merge.energy import margin_for_layer
 from ..merge.select import pool_grid, square_grid
-from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers, solve_keep_ratio
+from ..schedule import LayerStep, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
 from .protocol import ModelAdapter
 from .siglip import tower_has_class_token
@@ -121,7 +120,7 @@ class ClipTowerAdapter(ModelAdapter):
         vision_config = parts.vision_tower.config
         self.patch_size = vision_config.patch_size
         self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
-        self.dropped_leading = 1 if parts.drops_class_token else 0
+        self.drops_class_token = parts.drops_class_token
         self._plans: dict[int, list[LayerStep]] = {}
         # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
         self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
@@ -153,11 +152,10 @@ class ClipTowerAdapter(ModelAdapter):
                 ProjectorSettings(
                     target_tokens=config.target_tokens,
                     keep_order=config.keep_order,
-                    dropped_leading=self.dropped_leading,
-                    # The tower's margin schedule continued one layer past the last one.
-                    margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
+                    drops_class_token=self.drops_class_token,
+                    margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
                     alpha=config.alpha,
-                    energy=config.energy or PRESET_SCHEDULES[config.preset].energy,
+                    energy=config.resolved_energy,
                     reduce=config.reduce,
                 ),
             )
@@ -167,12 +165,12 @@ class ClipTowerAdapter(ModelAdapter):
         config = self.config
         # Towers without a class token (SigLIP) have nothing to drop.
         has_class_token = self.class_token
-        if self.dropped_leading != int(has_class_token):
+        if self.drops_class_token != has_class_token:
             raise ValueError(
                 f"method={config.method!r} selects among patch tokens only, but this model hands the class token "
                 "to the projector (vision_feature_select_strategy='full'); supported: 'default'"
             )
-        num_patches = self.default_num_tokens - self.dropped_leading
+        num_patches = self.default_num_tokens - int(self.drops_class_token)
         if config.method == "pool":
             pool_grid(config.target_tokens, square_grid(num_patches))  # ValueError naming nearby budgets
         query_key, num_heads = None, 1
@@ -188,7 +186,7 @@ class ClipTowerAdapter(ModelAdapter):
             method=config.method,
             target_tokens=config.target_tokens,
             seed=config.seed,
-            dropped_leading=self.dropped_leading,
+            drops_class_token=self.drops_class_token,
             num_heads=num_heads,
         )
         return SelectionStage(self.projector, self.state, settings, query_key)
@@ -202,7 +200,7 @@ class ClipTowerAdapter(ModelAdapter):
             return config.keep_ratio
         # target_tokens without keep_ratio: merge in the tower as far as possible
         # without going below the budget; the projector step trims the rest.
-        available = self.default_num_tokens - self.dropped_leading
+        available = self.default_num_tokens - int(self.drops_class_token)
         if config.target_tokens > available:
             raise ValueError(
                 f"target_tokens={config.target_tokens} is larger than the {available} visual tokens "
@@ -211,7 +209,7 @@ class ClipTowerAdapter(ModelAdapter):
         return solve_keep_ratio(
             self.default_num_tokens,
             self.num_layers,
-            config.target_tokens + self.dropped_leading,
+            config.target_tokens + int(self.drops_class_token),
             self.last_layer,
             method=self.tower_method,
             preset=config.preset,
@@ -237,7 +235,7 @@ class ClipTowerAdapter(ModelAdapter):
 
     def tower_output_tokens(self, num_tokens: int) -> int:
         """Visual tokens the projector receives per image (after the class token is dropped)."""
-        return self.plan(num_tokens)[-1].tokens_out - self.dropped_leading
+        return self.plan(num_tokens)[-1].tokens_out - int(self.drops_class_token)
 
     def visual_tokens_for(self, num_tokens: int) -> int:
         """Visual tokens the language model receives per image, for ``num_tokens`` tower inputs."""
@@ -249,7 +247,7 @@ class ClipTowerAdapter(ModelAdapter):
         target = self.config.target_tokens
         if target is None:
             return
-        available = num_tokens - self.dropped_leading
+        available = num_tokens - int(self.drops_class_token)
         if target > available:
             raise ValueError(
                 f"target_tokens={target} is larger than the {available} visual tokens this model produces per image"

@@ -358,7 +358,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
             data = original_count(image_sizes=image_sizes, **kwargs)
             counts = getattr(data, "num_image_tokens", None)
             if counts is not None:
-                data.num_image_tokens = [self.visual_tokens_for(n + self.dropped_leading) for n in counts]
+                data.num_image_tokens = [self.visual_tokens_for(n + int(self.drops_class_token)) for n in counts]
             return data
 
         self._processor_overrides.set("replace_image_token", replace_image_token)

@@ -46,8 +46,7 @@ from ..config import PiToMeConfig
 from ..hooks.base import InstanceOverrides
 from ..hooks.tower import PatchState, raster_order
 from ..merge.budget import merge_to_budget
-from ..merge.energy import margin_for_layer
-from ..schedule import PRESET_SCHEDULES, LayerStep, plan_layers
+from ..schedule import LayerStep, plan_layers, projector_margin
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
 from .protocol import ModelAdapter, ModelParts
@@ -331,9 +330,9 @@ class LlavaNextAdapter(ModelAdapter):
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
         self.merge_settings = PackedMergeSettings(
             method="tome" if config.method == "tome" else "pitome",
-            margin=margin_for_layer(self.num_layers, self.num_layers, config.margin_start, config.margin_span),
+            margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
             alpha=config.alpha,
-            energy=config.energy or PRESET_SCHEDULES[config.preset].energy,
+            energy=config.resolved_energy,
             reduce=config.reduce,
             keep_order=config.keep_order,
         )
