@@ -14,8 +14,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..config import DTYPES, METHODS, PRESETS
 from ..runtime.terminal import add_threads_argument
+from .arguments import (
+    IMAGE_HELP,
+    add_budget_arguments,
+    add_loading_arguments,
+    add_method_argument,
+    add_preset_argument,
+    add_quantization_arguments,
+)
 
 HELP = "chat about an image with a PiToMe-patched LLaVA model (streams answers, reports visual tokens and latency)"
 
@@ -34,27 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_session_arguments(parser: argparse.ArgumentParser) -> None:
     """Image, merge settings, loading and generation flags shared by ``chat`` and ``chat-llava``."""
-    parser.add_argument(
-        "--image",
-        required=True,
-        metavar="IMG",
-        help="a bundled image name (astronaut, chelsea, coffee) or an image file",
-    )
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--keep-ratio", type=float, help="fraction of tokens each merging layer keeps, in (0.5, 1.0]")
-    budget.add_argument("--target-tokens", type=int, help="exact number of visual tokens per image")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
-    parser.add_argument("--method", choices=METHODS, default="pitome")
+    parser.add_argument("--image", required=True, metavar="IMG", help=IMAGE_HELP)
+    add_budget_arguments(parser)
+    add_preset_argument(parser, help=None)
+    add_method_argument(parser)
     parser.add_argument("--keep-order", action="store_true", help="hand merged tokens to the LLM in raster order")
-    quantization = parser.add_mutually_exclusive_group()
-    quantization.add_argument(
-        "--load-in-4bit", action="store_true", help="quantise the language model to 4 bit (bitsandbytes)"
-    )
-    quantization.add_argument(
-        "--load-in-8bit", action="store_true", help="quantise the language model to 8 bit (bitsandbytes)"
-    )
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+    add_quantization_arguments(parser)
+    add_loading_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     add_threads_argument(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one question and exit")

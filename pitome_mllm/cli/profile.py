@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import METHODS, PRESETS
-from ..testing.architecture_specs import ARCHITECTURES
 from ..runtime.terminal import add_list_argument, add_threads_argument
+from ..testing.architecture_specs import ARCHITECTURES
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
 

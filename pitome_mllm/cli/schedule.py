@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import METHODS, PRESETS
-from ..schedule import plan_layers
 from ..runtime.terminal import add_list_argument
+from ..schedule import plan_layers
 
 HELP = "print the per-layer merge plan and the visual tokens that reach the LLM (no model needed)"
 

@@ -16,9 +16,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PRESETS
 from ..runtime.terminal import add_list_argument
-from .visualize import add_model_arguments
+from .arguments import add_preset_argument, add_tiny_model_arguments
 
 HELP = "spectral distance of PiToMe / ToMe merges to the unmerged token graph, at equal token counts"
 
@@ -34,8 +33,6 @@ REFERENCE_SHORT = {
 }
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
     budget = parser.add_mutually_exclusive_group()
@@ -48,13 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_list_argument(budget, "--budgets", int, default=None, help="visual tokens to the LLM, e.g. 54 128")
     add_list_argument(parser, "--images", default=["all"], help="'all' bundled images, or names / files")
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="reference",
-        help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
-    )
+    add_tiny_model_arguments(parser)
+    add_preset_argument(parser)
     parser.add_argument(
         "--reference",
         choices=sorted(REFERENCES),

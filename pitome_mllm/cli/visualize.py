@@ -7,25 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PRESETS
 from ..runtime.terminal import add_list_argument
+from .arguments import add_preset_argument, add_tiny_model_arguments
 
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
 
 TINY_MODELS = ("tiny", "tiny-test")
-
-
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` / ``--device``, shared with ``pitome-mllm spectral``."""
-    parser.add_argument(
-        "--model",
-        default="tiny",
-        help="'tiny' (offline random-weight LLaVA with CLIP ViT-L/14-336 geometry, the default), "
-        "'tiny-test' (112 px, 6 layers) or a local folder loadable with from_pretrained",
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image", default="chelsea", help=f"a bundled image ({', '.join(list_images())}) or an image file"
     )
-    add_model_arguments(parser)
+    add_tiny_model_arguments(parser)
     add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
     parser.add_argument("--keep-ratio", type=float, default=0.9, help="keep ratio of every merging layer")
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="reference",
-        help="merge schedule (reference: the authors' released LLaVA code, BSM in the first half)",
-    )
+    add_preset_argument(parser)
     add_list_argument(
         parser,
         "--layers",

@@ -8,7 +8,8 @@ already installed on the instance).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from torch import nn
 
@@ -116,3 +117,20 @@ class InstanceOverrides:
 
     def __bool__(self) -> bool:
         return bool(self._saved)
+
+
+def remove_hooks(handles: list) -> None:
+    """Remove every ``torch.utils.hooks.RemovableHandle`` in ``handles`` and empty the list."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+@contextlib.contextmanager
+def undone_on_error(remove: Callable[[], None]) -> Iterator[None]:
+    """Run an install; if it raises, call ``remove`` (which must cope with a partial install) first."""
+    try:
+        yield
+    except BaseException:
+        remove()
+        raise

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base import remove_hooks, undone_on_error
 from .tower import PatchState
 
 # --------------------------------------------------------------------------------------- pure functions
@@ -255,19 +256,14 @@ class LLMPropAttention:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
-        try:
+        with undone_on_error(self.remove):
             self._hooks.append(self.core.register_forward_pre_hook(self._on_core_input, with_kwargs=True))
             self._hooks.append(self.core.register_forward_hook(self._on_core_output, always_call=True))
             for module in self.attention_modules:
                 self._hooks.append(module.register_forward_pre_hook(self._on_attention_input, with_kwargs=True))
-        except Exception:
-            self.remove()
-            raise
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        remove_hooks(self._hooks)
         self._reset()
         self.key_log_sizes = None
 

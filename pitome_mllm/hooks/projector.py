@@ -32,6 +32,7 @@ from ..merge.select import (
     random_keep_indices,
     square_grid,
 )
+from .base import remove_hooks, undone_on_error
 from .tower import MergeTrace, PatchState, raster_order
 
 
@@ -172,19 +173,14 @@ class SelectionStage:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
-        try:
+        with undone_on_error(self.remove):
             self._hooks.append(self.projector.register_forward_pre_hook(self._on_input))
             if self.settings.method == "dominant":
                 for name, module in zip(("queries", "keys"), self.query_key, strict=True):
                     self._hooks.append(module.register_forward_hook(self._make_capture(name)))
-        except Exception:
-            self.remove()
-            raise
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        remove_hooks(self._hooks)
         self._captured.clear()
         self.state.final_token_map = None
         self.state.final_size = None

@@ -24,7 +24,7 @@ from torch import nn
 from ..merge import Merge
 from ..merge.budget import apply_merge, decide_merge
 from ..schedule import LayerStep
-from .base import override_forward, restore_forward
+from .base import override_forward, remove_hooks, restore_forward, undone_on_error
 from .observers import Observers
 
 
@@ -163,7 +163,7 @@ class TowerMerger:
 
     # --------------------------------------------------------------- install
     def install(self) -> None:
-        try:
+        with undone_on_error(self.remove):
             for layer_idx, layer in enumerate(self.layers):
                 if layer_idx <= self.last_layer:
                     override_forward(layer, self._make_merging_forward(layer_idx))
@@ -173,14 +173,9 @@ class TowerMerger:
                 else:
                     override_forward(layer, _passthrough_forward(self.layers_return_tuple))
                 self._installed.append(layer)
-        except Exception:
-            self.remove()
-            raise
 
     def remove(self) -> None:
-        for hook in self._key_hooks:
-            hook.remove()
-        self._key_hooks.clear()
+        remove_hooks(self._key_hooks)
         for layer in self._installed:
             restore_forward(layer)
         self._installed.clear()

@@ -13,6 +13,7 @@ import logging
 from torch import nn
 
 from ..config import SELECTION_METHODS, PiToMeConfig
+from ..hooks.base import undone_on_error
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.tower import MergeSettings, PatchState, TowerMerger
 from ..merge.select import pool_grid, square_grid
@@ -273,12 +274,9 @@ class ClipTowerAdapter(ModelAdapter):
     # --------------------------------------------------------------- install
     def install(self) -> None:
         self.tower.install()
-        try:
+        with undone_on_error(self.remove):
             self.projector_stage.install()
             self._install_extra()
-        except Exception:
-            self.remove()
-            raise
         steps = self.plan(self.default_num_tokens)
         logger.info(
             "patched %s: %s, keep_ratio=%.4f, %d merge steps, %d visual tokens per image",

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.base import InstanceOverrides
+from ..hooks.base import InstanceOverrides, undone_on_error
 from ..hooks.tower import PatchState, raster_order
 from ..merge.budget import merge_to_budget
 from ..schedule import LayerStep, plan_layers, projector_margin
@@ -435,13 +435,10 @@ class LlavaNextAdapter(ModelAdapter):
 
     def install(self) -> None:
         self._model_overrides.set(_PACK, self._make_pack(self.llava.pack_image_features))
-        try:
+        with undone_on_error(self.remove):
             self.placeholder_check.install()
             if self.processor is not None:
                 self._patch_processor()
-        except Exception:
-            self.remove()
-            raise
 
     def remove(self) -> None:
         self.placeholder_check.remove()

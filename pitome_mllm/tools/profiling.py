@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks.base import remove_hooks
 from ..hooks.observers import Observer
 from ..models import ModelParts, model_parts
 from ..runtime.terminal import plural
@@ -735,9 +736,7 @@ class StageHooks:
             self._handles.append(layer.register_forward_pre_hook(self._count_layer_tokens, prepend=True))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        remove_hooks(self._handles)
 
     def _stage_start(self, stage: str) -> Callable:
         def hook(module, args) -> None:

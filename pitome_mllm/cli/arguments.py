@@ -1,0 +1,56 @@
+"""The command line's shared argument vocabulary: one spelling, one help text per setting.
+
+Torch-free (``pitome-mllm --help`` builds every command's parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import DTYPES, METHODS, PRESETS
+
+PRESET_HELP = "merge schedule (reference: the authors' released LLaVA code, ToMe in the first half)"
+IMAGE_HELP = "a bundled image name (astronaut, chelsea, coffee) or an image file"
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, help: str = PRESET_HELP) -> None:
+    parser.add_argument("--preset", choices=PRESETS, default="reference", help=help)
+
+
+def add_method_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, default="pitome")
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--keep-ratio`` or ``--target-tokens`` (one of them)."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep-ratio", type=float, help="fraction of tokens each merging layer keeps, in (0.5, 1.0]")
+    budget.add_argument("--target-tokens", type=int, help="exact number of visual tokens per image")
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--load-in-4bit`` or ``--load-in-8bit`` (the language model only)."""
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument(
+        "--load-in-4bit", action="store_true", help="quantise the language model to 4 bit (bitsandbytes)"
+    )
+    quantization.add_argument(
+        "--load-in-8bit", action="store_true", help="quantise the language model to 8 bit (bitsandbytes)"
+    )
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` of a loaded checkpoint."""
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto")
+
+
+def add_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` (default: the offline tiny model) and ``--device``."""
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (offline random-weight LLaVA with CLIP ViT-L/14-336 geometry, the default), "
+        "'tiny-test' (112 px, 6 layers) or a local folder loadable with from_pretrained",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
