@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -40,64 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_session_arguments(parser)
 
 
-# ----------------------------------------------------------------------------------- timing
-class VisionStageTimer:
-    """Times one ``generate`` call on an original LLaVA model and counts its visual tokens.
-
-    Hooks on the tower wrapper (start) and the projector (end) time the vision stage,
-    merges included; a hook on the model stamps the end of the first forward (prefill).
-    ``visual_tokens`` is the projector's output length: what the LLM receives per image.
-    """
-
-    def __init__(self, model) -> None:
-        import torch
-
-        self.model = model
-        self._sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-        self.vision_s = self.prefill_s = self.total_s = 0.0
-        self.visual_tokens = 0
-        self._hooks: list = []
-
-    def __enter__(self) -> VisionStageTimer:
-        from ..models import model_parts
-
-        parts = model_parts(self.model)
-        tower, projector = parts.vision_tower, parts.projector
-        self._vision_start = 0.0
-        self._first_forward_end: float | None = None
-        self._hooks = [
-            tower.register_forward_pre_hook(self._on_vision_start),
-            projector.register_forward_hook(self._on_vision_end),
-            self.model.register_forward_hook(self._on_forward),
-        ]
-        self._sync()
-        self._start = time.perf_counter()
-        return self
-
-    def _on_vision_start(self, module, args) -> None:
-        self._sync()
-        self._vision_start = time.perf_counter()
-
-    def _on_vision_end(self, module, args, output) -> None:
-        self._sync()
-        self.vision_s += time.perf_counter() - self._vision_start
-        self.visual_tokens = int(output.shape[1])
-
-    def _on_forward(self, module, args, output) -> None:
-        if self._first_forward_end is None:
-            self._sync()
-            self._first_forward_end = time.perf_counter()
-
-    def __exit__(self, *exc_info) -> None:
-        self._sync()
-        end = time.perf_counter()
-        self.total_s = end - self._start
-        self.prefill_s = (self._first_forward_end or end) - self._start
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-
-
 # ------------------------------------------------------------------------------------ chat
 @dataclass
 class LlavaChatSession:
@@ -116,13 +57,14 @@ class LlavaChatSession:
         from transformers import TextIteratorStreamer
 
         from ..runtime.llava_original import build_prompt, prepare_images, tokenize_prompt
+        from ..runtime.loading import StageTimer
 
         image_start_end = bool(getattr(self.model.config, "mm_use_im_start_end", False))
         prompt = build_prompt([*self.turns, (question, None)], self.conv_template, image_start_end)
         input_ids = tokenize_prompt(prompt, self.tokenizer)[None].to(self.model.device)
         images = prepare_images([self.image], self.image_processor, self.model)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        timer = VisionStageTimer(self.model)
+        timer = StageTimer(self.model)
         answer, output_ids = stream_generate(
             self.model,
             streamer,

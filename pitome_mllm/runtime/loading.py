@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DTYPES
-from ..hooks.base import InstanceOverrides
+from ..hooks.base import InstanceOverrides, remove_hooks
 from ..models import model_parts
 from ..models.llava_hf import QUANTIZATION_SKIP_MODULES
 from .quantization import bitsandbytes_config
@@ -301,7 +301,7 @@ def _synchronizer(model: nn.Module) -> Callable[[], None]:
 
 
 class StageTimer:
-    """Times the stages of one ``generate`` (or forward) call on a transformers LLaVA model.
+    """Times the stages of one ``generate`` (or forward) call on a supported model; counts its visual tokens.
 
     >>> with StageTimer(model) as timer:                      # doctest: +SKIP
     ...     model.generate(**inputs, max_new_tokens=8)
@@ -312,6 +312,7 @@ class StageTimer:
         prefill_s: from entering the block to the end of the first model forward, i.e. the
             time to the first token's logits (vision included).
         total_s: the whole block.
+        visual_tokens: tokens per image the projector stage handed on in the last call.
 
     The image-encoding method the adapter names (`ModelParts.image_feature_method` on
     ``image_feature_owner``) is shadowed on the instance while timing and restored on exit;
@@ -322,6 +323,7 @@ class StageTimer:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         parts = model_parts(model)
+        self._projector = parts.projector
         self._overrides = InstanceOverrides(parts.image_feature_owner)
         self._method = parts.image_feature_method
         self._sync = _synchronizer(model)
@@ -330,10 +332,12 @@ class StageTimer:
         self.total_s = 0.0
         self._start = 0.0
         self._first_forward_end: float | None = None
-        self._hook = None
+        self.visual_tokens = 0
+        self._hooks: list = []
 
     def __enter__(self) -> StageTimer:
         self.vision_s = 0.0
+        self.visual_tokens = 0
         self._first_forward_end = None
         original = getattr(self._overrides.target, self._method)
 
@@ -349,7 +353,11 @@ class StageTimer:
             return output
 
         self._overrides.set(self._method, timed_get_image_features)
-        self._hook = self.model.register_forward_hook(self._on_forward)
+        # Registered after the patch's own projector hook, so it sees the merged count.
+        self._hooks = [
+            self.model.register_forward_hook(self._on_forward),
+            self._projector.register_forward_hook(self._on_projector_output),
+        ]
         self._sync()
         self._start = time.perf_counter()
         return self
@@ -359,13 +367,16 @@ class StageTimer:
             self._sync()
             self._first_forward_end = time.perf_counter()
 
+    def _on_projector_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.visual_tokens = int(output.shape[1])
+
     def __exit__(self, *exc_info) -> None:
         self._sync()
         end = time.perf_counter()
         self.total_s = end - self._start
         first = self._first_forward_end if self._first_forward_end is not None else end
         self.prefill_s = first - self._start
-        self._hook.remove()
+        remove_hooks(self._hooks)
         self._overrides.restore()
 
 

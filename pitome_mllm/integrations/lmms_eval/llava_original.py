@@ -31,10 +31,10 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from ...cli.chat_llava import VisionStageTimer
 from ...config import PiToMeConfig
 from ...lmms_eval_manifest import LLAVA_ORIGINAL_MODEL_ID
 from ...runtime.llava_original import DEFAULT_CONV_TEMPLATE
+from ...runtime.loading import StageTimer
 from .llava_hf import (
     LOGLIKELIHOOD_VALUES,
     PiToMeLlavaHF,
@@ -207,7 +207,7 @@ class PiToMeLlava(PiToMeLlavaHF):
         input_ids, attention_mask = left_pad(rows, self._pad_token_id)
         all_images = [image for _, images in items for image in images]
         eos_token_id = self.eot_token_id
-        with torch.inference_mode(), VisionStageTimer(self._model) as timer:
+        with torch.inference_mode(), StageTimer(self._model) as timer:
             new_tokens = self._model.generate(
                 input_ids.to(self._device),
                 attention_mask=attention_mask.to(self._device),
@@ -246,7 +246,7 @@ class PiToMeLlava(PiToMeLlavaHF):
         if num_continuation == 0:
             raise ValueError(f"continuation {continuation!r} has no tokens to score")
         input_ids = torch.cat([prompt_ids, continuation_ids])[None].to(self._device)
-        with torch.inference_mode(), VisionStageTimer(self._model) as timer:
+        with torch.inference_mode(), StageTimer(self._model) as timer:
             logits = self._model(
                 input_ids=input_ids,
                 images=self._pixel_values(images),
