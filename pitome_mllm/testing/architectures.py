@@ -68,16 +68,21 @@ def arch_config(spec: ArchSpec | str, tokenizer=None):
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    from .tiny import tower_shape
+
     spec = get_arch(spec) if isinstance(spec, str) else spec
     ids = _special_ids(tokenizer)
     vision, text = spec.vision, spec.text
+    shape = tower_shape(
+        vision.hidden_size,
+        vision.intermediate_size,
+        vision.num_layers,
+        vision.num_heads,
+        vision.image_size,
+        vision.patch_size,
+    )
     vision_config = CLIPVisionConfig(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=vision.num_layers,
-        num_attention_heads=vision.num_heads,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
+        **shape,
         projection_dim=768,
         hidden_act="quick_gelu",  # OpenAI CLIP's activation
     )

@@ -227,13 +227,10 @@ def clip_vision_config(image_size: int = DEFAULT_IMAGE_SIZE):
 
     if image_size % PATCH_SIZE:
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE}, got {image_size}")
+    from .tiny import tower_shape
+
     return CLIPVisionConfig(
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=MLP_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=NUM_HEADS,
-        image_size=image_size,
-        patch_size=PATCH_SIZE,
+        **tower_shape(HIDDEN_SIZE, MLP_SIZE, NUM_LAYERS, NUM_HEADS, image_size, PATCH_SIZE),
         projection_dim=HIDDEN_SIZE,
         hidden_act="gelu",
         layer_norm_eps=LAYER_NORM_EPS,

@@ -284,15 +284,35 @@ DEMO_SPEC = TinyLlavaSpec()
 TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6)
 
 
+def tower_shape(
+    hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int, image_size: int, patch_size: int
+) -> dict[str, int]:
+    """The keywords a CLIP or SigLIP vision config takes for a tower's shape."""
+    return {
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def spec_tower_shape(spec: TinyLlavaSpec) -> dict[str, int]:
+    return tower_shape(
+        spec.vision_hidden,
+        spec.vision_intermediate,
+        spec.vision_layers,
+        spec.vision_heads,
+        spec.image_size,
+        spec.patch_size,
+    )
+
+
 def tiny_clip_vision_config(spec: TinyLlavaSpec) -> CLIPVisionConfig:
     """The tiny CLIP tower's config (shared by every tiny LLaVA family)."""
     return CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
+        **spec_tower_shape(spec),
         projection_dim=spec.vision_hidden,
         hidden_act="quick_gelu",  # what OpenAI CLIP (and so LLaVA-1.5's tower) uses
     )
@@ -317,22 +337,32 @@ def tiny_llama_kwargs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -
     }
 
 
+def tiny_siglip_vision_config(spec: TinyLlavaSpec):
+    """A SigLIP tower of ``spec``'s shape, without the pooling head (LLaVA reads hidden states)."""
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**spec_tower_shape(spec), vision_use_head=False)
+
+
+def _llava_config_kwargs(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The fields LLaVA-1.5 and LLaVA-NeXT configs share, for ``spec`` and the tiny tokenizer."""
+    return {
+        "image_token_id": tokenizer.image_token_id,
+        "image_seq_length": spec.num_patches,
+        "projector_hidden_act": spec.projector_hidden_act,
+        "vision_feature_layer": spec.vision_feature_layer,
+        "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": False,
+        # Not a declared LlavaConfig field, but llava-hf checkpoints carry it at the top level and
+        # generation / evaluation code reads ``model.config.pad_token_id``.
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     vision_config = tiny_clip_vision_config(spec)
     text_config = LlamaConfig(**tiny_llama_kwargs(spec, tokenizer))
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=tokenizer.image_token_id,
-        image_seq_length=spec.num_patches,
-        projector_hidden_act=spec.projector_hidden_act,
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-        # Not a declared LlavaConfig field, but llava-hf checkpoints carry it at the top level and
-        # generation / evaluation code reads ``model.config.pad_token_id``.
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return LlavaConfig(vision_config=vision_config, text_config=text_config, **_llava_config_kwargs(spec, tokenizer))
 
 
 def _check_processor_matches(processor: LlavaProcessor, spec: TinyLlavaSpec) -> None:
@@ -449,19 +479,9 @@ def build_tiny_siglip_llava(
     ``<image>`` expands to ``spec.num_patches`` placeholders (64 for :data:`SIGLIP_TEST_SPEC`).
     Seeded like :func:`build_tiny_llava`.
     """
-    from transformers import SiglipVisionConfig
-
     tokenizer = build_tiny_tokenizer()
     config = _build_config(spec, tokenizer)
-    config.vision_config = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_size,
-        patch_size=spec.patch_size,
-        vision_use_head=False,  # LLaVA reads hidden states; the pooling head would be dead weight
-    )
+    config.vision_config = tiny_siglip_vision_config(spec)
     config.vision_feature_select_strategy = "full"
     model = _instantiate(LlavaForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     processor = LlavaProcessor(
@@ -505,14 +525,8 @@ def build_tiny_llava_next(
     config = LlavaNextConfig(
         vision_config=llava_config.vision_config,
         text_config=llava_config.text_config,
-        image_token_id=tokenizer.image_token_id,
         image_grid_pinpoints=pinpoints,
-        image_seq_length=spec.num_patches,
-        projector_hidden_act=spec.projector_hidden_act,
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
+        **_llava_config_kwargs(spec, tokenizer),
     )
     model = _instantiate(LlavaNextForConditionalGeneration, config, spec.seed, tokenizer, dtype)
     image_processor = image_processor_class(
@@ -556,7 +570,6 @@ def build_tiny_onevision(
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
-        SiglipVisionConfig,
     )
 
     image_processor_class = _image_processor_class("LlavaOnevisionImageProcessor")
@@ -567,15 +580,7 @@ def build_tiny_onevision(
     pinpoints = [[rows * crop, cols * crop] for rows in (1, 2, 3) for cols in (1, 2, 3)]
     vision_aspect_ratio = f"anyres_max_{ONEVISION_MAX_CROPS}"
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=spec.vision_hidden,
-            intermediate_size=spec.vision_intermediate,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            vision_use_head=False,
-        ),
+        vision_config=tiny_siglip_vision_config(spec),
         text_config=text_config,
         image_token_index=tokenizer.image_token_id,
         image_grid_pinpoints=pinpoints,
