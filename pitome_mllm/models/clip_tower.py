@@ -105,20 +105,20 @@ class ClipTowerAdapter(ModelAdapter):
         self.model = model
         self.processor = processor
         self.config = config
-        self.vision_tower = parts.vision_tower
+        self.vision_tower = parts.tower
         self.projector = parts.projector
         # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
-        self.class_token = tower_has_class_token(parts.vision_tower)
+        self.class_token = tower_has_class_token(parts.tower)
         if parts.drops_class_token and not self.class_token:
             raise ValueError(
                 f"vision_feature_select_strategy='default' drops the first token, but "
-                f"{type(parts.vision_tower).__name__} has no class token (it would drop a patch); "
+                f"{type(parts.tower).__name__} has no class token (it would drop a patch); "
                 "supported with this tower: 'full'"
             )
         self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
         self.last_layer = parts.last_layer
-        vision_config = parts.vision_tower.config
+        vision_config = parts.tower.config
         self.patch_size = vision_config.patch_size
         self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
         self.drops_class_token = parts.drops_class_token

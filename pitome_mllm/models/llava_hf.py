@@ -241,7 +241,7 @@ def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = Fa
         return vision_hidden_states(model, pixel_values)
 
     return ModelParts(
-        vision_tower=llava.vision_tower,
+        tower=llava.vision_tower,
         projector=llava.multi_modal_projector,
         language_model=getattr(llava, "language_model", None),
         encoder_layers=layers,

@@ -301,7 +301,7 @@ class LlavaNextAdapter(ModelAdapter):
             )
         parts = self.parts(model)
         strategy = llava_config.vision_feature_select_strategy
-        self.vision_tower = parts.vision_tower
+        self.vision_tower = parts.tower
         class_token = tower_has_class_token(self.vision_tower)
         if class_token != parts.drops_class_token:
             allowed = "'default'" if class_token else "'full'"

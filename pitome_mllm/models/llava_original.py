@@ -284,7 +284,7 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
             return tuple(tower_wrapper.vision_tower(pixel_values, output_hidden_states=True).hidden_states)
 
         return ModelParts(
-            vision_tower=tower_wrapper.vision_tower,
+            tower=tower_wrapper.vision_tower,
             projector=model.get_model().mm_projector,
             language_model=model.get_model(),
             encoder_layers=layers,

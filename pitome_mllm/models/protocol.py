@@ -27,7 +27,7 @@ class ModelParts:
     """The pieces of a multimodal model the tools work with, found by its adapter.
 
     Attributes:
-        vision_tower: the vision encoder (a transformers ``CLIPVisionModel`` or
+        tower: the vision encoder (a transformers ``CLIPVisionModel`` or
             ``SiglipVisionModel``); its parameters' device and dtype are the images'.
         projector: the module mapping the selected vision features to the LLM width.
         language_model: the decoder the visual tokens go into (None where the family
@@ -46,7 +46,7 @@ class ModelParts:
         image_feature_method: the name of that method on ``image_feature_owner``.
     """
 
-    vision_tower: nn.Module
+    tower: nn.Module
     projector: nn.Module
     language_model: nn.Module | None
     encoder_layers: nn.ModuleList
@@ -61,11 +61,11 @@ class ModelParts:
     @property
     def vision_dtype(self) -> torch.dtype:
         """dtype of the vision tower's weights, which pixel values must match (the LLM may be quantised)."""
-        return next(self.vision_tower.parameters()).dtype
+        return next(self.tower.parameters()).dtype
 
     @property
     def vision_device(self) -> torch.device:
-        return next(self.vision_tower.parameters()).device
+        return next(self.tower.parameters()).device
 
 
 class ModelAdapter(ABC):

@@ -97,7 +97,7 @@ def load_llava_original(
     else:
         # Quantised weights cannot be cast; the tower and projector can and must match.
         parts = model_parts(model)
-        parts.vision_tower.to(dtype=torch_dtype)
+        parts.tower.to(dtype=torch_dtype)
         parts.projector.to(dtype=torch_dtype)
     model.eval()
     return tokenizer, model, image_processor, context_len

@@ -344,7 +344,7 @@ class StageTimer:
         # wraps() keeps the signature visible: generate() inspects it to decide which
         # inputs (pixel_values) to encode before the prefill and remove from the forward.
         @functools.wraps(original)
-        def timed_get_image_features(*args, **kwargs):
+        def timed_image_encoding(*args, **kwargs):
             self._sync()
             began = time.perf_counter()
             output = original(*args, **kwargs)
@@ -352,7 +352,7 @@ class StageTimer:
             self.vision_s += time.perf_counter() - began
             return output
 
-        self._overrides.set(self._method, timed_get_image_features)
+        self._overrides.set(self._method, timed_image_encoding)
         # Registered after the patch's own projector hook, so it sees the merged count.
         self._hooks = [
             self.model.register_forward_hook(self._on_forward),

@@ -682,7 +682,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
     """The vision and language-model shapes the FLOPs formulas use."""
     config = model.config
     parts = model_parts(model)
-    vision = parts.vision_tower.config
+    vision = parts.tower.config
     shapes = {
         "vision": {
             "hidden": vision.hidden_size,
@@ -698,7 +698,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
         "vision_feature_select_strategy": "default" if parts.drops_class_token else "full",
     }
     counts: dict[str, int] = {}
-    for name, part in (("vision_tower", parts.vision_tower), ("projector", parts.projector)):
+    for name, part in (("vision_tower", parts.tower), ("projector", parts.projector)):
         counts[name] = sum(p.numel() for p in part.parameters())
     counts["language_model"] = sum(p.numel() for p in parts.language_model.parameters())
     if hasattr(model, "lm_head"):
@@ -725,7 +725,7 @@ class StageHooks:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self) -> None:
-        tower, projector = self.parts.vision_tower, self.parts.projector
+        tower, projector = self.parts.tower, self.parts.projector
         self._handles += [
             tower.register_forward_pre_hook(self._stage_start("vision_tower"), prepend=True),
             tower.register_forward_hook(self._stage_end("vision_tower")),

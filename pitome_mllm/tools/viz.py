@@ -11,7 +11,7 @@ Two entry points:
 A merge map paints every group with the mean colour of its patches (or a hashed
 palette), draws group boundaries, and outlines tokens that still hold a single patch
 (protected or not yet merged). Nothing here knows a model family: models are reached
-through `pitome_mllm.patch` and the transformers method ``get_image_features``.
+through `pitome_mllm.patch` and the model's own image encoding (its adapter's `ModelParts`).
 """
 
 from __future__ import annotations

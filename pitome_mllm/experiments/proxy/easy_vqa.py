@@ -213,7 +213,7 @@ def build_mini_llava(spec: MiniLlavaSpec = MiniLlavaSpec(), seed: int = 0):
         identity_projector=False,
         seed=seed,
     )
-    model_parts(model).vision_tower.requires_grad_(False)
+    model_parts(model).tower.requires_grad_(False)
     return model, processor
 
 
@@ -221,7 +221,7 @@ def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[B, 3, 224, 224]`` -> ``[B, 256, 384]``: LLaVA's view of the tower (layer -2, CLS dropped)."""
     parts = model_parts(model)
     with torch.no_grad():
-        hidden = parts.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = parts.tower(pixel_values, output_hidden_states=True).hidden_states
     return hidden[parts.feature_layer][:, 1:]
 
 
@@ -387,7 +387,7 @@ def train_mini_llava(
     losses: list[float] = []
     validation: list[dict[str, float]] = []
     model.train()
-    model_parts(model).vision_tower.eval()  # frozen: no dropout, whatever train() set
+    model_parts(model).tower.eval()  # frozen: no dropout, whatever train() set
     step = 0
     with tqdm(total=total_steps, desc="training mini-LLaVA", unit="step") as progress:
         for epoch in range(settings.epochs):
