@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import pitome_mllm
 from pitome_mllm.assets import load_image
 from pitome_mllm.testing.tiny import DEMO_SPEC, TEST_SPEC, TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 
@@ -54,3 +55,12 @@ def images():
 def fake_launcher() -> list[str]:
     """`fake_lmms_eval.py` in place of ``python -m lmms_eval``, for sweep tests."""
     return [sys.executable, str(Path(__file__).parent / "fake_lmms_eval.py")]
+
+
+def unpatch_fixture_models(request, *names: str) -> None:
+    """Unpatch the models of the fixtures ``names`` that a failing test may have left patched."""
+    for name in names:
+        if name in request.fixturenames:
+            handle = pitome_mllm.get_patch(request.getfixturevalue(name)[0])
+            if handle is not None:
+                handle.unpatch()

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
@@ -22,10 +23,7 @@ PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 def _unpatch_shared_model(request):
     """A test that fails while patched must not leave a patch on the module-scoped model."""
     yield
-    if "tiny_llava" in request.fixturenames:
-        handle = pitome_mllm.get_patch(request.getfixturevalue("tiny_llava")[0])
-        if handle is not None:
-            handle.unpatch()
+    unpatch_fixture_models(request, "tiny_llava")
 
 
 def encode(processor, images, text=PROMPT):

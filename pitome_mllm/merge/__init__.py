@@ -8,6 +8,7 @@
 torch.Size([2, 520, 1024])
 """
 
+from .budget import apply_merge, decide_merge, merge_to_budget
 from .energy import ENERGY_KINDS, energy_score, margin_for_layer
 from .pitome import pitome
 from .plan import REDUCE_MODES, Merge, identity_merge, source_matrix
@@ -17,10 +18,13 @@ __all__ = [
     "ENERGY_KINDS",
     "REDUCE_MODES",
     "Merge",
+    "apply_merge",
     "bipartite_soft_matching",
+    "decide_merge",
     "energy_score",
     "identity_merge",
     "margin_for_layer",
+    "merge_to_budget",
     "pitome",
     "source_matrix",
 ]
