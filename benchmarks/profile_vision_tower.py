@@ -40,8 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pitome_mllm.testing.architectures import build_arch
     from pitome_mllm.cli.profile import resolve_device
+    from pitome_mllm.testing.architectures import build_arch
     from pitome_mllm.tools.profiling import ProfileSettings, plan_runs, profile, publish_report
 
     args = parse_args(argv)
