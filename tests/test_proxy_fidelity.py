@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from pitome_mllm.cli import main
 from pitome_mllm.experiments.proxy import fidelity
 from pitome_mllm.testing.real_tower import is_available
 
@@ -190,7 +191,7 @@ def test_tiny_run_on_the_real_tower(tmp_path, monkeypatch):
     output = tmp_path / "out"
     argv = "--dataset digits --train 30 --test 12 --budgets 32 --settings none,pitome_reference,random,pool"
     argv += f" --spectral-images 2 --threads 1 --no-progress --output {output}"
-    assert fidelity.main(argv.split()) == 0
+    assert main(["proxy", "fidelity", *argv.split()]) == 0
 
     for suffix in ("json", "md", "csv", "png"):
         assert (output / f"fidelity.{suffix}").stat().st_size > 0

@@ -20,8 +20,8 @@ import pytest
 
 from pitome_mllm import cli
 from pitome_mllm.experiments.sweep import RESULT_FILE, aggregate, load_suite, run_dir, run_suite
-from pitome_mllm.experiments.sweep_process import LOCK_FILE, failure_signature, repeated_failure
-from pitome_mllm.experiments.sweep_suite import LOADER_ARGS, SuiteError
+from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure
+from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SUITE = REPO / "eval" / "suites" / "smoke.yaml"

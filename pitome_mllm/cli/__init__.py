@@ -15,7 +15,7 @@ import sys
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.cli.schedule",
-    "sweep": "pitome_mllm.experiments.sweep",
+    "sweep": "pitome_mllm.cli.sweep",
     "profile": "pitome_mllm.cli.profile",
     "demo": "pitome_mllm.cli.demo",
     "chat": "pitome_mllm.cli.chat",

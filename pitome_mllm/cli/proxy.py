@@ -6,31 +6,156 @@
   through lmms-eval with every method and budget; `pitome_mllm.experiments.proxy.vqa`.
 
 Both need the proxy extra: ``pip install -e '.[proxy]'`` (and, for Fashion-MNIST, the Debian
-package ``dataset-fashion-mnist``).
+package ``dataset-fashion-mnist``). The proxies import torch, so their modules load only when a
+proxy is chosen.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from ..runtime.terminal import add_list_argument
 
 HELP = "CPU proxy benchmarks on a real pretrained ViT: feature fidelity and a mini-LLaVA on easy-VQA"
-# proxy subcommand -> module with HELP, add_arguments(parser) and run(args)
-PROXIES = {
-    "fidelity": "pitome_mllm.experiments.proxy.fidelity",
-    "vqa": "pitome_mllm.experiments.proxy.vqa",
-}
+FIDELITY_HELP = (
+    "feature fidelity of every token-reduction method on the real DINOv2 tower (probe, cosines, spectral distance)"
+)
+VQA_HELP = "easy-VQA proxy: train (or reuse) a mini-LLaVA on the real DINOv2 tower, evaluate every method x budget"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     subparsers = parser.add_subparsers(dest="proxy", metavar="PROXY", required=True)
-    for name, module_name in PROXIES.items():
-        module = importlib.import_module(module_name)
-        help_text = getattr(module, "HELP", module.__doc__.strip().splitlines()[0])
+    for name, help_text, add, run_proxy in (
+        ("fidelity", FIDELITY_HELP, add_fidelity_arguments, run_fidelity),
+        ("vqa", VQA_HELP, add_vqa_arguments, run_vqa),
+    ):
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(_proxy_run=module.run)
+        add(sub)
+        sub.set_defaults(_proxy_run=run_proxy)
 
 
 def run(args: argparse.Namespace) -> int:
     return int(args._proxy_run(args) or 0)
+
+
+def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..experiments.proxy.fidelity import DATASETS, DEFAULT_BUDGETS, DEFAULT_OUTPUT, DEFAULT_SETTINGS, SETTINGS
+
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
+    parser.add_argument("--train", type=int, default=600, help="training images of the linear probe (default 600)")
+    parser.add_argument("--test", type=int, default=300, help="test images scored per setting (default 300)")
+    add_list_argument(
+        parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets (default: 128 64 32)"
+    )
+    add_list_argument(
+        parser, "--settings", default=list(DEFAULT_SETTINGS), help=f"settings (default: all): {', '.join(SETTINGS)}"
+    )
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--spectral-images", type=int, default=50, help="test images scored for SD (default 50)")
+    parser.add_argument("--batch-size", type=int, default=20, help="images per forward (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random setting (default 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_fidelity(args: argparse.Namespace) -> int:
+    from ..experiments.proxy.fidelity import STEM, markdown_table, run_fidelity
+
+    rows = run_fidelity(
+        dataset=args.dataset,
+        train=args.train,
+        test=args.test,
+        budgets=args.budgets,
+        settings=args.settings,
+        output=args.output,
+        spectral_images=args.spectral_images,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(markdown_table(rows))
+    print(f"wrote {Path(args.output) / STEM}.{{json,md,csv,png}}")
+    return 0
+
+
+def add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..experiments.proxy import easy_vqa
+    from ..experiments.proxy.vqa import DEFAULT_BUDGETS, DEFAULT_SETTINGS, SETTINGS
+
+    parser.add_argument("--output", default="proxy_results/vqa", help="folder of the sweep and the report")
+    add_list_argument(
+        parser,
+        "--settings",
+        default=list(DEFAULT_SETTINGS),
+        help=f"settings, or 'all' (default: {' '.join(DEFAULT_SETTINGS)}); all: {', '.join(SETTINGS)}",
+    )
+    add_list_argument(parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets per image")
+    parser.add_argument("--limit", type=int, default=300, help=f"test questions per run (of {easy_vqa.TASK_ROWS})")
+    parser.add_argument("--batch-size", type=int, default=16, help="lmms-eval batch size")
+    parser.add_argument("--checkpoint", help="trained mini-LLaVA folder (default: trained once, cached)")
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=easy_vqa.TrainSettings.train_images,
+        help="training images (of 4000; every question on them is used)",
+    )
+    parser.add_argument("--epochs", type=int, default=easy_vqa.TrainSettings.epochs, help="training epochs")
+    parser.add_argument("--seed", type=int, default=easy_vqa.TrainSettings.seed, help="training seed")
+    parser.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint exists")
+    parser.add_argument("--train-only", action="store_true", help="train (or find) the checkpoint and stop")
+    parser.add_argument("--include-path", help="folder holding the easy_vqa lmms-eval task (default: eval/tasks)")
+
+
+def run_vqa(args: argparse.Namespace) -> int:
+    from ..experiments import sweep
+    from ..experiments.proxy import easy_vqa
+    from ..experiments.proxy.vqa import NUM_PATCHES, SETTINGS, TASK, default_task_folder, write_report, write_suite
+    from ..tools.profiling import machine_info
+
+    if args.settings == ["all"]:
+        args.settings = list(SETTINGS)
+    unknown = [name for name in args.settings if name not in SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
+    bad = [budget for budget in args.budgets if not 1 <= budget < NUM_PATCHES]
+    if bad:
+        raise ValueError(f"budgets must be in [1, {NUM_PATCHES - 1}] (the tower gives {NUM_PATCHES}), got {bad}")
+    if not 1 <= args.limit <= easy_vqa.TASK_ROWS:
+        raise ValueError(f"--limit must be in [1, {easy_vqa.TASK_ROWS}], got {args.limit}")
+    include_path = Path(args.include_path) if args.include_path else default_task_folder()
+    if not (include_path / TASK / f"{TASK}.yaml").is_file():
+        raise FileNotFoundError(f"no {TASK} task under {include_path}; pass --include-path PATH/TO/eval/tasks")
+    output = Path(args.output)
+    started = time.perf_counter()
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+        if not (checkpoint / "config.json").is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint} holds no saved model (config.json)")
+    else:
+        settings = easy_vqa.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=args.seed)
+        checkpoint = easy_vqa.train_mini_llava(settings=settings, force=args.retrain)
+    record_path = checkpoint / easy_vqa.CHECKPOINT_FILE
+    training = json.loads(record_path.read_text()) if record_path.exists() else {}
+    print(f"mini-LLaVA checkpoint: {checkpoint}")
+    if args.train_only:
+        return 0
+    suite_path = write_suite(output / "suite.yaml", args.settings, args.budgets, include_path, args.batch_size)
+    outcome = sweep.run_suite(sweep.load_suite(suite_path), str(checkpoint), output, limit=args.limit)
+    sweep.print_outcome(outcome)
+    extra = {
+        "checkpoint": str(checkpoint),
+        "training": {key: value for key, value in training.items() if key != "loss_per_step"},
+        "limit": args.limit,
+        "machine": machine_info("cpu"),
+        "wall_seconds_this_call": round(time.perf_counter() - started, 1),
+        "command": " ".join(sys.argv),
+    }
+    paths = write_report(output, extra)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return 1 if outcome["failed"] else 0

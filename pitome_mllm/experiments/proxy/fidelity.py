@@ -41,7 +41,6 @@ seed skips it. Unmerged training and test features are cached under
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import io
@@ -49,7 +48,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,7 +61,6 @@ from ...tools.profiling import machine_info
 
 logger = logging.getLogger("pitome_mllm")
 
-HELP = "feature fidelity of every token-reduction method on the real DINOv2 tower (probe, cosines, spectral distance)"
 
 DATASETS = ("fashion-mnist", "digits")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -818,59 +815,3 @@ def run_fidelity(
     atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     write_reports(output, rows, dataset)
     return sorted_rows(rows)
-
-
-# ------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...runtime.terminal import add_list_argument
-
-    parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
-    parser.add_argument("--train", type=int, default=600, help="training images of the linear probe (default 600)")
-    parser.add_argument("--test", type=int, default=300, help="test images scored per setting (default 300)")
-    add_list_argument(
-        parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets (default: 128 64 32)"
-    )
-    add_list_argument(
-        parser, "--settings", default=list(DEFAULT_SETTINGS), help=f"settings (default: all): {', '.join(SETTINGS)}"
-    )
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"results folder (default {DEFAULT_OUTPUT})")
-    parser.add_argument("--spectral-images", type=int, default=50, help="test images scored for SD (default 50)")
-    parser.add_argument("--batch-size", type=int, default=20, help="images per forward (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random setting (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run(args: argparse.Namespace) -> int:
-    rows = run_fidelity(
-        dataset=args.dataset,
-        train=args.train,
-        test=args.test,
-        budgets=args.budgets,
-        settings=args.settings,
-        output=args.output,
-        spectral_images=args.spectral_images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
-    print(markdown_table(rows))
-    print(f"wrote {Path(args.output) / STEM}.{{json,md,csv,png}}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pitome_mllm.experiments.proxy.fidelity", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

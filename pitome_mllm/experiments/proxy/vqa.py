@@ -12,19 +12,14 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...config import PiToMeConfig
-from . import easy_vqa
 
-HELP = "easy-VQA proxy: train (or reuse) a mini-LLaVA on the real DINOv2 tower, evaluate every method x budget"
 TASK = "easy_vqa"
 METRIC = "accuracy,none"
 KIND_COLUMNS = {"shape": "shape_accuracy,none", "color": "color_accuracy,none", "yes/no": "yes_no_accuracy,none"}
@@ -337,79 +332,3 @@ def write_report(output: Path, extra: dict[str, Any]) -> dict[str, Path]:
     paths["json"].write_text(json.dumps({**extra, "rows": stored}, indent=1) + "\n")
     plot_report(rows, paths["png"])
     return paths
-
-
-# ------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ...runtime.terminal import add_list_argument
-
-    parser.add_argument("--output", default="proxy_results/vqa", help="folder of the sweep and the report")
-    add_list_argument(
-        parser,
-        "--settings",
-        default=list(DEFAULT_SETTINGS),
-        help=f"settings, or 'all' (default: {' '.join(DEFAULT_SETTINGS)}); all: {', '.join(SETTINGS)}",
-    )
-    add_list_argument(parser, "--budgets", int, default=list(DEFAULT_BUDGETS), help="visual-token budgets per image")
-    parser.add_argument("--limit", type=int, default=300, help=f"test questions per run (of {easy_vqa.TASK_ROWS})")
-    parser.add_argument("--batch-size", type=int, default=16, help="lmms-eval batch size")
-    parser.add_argument("--checkpoint", help="trained mini-LLaVA folder (default: trained once, cached)")
-    parser.add_argument(
-        "--train-images",
-        type=int,
-        default=easy_vqa.TrainSettings.train_images,
-        help="training images (of 4000; every question on them is used)",
-    )
-    parser.add_argument("--epochs", type=int, default=easy_vqa.TrainSettings.epochs, help="training epochs")
-    parser.add_argument("--seed", type=int, default=easy_vqa.TrainSettings.seed, help="training seed")
-    parser.add_argument("--retrain", action="store_true", help="train again even if a cached checkpoint exists")
-    parser.add_argument("--train-only", action="store_true", help="train (or find) the checkpoint and stop")
-    parser.add_argument("--include-path", help="folder holding the easy_vqa lmms-eval task (default: eval/tasks)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ...tools.profiling import machine_info
-    from .. import sweep
-
-    if args.settings == ["all"]:
-        args.settings = list(SETTINGS)
-    unknown = [name for name in args.settings if name not in SETTINGS]
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}; allowed: {', '.join(SETTINGS)}")
-    bad = [budget for budget in args.budgets if not 1 <= budget < NUM_PATCHES]
-    if bad:
-        raise ValueError(f"budgets must be in [1, {NUM_PATCHES - 1}] (the tower gives {NUM_PATCHES}), got {bad}")
-    if not 1 <= args.limit <= easy_vqa.TASK_ROWS:
-        raise ValueError(f"--limit must be in [1, {easy_vqa.TASK_ROWS}], got {args.limit}")
-    include_path = Path(args.include_path) if args.include_path else default_task_folder()
-    if not (include_path / TASK / f"{TASK}.yaml").is_file():
-        raise FileNotFoundError(f"no {TASK} task under {include_path}; pass --include-path PATH/TO/eval/tasks")
-    output = Path(args.output)
-    started = time.perf_counter()
-    if args.checkpoint:
-        checkpoint = Path(args.checkpoint)
-        if not (checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {checkpoint} holds no saved model (config.json)")
-    else:
-        settings = easy_vqa.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=args.seed)
-        checkpoint = easy_vqa.train_mini_llava(settings=settings, force=args.retrain)
-    record_path = checkpoint / easy_vqa.CHECKPOINT_FILE
-    training = json.loads(record_path.read_text()) if record_path.exists() else {}
-    print(f"mini-LLaVA checkpoint: {checkpoint}")
-    if args.train_only:
-        return 0
-    suite_path = write_suite(output / "suite.yaml", args.settings, args.budgets, include_path, args.batch_size)
-    outcome = sweep.run_suite(sweep.load_suite(suite_path), str(checkpoint), output, limit=args.limit)
-    sweep._print_outcome(outcome)
-    extra = {
-        "checkpoint": str(checkpoint),
-        "training": {key: value for key, value in training.items() if key != "loss_per_step"},
-        "limit": args.limit,
-        "machine": machine_info("cpu"),
-        "wall_seconds_this_call": round(time.perf_counter() - started, 1),
-        "command": " ".join(sys.argv),
-    }
-    paths = write_report(output, extra)
-    print(paths["md"].read_text())
-    print("wrote " + ", ".join(str(path) for path in paths.values()))
-    return 1 if outcome["failed"] else 0
