@@ -17,6 +17,7 @@ tokens decoded with a KV cache); only full-attention layers (key offset 0) are s
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,11 +185,20 @@ def cached_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+@functools.cache
+def mask_sizes_take_positions(cache_class: type) -> bool:
+    """Whether ``cache_class.get_mask_sizes`` takes ``cache_position`` (4.57) rather than a query length (5.x).
+
+    Asked once per cache class: the answer is needed in every attention call of every layer.
+    """
+    return "cache_position" in inspect.signature(cache_class.get_mask_sizes).parameters
+
+
 def call_kv_length(cache, layer_idx: int, q_length: int) -> int:
     """Keys an attention call will see, read from the cache before the layer updates it."""
     if cache is None:
         return q_length
-    if "cache_position" in inspect.signature(cache.get_mask_sizes).parameters:
+    if mask_sizes_take_positions(type(cache)):
         # transformers 4.57: get_mask_sizes(cache_position, layer_idx) reads only the positions' count.
         kv_length, kv_offset = cache.get_mask_sizes(torch.arange(q_length), layer_idx)
     else:  # transformers 5.x: get_mask_sizes(query_length, layer_idx)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.compat import transformers_version
 from .architecture_specs import (  # noqa: F401  (re-exported: the shapes belong with their builders)
     ARCHITECTURES,
     CLIP_L_336,
@@ -228,13 +229,14 @@ def _recompute_buffers(model: nn.Module) -> None:
                 for buffer in buffers:
                     buffer.__dict__.pop("_is_hf_initialized", None)
                 sub_model._init_weights(module)
-                _recompute_buffers_4x(module)
+                if transformers_version()[0] < 5:
+                    _recompute_buffers_4x(module)
 
 
 @torch.no_grad()
 def _recompute_buffers_4x(module: nn.Module) -> None:
     """transformers 4.57's ``_init_weights`` leaves non-persistent buffers alone: recompute the two kinds a
-    LLaVA has (CLIP's position ids, Llama's rotary frequencies). On 5.x they are already right."""
+    LLaVA has (CLIP's position ids, Llama's rotary frequencies); 5.x's ``_init_weights`` computes them."""
     position_ids = getattr(module, "position_ids", None)
     if isinstance(position_ids, torch.Tensor):
         position_ids.copy_(torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids))
