@@ -54,6 +54,9 @@ PRESET_SCHEDULES = {
     "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy=PRESET_ENERGY["reference"]),
     "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy=PRESET_ENERGY["paper"]),
     "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["pure"]),
+    # The tower stays unmerged under "mllm" (config refuses keep_ratio < 1); this entry only
+    # keeps schedule listings over every preset working.
+    "mllm": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["mllm"]),
 }
 
 
