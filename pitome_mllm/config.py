@@ -178,6 +178,7 @@ class PiToMeConfig:
                     f"method={self.method!r} leaves the vision tower unmerged: keep_ratio must be None or 1.0, "
                     f"got {self.keep_ratio}"
                 )
+        self._validate_select_merge()
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         self.seed = int(self.seed)
@@ -197,7 +198,6 @@ class PiToMeConfig:
             setattr(self, name, float(value) if not isinstance(value, int) else value)
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        self._validate_select_merge()
 
     def _validate_select_merge(self) -> None:
         """The ``mllm`` preset's constraints, and ``energy_share`` only where it means something."""
