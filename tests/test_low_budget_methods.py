@@ -20,7 +20,6 @@ from conftest import unpatch_fixture_models
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
 from pitome_mllm.merge.energy import energy_score
-from pitome_mllm.models import model_parts
 from pitome_mllm.merge.select import (
     conditional_kernel,
     dpp_greedy_map,
@@ -32,6 +31,7 @@ from pitome_mllm.merge.select import (
     select_then_merge,
     top_indices,
 )
+from pitome_mllm.models import model_parts
 from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_siglip_llava
 
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
@@ -289,7 +289,9 @@ def test_mllm_energy_share_zero_keeps_what_fastervlm_keeps(tiny_llava, images):
     with pitome_mllm.patched(model, processor, method="fastervlm", target_tokens=9) as handle:
         image_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
         fastervlm_map = handle.final_token_map.clone()
-    with pitome_mllm.patched(model, processor, method="pitome", preset="mllm", target_tokens=9, energy_share=0.0) as handle:
+    with pitome_mllm.patched(
+        model, processor, method="pitome", preset="mllm", target_tokens=9, energy_share=0.0
+    ) as handle:
         image_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
         mllm_map = handle.final_token_map
     kept = fastervlm_map >= 0
@@ -322,8 +324,17 @@ def test_mllm_energy_share_zero_keeps_what_fastervlm_keeps(tiny_llava, images):
             r"preset='mllm' leaves the tower unmerged, so prop_attn=True would do nothing",
         ),
     ],
-    ids=["over_budget", "no_budget", "keep_ratio", "mllm_no_budget", "mllm_tome", "mllm_keep_ratio",
-         "share_range", "share_other_preset", "mllm_prop_attn"],  # fmt: skip
+    ids=[
+        "over_budget",
+        "no_budget",
+        "keep_ratio",
+        "mllm_no_budget",
+        "mllm_tome",
+        "mllm_keep_ratio",
+        "share_range",
+        "share_other_preset",
+        "mllm_prop_attn",
+    ],  # fmt: skip
 )
 def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, settings, message):
     model, processor = tiny_llava
@@ -335,7 +346,10 @@ def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, s
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"method": "fastervlm"}, r"method='fastervlm' ranks patches by the class token's attention; .* no class token"),
+        (
+            {"method": "fastervlm"},
+            r"method='fastervlm' ranks patches by the class token's attention; .* no class token",
+        ),
         ({"method": "pitome", "preset": "mllm"}, r"preset='mllm' ranks patches by the class token's attention"),
     ],
     ids=["fastervlm", "mllm"],

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pitome_mllm.config import PiToMeConfig
-
 from pitome_mllm import cli
+from pitome_mllm.config import PiToMeConfig
 from pitome_mllm.experiments.sweep import (
     RESULT_FILE,
     aggregate,

@@ -404,9 +404,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
 
     def _instruction_source(self) -> PromptInstructions:
         # Called while the base class builds the selection stage (before __init__ above finishes).
-        self.prompt_instructions = PromptInstructions(
-            self.model, llava_core(self.model), self.config.target_tokens
-        )
+        self.prompt_instructions = PromptInstructions(self.model, llava_core(self.model), self.config.target_tokens)
         return self.prompt_instructions
 
     # ------------------------------------------------------------ LLM attention
