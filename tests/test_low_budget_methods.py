@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import unpatch_fixture_models
+from conftest import one_torch_thread, pitome_leftovers, placeholder_counts, prefill_features, unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
@@ -32,7 +32,7 @@ from pitome_mllm.merge.select import (
     top_indices,
 )
 from pitome_mllm.models import model_parts
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_siglip_llava
+from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava_next, build_tiny_siglip_llava
 
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
 NEW_METHODS = (
@@ -48,53 +48,13 @@ NUM_PATCHES = TEST_SPEC.num_patches  # 64
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_no_leftover_patch(request):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
     unpatch_fixture_models(request, "tiny_llava")
 
 
 def encode(processor, images, prompts):
     return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
-
-
-def placeholder_counts(processor, inputs) -> list[int]:
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
-
-
-def image_features(model, inputs) -> torch.Tensor:
-    """``[images * K, D]``: what one forward scatters into the image placeholders."""
-    llava = model.model
-    original = llava.get_placeholder_mask
-    seen: list[torch.Tensor] = []
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["image_features"].detach().clone())
-        return original(*args, **kwargs)
-
-    llava.get_placeholder_mask = recording
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        del llava.get_placeholder_mask
-    assert len(seen) == 1
-    return seen[0]
-
-
-def leftovers(model) -> list[str]:
-    """Modules still carrying an instance forward / generate or a hook from this library."""
-
-    def ours(function) -> bool:
-        return (getattr(function, "__module__", None) or "").startswith("pitome_mllm")
-
-    left = []
-    for name, module in model.named_modules():
-        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if any(ours(module.__dict__.get(attribute)) for attribute in ("forward", "generate")) or any(map(ours, hooks)):
-            left.append(name)
-    return left
 
 
 # ------------------------------------------------------------------------------------------- budgets
@@ -111,7 +71,7 @@ def test_each_method_lands_exactly_on_its_budget(tiny_llava, images, settings, b
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
-        assert image_features(model, inputs).shape[0] == 2 * budget
+        assert prefill_features(model, inputs).shape[0] == 2 * budget
         token_map = handle.final_token_map
         assert token_map.shape == (2, NUM_PATCHES)
         for row in token_map:
@@ -128,10 +88,10 @@ def test_batch_equals_each_image_alone_with_its_own_prompt(tiny_llava, images, s
     pair = (images["astronaut"], images["chelsea"])
     budget = 16
     with pitome_mllm.patched(model, processor, target_tokens=budget, **settings) as handle:
-        batch = image_features(model, encode(processor, pair, PROMPTS)).view(2, budget, -1)
+        batch = prefill_features(model, encode(processor, pair, PROMPTS)).view(2, budget, -1)
         batch_map = handle.final_token_map.clone()
         for item in range(2):
-            alone = image_features(model, encode(processor, [pair[item]], [PROMPTS[item]]))
+            alone = prefill_features(model, encode(processor, [pair[item]], [PROMPTS[item]]))
             assert torch.equal(handle.final_token_map[0], batch_map[item])
             torch.testing.assert_close(alone, batch[item], rtol=1e-5, atol=1e-5)
 
@@ -148,7 +108,7 @@ def test_keeping_every_patch_reproduces_the_unpatched_model_bit_for_bit(tiny_lla
         with torch.no_grad():
             assert torch.equal(model(**patched_inputs).logits, reference)
         assert torch.equal(handle.final_token_map, torch.arange(NUM_PATCHES).expand(2, -1))
-    assert leftovers(model) == []
+    assert pitome_leftovers(model) == []
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reference)
 
@@ -182,7 +142,7 @@ def test_fastervlm_keeps_the_patches_the_class_token_attends_to_most(tiny_llava,
     inputs = encode(processor, (images["astronaut"], images["coffee"]), PROMPTS)
     patches, attention, _ = unpatched_vision(model, inputs["pixel_values"])
     with pitome_mllm.patched(model, processor, method="fastervlm", target_tokens=10) as handle:
-        features = image_features(model, encode(processor, (images["astronaut"], images["coffee"]), PROMPTS))
+        features = prefill_features(model, encode(processor, (images["astronaut"], images["coffee"]), PROMPTS))
         token_map = handle.final_token_map
     for item in range(2):
         kept = attention[item].argsort(descending=True, stable=True)[:10].sort().values
@@ -198,7 +158,7 @@ def test_visionzip_is_the_dominant_method(tiny_llava, images):
     for method in ("dominant", "visionzip"):
         with pitome_mllm.patched(model, processor, method=method, target_tokens=16) as handle:
             inputs = encode(processor, (images["astronaut"],), PROMPTS[:1])
-            outputs[method] = (image_features(model, inputs), handle.final_token_map.clone())
+            outputs[method] = (prefill_features(model, inputs), handle.final_token_map.clone())
     assert torch.equal(outputs["dominant"][0], outputs["visionzip"][0])
     assert torch.equal(outputs["dominant"][1], outputs["visionzip"][1])
 
@@ -211,7 +171,7 @@ def test_divprune_selects_the_farthest_points_of_the_projected_tokens(tiny_llava
         projected = model.model.multi_modal_projector(patches)
     kept = farthest_point_indices(projected, 12)[0]
     with pitome_mllm.patched(model, processor, method="divprune", target_tokens=12) as handle:
-        features = image_features(model, encode(processor, (images["chelsea"],), PROMPTS[:1]))
+        features = prefill_features(model, encode(processor, (images["chelsea"],), PROMPTS[:1]))
         assert torch.equal((handle.final_token_map[0] >= 0).nonzero().flatten(), kept)
     torch.testing.assert_close(features, projected[0, kept], rtol=1e-5, atol=1e-6)
 
@@ -238,7 +198,7 @@ def test_cdpruner_conditions_on_the_text_tokens_of_each_images_prompt(tiny_llava
         with torch.no_grad():
             model.generate(**patched_inputs, max_new_tokens=1, do_sample=False)  # images encoded before prefill
         generate_map = handle.final_token_map.clone()
-        image_features(model, patched_inputs)  # a plain forward
+        prefill_features(model, patched_inputs)  # a plain forward
         for token_map in (generate_map, handle.final_token_map):
             for item in range(2):
                 assert torch.equal((token_map[item] >= 0).nonzero().flatten(), expected[item])
@@ -252,7 +212,7 @@ def test_cdpruner_refuses_images_that_come_without_a_prompt(tiny_llava, images):
         message = r"method='cdpruner' .* came without one \(pixel values only.*call the model's forward or generate"
         with pytest.raises(ValueError, match=message):
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
-        image_features(model, patched_inputs)
+        prefill_features(model, patched_inputs)
         with pytest.raises(ValueError, match=message):  # no prompt is left over from the forward
             model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
@@ -268,7 +228,7 @@ def test_mllm_keeps_isolated_and_attended_patches_and_merges_the_rest(tiny_llava
     config = PiToMeConfig(method="pitome", preset="mllm", target_tokens=12)
     assert config.energy_share == 0.5 and config.metric == "keys_mean" and config.reduce == "size_weighted"
     with pitome_mllm.patched(model, processor, config) as handle:
-        features = image_features(model, encode(processor, (images["astronaut"],), PROMPTS[:1]))
+        features = prefill_features(model, encode(processor, (images["astronaut"],), PROMPTS[:1]))
         token_map = handle.final_token_map[0]
         sizes = handle.final_size[0, :, 0]
     by_energy = token_energy[0].argsort(stable=True)[:6]
@@ -287,12 +247,12 @@ def test_mllm_keeps_isolated_and_attended_patches_and_merges_the_rest(tiny_llava
 def test_mllm_energy_share_zero_keeps_what_fastervlm_keeps(tiny_llava, images):
     model, processor = tiny_llava
     with pitome_mllm.patched(model, processor, method="fastervlm", target_tokens=9) as handle:
-        image_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
+        prefill_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
         fastervlm_map = handle.final_token_map.clone()
     with pitome_mllm.patched(
         model, processor, method="pitome", preset="mllm", target_tokens=9, energy_share=0.0
     ) as handle:
-        image_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
+        prefill_features(model, encode(processor, (images["coffee"], images["chelsea"]), PROMPTS))
         mllm_map = handle.final_token_map
     kept = fastervlm_map >= 0
     assert torch.equal(mllm_map[kept], fastervlm_map[kept])
@@ -340,7 +300,7 @@ def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, s
     model, processor = tiny_llava
     with pytest.raises(ValueError, match=message):
         pitome_mllm.patch(model, processor, **settings)
-    assert pitome_mllm.get_patch(model) is None and leftovers(model) == []
+    assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
 
 
 @pytest.mark.parametrize(
@@ -354,11 +314,20 @@ def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, s
     ],
     ids=["fastervlm", "mllm"],
 )
+def test_llava_next_refuses_the_mllm_preset():
+    model, processor = build_tiny_llava_next()
+    with pytest.raises(ValueError, match=r"preset='mllm' .* supported presets here: reference, paper, pure"):
+        pitome_mllm.patch(model, processor, method="pitome", preset="mllm", target_tokens=16)
+    with pytest.raises(ValueError, match=r"method='cdpruner' is not supported on LLaVA-NeXT"):
+        pitome_mllm.patch(model, processor, method="cdpruner", target_tokens=16)
+    assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
+
+
 def test_class_token_methods_are_refused_on_a_tower_without_one(settings, message):
     model, processor = build_tiny_siglip_llava()
     with pytest.raises(ValueError, match=message):
         pitome_mllm.patch(model, processor, target_tokens=16, **settings)
-    assert pitome_mllm.get_patch(model) is None and leftovers(model) == []
+    assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
     with pitome_mllm.patched(model, processor, method="divprune", target_tokens=16) as handle:  # no class token needed
         assert handle.num_visual_tokens == 16
 
