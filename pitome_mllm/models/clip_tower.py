@@ -16,7 +16,7 @@ from torch import nn
 from ..config import SELECTION_METHODS, PiToMeConfig
 from ..hooks.base import undone_on_error
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
-from ..hooks.tower import MergeSettings, PatchState, TowerMerger
+from ..hooks.tower import KeySource, MergeSettings, PatchState, TowerMerger
 from ..merge.select import pool_grid, square_grid
 from ..schedule import LayerStep, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
@@ -68,10 +68,10 @@ def clip_query_key_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, 
     return attention.q_proj, attention.k_proj, attention.num_heads
 
 
-def clip_key_projection(layer: nn.Module) -> tuple[nn.Module, int]:
+def clip_key_projection(layer: nn.Module) -> KeySource:
     """A CLIP encoder layer's key projection and its number of heads."""
     attention = layer.self_attn
-    return attention.k_proj, attention.num_heads
+    return KeySource(attention.k_proj, attention.num_heads)
 
 
 def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
