@@ -176,6 +176,27 @@ def vllm_parts(model: nn.Module) -> ModelParts:
     )
 
 
+def check_embedding_counts(embeddings, expected: int) -> None:
+    """Raise unless every image's embeddings number ``expected`` (the placeholders its prompt holds).
+
+    Args:
+        embeddings: ``[num_images, K, D]`` or a sequence of ``[K_i, D]``.
+        expected: the placeholders per image that prompt processing emitted.
+
+    Raises:
+        RuntimeError: naming the image, both counts, and why it matters.
+    """
+    for index, image_embeddings in enumerate(embeddings):
+        count = image_embeddings.shape[0]
+        if count != expected:
+            raise RuntimeError(
+                f"pitome_mllm: image {index} produced {count} visual embeddings, but its prompt holds {expected} "
+                "placeholders; vLLM would drop the surplus (or fail on too few), so the answer would not see the "
+                "image it was given. The merge schedule and the prompt count disagree: report this with the "
+                "hf_overrides used"
+            )
+
+
 class VllmLlavaAdapter(ClipTowerAdapter):
     """Merges inside vLLM's LLaVA-1.5 (built by vLLM, before its weights load).
 
@@ -208,6 +229,7 @@ class VllmLlavaAdapter(ClipTowerAdapter):
 
 __all__ = [
     "VllmLlavaAdapter",
+    "check_embedding_counts",
     "check_vllm_config",
     "config_geometry",
     "is_vllm_llava",

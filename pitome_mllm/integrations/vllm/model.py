@@ -30,7 +30,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ... import api
 from ...models.clip_tower import TowerBudget
-from ...models.vllm_llava import planned_budget
+from ...models.vllm_llava import check_embedding_counts, planned_budget
 from . import CONFIG_KEY, pitome_settings
 
 
@@ -66,27 +66,6 @@ def build_processing_info(ctx) -> LlavaProcessingInfo:
     return info
 
 
-def check_embedding_counts(embeddings, expected: int) -> None:
-    """Raise unless every image's embeddings number ``expected`` (the placeholders its prompt holds).
-
-    Args:
-        embeddings: ``[num_images, K, D]`` or a sequence of ``[K_i, D]``.
-        expected: the placeholders per image that prompt processing emitted.
-
-    Raises:
-        RuntimeError: naming the image, both counts, and why it matters.
-    """
-    for index, image_embeddings in enumerate(embeddings):
-        count = image_embeddings.shape[0]
-        if count != expected:
-            raise RuntimeError(
-                f"pitome_mllm: image {index} produced {count} visual embeddings, but its prompt holds {expected} "
-                "placeholders; vLLM would drop the surplus (or fail on too few), so the answer would not see the "
-                "image it was given. The merge schedule and the prompt count disagree: report this with the "
-                "hf_overrides used"
-            )
-
-
 @MULTIMODAL_REGISTRY.register_processor(
     _build_llava_or_pixtral_hf_processor,
     info=build_processing_info,
@@ -118,5 +97,4 @@ __all__ = [
     "PitomeLlavaForConditionalGeneration",
     "PitomeLlavaProcessingInfo",
     "build_processing_info",
-    "check_embedding_counts",
 ]
