@@ -54,6 +54,7 @@ __all__ = [
     "ONEVISION_TEST_SPEC",
     "SIGLIP_TEST_SPEC",
     "TEST_SPEC",
+    "VLLM_DEMO_SPEC",
     "VLLM_TEST_SPEC",
     "TinyLlavaSpec",
     "build_tiny_llava",
@@ -469,6 +470,8 @@ def rename_tower_weights_to_hub_layout(weights_file: Path) -> None:
 # The smallest shape vLLM's CPU attention serves: head size 32 in the tower and the language
 # model (it refuses 16), 112 px / 14 px patches -> 64 patches + CLS, 6 encoder layers.
 VLLM_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6, vision_heads=2, text_heads=2)
+# LLaVA-1.5's vision geometry (336 px, 24 layers, 576 patches) at head size 32: `pitome-mllm serve tiny`.
+VLLM_DEMO_SPEC = TinyLlavaSpec(vision_heads=2, text_heads=2)
 
 
 # --------------------------------------------------------------------------------------------------
