@@ -303,6 +303,15 @@ def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, s
     assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
 
 
+def test_llava_next_refuses_the_mllm_preset():
+    model, processor = build_tiny_llava_next()
+    with pytest.raises(ValueError, match=r"preset='mllm' .* supported presets here: reference, paper, pure"):
+        pitome_mllm.patch(model, processor, method="pitome", preset="mllm", target_tokens=16)
+    with pytest.raises(ValueError, match=r"method='cdpruner' is not supported on LLaVA-NeXT"):
+        pitome_mllm.patch(model, processor, method="cdpruner", target_tokens=16)
+    assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
@@ -314,15 +323,6 @@ def test_configs_a_method_cannot_serve_are_refused_before_patching(tiny_llava, s
     ],
     ids=["fastervlm", "mllm"],
 )
-def test_llava_next_refuses_the_mllm_preset():
-    model, processor = build_tiny_llava_next()
-    with pytest.raises(ValueError, match=r"preset='mllm' .* supported presets here: reference, paper, pure"):
-        pitome_mllm.patch(model, processor, method="pitome", preset="mllm", target_tokens=16)
-    with pytest.raises(ValueError, match=r"method='cdpruner' is not supported on LLaVA-NeXT"):
-        pitome_mllm.patch(model, processor, method="cdpruner", target_tokens=16)
-    assert pitome_mllm.get_patch(model) is None and pitome_leftovers(model) == []
-
-
 def test_class_token_methods_are_refused_on_a_tower_without_one(settings, message):
     model, processor = build_tiny_siglip_llava()
     with pytest.raises(ValueError, match=message):
@@ -451,3 +451,20 @@ def test_select_then_merge_keeps_exactly_the_budget_for_every_share():
         assert all(set(row.tolist()) == set(range(budget)) for row in token_map)
     merged, _ = select_then_merge(features, features, attention, 36, energy_share=0.5, margin=0.3)
     assert torch.equal(merged, features)
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"method": "fastervlm"}, r"method='fastervlm' reads the class token's attention .* fuses into one qkv_proj"),
+        ({"method": "visionzip"}, r"method='visionzip' reads the class token's attention"),
+        ({"method": "pitome", "preset": "mllm"}, r"preset='mllm' reads the class token's attention"),
+        ({"method": "divprune"}, r"method='divprune' decides on the projected tokens .* supported in vLLM: pitome"),
+        ({"method": "cdpruner"}, r"method='cdpruner' decides on the projected tokens \(and cdpruner on the prompt\)"),
+    ],
+)
+def test_the_vllm_plugin_refuses_what_it_cannot_serve_before_building_anything(settings, reason):
+    from pitome_mllm.models.vllm_llava import check_vllm_config
+
+    with pytest.raises(ValueError, match=reason):
+        check_vllm_config(PiToMeConfig(target_tokens=16, **settings))
