@@ -468,3 +468,25 @@ def test_the_vllm_plugin_refuses_what_it_cannot_serve_before_building_anything(s
 
     with pytest.raises(ValueError, match=reason):
         check_vllm_config(PiToMeConfig(target_tokens=16, **settings))
+
+
+def test_the_original_llava_code_runs_the_selection_methods_and_refuses_cdpruner(tmp_path, images):
+    pytest.importorskip("llava", reason="the original LLaVA code is not installed (pip install --no-deps llava-torch)")
+    from pitome_mllm.runtime import llava_original as original_runtime
+    from pitome_mllm.testing import tiny_llava_original as original_tiny
+
+    model, tokenizer, image_processor = original_tiny.build_tiny_llava_original(tmp_path)
+    input_ids = original_runtime.tokenize_prompt(original_runtime.build_prompt([("What is this?", None)]), tokenizer)
+    pixels = original_runtime.prepare_images([images["chelsea"]], image_processor, model)
+    with torch.no_grad():
+        reference = model(input_ids=input_ids[None], images=pixels).logits
+    for settings in ({"method": "fastervlm"}, {"method": "divprune"}, {"method": "pitome", "preset": "mllm"}):
+        with pitome_mllm.patched(model, None, target_tokens=12, **settings), torch.no_grad():
+            logits = model(input_ids=input_ids[None], images=pixels).logits
+        assert logits.shape[1] == reference.shape[1] - NUM_PATCHES + 12
+    message = r"method='cdpruner' conditions the selection on each image's prompt, which the llava_original family"
+    with pytest.raises(ValueError, match=message):
+        pitome_mllm.patch(model, None, method="cdpruner", target_tokens=12)
+    assert pitome_mllm.get_patch(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=input_ids[None], images=pixels).logits, reference)
