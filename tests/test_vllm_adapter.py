@@ -23,7 +23,9 @@ from pitome_mllm.models.vllm_llava import (
     check_key_metric_parallelism,
     check_vllm_config,
     config_geometry,
+    embed_in_chunks,
     fused_key_source,
+    images_per_tower_call,
     is_vllm_llava,
     planned_budget,
 )
@@ -234,3 +236,22 @@ def test_torchvision_guard_lets_an_unloadable_build_import(tmp_path):
             [sys.executable, "-c", "import torchvision"], capture_output=True, text=True, cwd=tmp_path
         ).stderr
     )
+
+
+def test_tower_calls_are_capped_at_the_unmerged_peak():
+    # 8192 output tokens of budget: 14 unmerged images of 576, not the 128 that K = 64 would allow.
+    assert images_per_tower_call(8192, 576) == 14
+    assert images_per_tower_call(100, 576) == 1
+    calls = []
+
+    def embed(pixel_values):
+        calls.append(len(pixel_values))
+        return pixel_values.flatten(1)[:, :6].unsqueeze(-1)  # [n, K=6, D=1], one row per image
+
+    pixel_values = torch.randn(7, 3, 4, 4)
+    chunked = embed_in_chunks(embed, pixel_values, 3)
+    assert calls == [3, 3, 1]
+    assert torch.equal(chunked, embed(pixel_values))  # same embeddings, same order
+    images = list(pixel_values)
+    per_image = embed_in_chunks(lambda pixel_values: list(pixel_values), images, 2)
+    assert len(per_image) == 7 and all(a is b for a, b in zip(per_image, images, strict=True))
