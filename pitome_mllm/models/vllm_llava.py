@@ -204,6 +204,35 @@ def check_embedding_counts(embeddings, expected: int) -> None:
             )
 
 
+def images_per_tower_call(encoder_budget_tokens: int, unmerged_tokens_per_image: int) -> int:
+    """How many images one tower call may take so its peak memory stays that of the unmerged model.
+
+    vLLM sizes its encoder work in *output* tokens: with ``K`` merged tokens per image it schedules
+    (and, on a GPU, profiles memory with) ``budget // K`` images in one call, each still entering
+    the tower at full length; at K = 64 of 576 that is 9 times the unmerged peak. Calls of at most
+    ``budget // unmerged`` images keep the peak where vLLM planned it for the model unmerged.
+    """
+    return max(1, encoder_budget_tokens // max(1, unmerged_tokens_per_image))
+
+
+def embed_in_chunks(embed, pixel_values, images_per_call: int):
+    """``embed(pixel_values=...)`` over chunks of at most ``images_per_call`` images, concatenated in order.
+
+    Args:
+        embed: ``pixel_values -> [n, K, D]`` embeddings (or a sequence of ``[K, D]``).
+        pixel_values: ``[N, 3, H, W]`` or a sequence of ``[3, H, W]``.
+    """
+    import torch
+
+    if len(pixel_values) <= images_per_call:
+        return embed(pixel_values=pixel_values)
+    chunks = [pixel_values[start : start + images_per_call] for start in range(0, len(pixel_values), images_per_call)]
+    outputs = [embed(pixel_values=chunk) for chunk in chunks]
+    if all(isinstance(output, torch.Tensor) for output in outputs):
+        return torch.cat(outputs)
+    return [embedding for output in outputs for embedding in output]
+
+
 class VllmLlavaAdapter(ClipTowerAdapter):
     """Merges inside vLLM's LLaVA-1.5 (built by vLLM, before its weights load).
 
@@ -239,6 +268,8 @@ __all__ = [
     "check_embedding_counts",
     "check_vllm_config",
     "config_geometry",
+    "embed_in_chunks",
+    "images_per_tower_call",
     "is_vllm_llava",
     "planned_budget",
 ]

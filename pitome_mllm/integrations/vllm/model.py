@@ -30,7 +30,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ... import api
 from ...models.clip_tower import TowerBudget
-from ...models.vllm_llava import check_embedding_counts, planned_budget
+from ...models.vllm_llava import check_embedding_counts, embed_in_chunks, images_per_tower_call, planned_budget
 from . import CONFIG_KEY, pitome_settings
 
 
@@ -83,13 +83,28 @@ class PitomeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         settings = pitome_settings(self.config)
         # Hooks go in before the weights load; loading writes parameters only, never forwards.
         self.pitome_handle = None if settings is None else api.patch(self, None, config=settings)
+        self.images_per_tower_call = None
+        if self.pitome_handle is not None:
+            scheduler = vllm_config.scheduler_config
+            budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
+            adapter_geometry = planned_budget(self.config, settings).geometry
+            unmerged = adapter_geometry.default_num_tokens - int(adapter_geometry.drops_class_token)
+            self.images_per_tower_call = images_per_tower_call(budget, unmerged)
 
     def embed_multimodal(self, **kwargs: object):
-        embeddings = super().embed_multimodal(**kwargs)
         handle = self.pitome_handle
-        if handle is not None and len(embeddings):
-            with torch.no_grad():
-                check_embedding_counts(embeddings, handle.num_visual_tokens)
+        pixel_values = kwargs.get("pixel_values")
+        if handle is None or pixel_values is None:
+            return super().embed_multimodal(**kwargs)
+
+        def embed(pixel_values):
+            return super(PitomeLlavaForConditionalGeneration, self).embed_multimodal(
+                **{**kwargs, "pixel_values": pixel_values}
+            )
+
+        embeddings = embed_in_chunks(embed, pixel_values, self.images_per_tower_call)
+        with torch.no_grad():
+            check_embedding_counts(embeddings, handle.num_visual_tokens)
         return embeddings
 
 
