@@ -140,7 +140,7 @@ def test_bad_settings_fail_at_engine_start_with_the_patch_message(model_dir, ref
 @pytest.mark.parametrize(
     ("settings", "reason"),
     [
-        ({"preset": "pure"}, "prop_attn=True is not supported in vLLM"),
+        ({"preset": "pure", "keep_ratio": 0.9}, "prop_attn=True is not supported in vLLM"),
         ({"method": "dominant", "target_tokens": 16}, "which vLLM fuses into one qkv_proj"),
         ({"keep_ratio": 0.9, "llm_prop_attn": True}, "llm_prop_attn=True is not supported in vLLM"),
     ],

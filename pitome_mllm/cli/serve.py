@@ -103,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     if model == TINY:
         model = str(tiny_model_folder())
-        if "--served-model-name" not in vllm_args:
-            vllm_args += ["--served-model-name", TINY]
+        # A toy model: no graph compilation (minutes on a CPU) and a short context, unless asked otherwise.
+        for option, value in (("--served-model-name", TINY), ("--max-model-len", "2048"), ("--enforce-eager", None)):
+            if option not in vllm_args:
+                vllm_args += [option] if value is None else [option, value]
     command = vllm_serve_command(model, overrides, vllm_args)
     print("running:", shlex.join(command), flush=True)
     if args.dry_run:
