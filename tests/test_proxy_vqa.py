@@ -120,6 +120,11 @@ def test_setting_runs_add_each_budget_and_keep_single_runs_single():
         vqa.setting_runs("bogus", [64])
 
 
+def test_default_task_folder_is_the_checkouts_eval_tasks():
+    assert vqa.default_task_folder() == TASK_FOLDER
+    assert (vqa.default_task_folder() / vqa.TASK / f"{vqa.TASK}.yaml").is_file()
+
+
 def test_written_suite_loads_and_expands_to_settings_times_budgets(tmp_path):
     settings = ["none", "floor", "tome", "pitome_reference", "pool"]
     path = vqa.write_suite(tmp_path / "suite.yaml", settings, [64, 16], TASK_FOLDER, batch_size=4)

@@ -112,7 +112,7 @@ def write_suite(
 
 def default_task_folder() -> Path:
     """``eval/tasks`` of a source checkout (the proxy's task lives there)."""
-    return Path(__file__).resolve().parents[2] / "eval" / "tasks"
+    return Path(__file__).resolve().parents[3] / "eval" / "tasks"
 
 
 # ---------------------------------------------------------------------------------- report
