@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,40 +122,46 @@ def estimate_cell(mean: float, se: float, points: bool = False) -> str:
     return f"{100 * mean:+.1f} ± {100 * se:.1f}{mark}"
 
 
+def markdown_grid(
+    rows: Sequence[dict[str, Any]],
+    title: str,
+    cell: Callable[[dict[str, Any]], str],
+    single: Callable[[dict[str, Any]], str] | None = None,
+) -> list[str]:
+    """Markdown lines: one line per setting, one column per budget (high to low), ``cell(row)`` in each.
+
+    An unbudgeted row (budget None) gets its own line ``setting (N tokens) | single(row)``
+    (left out when ``single`` is None); a setting whose cells are all empty is left out.
+    """
+    budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
+    by_key = {(row["setting"], row["budget"]): row for row in rows}
+    lines = [
+        f"| {title} | " + " | ".join(f"{budget} tokens" for budget in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for setting in dict.fromkeys(row["setting"] for row in rows):
+        alone = by_key.get((setting, None))
+        if alone is not None and single is not None:
+            tokens = "" if alone["visual_tokens"] is None else f" ({alone['visual_tokens']:.0f} tokens)"
+            lines.append(f"| {setting}{tokens} | {single(alone)} |")
+        cells = ["" if (setting, budget) not in by_key else cell(by_key[setting, budget]) for budget in budgets]
+        if any(cells):
+            lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def mean_cell(row: dict[str, Any]) -> str:
+    return estimate_cell(row["mean"], row["se"])
+
+
+def difference_cell(row: dict[str, Any]) -> str:
+    return "" if row["difference"] is None else estimate_cell(row["difference"], row["difference_se"], True)
+
+
 def summary_markdown(rows: Sequence[dict[str, Any]], reference: str, score: str) -> str:
     """Two tables: mean ± SE per setting x budget, and the paired difference to ``reference`` (points)."""
-    budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
-    settings = list(dict.fromkeys(row["setting"] for row in rows))
-    by_key = {(row["setting"], row["budget"]): row for row in rows}
-    header = " | ".join(f"{budget} tokens" for budget in budgets)
-    lines = [f"| setting ({score}, mean ± SE) | {header} |", "|---|" + "---:|" * len(budgets)]
-    for setting in settings:
-        single = by_key.get((setting, None))
-        if single is not None:
-            tokens = "" if single["visual_tokens"] is None else f" ({single['visual_tokens']:.0f} tokens)"
-            lines.append(f"| {setting}{tokens} | {estimate_cell(single['mean'], single['se'])} |")
-        cells = [by_key.get((setting, budget)) for budget in budgets]
-        if any(cells):
-            lines.append(
-                f"| {setting} | "
-                + " | ".join("" if row is None else estimate_cell(row["mean"], row["se"]) for row in cells)
-                + " |"
-            )
-    lines += ["", f"| setting − {reference} (points, paired, ± SE) | {header} |", "|---|" + "---:|" * len(budgets)]
-    for setting in settings:
-        cells = [by_key.get((setting, budget)) for budget in budgets]
-        if not any(row is not None and row["difference"] is not None for row in cells):
-            continue
-        lines.append(
-            f"| {setting} | "
-            + " | ".join(
-                ""
-                if row is None or row["difference"] is None
-                else estimate_cell(row["difference"], row["difference_se"], True)
-                for row in cells
-            )
-            + " |"
-        )
+    lines = markdown_grid(rows, f"setting ({score}, mean ± SE)", mean_cell, mean_cell)
+    lines += ["", *markdown_grid(rows, f"setting − {reference} (points, paired, ± SE)", difference_cell)]
     return "\n".join(lines) + "\n"
 
 
@@ -269,33 +275,17 @@ COMBINED_STEM = "proxy_summary"
 def compact_table(rows: Sequence[dict[str, Any]], reference: str, title: str) -> list[str]:
     """Markdown lines: per setting x budget ``mean (difference to reference ± SE)``.
 
-    The reference's cells give its mean ± SE; a ``*`` marks a difference beyond ±2 SE.
+    The reference's cells give its mean ± SE in bold; a ``*`` marks a difference beyond ±2 SE.
     """
-    budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
-    by_key = {(row["setting"], row["budget"]): row for row in rows}
-    lines = [
-        f"| {title} | " + " | ".join(f"{budget} tokens" for budget in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-    ]
-    for setting in dict.fromkeys(row["setting"] for row in rows):
-        single = by_key.get((setting, None))
-        if single is not None:
-            tokens = "" if single["visual_tokens"] is None else f", {single['visual_tokens']:.0f} tokens"
-            lines.append(f"| {setting}{tokens} | {estimate_cell(single['mean'], single['se'])} |")
-            continue
-        cells = []
-        for budget in budgets:
-            row = by_key.get((setting, budget))
-            if row is None:
-                cells.append("")
-            elif setting == reference:
-                cells.append(f"**{estimate_cell(row['mean'], row['se'])}**")
-            elif row["difference"] is None:
-                cells.append(f"{row['mean']:.3f}")
-            else:
-                cells.append(f"{row['mean']:.3f} ({estimate_cell(row['difference'], row['difference_se'], True)})")
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    return lines
+
+    def cell(row: dict[str, Any]) -> str:
+        if row["setting"] == reference:
+            return f"**{mean_cell(row)}**"
+        if row["difference"] is None:
+            return f"{row['mean']:.3f}"
+        return f"{row['mean']:.3f} ({difference_cell(row)})"
+
+    return markdown_grid(rows, title, cell, mean_cell)
 
 
 def write_combined(

@@ -209,30 +209,16 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def budget_table(rows: list[dict[str, Any]], column: str) -> list[str]:
     """Markdown lines: ``column`` per setting (rows) x budget (columns)."""
-    budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
-    settings = list(dict.fromkeys(row["setting"] for row in rows))
-    by_key = {(row["setting"], row["budget"]): row for row in rows}
-    lines = [
-        f"| setting ({column}) | " + " | ".join(f"{budget} tokens" for budget in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-    ]
-    for setting in settings:
-        if setting in SINGLE_RUN_SETTINGS:
-            row = by_key.get((setting, None))
-            if row:
-                lines.append(f"| {setting} ({_cell(row['visual_tokens'], 0)} tokens) | {_cell(row[column])} |")
-            continue
-        cells = []
-        for budget in budgets:
-            row = by_key.get((setting, budget))
-            if row is None:
-                cells.append("")
-            elif row["visual_tokens"] is not None and abs(row["visual_tokens"] - budget) > 0.5:
-                cells.append(f"{_cell(row[column])} ({row['visual_tokens']:.0f} tok)")
-            else:
-                cells.append(_cell(row[column]))
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    return lines
+    from .report import markdown_grid
+
+    def cell(row: dict[str, Any]) -> str:
+        text = _cell(row[column])
+        tokens = row["visual_tokens"]
+        if tokens is not None and abs(tokens - row["budget"]) > 0.5:
+            return f"{text} ({tokens:.0f} tok)"
+        return text
+
+    return markdown_grid(rows, f"setting ({column})", cell, lambda row: _cell(row[column]))
 
 
 def paired_table(rows: list[dict[str, Any]], reference: str) -> list[str]:
