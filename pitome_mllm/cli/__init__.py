@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "visualize": "pitome_mllm.cli.visualize",
     "spectral": "pitome_mllm.cli.spectral",
     "proxy": "pitome_mllm.cli.proxy",
+    "serve": "pitome_mllm.cli.serve",
 }
 
 
@@ -55,11 +56,28 @@ def build_parser(with_arguments: list[str] | None = None) -> argparse.ArgumentPa
     return parser
 
 
+# Commands that hand everything after ``--`` to another program (``args.passthrough``).
+PASSTHROUGH_COMMANDS = ("serve",)
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` before the first ``--``, and what follows it."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, passthrough = split_passthrough(sys.argv[1:] if argv is None else list(argv))
     command = chosen_command(argv)
     parser = build_parser([] if command is None else [command])
     args = parser.parse_args(argv)
+    if passthrough and args.command not in PASSTHROUGH_COMMANDS:
+        parser.error(
+            f"arguments after -- ({' '.join(passthrough)}) are taken only by: {', '.join(PASSTHROUGH_COMMANDS)}"
+        )
+    args.passthrough = passthrough
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command is None:
         parser.print_help()

@@ -1,9 +1,10 @@
 """Merging inside a ViT encoder, as a reversible override of its layers' forwards.
 
 Works on any encoder whose layers are called as ``layer(hidden_states, attention_mask, ...)``
-and return the new hidden states (a tensor, or a tuple whose first item is the tensor).
-Model adapters supply the layers and, for the ``keys`` metric, each layer's key
-projection; nothing here knows a model family.
+(or ``layer(hidden_states)`` where the layers take no mask, as in vLLM's encoders) and return
+the new hidden states (a tensor, or a tuple whose first item is the tensor). Model adapters
+supply the layers and, for the ``keys`` metric, where each layer's keys come from
+(`KeySource`); nothing here knows a model family.
 
 After layer ``l`` runs, the merge step the schedule planned for ``l`` is decided on the
 metric and applied to the layer output, so the next layer and any hidden-state
@@ -63,6 +64,27 @@ class MergeTrace:
         self.token_counts.append(step.num_output_tokens)
         if self.record_merges:
             self.merges.append((layer_idx, step))
+
+
+def _output_itself(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where one encoder layer's attention keys can be read.
+
+    Attributes:
+        module: the module whose forward output carries the keys (a key projection, or a
+            fused query-key-value projection).
+        num_heads: attention heads the keys are split into (for ``keys_mean``).
+        keys_of_output: ``module output -> [B, N, C]`` keys (the output itself for a key
+            projection; the key slice for a fused projection).
+    """
+
+    module: nn.Module
+    num_heads: int
+    keys_of_output: Callable[[object], torch.Tensor] = _output_itself
 
 
 @dataclass(frozen=True)
@@ -131,9 +153,11 @@ class TowerMerger:
         last_layer: index of the last layer whose output the model reads.
         settings: metric, reduce, proportional attention, alpha, class token.
         state: the patch's `PatchState`; the tower writes its ``trace``.
-        key_projection: ``layer -> (k_proj module, num_heads)``, needed for the keys metrics.
+        key_projection: ``layer -> KeySource``, needed for the keys metrics.
         layers_return_tuple: the layers return ``(hidden_states, ...)`` rather than the tensor, so a
             skipped layer must too (the adapter knows which the installed library does).
+        layers_take_mask: the layers are called as ``layer(hidden_states, attention_mask, ...)``;
+            False for layers called with the hidden states alone (no proportional attention then).
     """
 
     def __init__(
@@ -143,17 +167,21 @@ class TowerMerger:
         last_layer: int,
         settings: MergeSettings,
         state: PatchState,
-        key_projection: Callable[[nn.Module], tuple[nn.Module, int]] | None = None,
+        key_projection: Callable[[nn.Module], KeySource] | None = None,
         layers_return_tuple: bool = False,
+        layers_take_mask: bool = True,
     ) -> None:
         if settings.metric != "hidden" and key_projection is None:
             raise ValueError(f"metric={settings.metric!r} needs the layers' key projections")
+        if settings.prop_attn and not layers_take_mask:
+            raise ValueError("prop_attn=True adds a bias to the attention mask, which these encoder layers do not take")
         self.layers = list(layers)
         self.plan = plan
         self.last_layer = last_layer
         self.settings = settings
         self.key_projection = key_projection
         self.layers_return_tuple = layers_return_tuple
+        self.layers_take_mask = layers_take_mask
         self.state = state
         self.record_merges = False
         self._steps: list[LayerStep] = []
@@ -168,8 +196,8 @@ class TowerMerger:
                 if layer_idx <= self.last_layer:
                     override_forward(layer, self._make_merging_forward(layer_idx))
                     if self.settings.metric != "hidden":
-                        k_proj, num_heads = self.key_projection(layer)
-                        self._key_hooks.append(k_proj.register_forward_hook(self._make_key_hook(num_heads)))
+                        source = self.key_projection(layer)
+                        self._key_hooks.append(source.module.register_forward_hook(self._make_key_hook(source)))
                 else:
                     override_forward(layer, _passthrough_forward(self.layers_return_tuple))
                 self._installed.append(layer)
@@ -183,12 +211,12 @@ class TowerMerger:
         self._keys = None
 
     # ---------------------------------------------------------------- hooks
-    def _make_key_hook(self, num_heads: int) -> Callable:
-        def capture_keys(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            keys = output.detach()
+    def _make_key_hook(self, source: KeySource) -> Callable:
+        def capture_keys(module: nn.Module, args: tuple, output) -> None:
+            keys = source.keys_of_output(output).detach()
             if self.settings.metric == "keys_mean":
                 batch, num_tokens, channels = keys.shape
-                keys = keys.view(batch, num_tokens, num_heads, channels // num_heads).mean(dim=2)
+                keys = keys.reshape(batch, num_tokens, source.num_heads, channels // source.num_heads).mean(dim=2)
             self._keys = keys
 
         return capture_keys
@@ -202,7 +230,10 @@ class TowerMerger:
                 if self.settings.prop_attn and trace is not None and trace.token_counts:
                     bias = proportional_attention_bias(trace.size, hidden_states.dtype)
                     attention_mask = bias if attention_mask is None else attention_mask + bias
-                output = original_forward(hidden_states, attention_mask, *args, **kwargs)
+                if self.layers_take_mask:
+                    output = original_forward(hidden_states, attention_mask, *args, **kwargs)
+                else:
+                    output = original_forward(hidden_states, *args, **kwargs)
                 step = self._steps[layer_idx] if layer_idx < len(self._steps) else None
                 if step is None or step.method == "none" or trace is None:
                     return output
@@ -260,6 +291,7 @@ def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> t
 
 
 __all__ = [
+    "KeySource",
     "MergeSettings",
     "MergeTrace",
     "PatchState",

@@ -9,17 +9,18 @@ checks budgets, and installs / removes the tower and projector hooks. The helper
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from torch import nn
 
 from ..config import SELECTION_METHODS, PiToMeConfig
 from ..hooks.base import undone_on_error
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
-from ..hooks.tower import MergeSettings, PatchState, TowerMerger
+from ..hooks.tower import KeySource, MergeSettings, PatchState, TowerMerger
 from ..merge.select import pool_grid, square_grid
 from ..schedule import LayerStep, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
-from .protocol import ModelAdapter
+from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
 
 logger = logging.getLogger("pitome_mllm")
@@ -67,10 +68,10 @@ def clip_query_key_projections(layer: nn.Module) -> tuple[nn.Module, nn.Module, 
     return attention.q_proj, attention.k_proj, attention.num_heads
 
 
-def clip_key_projection(layer: nn.Module) -> tuple[nn.Module, int]:
+def clip_key_projection(layer: nn.Module) -> KeySource:
     """A CLIP encoder layer's key projection and its number of heads."""
     attention = layer.self_attn
-    return attention.k_proj, attention.num_heads
+    return KeySource(attention.k_proj, attention.num_heads)
 
 
 def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
@@ -81,6 +82,136 @@ def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
             f"llm_prop_attn=True is not supported for the {family} family; only llava_hf (transformers "
             "LlavaForConditionalGeneration / LlavaModel) supports it"
         )
+
+
+@dataclass(frozen=True)
+class TowerGeometry:
+    """What the token counts of a CLIP-style tower depend on, read from a model or from its config alone.
+
+    Attributes:
+        num_layers: layers of the whole tower; the schedule's margins span all of them, also where a
+            model builds only the layers it reads.
+        last_layer: index of the encoder layer whose output the model reads.
+        image_size, patch_size: the tower's native input size and patch size, in pixels.
+        class_token: the tower prepends a class token (CLIP) or not (SigLIP).
+        drops_class_token: the model drops the class token before the projector.
+    """
+
+    num_layers: int
+    last_layer: int
+    image_size: int
+    patch_size: int
+    class_token: bool
+    drops_class_token: bool
+
+    def tower_tokens(self, height: int, width: int) -> int:
+        """Tokens inside the tower for an image of ``height`` x ``width`` pixels (class token included)."""
+        return (height // self.patch_size) * (width // self.patch_size) + int(self.class_token)
+
+    @property
+    def default_num_tokens(self) -> int:
+        return self.tower_tokens(self.image_size, self.image_size)
+
+
+class TowerBudget:
+    """Every token count of a CLIP-style tower patched with ``config``, known before any model runs.
+
+    Needs no model, only its `TowerGeometry`, so that a serving engine's prompt processing (which
+    holds no weights) counts placeholders with the same code the patched model merges with.
+
+    Construction resolves the tower's keep ratio (solved from ``target_tokens`` when it is not
+    given) and checks the budget at the native size.
+
+    Raises:
+        ValueError: a budget the tower cannot reach (the message names the numbers).
+    """
+
+    def __init__(self, geometry: TowerGeometry, config: PiToMeConfig) -> None:
+        self.geometry = geometry
+        self.config = config
+        # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
+        self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
+        self._plans: dict[int, list[LayerStep]] = {}
+        self.keep_ratio = self._resolve_keep_ratio()
+        self.check(geometry.default_num_tokens)
+
+    def _resolve_keep_ratio(self) -> float:
+        config, geometry = self.config, self.geometry
+        if config.method == "none" or config.method in SELECTION_METHODS:
+            return 1.0
+        if config.keep_ratio is not None:
+            return config.keep_ratio
+        # target_tokens without keep_ratio: merge in the tower as far as possible
+        # without going below the budget; the projector step trims the rest.
+        available = geometry.default_num_tokens - int(geometry.drops_class_token)
+        if config.target_tokens > available:
+            raise ValueError(
+                f"target_tokens={config.target_tokens} is larger than the {available} visual tokens "
+                "this model produces per image"
+            )
+        return solve_keep_ratio(
+            geometry.default_num_tokens,
+            geometry.num_layers,
+            config.target_tokens + int(geometry.drops_class_token),
+            geometry.last_layer,
+            method=self.tower_method,
+            preset=config.preset,
+            class_token=geometry.class_token,
+        )
+
+    def plan(self, num_tokens: int) -> list[LayerStep]:
+        """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (class token, if any, included)."""
+        if num_tokens not in self._plans:
+            geometry = self.geometry
+            self._plans[num_tokens] = plan_layers(
+                num_tokens,
+                geometry.num_layers,
+                self.keep_ratio,
+                method=self.tower_method,
+                preset=self.config.preset,
+                class_token=geometry.class_token,
+                last_layer=geometry.last_layer,
+                margin_start=self.config.margin_start,
+                margin_span=self.config.margin_span,
+                energy=self.config.energy,
+            )
+        return self._plans[num_tokens]
+
+    def tower_output_tokens(self, num_tokens: int) -> int:
+        """Visual tokens the projector receives per image (after the class token is dropped)."""
+        return self.plan(num_tokens)[-1].tokens_out - int(self.geometry.drops_class_token)
+
+    def visual_tokens_for(self, num_tokens: int) -> int:
+        """Visual tokens the language model receives per image, for ``num_tokens`` tower inputs."""
+        from_tower = self.tower_output_tokens(num_tokens)
+        target = self.config.target_tokens
+        return from_tower if target is None else min(target, from_tower)
+
+    def check(self, num_tokens: int) -> None:
+        """Raise ValueError when the budget cannot be met for ``num_tokens`` tower inputs."""
+        target = self.config.target_tokens
+        if target is None:
+            return
+        available = num_tokens - int(self.geometry.drops_class_token)
+        if target > available:
+            raise ValueError(
+                f"target_tokens={target} is larger than the {available} visual tokens this model produces per image"
+            )
+        from_tower = self.tower_output_tokens(num_tokens)
+        if from_tower < target:
+            raise ValueError(
+                f"keep_ratio={self.keep_ratio} leaves {from_tower} visual tokens, fewer than "
+                f"target_tokens={target}; raise keep_ratio or leave it unset to have it chosen"
+            )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image the language model receives at the native image size."""
+        return self.visual_tokens_for(self.geometry.default_num_tokens)
+
+    def visual_tokens_for_image(self, height: int, width: int) -> int:
+        """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
+        return self.visual_tokens_for(self.geometry.tower_tokens(height, width))
 
 
 class ClipTowerAdapter(ModelAdapter):
@@ -107,26 +238,18 @@ class ClipTowerAdapter(ModelAdapter):
         self.config = config
         self.vision_tower = parts.tower
         self.projector = parts.projector
-        # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
-        self.class_token = tower_has_class_token(parts.tower)
-        if parts.drops_class_token and not self.class_token:
-            raise ValueError(
-                f"vision_feature_select_strategy='default' drops the first token, but "
-                f"{type(parts.tower).__name__} has no class token (it would drop a patch); "
-                "supported with this tower: 'full'"
-            )
         self.layers = parts.encoder_layers
-        self.num_layers = len(self.layers)
-        self.last_layer = parts.last_layer
-        vision_config = parts.tower.config
-        self.patch_size = vision_config.patch_size
-        self.default_num_tokens = (vision_config.image_size // self.patch_size) ** 2 + int(self.class_token)
-        self.drops_class_token = parts.drops_class_token
-        self._plans: dict[int, list[LayerStep]] = {}
-        # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
-        self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
-        self.tower_keep_ratio = self._resolve_keep_ratio()
-        self._check_budget(self.default_num_tokens)
+        geometry = self.geometry(parts)
+        # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
+        self.class_token = geometry.class_token
+        self.num_layers = geometry.num_layers
+        self.last_layer = geometry.last_layer
+        self.patch_size = geometry.patch_size
+        self.default_num_tokens = geometry.default_num_tokens
+        self.drops_class_token = geometry.drops_class_token
+        self.budget = TowerBudget(geometry, config)  # validates the budget; nothing is touched yet
+        self.tower_method = self.budget.tower_method
+        self.tower_keep_ratio = self.budget.keep_ratio
 
         self.state = PatchState()
         self.tower = TowerMerger(
@@ -141,8 +264,7 @@ class ClipTowerAdapter(ModelAdapter):
                 class_token=self.class_token,
             ),
             self.state,
-            key_projection=clip_key_projection,
-            layers_return_tuple=encoder_layers_return_tuple(),
+            **self.tower_merger_options(),
         )
         if config.method in SELECTION_METHODS:
             self.projector_stage = self._selection_stage()
@@ -192,81 +314,51 @@ class ClipTowerAdapter(ModelAdapter):
         )
         return SelectionStage(self.projector, self.state, settings, query_key)
 
-    # -------------------------------------------------------------- planning
-    def _resolve_keep_ratio(self) -> float:
-        config = self.config
-        if config.method == "none" or config.method in SELECTION_METHODS:
-            return 1.0
-        if config.keep_ratio is not None:
-            return config.keep_ratio
-        # target_tokens without keep_ratio: merge in the tower as far as possible
-        # without going below the budget; the projector step trims the rest.
-        available = self.default_num_tokens - int(self.drops_class_token)
-        if config.target_tokens > available:
+    # ------------------------------------------------------------- the family's shape
+    @classmethod
+    def geometry(cls, parts: ModelParts) -> TowerGeometry:
+        """The token geometry of a model's tower, from its `ModelParts`."""
+        class_token = tower_has_class_token(parts.tower)
+        if parts.drops_class_token and not class_token:
             raise ValueError(
-                f"target_tokens={config.target_tokens} is larger than the {available} visual tokens "
-                "this model produces per image"
+                f"vision_feature_select_strategy='default' drops the first token, but "
+                f"{type(parts.tower).__name__} has no class token (it would drop a patch); "
+                "supported with this tower: 'full'"
             )
-        return solve_keep_ratio(
-            self.default_num_tokens,
-            self.num_layers,
-            config.target_tokens + int(self.drops_class_token),
-            self.last_layer,
-            method=self.tower_method,
-            preset=config.preset,
-            class_token=self.class_token,
+        vision_config = parts.tower.config
+        return TowerGeometry(
+            num_layers=len(parts.encoder_layers),
+            last_layer=parts.last_layer,
+            image_size=vision_config.image_size,
+            patch_size=vision_config.patch_size,
+            class_token=class_token,
+            drops_class_token=parts.drops_class_token,
         )
 
+    def tower_merger_options(self) -> dict:
+        """Keyword arguments of `TowerMerger` that depend on how the family's layers are written."""
+        return {"key_projection": clip_key_projection, "layers_return_tuple": encoder_layers_return_tuple()}
+
+    # -------------------------------------------------------------- planning
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (class token, if any, included)."""
-        if num_tokens not in self._plans:
-            self._plans[num_tokens] = plan_layers(
-                num_tokens,
-                self.num_layers,
-                self.tower_keep_ratio,
-                method=self.tower_method,
-                preset=self.config.preset,
-                class_token=self.class_token,
-                last_layer=self.last_layer,
-                margin_start=self.config.margin_start,
-                margin_span=self.config.margin_span,
-                energy=self.config.energy,
-            )
-        return self._plans[num_tokens]
+        return self.budget.plan(num_tokens)
 
     def tower_output_tokens(self, num_tokens: int) -> int:
         """Visual tokens the projector receives per image (after the class token is dropped)."""
-        return self.plan(num_tokens)[-1].tokens_out - int(self.drops_class_token)
+        return self.budget.tower_output_tokens(num_tokens)
 
     def visual_tokens_for(self, num_tokens: int) -> int:
         """Visual tokens the language model receives per image, for ``num_tokens`` tower inputs."""
-        from_tower = self.tower_output_tokens(num_tokens)
-        target = self.config.target_tokens
-        return from_tower if target is None else min(target, from_tower)
-
-    def _check_budget(self, num_tokens: int) -> None:
-        target = self.config.target_tokens
-        if target is None:
-            return
-        available = num_tokens - int(self.drops_class_token)
-        if target > available:
-            raise ValueError(
-                f"target_tokens={target} is larger than the {available} visual tokens this model produces per image"
-            )
-        from_tower = self.tower_output_tokens(num_tokens)
-        if from_tower < target:
-            raise ValueError(
-                f"keep_ratio={self.tower_keep_ratio} leaves {from_tower} visual tokens, fewer than "
-                f"target_tokens={target}; raise keep_ratio or leave it unset to have it chosen"
-            )
+        return self.budget.visual_tokens_for(num_tokens)
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.visual_tokens_for(self.default_num_tokens)
+        return self.budget.num_visual_tokens
 
     def visual_tokens_for_image(self, height: int, width: int) -> int:
         """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
-        return self.visual_tokens_for((height // self.patch_size) * (width // self.patch_size) + int(self.class_token))
+        return self.budget.visual_tokens_for_image(height, width)
 
     def record_merges(self, enabled: bool) -> None:
         self.tower.record_merges = enabled

@@ -8,9 +8,10 @@ from .llava_hf import LlavaHFAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_original import LlavaOriginalAdapter
 from .protocol import ModelAdapter, ModelParts
+from .vllm_llava import VllmLlavaAdapter
 
 # Asked in this order; the first class whose `matches` says yes patches the model.
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaNextAdapter, LlavaHFAdapter, LlavaOriginalAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (VllmLlavaAdapter, LlavaNextAdapter, LlavaHFAdapter, LlavaOriginalAdapter)
 
 
 def supported_families() -> str:

@@ -54,6 +54,8 @@ __all__ = [
     "ONEVISION_TEST_SPEC",
     "SIGLIP_TEST_SPEC",
     "TEST_SPEC",
+    "VLLM_DEMO_SPEC",
+    "VLLM_TEST_SPEC",
     "TinyLlavaSpec",
     "build_tiny_llava",
     "build_tiny_llava_next",
@@ -63,6 +65,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "list_images",
     "load_image",
+    "rename_tower_weights_to_hub_layout",
     "save_tiny_llava",
 ]
 
@@ -431,18 +434,44 @@ def build_tiny_llava(
     return model, processor
 
 
-def save_tiny_llava(folder: str | Path, spec: TinyLlavaSpec = TEST_SPEC) -> Path:
+def save_tiny_llava(folder: str | Path, spec: TinyLlavaSpec = TEST_SPEC, hub_layout: bool = False) -> Path:
     """Build a tiny model for ``spec`` and save model + processor into ``folder`` (created if missing).
 
     Afterwards ``LlavaForConditionalGeneration.from_pretrained(folder)`` and
     ``AutoProcessor.from_pretrained(folder)`` load it without network access.  Returns ``Path(folder)``.
+
+    ``hub_layout=True`` names the tower's weights as llava-hf checkpoints on the Hub do
+    (``vision_tower.vision_model.*``), which vLLM's loader expects; transformers loads both.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model, processor = build_tiny_llava(spec)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    if hub_layout:
+        rename_tower_weights_to_hub_layout(folder / "model.safetensors")
     return folder
+
+
+def rename_tower_weights_to_hub_layout(weights_file: Path) -> None:
+    """Rewrite a saved LLaVA's ``vision_tower.<name>`` weights as ``vision_tower.vision_model.<name>``."""
+    from safetensors.torch import load_file, save_file
+
+    tower_prefixes = ("vision_tower.", "model.vision_tower.")
+    renamed = {}
+    for name, tensor in load_file(weights_file).items():
+        prefix = next((p for p in tower_prefixes if name.startswith(p)), None)
+        if prefix is not None and not name.startswith(prefix + "vision_model."):
+            name = prefix + "vision_model." + name[len(prefix) :]
+        renamed[name] = tensor
+    save_file(renamed, weights_file, metadata={"format": "pt"})
+
+
+# The smallest shape vLLM's CPU attention serves: head size 32 in the tower and the language
+# model (it refuses 16), 112 px / 14 px patches -> 64 patches + CLS, 6 encoder layers.
+VLLM_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6, vision_heads=2, text_heads=2)
+# LLaVA-1.5's vision geometry (336 px, 24 layers, 576 patches) at head size 32: `pitome-mllm serve tiny`.
+VLLM_DEMO_SPEC = TinyLlavaSpec(vision_heads=2, text_heads=2)
 
 
 # --------------------------------------------------------------------------------------------------

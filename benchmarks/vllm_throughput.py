@@ -1,0 +1,210 @@
+"""Offline vLLM throughput of LLaVA unpatched and with PiToMe at several visual-token budgets, in one run.
+
+For each setting (unpatched, then ``target_tokens`` = each budget) one engine is started in its own
+process with the same engine arguments, and measures:
+
+- offline throughput: ``--requests`` image prompts sent at once, each answering exactly
+  ``--output-tokens`` tokens (``ignore_eos``): requests/s and output tokens/s over the whole batch;
+- time to first token: of one request sent alone (median of ``--ttft-repeats``), and the mean over the
+  batch (which includes queueing);
+- KV cache per request: prompt and answer tokens, and the blocks vLLM allocates for them
+  (``ceil(tokens / block_size)``).
+
+CPU (no download; a small LLaVA-shaped random model is built and saved locally):
+
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py
+
+GPU, LLaVA-1.5-7B (any local or hub checkpoint of llava-hf/llava-1.5-7b-hf's layout):
+
+    python benchmarks/vllm_throughput.py --model llava-hf/llava-1.5-7b-hf --dtype float16 \\
+        --requests 256 --output-tokens 64 --budgets 192 128 64 --engine-args '{"max_num_seqs": 64}'
+
+Writes ``--output`` (JSON with the machine and every figure) and the same name with ``.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "vllm_throughput_cpu.json"
+PROMPT = "USER: <image>\nDescribe this photo in detail. ASSISTANT:"
+IMAGES = ("astronaut", "chelsea", "coffee")
+
+
+def small_llava_folder(folder: Path) -> Path:
+    """A random LLaVA-1.5 with CLIP ViT-L/14-336 geometry (577 tokens, 24 layers) at small widths."""
+    from pitome_mllm.testing.tiny import TinyLlavaSpec, save_tiny_llava
+
+    spec = TinyLlavaSpec(
+        vision_hidden=128,
+        vision_heads=4,
+        vision_intermediate=512,
+        text_hidden=256,
+        text_layers=4,
+        text_heads=8,
+        text_intermediate=1024,
+    )
+    if not (folder / "model.safetensors").is_file():
+        save_tiny_llava(folder, spec, hub_layout=True)
+    return folder
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def engine_arguments(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "max_model_len": 2048,
+        "limit_mm_per_prompt": {"image": 1},
+        "disable_log_stats": False,  # per-request first-token latency
+        "seed": 0,
+    }
+    if not has_gpu():
+        # vLLM's CPU build: no graph compilation, the engine in this process (starts in seconds, not minutes).
+        kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
+    kwargs.update(json.loads(args.engine_args))
+    if settings is not None:
+        kwargs["hf_overrides"] = {"pitome": settings}
+    return kwargs
+
+
+def measure(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
+    """One engine: TTFT alone, then the offline batch (runs in a process of its own)."""
+    from vllm import LLM, SamplingParams
+
+    from pitome_mllm.testing.tiny import load_image
+
+    started = time.perf_counter()
+    llm = LLM(**engine_arguments(args, settings))
+    startup_s = time.perf_counter() - started
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    images = [load_image(name) for name in IMAGES]
+    sampling = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+
+    def request(i: int) -> dict:
+        return {"prompt": PROMPT, "multi_modal_data": {"image": images[i % len(images)]}}
+
+    llm.generate([request(0)], sampling, use_tqdm=False)  # warm-up
+    alone = []
+    for i in range(args.ttft_repeats):
+        (output,) = llm.generate([request(i)], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        alone.append(output.metrics.first_token_latency)
+    begun = time.perf_counter()
+    outputs = llm.generate([request(i) for i in range(args.requests)], sampling, use_tqdm=False)
+    elapsed = time.perf_counter() - begun
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    prompt_tokens = len(outputs[0].prompt_token_ids)
+    tokens_per_request = prompt_tokens + args.output_tokens
+    return {
+        "settings": settings,
+        "startup_s": startup_s,
+        "prompt_tokens": prompt_tokens,
+        "requests": args.requests,
+        "batch_s": elapsed,
+        "requests_per_s": args.requests / elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "ttft_alone_s": statistics.median(alone),
+        "ttft_batch_mean_s": statistics.fmean(o.metrics.first_token_latency for o in outputs),
+        "kv_tokens_per_request": tokens_per_request,
+        "block_size": block_size,
+        "kv_blocks_per_request": math.ceil(tokens_per_request / block_size),
+    }
+
+
+def machine() -> dict[str, Any]:
+
+    import vllm
+
+    from pitome_mllm.tools.profiling.machine import machine_info
+
+    device = "cuda" if has_gpu() else "cpu"
+    return {**machine_info(device), "vllm": vllm.__version__, "python": platform.python_version()}
+
+
+def markdown(results: list[dict], info: dict) -> str:
+    base = results[0]
+    lines = [
+        f"vLLM {info['vllm']} on {info.get('gpu') or info['cpu']} ({info['cpus_available']} CPUs available), "
+        f"torch {info.get('torch')}; model {info['model']}, dtype {info['dtype']}; "
+        f"{base['requests']} requests x {info['output_tokens']} output tokens",
+        "",
+        "| visual tokens | prompt tokens | requests/s | output tok/s | vs unpatched | TTFT alone (ms) "
+        "| TTFT in batch (ms) | KV blocks / request |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        label = "unpatched" if row["settings"] is None else str(row["settings"]["target_tokens"])
+        speedup = row["requests_per_s"] / base["requests_per_s"]
+        lines.append(
+            f"| {label} | {row['prompt_tokens']} | {row['requests_per_s']:.2f} | {row['output_tokens_per_s']:.1f} "
+            f"| {speedup:.2f}x | {1000 * row['ttft_alone_s']:.0f} | {1000 * row['ttft_batch_mean_s']:.0f} "
+            f"| {row['kv_blocks_per_request']} (of {row['block_size']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="checkpoint folder or hub name (default: a small random LLaVA built locally)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[192, 128, 64], help="target_tokens to compare")
+    parser.add_argument("--preset", default="reference")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--ttft-repeats", type=int, default=3)
+    parser.add_argument("--engine-args", default="{}", help="more vllm.LLM arguments, as JSON")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one setting, run in this process
+    parser.add_argument("--worker-output", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    if args.worker is not None:
+        args.worker_output.write_text(json.dumps(measure(args, json.loads(args.worker))))
+        return
+    from tqdm import tqdm
+
+    if args.model is None:
+        args.model = str(small_llava_folder(args.output.parent / "vllm_small_llava"))
+    settings_list = [None] + [{"target_tokens": k, "preset": args.preset} for k in args.budgets]
+    results = []
+    environment = dict(os.environ)
+    if not has_gpu():
+        environment.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    for settings in tqdm(settings_list, desc="engines", unit="setting"):
+        worker_output = args.output.with_suffix(".worker.json")
+        command = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype]
+        command += ["--requests", str(args.requests), "--output-tokens", str(args.output_tokens)]
+        command += ["--ttft-repeats", str(args.ttft_repeats), "--engine-args", args.engine_args]
+        command += ["--worker", json.dumps(settings), "--worker-output", str(worker_output)]
+        subprocess.run(command, check=True, env=environment)
+        results.append(json.loads(worker_output.read_text()))
+        worker_output.unlink()
+    info = {**machine(), "model": args.model, "dtype": args.dtype, "output_tokens": args.output_tokens}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    table = markdown(results, info)
+    args.output.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Run a tiny LLaVA through vLLM (CPU build) with the plugin, and write what it saw and answered.
+
+The tests compare these runs with transformers patched the same way; each run is its own
+process (``python -m pitome_mllm.testing.vllm_runs MODEL_DIR OUTPUT.json --settings JSON``),
+because a vLLM engine holds process-wide state (its distributed group) after shutdown.
+
+The requests (`REQUESTS`) are plain data, so the comparing side builds the same prompts and images:
+one image; two images in one prompt; a batch of three prompts with different images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .tiny import IMAGE_TOKEN
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt: ``text`` holds one `IMAGE_TOKEN` per name in ``images`` (bundled photographs)."""
+
+    name: str
+    text: str
+    images: tuple[str, ...]
+
+
+REQUESTS: tuple[Request, ...] = (
+    Request("single", f"USER: {IMAGE_TOKEN}\nDescribe this photo. ASSISTANT:", ("astronaut",)),
+    Request("two_images", f"USER: {IMAGE_TOKEN}\n{IMAGE_TOKEN}\nWhat differs? ASSISTANT:", ("chelsea", "coffee")),
+    Request("batch_0", f"USER: {IMAGE_TOKEN}\nWho is this? ASSISTANT:", ("astronaut",)),
+    Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",)),
+    Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",)),
+)
+TOP_LOGPROBS = 5
+MAX_NEW_TOKENS = 4
+
+
+def engine_kwargs(model_dir: str | Path, settings: dict[str, Any] | None, max_images: int = 2) -> dict[str, Any]:
+    """`vllm.LLM` arguments for a tiny model on CPU in this process, fp32, with PiToMe ``settings`` (or none)."""
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "enforce_eager": True,
+        "limit_mm_per_prompt": {"image": max_images},
+        "max_num_seqs": 4,
+        "max_num_batched_tokens": 2048,
+        "distributed_executor_backend": "uni",
+        "seed": 0,
+    }
+    if settings is not None:
+        kwargs["hf_overrides"] = {"pitome": settings}
+    return kwargs
+
+
+def single_process_environment() -> None:
+    """Run vLLM's engine core in this process with a small KV cache (unless the caller chose otherwise)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def drop_last_embedding(model) -> None:
+    """Make the projector hand on one token too few per image: a merge gone wrong, for the count check's test."""
+    model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :-1])
+
+
+def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_counts: bool = False) -> dict[str, Any]:
+    """Start an engine, send every request of `REQUESTS` in one batch, return what came back.
+
+    ``break_counts``: `drop_last_embedding` first (the run must then fail with the plugin's count error).
+
+    Returns:
+        ``{"startup_s", "requests": {name: {"prompt_token_ids", "token_ids", "top_logprobs"}}}``;
+        ``top_logprobs`` maps the first answer token's most likely ids (as strings) to log-probabilities.
+    """
+    single_process_environment()
+    from vllm import LLM, SamplingParams
+
+    from .tiny import load_image
+
+    started = time.perf_counter()
+    llm = LLM(**engine_kwargs(model_dir, settings))
+    startup_s = time.perf_counter() - started
+    if break_counts:
+        llm.apply_model(drop_last_embedding)
+    prompts = [
+        {"prompt": request.text, "multi_modal_data": {"image": [load_image(name) for name in request.images]}}
+        for request in REQUESTS
+    ]
+    sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
+    outputs = llm.generate(prompts, sampling, use_tqdm=False)
+    results = {}
+    for request, output in zip(REQUESTS, outputs, strict=True):
+        completion = output.outputs[0]
+        results[request.name] = {
+            "prompt_token_ids": list(output.prompt_token_ids),
+            "token_ids": list(completion.token_ids),
+            "top_logprobs": {str(token): entry.logprob for token, entry in completion.logprobs[0].items()},
+        }
+    return {"startup_s": startup_s, "settings": settings, "requests": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("output", help="JSON file to write")
+    parser.add_argument("--settings", default="null", help="the hf_overrides['pitome'] value, as JSON (null: none)")
+    parser.add_argument("--break-counts", action="store_true", help="drop one embedding per image (must fail)")
+    args = parser.parse_args(argv)
+    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

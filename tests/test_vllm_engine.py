@@ -1,0 +1,151 @@
+"""PiToMe served by vLLM (its CPU build): counts and first-token log-probabilities against transformers.
+
+Needs vLLM, so it runs in the environment ``bash scripts/install.sh --vllm`` makes (CI does);
+elsewhere it is skipped. Each engine runs in its own process (`pitome_mllm.testing.vllm_runs`);
+the transformers side loads the same checkpoint here and is patched with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import pitome_mllm  # noqa: E402
+from pitome_mllm.testing.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # noqa: E402
+from pitome_mllm.testing.vllm_runs import REQUESTS  # noqa: E402
+
+# The settings each engine is started with (hf_overrides["pitome"]); None: no plugin settings.
+SETTINGS = {
+    "none": None,
+    "target_16": {"target_tokens": 16},
+    "target_32": {"target_tokens": 32},
+    "keep_0.9_reference": {"keep_ratio": 0.9, "preset": "reference"},
+    "keep_0.9_paper": {"keep_ratio": 0.9, "preset": "paper"},
+    "keep_0.9_keys_size_weighted": {"keep_ratio": 0.9, "preset": "pure", "prop_attn": False},
+    "tome_target_32": {"method": "tome", "target_tokens": 32},
+    "pool_16": {"method": "pool", "target_tokens": 16},
+    "keep_1.0": {"keep_ratio": 1.0},
+}
+# Largest |log p(vLLM) - log p(transformers)| over the top-5 first tokens allowed in fp32.
+LOGPROB_TOLERANCE = 1e-4
+_RUNS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_llava(tmp_path_factory.mktemp("vllm_llava"), VLLM_TEST_SPEC, hub_layout=True)
+
+
+def run_engine(model_dir: Path, settings: dict | None, *extra: str) -> subprocess.CompletedProcess:
+    output = model_dir.parent / f"run_{abs(hash(json.dumps(settings, sort_keys=True)))}_{len(extra)}.json"
+    command = [sys.executable, "-m", "pitome_mllm.testing.vllm_runs", str(model_dir), str(output)]
+    command += ["--settings", json.dumps(settings), *extra]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    process.output_file = output
+    return process
+
+
+def engine_result(model_dir: Path, name: str) -> dict:
+    if name not in _RUNS:
+        process = run_engine(model_dir, SETTINGS[name])
+        assert process.returncode == 0, process.stderr[-4000:]
+        _RUNS[name] = json.loads(process.output_file.read_text())
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    return model, processor
+
+
+def transformers_run(reference, settings: dict | None) -> dict:
+    """What transformers, patched with ``settings``, makes of every request (one at a time)."""
+    model, processor = reference
+    handle = pitome_mllm.patch(model, processor, **settings) if settings else None
+    try:
+        results = {}
+        for request in REQUESTS:
+            images = [load_image(name) for name in request.images]
+            inputs = processor(images=images, text=[request.text], return_tensors="pt")
+            with torch.no_grad():
+                logprobs = model(**inputs).logits[0, -1].float().log_softmax(-1)
+            results[request.name] = {"prompt_token_ids": inputs["input_ids"][0].tolist(), "logprobs": logprobs}
+        tokens = None if handle is None else handle.num_visual_tokens
+        return {"requests": results, "num_visual_tokens": tokens}
+    finally:
+        if handle is not None:
+            handle.unpatch()
+
+
+@pytest.mark.parametrize("name", [name for name in SETTINGS if name != "keep_1.0"])
+def test_counts_and_first_token_logprobs_match_transformers(model_dir, reference, name):
+    settings = SETTINGS[name]
+    served = engine_result(model_dir, name)
+    expected = transformers_run(reference, settings)
+    image_token_id = reference[0].config.image_token_id
+    per_image = expected["num_visual_tokens"] or VLLM_TEST_SPEC.num_patches
+    worst = 0.0
+    for request in REQUESTS:
+        got = served["requests"][request.name]
+        want = expected["requests"][request.name]
+        # The prompt vLLM built (placeholders expanded by the plugin's count) is the one transformers built.
+        assert got["prompt_token_ids"] == want["prompt_token_ids"], request.name
+        assert got["prompt_token_ids"].count(image_token_id) == per_image * len(request.images), request.name
+        for token, logprob in got["top_logprobs"].items():
+            difference = abs(logprob - want["logprobs"][int(token)].item())
+            worst = max(worst, difference)
+        assert worst <= LOGPROB_TOLERANCE, (request.name, worst)
+    if settings is not None:
+        # The tolerance tells merges apart: merging moves the log-probabilities far more than it allows.
+        unmerged = transformers_run(reference, None)["requests"]["single"]["logprobs"]
+        moved = (expected["requests"]["single"]["logprobs"] - unmerged).abs().max().item()
+        assert moved > 100 * LOGPROB_TOLERANCE, moved
+    print(f"{name}: {per_image} tokens per image, max |d log p| = {worst:.2e}")
+
+
+def test_keep_ratio_one_equals_vllm_unpatched(model_dir):
+    unpatched = engine_result(model_dir, "none")["requests"]
+    kept = engine_result(model_dir, "keep_1.0")["requests"]
+    assert kept == unpatched  # token ids and log-probabilities, exactly
+
+
+def test_wrong_embedding_count_raises_instead_of_truncating(model_dir):
+    process = run_engine(model_dir, {"target_tokens": 16}, "--break-counts")
+    assert process.returncode != 0
+    assert "image 0 produced 15 visual embeddings, but its prompt holds 16 placeholders" in process.stderr
+
+
+@pytest.mark.parametrize("settings", [{"target_tokens": 65}, {"keep_ratio": 0.4}, {"kep_ratio": 0.9}])
+def test_bad_settings_fail_at_engine_start_with_the_patch_message(model_dir, reference, settings):
+    model, processor = reference
+    with pytest.raises(ValueError) as refused:
+        pitome_mllm.patch(model, processor, **settings)
+    process = run_engine(model_dir, settings)
+    assert process.returncode != 0
+    assert str(refused.value) in process.stderr, process.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("settings", "reason"),
+    [
+        ({"preset": "pure", "keep_ratio": 0.9}, "prop_attn=True is not supported in vLLM"),
+        ({"method": "dominant", "target_tokens": 16}, "which vLLM fuses into one qkv_proj"),
+        ({"keep_ratio": 0.9, "llm_prop_attn": True}, "llm_prop_attn=True is not supported in vLLM"),
+    ],
+)
+def test_settings_vllm_cannot_serve_are_refused_with_the_reason(model_dir, settings, reason):
+    process = run_engine(model_dir, settings)
+    assert process.returncode != 0
+    assert reason in process.stderr, process.stderr[-3000:]
