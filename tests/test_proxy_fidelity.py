@@ -148,6 +148,7 @@ def test_finished_rows_are_reused_only_for_the_same_identity(tmp_path):
 def test_run_resumes_without_running_finished_settings(tmp_path, monkeypatch):
     pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn ('pitome-mllm[proxy]')")
     identity = {"dataset": "digits", "train": 30, "test": 12, "seed": 0, "spectral_images": 0}
+    identity["rows_version"] = fidelity.ROWS_VERSION
     finished = {"setting": "none", "budget": None, "visual_tokens": 256, "probe_acc_plain": 0.5}
     finished.update(probe_acc_size_weighted=0.5, pooled_cos_plain=1.0, pooled_cos_size_weighted=1.0)
     (tmp_path / "fidelity.json").write_text(json.dumps({"identity": identity, "rows": [finished]}))
@@ -213,3 +214,38 @@ def test_tiny_run_on_the_real_tower(tmp_path, monkeypatch):
         "digits_test12_224_tokens.pt",
         "digits_train30_224_pooled.pt",
     ]
+    # Every row carries the per-image hits it is the accuracy of.
+    for row in rows.values():
+        assert len(row["probe_hits_plain"]) == 12
+        assert sum(row["probe_hits_plain"]) / 12 == pytest.approx(row["probe_acc_plain"])
+
+
+def test_seeded_rows_repeat_per_seed_and_deterministic_ones_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(settings, output, seed, **kwargs):
+        calls.append((list(settings), seed))
+        rows = []
+        for name in settings:
+            hits = [1, 0, 1, 1] if name != "random" else [seed % 2, 1, 0, 1]
+            rows.append({"setting": name, "budget": 32, "visual_tokens": 32, "probe_hits_plain": hits})
+        output.mkdir(parents=True)
+        (output / "fidelity.json").write_text(json.dumps({"rows": rows}))
+        return rows
+
+    monkeypatch.setattr(fidelity, "run_fidelity", fake_run)
+    fidelity.run_fidelity_seeds([0, 1, 2], ["pitome_reference", "random"], tmp_path, model_and_processor=(None, None))
+    assert calls == [(["pitome_reference", "random"], 0), (["random"], 1), (["random"], 2)]
+    table = fidelity.seed_table(tmp_path, [0, 1, 2])
+    assert table.hits[("pitome_reference", 32)] == {seed: {0: 1, 1: 0, 2: 1, 3: 1} for seed in (0, 1, 2)}
+    assert table.hits[("random", 32)][1] == {0: 1, 1: 1, 2: 0, 3: 1}
+    assert table.score == "probe accuracy, plain pool"
+    with pytest.raises(ValueError, match="pool must be one of"):
+        fidelity.seed_table(tmp_path, [0], "bogus")
+    with pytest.raises(ValueError, match="run the fidelity proxy for seed 7 first"):
+        fidelity.seed_table(tmp_path, [0, 7])
+    stale = tmp_path / "old"
+    (stale / "seed0").mkdir(parents=True)
+    (stale / "seed0" / "fidelity.json").write_text(json.dumps({"rows": [{"setting": "tome", "budget": 32}]}))
+    with pytest.raises(ValueError, match="without per-image hits"):
+        fidelity.seed_table(stale, [0])

@@ -120,6 +120,11 @@ def test_setting_runs_add_each_budget_and_keep_single_runs_single():
         vqa.setting_runs("bogus", [64])
 
 
+def test_default_task_folder_is_the_checkouts_eval_tasks():
+    assert vqa.default_task_folder() == TASK_FOLDER
+    assert (vqa.default_task_folder() / vqa.TASK / f"{vqa.TASK}.yaml").is_file()
+
+
 def test_written_suite_loads_and_expands_to_settings_times_budgets(tmp_path):
     settings = ["none", "floor", "tome", "pitome_reference", "pool"]
     path = vqa.write_suite(tmp_path / "suite.yaml", settings, [64, 16], TASK_FOLDER, batch_size=4)
@@ -241,3 +246,66 @@ def test_paired_difference_pairs_questions_at_equal_budgets():
     assert error == pytest.approx((2 / 7 / 8) ** 0.5)
     assert vqa.paired_difference(rows, "none", "pitome_reference") is None
     assert "| tome | +0.0000 |" in "\n".join(vqa.paired_table(rows, "pitome_reference"))
+
+
+# ----------------------------------------------------------------------------- several seeds
+def _fake_seed_run(output: Path, seed: int, run_id: str, answers: list[tuple[str, float]], tokens: float) -> None:
+    """A finished sweep run in ``output/seed<N>`` with per-question samples: (kind, hit) per question."""
+    folder = vqa.seed_folder(output, seed)
+    _fake_run(folder, run_id, sum(hit for _, hit in answers) / len(answers), tokens, {})
+    samples = [
+        {"doc_id": doc, "accuracy": hit, "shape_accuracy": hit if kind == "shape" else None, "color_accuracy": None}
+        for doc, (kind, hit) in enumerate(answers)
+    ]
+    lmms = folder / "runs" / vqa.TASK / run_id / "lmms_eval"
+    (lmms / f"x_samples_{vqa.TASK}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def test_seed_table_collects_each_seeds_hits_and_the_report_pairs_them(tmp_path):
+    for seed, flip in ((0, 0.0), (1, 1.0)):
+        _fake_seed_run(tmp_path, seed, "none", [("shape", 1.0), ("yes/no", 1.0), ("shape", 1.0)], 256)
+        _fake_seed_run(tmp_path, seed, "pitome_reference-64", [("shape", 1.0), ("yes/no", 0.0), ("shape", 0.0)], 64)
+        _fake_seed_run(tmp_path, seed, "random-64", [("shape", 1.0), ("yes/no", 1.0), ("shape", flip)], 64)
+    (tmp_path / "seed5").mkdir()  # a folder without finished runs is not a seed
+    assert vqa.finished_seeds(tmp_path) == [0, 1]
+    table = vqa.seed_table(tmp_path, [0, 1])
+    assert table.hits[("random", 64)] == {0: {0: 1.0, 1: 1.0, 2: 0.0}, 1: {0: 1.0, 1: 1.0, 2: 1.0}}
+    assert table.tokens[("none", None)] == 256
+    shape = vqa.seed_table(tmp_path, [0, 1], "shape+color acc")
+    assert shape.hits[("pitome_reference", 64)] == {0: {0: 1.0, 2: 0.0}, 1: {0: 1.0, 2: 0.0}}
+    with pytest.raises(ValueError, match="column must be one of"):
+        vqa.seed_table(tmp_path, [0], "bogus")
+    with pytest.raises(ValueError, match="seed3 holds no finished easy_vqa run"):
+        vqa.seed_table(tmp_path, [0, 3])
+
+    paths = vqa.write_seed_report(tmp_path, [0, 1], {"limit": 3})
+    stored = json.loads(paths["json"].read_text())
+    rows = {(row["setting"], row["budget"]): row for row in stored["rows"]}
+    # random - reference: +1/3 under seed 0 (question 1), +2/3 under seed 1 (questions 1 and 2).
+    assert rows[("random", 64)]["difference_per_seed"] == pytest.approx([1 / 3, 2 / 3])
+    assert rows[("random", 64)]["difference"] == pytest.approx(0.5) and rows[("random", 64)]["pairs"] == 6
+    assert stored["seeds"] == [0, 1] and (tmp_path / "seed0" / "vqa.md").is_file()
+    assert (tmp_path / "vqa_seeds_shape_color.md").is_file()
+
+
+def test_report_cli_puts_both_proxies_and_the_verdict_together(tmp_path, capsys):
+    from pitome_mllm.cli import main
+
+    vqa_folder, fidelity_folder = tmp_path / "vqa", tmp_path / "fidelity"
+    for seed in (0, 1):
+        _fake_seed_run(vqa_folder, seed, "pitome_reference-64", [("shape", 1.0), ("shape", 0.0)] * 20, 64)
+        _fake_seed_run(vqa_folder, seed, "tome-64", [("shape", 0.0), ("shape", 0.0)] * 20, 64)
+        rows = [
+            {"setting": name, "budget": 64, "visual_tokens": 64, "probe_hits_plain": hits}
+            for name, hits in (("pitome_reference", [1, 0] * 20), ("tome", [0, 0] * 20))
+        ]
+        (fidelity_folder / f"seed{seed}").mkdir(parents=True)
+        (fidelity_folder / f"seed{seed}" / "fidelity.json").write_text(json.dumps({"rows": rows}))
+    argv = ["proxy", "report", "--vqa", str(vqa_folder), "--fidelity", str(fidelity_folder)]
+    assert main([*argv, "--output", str(tmp_path / "summary")]) == 0
+    text = (tmp_path / "summary" / "proxy_summary.md").read_text()
+    assert "| easy-VQA: easy-VQA accuracy, all questions (− pitome_reference, points ± SE) | 64 tokens |" in text
+    assert "| tome | 0.000 (-50.0 ± " in text
+    assert "- **64 tokens: `pitome_reference`**" in text and "`pitome_mllm` is not recommended here" in text
+    assert "proxy_summary.md" in capsys.readouterr().out
+    assert main([*argv[:3], str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2

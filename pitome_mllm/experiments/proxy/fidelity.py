@@ -70,6 +70,13 @@ DEFAULT_BUDGETS = (128, 64, 32)
 DEFAULT_OUTPUT = "proxy_results/fidelity"
 STEM = "fidelity"
 WEIGHTED_POOL_LABEL = "size-weighted pool (≈ LLM prop-attn)"
+# Pool -> the row's probe accuracy and its per-test-image hits.
+POOLS = {"plain": "probe_acc_plain", "size_weighted": "probe_acc_size_weighted"}
+HIT_COLUMNS = {"plain": "probe_hits_plain", "size_weighted": "probe_hits_size_weighted"}
+# Methods whose result depends on `seed` (PiToMeConfig.seed); the others are deterministic.
+SEEDED_METHODS = ("random",)
+REFERENCE_SETTING = "pitome_reference"  # what the paired differences are taken against
+ROWS_VERSION = 2  # 2: rows carry per-image probe hits
 
 # How a setting meets a budget (the value of BUDGET_KEY in its SETTINGS entry):
 # "target_tokens" (default): PiToMeConfig.target_tokens = budget (exact count);
@@ -85,6 +92,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "tome": {"method": "tome", "preset": "reference"},
     "tome_sw": {"method": "tome", "preset": "reference", "reduce": "size_weighted"},
     "pitome_reference": {"method": "pitome", "preset": "reference"},
+    "pitome_paper": {"method": "pitome", "preset": "paper"},
     "pitome_reference_sw": {"method": "pitome", "preset": "reference", "reduce": "size_weighted"},
     "pitome_keys": {"method": "pitome", "preset": "reference", "metric": "keys"},
     "pitome_keys_sw": {"method": "pitome", "preset": "reference", "metric": "keys", "reduce": "size_weighted"},
@@ -444,6 +452,10 @@ class LinearProbe:
     def accuracy(self, pooled: torch.Tensor, labels: torch.Tensor) -> float:
         return (self.predict(pooled) == labels).float().mean().item()
 
+    def hits(self, pooled: torch.Tensor, labels: torch.Tensor) -> list[int]:
+        """``[N]`` 1 where the prediction for an image is right, else 0 (the per-image pairing unit)."""
+        return (self.predict(pooled) == labels).int().tolist()
+
 
 def train_probe(pooled: torch.Tensor, labels: torch.Tensor, weight_decay: float = 1e-3) -> LinearProbe:
     """Full-batch L-BFGS on cross-entropy + L2 over standardised ``pooled`` ``[N, D]`` (deterministic)."""
@@ -504,6 +516,8 @@ def score_row(
         "keep_ratio": reduced.keep_ratio,
         "probe_acc_plain": probe.accuracy(reduced.pooled_plain, labels),
         "probe_acc_size_weighted": probe.accuracy(reduced.pooled_weighted, labels),
+        "probe_hits_plain": probe.hits(reduced.pooled_plain, labels),
+        "probe_hits_size_weighted": probe.hits(reduced.pooled_weighted, labels),
         "pooled_cos_plain": mean_cosine(reduced.pooled_plain, pooled_reference),
         "pooled_cos_size_weighted": mean_cosine(reduced.pooled_weighted, pooled_reference),
         "patch_cos": 1.0 if cosines is None else cosines.nanmean().item(),
@@ -604,7 +618,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    columns = [key for key in rows[0] if key != "config"] if rows else [key for key, _, _ in TABLE_COLUMNS]
+    skipped = ("config", *HIT_COLUMNS.values())
+    columns = [key for key in rows[0] if key not in skipped] if rows else [key for key, _, _ in TABLE_COLUMNS]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -716,7 +731,14 @@ def run_fidelity(
     spectral_images = min(spectral_images, test)
     output = Path(output)
     json_path = output / f"{STEM}.json"
-    identity = {"dataset": dataset, "train": train, "test": test, "seed": seed, "spectral_images": spectral_images}
+    identity = {
+        "dataset": dataset,
+        "train": train,
+        "test": test,
+        "seed": seed,
+        "spectral_images": spectral_images,
+        "rows_version": ROWS_VERSION,
+    }
     rows = load_finished_rows(json_path, identity)
     done = {row_key(row) for row in rows}
     splits = load_splits(dataset, train, test)  # fail on missing data before the model is built
@@ -742,7 +764,7 @@ def run_fidelity(
                 logger.warning("skipping %s at %s tokens: %s", name, budget, error)
                 skipped.append({"setting": name, "budget": budget, "reason": str(error)})
                 continue
-            if name == "random":
+            if config["method"] in SEEDED_METHODS:
                 config["seed"] = seed
             if (name, budget) not in done:
                 todo.append((name, budget, config))
@@ -815,3 +837,95 @@ def run_fidelity(
     atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
     write_reports(output, rows, dataset)
     return sorted_rows(rows)
+
+
+# ----------------------------------------------------------------------------- several seeds
+SEED_FOLDER = "seed{seed}"
+SEEDS_STEM = "fidelity_seeds"
+
+
+def seed_folder(output: Path, seed: int) -> Path:
+    """``OUTPUT/seed<N>``: the run of one seed (every setting for the first seed, seeded ones after)."""
+    return Path(output) / SEED_FOLDER.format(seed=seed)
+
+
+def is_seeded(name: str) -> bool:
+    """Whether setting ``name`` changes with the seed (its method is in `SEEDED_METHODS`)."""
+    return SETTINGS[name]["method"] in SEEDED_METHODS
+
+
+def run_fidelity_seeds(
+    seeds: Sequence[int], settings: Sequence[str] = DEFAULT_SETTINGS, output: str | Path = DEFAULT_OUTPUT, **kwargs
+) -> dict[int, list[dict[str, Any]]]:
+    """`run_fidelity` for the first seed with every setting, then for each other seed with the seeded ones.
+
+    The probe and the deterministic settings do not depend on the seed, so they run once; the
+    seeded settings (``random``) run once per seed. Each seed has its own folder (`seed_folder`),
+    resumable as `run_fidelity` is. ``kwargs`` go to `run_fidelity` (one model is built and shared).
+
+    Returns:
+        ``{seed: rows}``.
+    """
+    seeds = list(dict.fromkeys(seeds))
+    if not seeds:
+        raise ValueError("no seed given")
+    settings = parse_settings(settings)
+    if kwargs.get("model_and_processor") is None:
+        from ...testing.real_tower import build_real_llava
+
+        kwargs["model_and_processor"] = build_real_llava(text_layers=1)
+    results = {}
+    for position, seed in enumerate(seeds):
+        names = settings if position == 0 else [name for name in settings if is_seeded(name)]
+        if names:
+            results[seed] = run_fidelity(settings=names, output=seed_folder(output, seed), seed=seed, **kwargs)
+    return results
+
+
+def seed_table(output: str | Path, seeds: Sequence[int], pool: str = "plain"):
+    """A `report.SettingTable` of per-test-image probe hits over ``seeds`` (the `run_fidelity_seeds` folders).
+
+    A deterministic setting is read from the first seed's folder and given under every seed
+    (`stats.broadcast_seeds`); a seeded one from each seed's folder.
+
+    Raises:
+        ValueError: an unknown pool, or a folder without rows carrying per-image hits.
+    """
+    from .report import SettingTable
+    from .stats import broadcast_seeds
+
+    if pool not in HIT_COLUMNS:
+        raise ValueError(f"pool must be one of {sorted(HIT_COLUMNS)}, got {pool!r}")
+    seeds = list(dict.fromkeys(seeds))
+    hits: dict[tuple[str, int | None], dict[int, dict[int, float]]] = {}
+    tokens: dict[tuple[str, int | None], float] = {}
+    for position, seed in enumerate(seeds):
+        path = seed_folder(output, seed) / f"{STEM}.json"
+        if not path.is_file():
+            raise ValueError(f"no {path}: run the fidelity proxy for seed {seed} first")
+        for row in json.loads(path.read_text())["rows"]:
+            if HIT_COLUMNS[pool] not in row:
+                raise ValueError(f"{path} has rows without per-image hits (an older run): run it again")
+            name, key = row["setting"], (row["setting"], row["budget"])
+            values = dict(enumerate(row[HIT_COLUMNS[pool]]))
+            if name in SETTINGS and is_seeded(name):
+                hits.setdefault(key, {})[seed] = values
+            elif position == 0:
+                hits[key] = broadcast_seeds(values, seeds)
+            tokens[key] = row["visual_tokens"]
+    label = "plain pool" if pool == "plain" else WEIGHTED_POOL_LABEL
+    return SettingTable(hits=hits, tokens=tokens, order=list(SETTINGS), score=f"probe accuracy, {label}")
+
+
+def write_seed_report(output: str | Path, seeds: Sequence[int], extra: dict[str, Any]) -> dict[str, Path]:
+    """``fidelity_seeds.*`` (plain pool) and ``fidelity_seeds_size_weighted.*``; returns the plain pool's paths."""
+    from .report import write_summary
+
+    methods = {name: fields["method"] for name, fields in SETTINGS.items()}
+    paths = {}
+    for pool, stem in (("plain", SEEDS_STEM), ("size_weighted", f"{SEEDS_STEM}_size_weighted")):
+        table = seed_table(output, seeds, pool)
+        title = f"Real DINOv2 ViT-S/14, linear probe on the reduced tokens ({table.score}); seeds of random: {seeds}"
+        written = write_summary(output, stem, table, REFERENCE_SETTING, title, {**extra, "seeds": list(seeds)}, methods)
+        paths = paths or written
+    return paths

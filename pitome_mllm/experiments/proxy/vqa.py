@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ...config import PiToMeConfig
+from .stats import estimate
 
 TASK = "easy_vqa"
 METRIC = "accuracy,none"
 KIND_COLUMNS = {"shape": "shape_accuracy,none", "color": "color_accuracy,none", "yes/no": "yes_no_accuracy,none"}
 DEFAULT_BUDGETS = (128, 64, 32)
+# Report column -> the row's per-question hits it is the mean of (`read_run`).
+HIT_COLUMNS = {"accuracy": "hits", "shape+color acc": "image_hits"}
+COLUMN_LABELS = {"accuracy": "easy-VQA accuracy, all questions", "shape+color acc": "easy-VQA accuracy, shape + colour"}
 NUM_PATCHES = 256
 
 # Setting -> PiToMeConfig fields; each budget is added as target_tokens (see `setting_runs`).
@@ -34,6 +38,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "tome": {"method": "tome", "preset": "reference"},
     "tome_sw": {"method": "tome", "preset": "reference", "reduce": "size_weighted"},
     "pitome_reference": {"method": "pitome", "preset": "reference"},
+    "pitome_paper": {"method": "pitome", "preset": "paper"},
     "pitome_reference_sw": {"method": "pitome", "preset": "reference", "reduce": "size_weighted"},
     "pitome_keys": {"method": "pitome", "preset": "reference", "metric": "keys"},
     "pitome_order": {"method": "pitome", "preset": "reference", "keep_order": True},
@@ -112,7 +117,7 @@ def write_suite(
 
 def default_task_folder() -> Path:
     """``eval/tasks`` of a source checkout (the proxy's task lives there)."""
-    return Path(__file__).resolve().parents[2] / "eval" / "tasks"
+    return Path(__file__).resolve().parents[3] / "eval" / "tasks"
 
 
 # ---------------------------------------------------------------------------------- report
@@ -141,6 +146,7 @@ def read_run(result_path: Path) -> dict[str, Any]:
     hits, image_hits = logged_hits(run_folder / Path(result["lmms_eval_results"]).parent)
     row["shape+color acc"] = sum(image_hits.values()) / len(image_hits) if image_hits else None
     row["hits"] = hits
+    row["image_hits"] = image_hits
     return row
 
 
@@ -178,10 +184,8 @@ def paired_difference(rows: list[dict[str, Any]], setting: str, reference: str) 
         differences += [row["hits"][doc] - other["hits"][doc] for doc in sorted(common)]
     if len(differences) < 2:
         return None
-    count = len(differences)
-    mean = sum(differences) / count
-    variance = sum((value - mean) ** 2 for value in differences) / (count - 1)
-    return mean, (variance / count) ** 0.5, count
+    pooled = estimate([differences], [0])
+    return pooled.mean, pooled.se, pooled.items
 
 
 def collect_rows(output: Path) -> list[dict[str, Any]]:
@@ -205,30 +209,16 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def budget_table(rows: list[dict[str, Any]], column: str) -> list[str]:
     """Markdown lines: ``column`` per setting (rows) x budget (columns)."""
-    budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
-    settings = list(dict.fromkeys(row["setting"] for row in rows))
-    by_key = {(row["setting"], row["budget"]): row for row in rows}
-    lines = [
-        f"| setting ({column}) | " + " | ".join(f"{budget} tokens" for budget in budgets) + " |",
-        "|---|" + "---:|" * len(budgets),
-    ]
-    for setting in settings:
-        if setting in SINGLE_RUN_SETTINGS:
-            row = by_key.get((setting, None))
-            if row:
-                lines.append(f"| {setting} ({_cell(row['visual_tokens'], 0)} tokens) | {_cell(row[column])} |")
-            continue
-        cells = []
-        for budget in budgets:
-            row = by_key.get((setting, budget))
-            if row is None:
-                cells.append("")
-            elif row["visual_tokens"] is not None and abs(row["visual_tokens"] - budget) > 0.5:
-                cells.append(f"{_cell(row[column])} ({row['visual_tokens']:.0f} tok)")
-            else:
-                cells.append(_cell(row[column]))
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    return lines
+    from .report import markdown_grid
+
+    def cell(row: dict[str, Any]) -> str:
+        text = _cell(row[column])
+        tokens = row["visual_tokens"]
+        if tokens is not None and abs(tokens - row["budget"]) > 0.5:
+            return f"{text} ({tokens:.0f} tok)"
+        return text
+
+    return markdown_grid(rows, f"setting ({column})", cell, lambda row: _cell(row[column]))
 
 
 def paired_table(rows: list[dict[str, Any]], reference: str) -> list[str]:
@@ -323,12 +313,137 @@ def write_report(output: Path, extra: dict[str, Any]) -> dict[str, Path]:
         raise ValueError(f"{output} holds no finished easy_vqa run")
     paths = {name: output / f"vqa.{name}" for name in ("md", "csv", "json", "png")}
     paths["md"].write_text(markdown_report(rows))
-    columns = [key for key in rows[0] if key not in ("config", "hits")]
+    columns = [key for key in rows[0] if key not in ("config", *HIT_COLUMNS.values())]
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    stored = [{key: value for key, value in row.items() if key != "hits"} for row in rows]
+    stored = [{key: value for key, value in row.items() if key not in HIT_COLUMNS.values()} for row in rows]
     paths["json"].write_text(json.dumps({**extra, "rows": stored}, indent=1) + "\n")
     plot_report(rows, paths["png"])
+    return paths
+
+
+# ----------------------------------------------------------------------------- several seeds
+SEED_FOLDER = "seed{seed}"
+SEEDS_STEM = "vqa_seeds"
+
+
+def seed_folder(output: Path, seed: int) -> Path:
+    """``OUTPUT/seed<N>``: the sweep folder of one training seed."""
+    return Path(output) / SEED_FOLDER.format(seed=seed)
+
+
+def finished_seeds(output: Path) -> list[int]:
+    """Seeds with a sweep folder under ``output`` holding at least one finished run."""
+    seeds = []
+    for folder in Path(output).glob(SEED_FOLDER.format(seed="*")):
+        suffix = folder.name[len(SEED_FOLDER.format(seed="")) :]
+        if suffix.isdigit() and any((folder / "runs" / TASK).glob("*/result.json")):
+            seeds.append(int(suffix))
+    return sorted(seeds)
+
+
+def seed_table(output: Path, seeds: Sequence[int], column: str = "accuracy"):
+    """A `report.SettingTable` of ``column``'s per-question hits over the training ``seeds``.
+
+    Args:
+        output: the folder of `run_seeds` (one `seed_folder` per seed).
+        column: ``"accuracy"`` (every question) or ``"shape+color acc"`` (shape and colour questions).
+
+    Raises:
+        ValueError: an unknown column, or a seed folder without finished runs.
+    """
+    from .report import SettingTable
+
+    if column not in HIT_COLUMNS:
+        raise ValueError(f"column must be one of {sorted(HIT_COLUMNS)}, got {column!r}")
+    hits: dict[tuple[str, int | None], dict[int, dict[int, float]]] = {}
+    tokens: dict[tuple[str, int | None], list[float]] = {}
+    for seed in seeds:
+        rows = collect_rows(seed_folder(output, seed))
+        if not rows:
+            raise ValueError(f"{seed_folder(output, seed)} holds no finished {TASK} run")
+        for row in rows:
+            key = (row["setting"], row["budget"])
+            hits.setdefault(key, {})[seed] = row[HIT_COLUMNS[column]]
+            if row["visual_tokens"] is not None:
+                tokens.setdefault(key, []).append(row["visual_tokens"])
+    return SettingTable(
+        hits=hits,
+        tokens={key: sum(values) / len(values) for key, values in tokens.items()},
+        order=list(SETTINGS),
+        score=COLUMN_LABELS[column],
+    )
+
+
+def run_seeds(
+    seeds: Sequence[int],
+    settings: Sequence[str],
+    budgets: Sequence[int],
+    output: Path,
+    *,
+    include_path: Path,
+    limit: int,
+    batch_size: int = 16,
+    train=None,
+    progress: bool = True,
+) -> dict[str, list[str]]:
+    """Train (or reuse) one mini-LLaVA per seed and evaluate every setting x budget on each.
+
+    Settings go one after another and, within a setting, seed after seed, so an interrupted
+    call leaves whole settings measured on every seed. Every run is a sweep run (`sweep.run_suite`),
+    kept once finished: a second call redoes nothing.
+
+    Args:
+        train: `easy_vqa.TrainSettings` whose ``seed`` is replaced by each of ``seeds`` (default: the defaults).
+
+    Returns:
+        The sweep outcomes of all calls together (``done``, ``skipped``, ``failed`` run keys, prefixed ``seed<N>/``).
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from .. import sweep
+    from . import easy_vqa
+
+    if not seeds:
+        raise ValueError("no seed given")
+    train = train or easy_vqa.TrainSettings()
+    checkpoints = {
+        seed: easy_vqa.train_mini_llava(settings=dataclasses.replace(train, seed=seed)) for seed in dict.fromkeys(seeds)
+    }
+    suites = {
+        seed: sweep.load_suite(
+            write_suite(seed_folder(output, seed) / "suite.yaml", settings, budgets, include_path, batch_size)
+        )
+        for seed in checkpoints
+    }
+    outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    steps = [(name, seed) for name in settings for seed in checkpoints]
+    for name, seed in tqdm(steps, desc="easy-VQA settings x seeds", unit="step", disable=not progress):
+        only = [f"{TASK}/{run_id}" for run_id in setting_runs(name, budgets)]
+        done = sweep.run_suite(suites[seed], str(checkpoints[seed]), seed_folder(output, seed), limit=limit, only=only)
+        for key, keys in done.items():
+            outcome[key] += [f"seed{seed}/{run}" for run in keys]
+    return outcome
+
+
+def write_seed_report(output: Path, seeds: Sequence[int], extra: dict[str, Any]) -> dict[str, Path]:
+    """Each seed's own report, then ``vqa_seeds.*`` (all questions) and ``vqa_seeds_shape_color.*``.
+
+    Returns the paths of the all-questions summary.
+    """
+    from .report import write_summary
+
+    for seed in seeds:
+        write_report(seed_folder(output, seed), {**extra, "seed": seed})
+    methods = {name: fields["method"] for name, fields in SETTINGS.items()}
+    title = f"Mini-LLaVA (real DINOv2 tower) on easy-VQA, training seeds {', '.join(map(str, seeds))}"
+    paths = {}
+    for column, stem in (("accuracy", SEEDS_STEM), ("shape+color acc", f"{SEEDS_STEM}_shape_color")):
+        table = seed_table(output, seeds, column)
+        written = write_summary(output, stem, table, REFERENCE_SETTING, title, {**extra, "seeds": list(seeds)}, methods)
+        paths = paths or written
     return paths
