@@ -13,18 +13,26 @@ from typing import Any
 # ------------------------------------------------------------------------------ vocabulary
 # Every name a setting can take, in one place (the schedule, the merge functions, the
 # adapters and the command line take them from here).
-PRESETS = ("reference", "paper", "pure")
+PRESETS = ("reference", "paper", "pure", "mllm")
 # Algorithms of a merge step: PiToMe, and ToMe's bipartite soft matching.
 MERGE_METHODS = ("pitome", "tome")
 # Methods that plan the vision tower (a schedule of merge steps, or none at all).
 METHODS = (*MERGE_METHODS, "none")
 ENERGY_KINDS = ("elu", "paper", "gaussian")
 # The energy of each preset's PiToMe steps (docs/algorithm.md §3, §5), used when energy is None.
-PRESET_ENERGY = {"reference": "elu", "paper": "gaussian", "pure": "paper"}
+PRESET_ENERGY = {"reference": "elu", "paper": "gaussian", "pure": "paper", "mllm": "elu"}
 METRICS = ("hidden", "keys", "keys_mean")
-# Baselines that leave the tower unmerged and choose or pool the patch tokens to exactly
-# target_tokens before the projector (pitome_mllm.merge.select; docs/methods.md).
-SELECTION_METHODS = ("random", "pool", "dominant")
+# Methods that leave the tower unmerged and choose or pool the patch tokens to exactly
+# target_tokens at the projector (pitome_mllm.merge.select; docs/methods.md). "visionzip" is the
+# published name of "dominant" (one implementation, two names).
+SELECTION_METHODS = ("random", "pool", "dominant", "visionzip", "fastervlm", "divprune", "cdpruner")
+# Selection methods that rank patches by the class token's attention in the layer the model reads.
+CLS_ATTENTION_METHODS = ("dominant", "visionzip", "fastervlm")
+# Selection methods that need the prompt of each image (instruction-conditioned).
+INSTRUCTION_METHODS = ("cdpruner",)
+# The preset of `method="pitome"` for small budgets: select by energy and class-token attention
+# at the layer the model reads, then merge the rest into the kept tokens (docs/methods.md).
+SELECT_MERGE_PRESETS = ("mllm",)
 # Model dtypes the loaders and the command line accept ("auto": the checkpoint's own).
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 ALL_METHODS = METHODS + SELECTION_METHODS
@@ -38,6 +46,10 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"metric": "hidden", "reduce": "mean", "prop_attn": False},
     # The paper's algorithm: keys as metric, size-weighted merge, proportional attention.
     "pure": {"metric": "keys", "reduce": "size_weighted", "prop_attn": True},
+    # Select-then-merge for <= 128 tokens: keys of the read layer (averaged over heads) as metric,
+    # size-weighted merge of every dropped patch into its most similar kept token, half of the
+    # kept tokens by lowest energy and half by class-token attention.
+    "mllm": {"metric": "keys_mean", "reduce": "size_weighted", "prop_attn": False, "energy_share": 0.5},
 }
 
 
@@ -63,13 +75,18 @@ class PiToMeConfig:
             projector-stage step runs; ``target_tokens=0`` gives the LLM no visual tokens).
             Baselines with an unmerged tower and an exact ``target_tokens``: ``"random"``
             (a seeded random subset of the patches), ``"pool"`` (average pooling of the
-            patch grid) and ``"dominant"`` (patches the class token attends to most, plus
-            a few contextual means of the rest); see docs/methods.md.
+            patch grid), ``"dominant"`` / ``"visionzip"`` (VisionZip: patches the class token
+            attends to most, plus a few contextual means of the rest), ``"fastervlm"`` (the
+            patches the class token attends to most), ``"divprune"`` (max-min diversity) and
+            ``"cdpruner"`` (a DPP conditioned on the prompt); see docs/methods.md.
         keep_ratio: fraction of tokens each merging layer keeps, in (0.5, 1.0]. With
             ``target_tokens`` set and ``keep_ratio`` left as None, it is solved so that
             the tower lands just above the budget.
         preset: ``"reference"`` (authors' released LLaVA code), ``"paper"`` (the schedule
-            behind the paper's LLaVA table) or ``"pure"`` (the paper's algorithm).
+            behind the paper's LLaVA table), ``"pure"`` (the paper's algorithm) or ``"mllm"``
+            (``method="pitome"`` with ``target_tokens``, for small budgets: keep the patches of
+            lowest energy and those the class token attends to most at the layer the model
+            reads, merge every other patch into its most similar kept one; tower unmerged).
         target_tokens: exact number of visual tokens per image reaching the language
             model; a final PiToMe step on the projected tokens lands on it. 0 only
             with ``method="none"``.
@@ -93,6 +110,9 @@ class PiToMeConfig:
         energy: energy kind; None takes the preset's.
         seed: seed of ``method="random"`` (every image draws its subset from a fresh
             generator seeded with it, so all images keep the same positions).
+        energy_share: preset ``"mllm"`` only: the fraction of ``target_tokens`` kept because
+            their energy is lowest (isolated patches), in [0, 1]; the rest of the budget goes
+            to the patches the class token attends to most. None takes the preset's (0.5).
     """
 
     method: str = "pitome"
@@ -109,6 +129,7 @@ class PiToMeConfig:
     alpha: float = 1.0
     energy: str | None = None
     seed: int = 0
+    energy_share: float | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -157,6 +178,7 @@ class PiToMeConfig:
                     f"method={self.method!r} leaves the vision tower unmerged: keep_ratio must be None or 1.0, "
                     f"got {self.keep_ratio}"
                 )
+        self._validate_select_merge()
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         self.seed = int(self.seed)
@@ -177,6 +199,39 @@ class PiToMeConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
+    def _validate_select_merge(self) -> None:
+        """The ``mllm`` preset's constraints, and ``energy_share`` only where it means something."""
+        if self.energy_share is not None:
+            value = self.energy_share
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"energy_share must be a number in [0, 1], got {value!r}")
+            if self.preset not in SELECT_MERGE_PRESETS:
+                raise ValueError(
+                    f"energy_share is a setting of preset {SELECT_MERGE_PRESETS}, got preset={self.preset!r}; "
+                    "drop energy_share or choose preset='mllm'"
+                )
+            self.energy_share = float(value)
+        if self.preset not in SELECT_MERGE_PRESETS:
+            return
+        if self.method != "pitome":
+            raise ValueError(
+                f"preset={self.preset!r} is a PiToMe setting: method must be 'pitome', got method={self.method!r}"
+            )
+        if self.target_tokens is None or self.target_tokens < 1:
+            raise ValueError(
+                f"preset={self.preset!r} needs target_tokens (the exact budget per image, >= 1), "
+                f"got {self.target_tokens!r}"
+            )
+        if self.keep_ratio is not None and self.keep_ratio != 1.0:
+            raise ValueError(
+                f"preset={self.preset!r} selects and merges at the layer the model reads, on the unmerged tower: "
+                f"keep_ratio must be None or 1.0, got {self.keep_ratio}"
+            )
+        if self.prop_attn:
+            raise ValueError(
+                f"preset={self.preset!r} leaves the tower unmerged, so prop_attn=True would do nothing; drop it"
+            )
+
     # ------------------------------------------------------------- derived
     @property
     def effective_keep_ratio(self) -> float:
@@ -189,8 +244,13 @@ class PiToMeConfig:
         return self.energy or PRESET_ENERGY[self.preset]
 
     @property
+    def selects_at_projector(self) -> bool:
+        """The tower stays unmerged and a selection stage lands on ``target_tokens`` at the projector."""
+        return self.method in SELECTION_METHODS or self.preset in SELECT_MERGE_PRESETS
+
+    @property
     def merges_in_tower(self) -> bool:
-        if self.method == "none" or self.method in SELECTION_METHODS:
+        if self.method == "none" or self.selects_at_projector:
             return False
         return self.keep_ratio is None or self.keep_ratio < 1.0
 

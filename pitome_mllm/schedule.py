@@ -48,12 +48,17 @@ class PresetSchedule:
     odd_layers_only: bool  # merge only after layers 1, 3, 5, ...
     tome_first_half: bool  # layers l <= L // 2 use bipartite soft matching
     energy: str  # energy kind of the PiToMe layers
+    merges_in_tower: bool = True  # False: the preset selects at the projector, the tower never merges
 
 
 PRESET_SCHEDULES = {
     "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy=PRESET_ENERGY["reference"]),
     "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy=PRESET_ENERGY["paper"]),
     "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["pure"]),
+    # Selects and merges once at the projector (docs/methods.md); the tower is never merged.
+    "mllm": PresetSchedule(
+        odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["mllm"], merges_in_tower=False
+    ),
 }
 
 
@@ -113,7 +118,8 @@ def plan_layers(
         keep_ratio: fraction of tokens kept by each merging layer, in (0.5, 1.0].
         method: ``"pitome"`` (the preset's mix of BSM and PiToMe layers), ``"tome"``
             (BSM on every merging layer) or ``"none"``.
-        preset: ``"reference"``, ``"paper"`` or ``"pure"`` (module docstring).
+        preset: ``"reference"``, ``"paper"``, ``"pure"`` (module docstring) or ``"mllm"``
+            (no merge in the tower).
         class_token: the first token is a class token (never merged).
         last_layer: the last layer whose output is used (default ``L - 1``); later
             layers are not planned.
@@ -138,7 +144,9 @@ def plan_layers(
     tokens = num_tokens
     for layer_idx in range(last_layer + 1):
         margin = margin_for_layer(layer_idx, num_layers, margin_start, margin_span)
-        merges_here = method != "none" and (not schedule.odd_layers_only or layer_idx % 2 == 1)
+        merges_here = (
+            method != "none" and schedule.merges_in_tower and (not schedule.odd_layers_only or layer_idx % 2 == 1)
+        )
         if not merges_here or keep_ratio >= 1.0:
             kind, r = "none", 0
         elif method == "tome" or (schedule.tome_first_half and layer_idx <= num_layers // 2):

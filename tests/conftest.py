@@ -7,10 +7,12 @@ Saved folders are session-scoped because nothing writes to them after creation.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pitome_mllm
 from pitome_mllm.assets import load_image
@@ -64,3 +66,62 @@ def unpatch_fixture_models(request, *names: str) -> None:
             handle = pitome_mllm.get_patch(request.getfixturevalue(name)[0])
             if handle is not None:
                 handle.unpatch()
+
+
+def placeholder_counts(processor, inputs) -> list[int]:
+    """Image placeholders in each prompt of ``inputs``."""
+    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
+
+
+@contextlib.contextmanager
+def features_reaching_llm(model):
+    """Record every ``image_features`` tensor LLaVA checks against its placeholders (``[tokens, D]``)."""
+    llava = model.model
+    original = llava.get_placeholder_mask
+    seen: list[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["image_features"].detach().clone())
+        return original(*args, **kwargs)
+
+    llava.get_placeholder_mask = recording
+    try:
+        yield seen
+    finally:
+        del llava.get_placeholder_mask
+
+
+def prefill_features(model, inputs) -> torch.Tensor:
+    """The image features of one forward, ``[num_images * tokens, D]``."""
+    with features_reaching_llm(model) as seen, torch.no_grad():
+        model(**inputs)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def pitome_leftovers(model) -> list[str]:
+    """Modules still carrying an instance forward / generate, a hook or an attribute from this library."""
+
+    def ours(function) -> bool:
+        return (getattr(function, "__module__", None) or "").startswith("pitome_mllm")
+
+    left = []
+    for name, module in model.named_modules():
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        # An override made with functools.wraps carries the library's __module__: look for generate itself.
+        if ours(module.__dict__.get("forward")) or "generate" in module.__dict__ or any(map(ours, hooks)):
+            left.append(name)
+        if any(attribute.startswith("_pitome") for attribute in module.__dict__):
+            left.append(name)
+    return left
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny tensors: one thread is faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

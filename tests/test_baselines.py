@@ -10,12 +10,19 @@ functions are also checked on plain tensors.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    features_reaching_llm,
+    one_torch_thread,
+    pitome_leftovers,
+    placeholder_counts,
+    prefill_features,
+    unpatch_fixture_models,
+)
 
 import pitome_mllm
 from pitome_mllm.merge.select import (
@@ -39,15 +46,10 @@ METHODS = ("random", "pool", "dominant")
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_no_leftover_patch(request):
-    """Tiny tensors: one thread is faster on a busy machine; never leave the shared model patched."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if "tiny_llava" in request.fixturenames:
-        handle = pitome_mllm.get_patch(request.getfixturevalue("tiny_llava")[0])
-        if handle is not None:
-            handle.unpatch()
+    """One torch thread; never leave the shared model patched."""
+    with one_torch_thread():
+        yield
+    unpatch_fixture_models(request, "tiny_llava")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -55,36 +57,6 @@ def encode(processor, images, prompts=PROMPT):
     images = images if isinstance(images, list) else [images]
     prompts = prompts if isinstance(prompts, list) else [prompts] * len(images)
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def placeholder_counts(processor, inputs) -> list[int]:
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
-
-
-@contextlib.contextmanager
-def features_reaching_llm(model):
-    """Record every ``image_features`` tensor LLaVA checks against its placeholders (``[tokens, D]``)."""
-    llava = model.model
-    original = llava.get_placeholder_mask
-    seen: list[torch.Tensor] = []
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["image_features"].detach().clone())
-        return original(*args, **kwargs)
-
-    llava.get_placeholder_mask = recording
-    try:
-        yield seen
-    finally:
-        del llava.get_placeholder_mask
-
-
-def prefill_features(model, inputs) -> torch.Tensor:
-    """The image features of one forward, ``[num_images * tokens, D]``."""
-    with features_reaching_llm(model) as seen, torch.no_grad():
-        model(**inputs)
-    assert len(seen) == 1
-    return seen[0]
 
 
 def unpatched_patch_features(model, pixel_values) -> torch.Tensor:
@@ -98,22 +70,6 @@ def unpatched_patch_features(model, pixel_values) -> torch.Tensor:
 def project(model, features: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.model.multi_modal_projector(features)
-
-
-def pitome_leftovers(model) -> list[str]:
-    """Modules still carrying an instance forward, a hook or an attribute from this library."""
-
-    def ours(function) -> bool:
-        return (getattr(function, "__module__", None) or "").startswith("pitome_mllm")
-
-    left = []
-    for name, module in model.named_modules():
-        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if ours(module.__dict__.get("forward")) or any(ours(hook) for hook in hooks):
-            left.append(name)
-        if any(attribute.startswith("_pitome") for attribute in module.__dict__):
-            left.append(name)
-    return left
 
 
 # ---------------------------------------------------------------------------------------------- budgets

@@ -8,11 +8,11 @@ claims (keep_ratio=1.0, unpatch, cache) use ``torch.equal``.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import pytest
 import torch
+from conftest import features_reaching_llm, placeholder_counts
 from transformers import (
     AutoProcessor,
     CLIPVisionModel,
@@ -57,10 +57,6 @@ def encode(processor, images, text):
     return processor(images=images, text=text, return_tensors="pt", padding=True)
 
 
-def placeholder_counts(processor, inputs) -> list[int]:
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
-
-
 def logits_of(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
@@ -71,24 +67,6 @@ def greedy(model, inputs, max_new_tokens: int = NEW_TOKENS, **kwargs) -> torch.T
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
     return generated[:, inputs["input_ids"].shape[1] :]
-
-
-@contextlib.contextmanager
-def features_reaching_llm(model):
-    """Record every ``image_features`` tensor LLaVA scatters into the placeholder positions."""
-    llava = model.model
-    original = llava.get_placeholder_mask
-    seen: list[torch.Tensor] = []
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["image_features"].detach().clone())
-        return original(*args, **kwargs)
-
-    llava.get_placeholder_mask = recording
-    try:
-        yield seen
-    finally:
-        del llava.get_placeholder_mask  # back to the class method
 
 
 def tower_geometry(model) -> tuple[int, int]:

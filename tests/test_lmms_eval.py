@@ -270,6 +270,21 @@ def test_patched_run_reports_tokens_latency_and_memory(tiny_dir, task_manager, t
     assert record["memory_kind"] in ("cpu_peak_rss", "cuda_max_memory_allocated") and record["peak_memory_mib"] > 0
 
 
+@pytest.mark.parametrize(
+    "method_args",
+    ["method=fastervlm", "method=visionzip", "method=divprune", "method=cdpruner", "method=pitome,preset=mllm"],
+)
+def test_the_small_budget_methods_run_through_the_plugin(tiny_dir, task_manager, method_args):
+    # cdpruner needs each image's prompt: the plugin's generate calls hand it over (batches of 2).
+    results = evaluate(
+        task_manager, "pitome_llava_hf", f"pretrained={tiny_dir},{method_args},target_tokens=16", limit=3, batch_size=2
+    )
+    samples = results["samples"]["pitome_smoke"]
+    assert len(samples) == 3
+    assert all(sample["token_counts"][0]["visual_tokens"] == 16 for sample in samples)
+    assert results["throughput"]["avg_visual_tokens"] == 16
+
+
 @pytest.fixture(scope="module")
 def plugin(tiny_dir):
     """The unpatched plugin, driven directly with hand-made requests."""

@@ -186,4 +186,10 @@ def test_solve_keep_ratio_rejects_an_impossible_budget():
 
 def test_methods_and_presets_are_listed():
     assert set(METHODS) == {"pitome", "tome", "none"}
-    assert set(PRESETS) == {"reference", "paper", "pure"}
+    assert set(PRESETS) == {"reference", "paper", "pure", "mllm"}
+
+
+def test_the_mllm_preset_never_merges_in_the_tower():
+    steps = plan_layers(CLIP_TOKENS, CLIP_LAYERS, 0.9, preset="mllm", last_layer=LLAVA_LAYER)
+    assert [step.method for step in steps] == ["none"] * (LLAVA_LAYER + 1)
+    assert steps[-1].tokens_out == CLIP_TOKENS

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pitome_mllm import cli
+from pitome_mllm.config import PiToMeConfig
 from pitome_mllm.experiments.sweep import (
     RESULT_FILE,
     aggregate,
@@ -59,6 +60,23 @@ def test_token_budget_suite_expands_to_every_task_method_and_budget():
     assert suite.baseline == "none" and suite.tasks["mme"] == "mme_perception_score,none"
 
 
+def test_low_budget_suite_runs_every_method_at_four_budgets_on_eight_benchmarks():
+    suite = load_suite(SUITES / "low_budget.yaml")
+    table3 = list(load_suite(SUITES / "paper_table3.yaml").tasks)
+    assert list(suite.tasks) == [*table3, "pope", "mmbench_en_dev"]
+    runs = [run for run in suite.expand() if run.task == "pope"]
+    by_name: dict[str, set[int]] = {}
+    for run in runs:
+        by_name.setdefault(run.run_id.split("-")[0], set()).add(run.model_args.get("target_tokens"))
+    methods = ("pitome", "tome", "pitome_mllm", "random", "pool", "visionzip", "fastervlm", "divprune", "cdpruner")
+    assert set(by_name) == {"none", "floor", *methods}
+    assert all(by_name[name] == {192, 128, 64, 32} for name in methods)
+    mllm = next(run for run in runs if run.run_id == "pitome_mllm-target_tokens32")
+    assert (mllm.model_args["method"], mllm.model_args["preset"]) == ("pitome", "mllm")
+    for run in runs:  # every run is a valid patch config
+        PiToMeConfig(**run.patch_args())
+
+
 def test_paper_table_suite_uses_the_paper_settings():
     suite = load_suite(SUITES / "paper_table3.yaml")
     assert list(suite.tasks) == ["vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "mme"]
@@ -85,7 +103,7 @@ def test_suite_task_and_metric_names_exist_in_lmms_eval():
             if line.startswith("task:"):
                 name = yaml.safe_load(line)["task"]
                 metric_names_by_task[str(name)] = text
-    for suite_file in ("paper_table3.yaml", "token_budgets.yaml"):
+    for suite_file in ("paper_table3.yaml", "token_budgets.yaml", "low_budget.yaml"):
         for task, metric in load_suite(SUITES / suite_file).tasks.items():
             assert task in metric_names_by_task, f"{suite_file}: no lmms-eval task {task!r}"
             metric_name = metric.split(",")[0]

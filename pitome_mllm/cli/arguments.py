@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES, METHODS, PRESETS
+from ..config import ALL_METHODS, DTYPES, PRESETS
 
 PRESET_HELP = "merge schedule (reference: the authors' released LLaVA code, ToMe in the first half)"
 IMAGE_HELP = "a bundled image name (astronaut, chelsea, coffee) or an image file"
@@ -18,7 +18,7 @@ def add_preset_argument(parser: argparse.ArgumentParser, help: str = PRESET_HELP
 
 
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default="pitome")
+    parser.add_argument("--method", choices=ALL_METHODS, default="pitome")
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:

@@ -8,9 +8,16 @@ the ``K`` tokens that are kept.
 * random: a uniformly random subset of ``K`` patch positions (`random_keep_indices`).
 * pool: adaptive average pooling of the patch grid to an ``h x w`` grid with ``h * w == K``
   (`pool_grid`, `pool_patches`).
-* dominant: the ``D`` patches the class token attends to most (`cls_attention`,
+* dominant (VisionZip): the ``D`` patches the class token attends to most (`cls_attention`,
   `top_indices`) plus ``K - D`` contextual tokens, each the mean of the remaining patches
   most similar to one of ``K - D`` evenly spaced centres (`contextual_groups`).
+* fastervlm: the ``K`` patches the class token attends to most (`top_indices`).
+* divprune: a greedy max-min diverse subset under cosine distance (`farthest_point_indices`).
+* cdpruner: the greedy MAP subset of a DPP whose kernel is similarity scaled by each token's
+  relevance to the prompt (`instruction_relevance`, `conditional_kernel`, `dpp_greedy_map`).
+* the ``mllm`` preset of PiToMe: keep the lowest-energy patches and those the class token
+  attends to most (`energy_and_attention_keep`), merge every other patch into its most
+  similar kept one (`merge_into_kept`).
 
 Every function works per image: no decision depends on another item of the batch, so a
 batch gives the same tokens as its items alone. Kept tokens stay in raster order.
@@ -25,6 +32,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .energy import energy_score
 
 # The budget split of the dominant method: 54 dominant + 10 contextual tokens for 64, the
 # same proportion for other budgets (108 + 20 for 128, 162 + 30 for 192).
@@ -192,12 +201,30 @@ def remaining_indices(kept: torch.Tensor, num_patches: int) -> torch.Tensor:
     return order[:, : num_patches - kept.shape[1]]
 
 
+def assign_to_nearest(metric: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Group every token with the centre whose ``metric`` is most cosine-similar (ties: the lower centre).
+
+    Args:
+        metric: ``[B, n, C]`` features deciding the grouping.
+        centres: ``[B, g]`` token positions of the centres (distinct within a row).
+
+    Returns:
+        ``[B, n]`` group index of every token, in ``[0, g)``; a centre always heads its own group.
+    """
+    unit = F.normalize(metric.float(), dim=-1)
+    similarity = unit @ gather_tokens(unit, centres).transpose(1, 2)  # [B, n, g]
+    groups = similarity.argmax(dim=-1)
+    # A centre belongs to its own group even if another centre is as similar.
+    own = torch.arange(centres.shape[1], device=metric.device).expand_as(centres)
+    return groups.scatter(1, centres, own)
+
+
 def contextual_groups(metric: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Assign tokens to ``num_groups`` groups by similarity to evenly spaced centres.
 
     Centres are the tokens at positions ``floor(j * n / num_groups)`` (evenly spread over
     the sequence, i.e. over the image for raster-ordered tokens); every other token joins
-    the centre with the highest cosine similarity of ``metric`` (ties: the lower centre).
+    the centre with the highest cosine similarity of ``metric`` (`assign_to_nearest`).
 
     Args:
         metric: ``[B, n, C]`` features deciding the grouping.
@@ -209,23 +236,24 @@ def contextual_groups(metric: torch.Tensor, num_groups: int) -> torch.Tensor:
     if not 1 <= num_groups <= num_tokens:
         raise ValueError(f"cannot form {num_groups} groups from {num_tokens} tokens")
     centres = torch.arange(num_groups, device=metric.device) * num_tokens // num_groups
-    unit = F.normalize(metric.float(), dim=-1)
-    similarity = unit @ unit[:, centres].transpose(1, 2)  # [B, n, num_groups]
-    groups = similarity.argmax(dim=-1)
-    # A centre always belongs to its own group, even if another centre is as similar.
-    groups[:, centres] = torch.arange(num_groups, device=metric.device)
-    return groups
+    return assign_to_nearest(metric, centres.expand(batch, -1))
 
 
-def group_means(features: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Mean of the features of each group: ``[B, n, C]``, ``[B, n]`` -> ``[B, num_groups, C]`` (fp32 sums)."""
+def group_means(
+    features: torch.Tensor, groups: torch.Tensor, num_groups: int, size: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of the features of each group: ``[B, n, C]``, ``[B, n]`` -> ``[B, num_groups, C]`` (fp32 sums).
+
+    ``size`` (``[B, n, 1]``, patches each token holds) weighs the mean; None weighs every token 1.
+    A group of one token returns that token bit for bit.
+    """
     batch, _, channels = features.shape
+    weight = torch.ones_like(groups, dtype=torch.float32) if size is None else size[..., 0].float()
+    weighted = features.float() if size is None else features.float() * weight.unsqueeze(-1)
     sums = torch.zeros(batch, num_groups, channels, device=features.device, dtype=torch.float32)
-    sums.scatter_add_(1, groups.unsqueeze(-1).expand(-1, -1, channels), features.float())
-    counts = torch.zeros(batch, num_groups, device=features.device).scatter_add_(
-        1, groups, torch.ones_like(groups, dtype=torch.float32)
-    )
-    return (sums / counts.unsqueeze(-1)).to(features.dtype)
+    sums.scatter_add_(1, groups.unsqueeze(-1).expand(-1, -1, channels), weighted)
+    totals = torch.zeros(batch, num_groups, device=features.device).scatter_add_(1, groups, weight)
+    return (sums / totals.unsqueeze(-1)).to(features.dtype)
 
 
 def dominant_and_contextual(
@@ -258,8 +286,208 @@ def dominant_and_contextual(
     return torch.cat([kept, contextual], dim=1), token_map
 
 
+# ------------------------------------------------------------------------------- divprune
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """``[B, N, N]`` fp32 ``1 - cos(x_i, x_j)`` of ``features`` (``[B, N, C]``)."""
+    unit = F.normalize(features.float(), dim=-1)
+    return 1.0 - unit @ unit.transpose(1, 2)
+
+
+def farthest_point_indices(features: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Greedy max-min diverse subset (DivPrune): ``[B, N, C]`` -> ``[B, num_keep]`` ascending indices.
+
+    The max-min diversity problem asks for the subset whose smallest pairwise cosine distance
+    is largest; the greedy solution starts from the token farthest from its nearest neighbour
+    (the most isolated one), then repeatedly adds the token whose distance to the nearest
+    already chosen token is largest. Ties go to the lower index (``argmax``'s first maximum).
+    """
+    batch, num_tokens, _ = features.shape
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"cannot keep {num_keep} of {num_tokens} tokens")
+    distance = cosine_distance(features)  # [B, N, N]
+    rows = torch.arange(batch, device=features.device)
+    # The diagonal (distance 0 to itself) must not count as a token's nearest neighbour.
+    off_diagonal = distance + torch.diag_embed(torch.full((batch, num_tokens), float("inf"), device=features.device))
+    chosen = [off_diagonal.amin(dim=2).argmax(dim=1)] if num_tokens > 1 else [torch.zeros_like(rows)]
+    nearest_chosen = distance[rows, chosen[0]].clone()  # [B, N]: distance to the closest chosen token
+    taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=features.device)
+    taken[rows, chosen[0]] = True
+    for _ in range(num_keep - 1):
+        candidate = nearest_chosen.masked_fill(taken, float("-inf")).argmax(dim=1)
+        chosen.append(candidate)
+        taken[rows, candidate] = True
+        nearest_chosen = torch.minimum(nearest_chosen, distance[rows, candidate])
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+# ------------------------------------------------------------------------------- cdpruner
+# CDPruner weighs relevance against diversity with theta (0.5 in its experiments); the quality
+# of a token is exp(theta * relevance / (2 * (1 - theta))), the trade-off of Chen et al. (2018).
+CDPRUNER_THETA = 0.5
+# A kernel whose remaining gains fall below this has no direction left to add (fewer feature
+# dimensions than the budget): the rest of the budget then goes by relevance.
+DPP_GAIN_FLOOR = 1e-6
+
+
+def instruction_relevance(visual: torch.Tensor, instructions: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, N]`` relevance of each visual token to its image's instruction, min-max scaled to [0, 1].
+
+    Args:
+        visual: ``[B, N, D]`` visual tokens in the space of the instruction embeddings.
+        instructions: ``B`` tensors ``[T_b, D]``, the embeddings of image ``b``'s instruction.
+
+    The raw relevance is the mean over instruction tokens of the cosine similarity; an image
+    whose tokens are all equally relevant gets relevance 0 everywhere.
+    """
+    if len(instructions) != visual.shape[0]:
+        raise ValueError(f"{visual.shape[0]} images need as many instructions, got {len(instructions)}")
+    unit = F.normalize(visual.float(), dim=-1)
+    raw = torch.stack(
+        [unit[b] @ F.normalize(text.float(), dim=-1).mean(dim=0) for b, text in enumerate(instructions)]
+    )  # mean of cosines == cosine with the mean of the unit text vectors, scaled
+    low, high = raw.amin(dim=1, keepdim=True), raw.amax(dim=1, keepdim=True)
+    return (raw - low) / (high - low).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor, theta: float = CDPRUNER_THETA) -> torch.Tensor:
+    """``[B, N, N]`` DPP kernel ``diag(q) S diag(q)``: cosine similarity ``S`` conditioned on relevance.
+
+    ``q = exp(theta * relevance / (2 (1 - theta)))``; ``theta = 0`` gives the unconditioned
+    similarity kernel. ``features``: ``[B, N, C]``; ``relevance``: ``[B, N]``.
+    """
+    if not 0.0 <= theta < 1.0:
+        raise ValueError(f"theta must be in [0, 1), got {theta}")
+    unit = F.normalize(features.float(), dim=-1)
+    quality = torch.exp(relevance.float() * (theta / (2.0 * (1.0 - theta))))
+    return quality.unsqueeze(2) * (unit @ unit.transpose(1, 2)) * quality.unsqueeze(1)
+
+
+def dpp_greedy_map(kernel: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Greedy MAP subset of a DPP: ``[B, N, N]`` PSD kernel -> ``[B, num_keep]`` ascending indices.
+
+    Each step adds the token that multiplies ``det(L_S)`` the most, i.e. the largest residual
+    variance ``d_i^2 = L_ii - |c_i|^2`` after projecting out the chosen tokens; the residuals
+    are updated incrementally as in a pivoted Cholesky factorisation (Chen et al., 2018), so a
+    step costs ``O(N k)``. Ties go to the lower index. When no residual is above
+    `DPP_GAIN_FLOOR` (the kernel's rank is spent), the remaining tokens go by ``L_ii``.
+    """
+    batch, num_tokens, _ = kernel.shape
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"cannot keep {num_keep} of {num_tokens} tokens")
+    kernel = kernel.float()
+    rows = torch.arange(batch, device=kernel.device)
+    diagonal = kernel.diagonal(dim1=1, dim2=2)
+    residual = diagonal.clone()  # [B, N] d_i^2
+    factors = kernel.new_zeros(batch, num_keep, num_tokens)  # row t: c_i's t-th entry for every token
+    taken = torch.zeros(batch, num_tokens, dtype=torch.bool, device=kernel.device)
+    # Below any real gain, ordered by the diagonal (relevance) among themselves.
+    spent = -2.0 + diagonal / diagonal.amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    chosen = []
+    for step in range(num_keep):
+        gain = torch.where(residual > DPP_GAIN_FLOOR, residual, spent).masked_fill(taken, float("-inf"))
+        pick = gain.argmax(dim=1)  # [B]
+        chosen.append(pick)
+        taken[rows, pick] = True
+        if step == num_keep - 1:
+            break
+        pick_residual = residual[rows, pick]
+        usable = pick_residual > DPP_GAIN_FLOOR
+        projection = torch.einsum("bt,btn->bn", factors[rows, :step, pick], factors[:, :step])
+        update = (kernel[rows, pick] - projection) / pick_residual.clamp(min=DPP_GAIN_FLOOR).sqrt().unsqueeze(1)
+        update = update * usable.unsqueeze(1)  # a spent pick adds no direction
+        factors[:, step] = update
+        residual = residual - update.square()
+    return torch.stack(chosen, dim=1).sort(dim=1).values
+
+
+# ----------------------------------------------------------------------- mllm (select-merge)
+def energy_attention_split(num_tokens: int, energy_share: float) -> tuple[int, int]:
+    """``(kept by energy, kept by class-token attention)`` of a budget: ``round(K * energy_share)`` by energy.
+
+    Halves round up (``math.floor(x + 0.5)``), so 0.5 of 5 keeps 3 by energy.
+
+    >>> energy_attention_split(64, 0.5), energy_attention_split(64, 0.25), energy_attention_split(1, 0.5)
+    ((32, 32), (16, 48), (1, 0))
+    """
+    if num_tokens < 1:
+        raise ValueError(f"the budget must be >= 1, got {num_tokens}")
+    if not 0.0 <= energy_share <= 1.0:
+        raise ValueError(f"energy_share must be in [0, 1], got {energy_share}")
+    by_energy = min(num_tokens, math.floor(num_tokens * energy_share + 0.5))
+    return by_energy, num_tokens - by_energy
+
+
+def energy_and_attention_keep(
+    token_energy: torch.Tensor, patch_attention: torch.Tensor, num_by_energy: int, num_by_attention: int
+) -> torch.Tensor:
+    """``[B, k_e + k_a]`` ascending indices: the ``k_e`` lowest-energy tokens, then the ``k_a`` the class
+    token attends to most among the others (``[B, N]`` scores each; ties to the lower index)."""
+    by_energy = top_indices(-token_energy, num_by_energy)
+    attention = patch_attention.float().scatter(1, by_energy, float("-inf"))
+    by_attention = top_indices(attention, num_by_attention)
+    return torch.cat([by_energy, by_attention], dim=1).sort(dim=1).values
+
+
+def merge_into_kept(
+    features: torch.Tensor, metric: torch.Tensor, kept: torch.Tensor, size: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge every token into its most similar kept token (cosine of ``metric``), size-weighted.
+
+    Args:
+        features: ``[B, N, C]``; metric: ``[B, N, C']``; kept: ``[B, K]`` ascending positions.
+        size: ``[B, N, 1]`` patches each token holds (None: 1 each).
+
+    Returns:
+        ``([B, K, C], [B, N])``: the kept tokens in raster order, each the size-weighted mean
+        of itself and the tokens merged into it, and the source map. ``K == N`` returns the
+        features unchanged.
+    """
+    groups = assign_to_nearest(metric, kept)
+    return group_means(features, groups, kept.shape[1], size), groups
+
+
+def select_then_merge(
+    features: torch.Tensor,
+    metric: torch.Tensor,
+    patch_attention: torch.Tensor,
+    num_tokens: int,
+    *,
+    energy_share: float,
+    margin: float,
+    alpha: float = 1.0,
+    energy: str = "elu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``mllm`` preset: keep isolated and attended tokens, merge the rest into them.
+
+    Args:
+        features: ``[B, N, C]`` patch features; metric: ``[B, N, C']`` what energy and merging
+            are decided on; patch_attention: ``[B, N]`` the class token's attention.
+        num_tokens: the budget ``K <= N``, split by `energy_attention_split`.
+        energy_share, margin, alpha, energy: PiToMe's energy of the kept-by-energy part.
+
+    Returns:
+        ``([B, K, C], [B, N])`` as `merge_into_kept`.
+    """
+    num_by_energy, num_by_attention = energy_attention_split(num_tokens, energy_share)
+    token_energy = energy_score(metric, margin, alpha, energy)
+    kept = energy_and_attention_keep(token_energy, patch_attention, num_by_energy, num_by_attention)
+    return merge_into_kept(features, metric, kept)
+
+
 __all__ = [
+    "CDPRUNER_THETA",
     "CONTEXTUAL_SHARE",
+    "DPP_GAIN_FLOOR",
+    "assign_to_nearest",
+    "conditional_kernel",
+    "cosine_distance",
+    "dpp_greedy_map",
+    "energy_and_attention_keep",
+    "energy_attention_split",
+    "farthest_point_indices",
+    "instruction_relevance",
+    "merge_into_kept",
+    "select_then_merge",
     "MAX_POOL_ASPECT",
     "cls_attention",
     "contextual_groups",

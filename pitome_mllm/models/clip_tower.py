@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import SELECTION_METHODS, PiToMeConfig
+from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, PiToMeConfig
 from ..hooks.base import undone_on_error
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.tower import KeySource, MergeSettings, PatchState, TowerMerger
 from ..merge.select import pool_grid, square_grid
-from ..schedule import LayerStep, plan_layers, projector_margin, solve_keep_ratio
+from ..schedule import LayerStep, margin_for_layer, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
 from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
@@ -129,15 +129,15 @@ class TowerBudget:
     def __init__(self, geometry: TowerGeometry, config: PiToMeConfig) -> None:
         self.geometry = geometry
         self.config = config
-        # The baselines choose or pool patch tokens before the projector; the tower stays unmerged.
-        self.tower_method = "none" if config.method in SELECTION_METHODS else config.method
+        # Selection methods (and the mllm preset) choose at the projector; the tower stays unmerged.
+        self.tower_method = "none" if config.selects_at_projector else config.method
         self._plans: dict[int, list[LayerStep]] = {}
         self.keep_ratio = self._resolve_keep_ratio()
         self.check(geometry.default_num_tokens)
 
     def _resolve_keep_ratio(self) -> float:
         config, geometry = self.config, self.geometry
-        if config.method == "none" or config.method in SELECTION_METHODS:
+        if config.method == "none" or config.selects_at_projector:
             return 1.0
         if config.keep_ratio is not None:
             return config.keep_ratio
@@ -266,7 +266,7 @@ class ClipTowerAdapter(ModelAdapter):
             self.state,
             **self.tower_merger_options(),
         )
-        if config.method in SELECTION_METHODS:
+        if config.selects_at_projector:
             self.projector_stage = self._selection_stage()
         else:
             self.projector_stage = ProjectorMerger(
@@ -284,8 +284,9 @@ class ClipTowerAdapter(ModelAdapter):
             )
 
     def _selection_stage(self) -> SelectionStage:
-        """The projector-input stage of ``random`` / ``pool`` / ``dominant``, after checking the model fits."""
+        """The projector stage of the selection methods and the ``mllm`` preset, after checking the model fits."""
         config = self.config
+        method = config.method if config.method != "pitome" else config.preset  # "mllm"
         # Towers without a class token (SigLIP) have nothing to drop.
         has_class_token = self.class_token
         if self.drops_class_token != has_class_token:
@@ -297,22 +298,41 @@ class ClipTowerAdapter(ModelAdapter):
         if config.method == "pool":
             pool_grid(config.target_tokens, square_grid(num_patches))  # ValueError naming nearby budgets
         query_key, num_heads = None, 1
-        if config.method == "dominant":
+        if method in (*CLS_ATTENTION_METHODS, "mllm"):
             if not has_class_token:
+                name = f"preset={method!r}" if method == "mllm" else f"method={method!r}"
                 raise ValueError(
-                    f"method='dominant' ranks patches by the class token's attention; "
+                    f"{name} ranks patches by the class token's attention; "
                     f"{type(self.vision_tower).__name__} has no class token"
                 )
             query, key, num_heads = clip_query_key_projections(self.layers[self.last_layer])
             query_key = (query, key)
+        instructions = self._instruction_source() if method in INSTRUCTION_METHODS else None
         settings = SelectionSettings(
-            method=config.method,
+            method=method,
             target_tokens=config.target_tokens,
             seed=config.seed,
             drops_class_token=self.drops_class_token,
             num_heads=num_heads,
+            metric=config.metric,
+            energy_share=config.energy_share if config.energy_share is not None else 0.5,
+            # The energy of the layer whose output is read (the tower's margin schedule at that layer).
+            margin=margin_for_layer(self.last_layer, self.num_layers, config.margin_start, config.margin_span),
+            alpha=config.alpha,
+            energy=config.resolved_energy,
         )
-        return SelectionStage(self.projector, self.state, settings, query_key)
+        return SelectionStage(self.projector, self.state, settings, query_key, instructions)
+
+    def _instruction_source(self):
+        """``num_images -> [T_b, D] prompt embeddings of each image`` for instruction-conditioned methods.
+
+        Families that can see the prompt next to the images override this; here it refuses.
+        """
+        raise ValueError(
+            f"method={self.config.method!r} conditions the selection on each image's prompt, which the "
+            f"{self.family} family does not hand to the projector; supported: llava_hf (transformers "
+            "LlavaForConditionalGeneration / LlavaModel)"
+        )
 
     # ------------------------------------------------------------- the family's shape
     @classmethod

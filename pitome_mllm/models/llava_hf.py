@@ -210,6 +210,109 @@ class PlaceholderCheck:
         return forward
 
 
+class PromptInstructions:
+    """The prompt text of every image, for instruction-conditioned selection (``cdpruner``).
+
+    LLaVA has no text tower: the instruction is the language model's own input embeddings of
+    the prompt's text tokens (every token of the row that holds the image's placeholders, less
+    the placeholders, padding and special tokens). The prompt is recorded where it is seen
+    before the images are encoded: a forward pre-hook on the core model (a plain forward) and an
+    override of ``generate`` (which encodes the images before its first forward, transformers
+    5.19 on); it is cleared after each, so a later pixel-only call cannot pick up a stale prompt.
+
+    Args:
+        model: the whole model (its ``generate`` is wrapped).
+        core: the module holding the embeddings and the image token (``LlavaModel``).
+        num_visual_tokens: placeholders per image under the patch.
+    """
+
+    def __init__(self, model: nn.Module, core: nn.Module, num_visual_tokens: int) -> None:
+        self.model = model
+        self.core = core
+        self.num_visual_tokens = num_visual_tokens
+        self.image_token_id = core.config.image_token_id
+        self._prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._model_overrides = InstanceOverrides(model)
+
+    def install(self) -> None:
+        self._hooks.append(self.core.register_forward_pre_hook(self._record_forward, with_kwargs=True))
+        self._hooks.append(self.core.register_forward_hook(self._clear_after, with_kwargs=True))
+        if hasattr(self.model, "generate"):
+            original_generate = self.model.generate
+
+            @functools.wraps(original_generate)
+            def generate(*args, **kwargs):
+                input_ids = kwargs.get("input_ids", args[0] if args else None)
+                self._set(input_ids, kwargs.get("attention_mask"))
+                try:
+                    return original_generate(*args, **kwargs)
+                finally:
+                    self._prompt = None
+
+            self._model_overrides.set("generate", generate)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._model_overrides.restore()
+        self._prompt = None
+
+    def _set(self, input_ids, attention_mask) -> None:
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            self._prompt = (input_ids, attention_mask if isinstance(attention_mask, torch.Tensor) else None)
+
+    def _record_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._set(kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
+
+    def _clear_after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self._prompt = None
+
+    def _special_ids(self) -> set[int]:
+        ids = {self.image_token_id}
+        for config in (self.core.config, getattr(self.core.config, "text_config", None)):
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                value = getattr(config, name, None)
+                ids.update(value if isinstance(value, (list, tuple)) else [value] if isinstance(value, int) else [])
+        return ids
+
+    def __call__(self, num_images: int) -> list[torch.Tensor]:
+        """``num_images`` tensors ``[T_b, D]``: the prompt embeddings of each image, in placeholder order.
+
+        Raises:
+            ValueError: no prompt came with these images (the projector was called from pixel
+                values alone), or the prompt's placeholders do not hold ``num_images`` images.
+        """
+        if self._prompt is None:
+            raise ValueError(
+                "method='cdpruner' selects the visual tokens relevant to the prompt, but these images came "
+                "without one (pixel values only, e.g. get_image_features or encode_images); call the model's "
+                "forward or generate with input_ids"
+            )
+        input_ids, attention_mask = self._prompt
+        placeholders = (input_ids == self.image_token_id).sum(dim=1)
+        images_per_row = torch.div(placeholders, max(1, self.num_visual_tokens), rounding_mode="floor")
+        if int(images_per_row.sum()) != num_images:
+            raise ValueError(
+                f"method='cdpruner' needs each image's prompt: the prompts hold {int(placeholders.sum())} image "
+                f"placeholders ({self.num_visual_tokens} per image), not {num_images} images"
+            )
+        special = torch.tensor(sorted(self._special_ids()), device=input_ids.device)
+        is_text = ~torch.isin(input_ids, special)
+        if attention_mask is not None:
+            is_text &= attention_mask.bool()
+        embeddings = self.core.get_input_embeddings()
+        instructions = []
+        for row, count in enumerate(images_per_row.tolist()):
+            with torch.no_grad():
+                text = embeddings(input_ids[row][is_text[row]]).detach()
+            if text.shape[0] == 0:
+                raise ValueError("method='cdpruner' found a prompt with no text token to condition on")
+            instructions.extend([text] * count)
+        return instructions
+
+
 def matches(model: nn.Module) -> bool:
     from transformers import LlavaForConditionalGeneration, LlavaModel
 
@@ -299,6 +402,11 @@ class LlavaHFAdapter(ClipTowerAdapter):
         self.placeholder_check = PlaceholderCheck(llava, llava.config.image_token_id, self.num_visual_tokens)
         self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
 
+    def _instruction_source(self) -> PromptInstructions:
+        # Called while the base class builds the selection stage (before __init__ above finishes).
+        self.prompt_instructions = PromptInstructions(self.model, llava_core(self.model), self.config.target_tokens)
+        return self.prompt_instructions
+
     # ------------------------------------------------------------ LLM attention
     def _llm_prop_attention(self, llava: nn.Module) -> LLMPropAttention:
         """Hooks for ``llm_prop_attn`` on the core model and every self-attention of its language model."""
@@ -385,9 +493,13 @@ class LlavaHFAdapter(ClipTowerAdapter):
         self.placeholder_check.install()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.install()
+        if getattr(self, "prompt_instructions", None) is not None:
+            self.prompt_instructions.install()
 
     def _remove_extra(self) -> None:
         self._processor_overrides.restore()
         self.placeholder_check.remove()
         if self.llm_prop_attention is not None:
             self.llm_prop_attention.remove()
+        if getattr(self, "prompt_instructions", None) is not None:
+            self.prompt_instructions.remove()

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PiToMeConfig
+from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
 from ..hooks.base import InstanceOverrides, undone_on_error
 from ..hooks.tower import PatchState, raster_order
 from ..merge.budget import merge_to_budget
@@ -289,6 +289,12 @@ class LlavaNextAdapter(ModelAdapter):
         llava_config = self.llava.config
         if config.method not in ("pitome", "tome", "none"):
             raise ValueError(f"method={config.method!r} is not supported on LLaVA-NeXT; supported: pitome, tome, none")
+        if config.preset in SELECT_MERGE_PRESETS:
+            raise ValueError(
+                f"preset={config.preset!r} selects by class-token attention at the read layer of a LLaVA-1.5 tower; "
+                f"LLaVA-NeXT packs crops first; supported presets here: "
+                f"{', '.join(p for p in PRESETS if p not in SELECT_MERGE_PRESETS)}"
+            )
         if config.keep_ratio is not None and config.target_tokens is not None:
             raise ValueError(
                 "LLaVA-NeXT merges once, after packing, to one budget per image: give keep_ratio "

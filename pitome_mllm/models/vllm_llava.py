@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import SELECTION_METHODS, PiToMeConfig
+from ..config import CLS_ATTENTION_METHODS, SELECT_MERGE_PRESETS, SELECTION_METHODS, PiToMeConfig
 from ..hooks.tower import KeySource
 from .clip_tower import ClipTowerAdapter, TowerBudget, TowerGeometry, last_encoder_layer
 from .protocol import ModelParts
@@ -97,10 +97,17 @@ def check_vllm_config(config: PiToMeConfig) -> None:
             "bias, and adding one would drop the fused attention path; use a preset without it "
             "(preset='reference' or 'paper')"
         )
+    if config.method in CLS_ATTENTION_METHODS or config.preset in SELECT_MERGE_PRESETS:
+        name = f"preset={config.preset!r}" if config.preset in SELECT_MERGE_PRESETS else f"method={config.method!r}"
+        raise ValueError(
+            f"{name} reads the class token's attention from separate query and key projections, "
+            f"which vLLM fuses into one qkv_proj; supported in vLLM: pitome, tome, none, "
+            f"{', '.join(VLLM_SELECTION_METHODS)}"
+        )
     if config.method in SELECTION_METHODS and config.method not in VLLM_SELECTION_METHODS:
         raise ValueError(
-            f"method={config.method!r} reads the class token's attention from separate query and key projections, "
-            f"which vLLM fuses into one qkv_proj; supported in vLLM: pitome, tome, none, "
+            f"method={config.method!r} decides on the projected tokens (and cdpruner on the prompt), which the vLLM "
+            f"plugin does not hand to its selection stage; supported in vLLM: pitome, tome, none, "
             f"{', '.join(VLLM_SELECTION_METHODS)}"
         )
 

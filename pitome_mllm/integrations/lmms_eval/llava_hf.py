@@ -9,7 +9,9 @@ Registered through the ``lmms_eval.models`` entry point (`pitome_mllm.lmms_eval_
 Model arguments (``--model_args k=v,...``):
 
 * ``pretrained``: hub id or local folder of a transformers LLaVA checkpoint (required).
-* patch: every `PiToMeConfig` field - ``method`` (``pitome`` / ``tome`` / ``none``),
+* patch: every `PiToMeConfig` field - ``method`` (``pitome`` / ``tome`` / ``none``, or a
+  selection method: ``random``, ``pool``, ``dominant`` / ``visionzip``, ``fastervlm``,
+  ``divprune``, ``cdpruner``),
   ``keep_ratio``, ``preset``, ``target_tokens``, ``metric``, ``keep_order``, ``reduce``,
   ``prop_attn``, ... ; ``none`` (the word) leaves an optional field unset. ``method=none``
   without ``target_tokens`` evaluates the unpatched model.
