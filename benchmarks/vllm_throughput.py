@@ -59,6 +59,18 @@ def small_llava_folder(folder: Path) -> Path:
     return folder
 
 
+def distinct_image(images: list, index: int):
+    """Image ``index``: a bundled photo cropped by a window no other index uses.
+
+    vLLM caches processed images and encoder outputs by content, so a repeated image would skip the
+    vision tower (and, with prefix caching, the prefill) and the comparison would not measure them.
+    """
+    image = images[index % len(images)]
+    shift = index // len(images)
+    left, top = shift % 17, shift // 17
+    return image.crop((left, top, image.width - 17 + left, image.height - 17 + top))
+
+
 def has_gpu() -> bool:
     import torch
 
@@ -73,6 +85,9 @@ def engine_arguments(args: argparse.Namespace, settings: dict | None) -> dict[st
         "limit_mm_per_prompt": {"image": 1},
         "disable_log_stats": False,  # per-request first-token latency
         "seed": 0,
+        # Every request has an image of its own (`distinct_image`); no cache may still serve one twice.
+        "enable_prefix_caching": False,
+        "mm_processor_cache_gb": 0,
     }
     if not has_gpu():
         # vLLM's CPU build: no graph compilation, the engine in this process (starts in seconds, not minutes).
@@ -97,15 +112,17 @@ def measure(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
     sampling = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
 
     def request(i: int) -> dict:
-        return {"prompt": PROMPT, "multi_modal_data": {"image": images[i % len(images)]}}
+        return {"prompt": PROMPT, "multi_modal_data": {"image": distinct_image(images, i)}}
 
+    first_batch_index = args.ttft_repeats + 1  # indices never repeat across the phases
     llm.generate([request(0)], sampling, use_tqdm=False)  # warm-up
     alone = []
-    for i in range(args.ttft_repeats):
+    for i in range(1, first_batch_index):
         (output,) = llm.generate([request(i)], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         alone.append(output.metrics.first_token_latency)
     begun = time.perf_counter()
-    outputs = llm.generate([request(i) for i in range(args.requests)], sampling, use_tqdm=False)
+    batch = [request(first_batch_index + i) for i in range(args.requests)]
+    outputs = llm.generate(batch, sampling, use_tqdm=False)
     elapsed = time.perf_counter() - begun
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = len(outputs[0].prompt_token_ids)
@@ -126,6 +143,18 @@ def measure(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
     }
 
 
+TIMED = ("startup_s", "batch_s", "requests_per_s", "output_tokens_per_s", "ttft_alone_s", "ttft_batch_mean_s")
+
+
+def median_run(passes: list[dict]) -> dict:
+    """One setting's figures: the median over passes of every timed figure (the rest is the same in each)."""
+    row = dict(passes[0])
+    for key in TIMED:
+        row[key] = statistics.median(run[key] for run in passes)
+        row[f"{key}_passes"] = [run[key] for run in passes]
+    return row
+
+
 def machine() -> dict[str, Any]:
 
     import vllm
@@ -140,8 +169,9 @@ def markdown(results: list[dict], info: dict) -> str:
     base = results[0]
     lines = [
         f"vLLM {info['vllm']} on {info.get('gpu') or info['cpu']} ({info['cpus_available']} CPUs available), "
-        f"torch {info.get('torch')}; model {info['model']}, dtype {info['dtype']}; "
-        f"{base['requests']} requests x {info['output_tokens']} output tokens",
+        f"torch {info.get('torch')}; model {Path(info['model']).name}, dtype {info['dtype']}; "
+        f"{base['requests']} requests x {info['output_tokens']} output tokens; median of {info['passes']} passes; "
+        f"load average {info['load_average_1_5_15'][0]:.1f} at the end",
         "",
         "| visual tokens | prompt tokens | requests/s | output tok/s | vs unpatched | TTFT alone (ms) "
         "| TTFT in batch (ms) | KV blocks / request |",
@@ -167,6 +197,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--ttft-repeats", type=int, default=3)
+    parser.add_argument(
+        "--passes", type=int, default=2, help="runs of every setting, in alternating order (medians reported)"
+    )
     parser.add_argument("--engine-args", default="{}", help="more vllm.LLM arguments, as JSON")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one setting, run in this process
@@ -184,21 +217,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.model is None:
         args.model = str(small_llava_folder(args.output.parent / "vllm_small_llava"))
     settings_list = [None] + [{"target_tokens": k, "preset": args.preset} for k in args.budgets]
-    results = []
+    runs: dict[str, list[dict]] = {json.dumps(settings): [] for settings in settings_list}
     environment = dict(os.environ)
     if not has_gpu():
         environment.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    for settings in tqdm(settings_list, desc="engines", unit="setting"):
+    # Alternating order, so that a machine growing busier or quieter does not favour one setting.
+    order = [s for p in range(args.passes) for s in (settings_list if p % 2 == 0 else settings_list[::-1])]
+    for settings in tqdm(order, desc="engines", unit="engine"):
         worker_output = args.output.with_suffix(".worker.json")
         command = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype]
         command += ["--requests", str(args.requests), "--output-tokens", str(args.output_tokens)]
         command += ["--ttft-repeats", str(args.ttft_repeats), "--engine-args", args.engine_args]
         command += ["--worker", json.dumps(settings), "--worker-output", str(worker_output)]
         subprocess.run(command, check=True, env=environment)
-        results.append(json.loads(worker_output.read_text()))
+        runs[json.dumps(settings)].append(json.loads(worker_output.read_text()))
         worker_output.unlink()
+    results = [median_run(runs[json.dumps(settings)]) for settings in settings_list]
     info = {**machine(), "model": args.model, "dtype": args.dtype, "output_tokens": args.output_tokens}
+    info["passes"] = args.passes
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"machine": info, "results": results}, indent=1))
     table = markdown(results, info)

@@ -149,3 +149,21 @@ def test_settings_vllm_cannot_serve_are_refused_with_the_reason(model_dir, setti
     process = run_engine(model_dir, settings)
     assert process.returncode != 0
     assert reason in process.stderr, process.stderr[-3000:]
+
+
+def test_anyres_families_refuse_pitome_settings_instead_of_ignoring_them():
+    from types import SimpleNamespace
+
+    from vllm import ModelRegistry
+
+    from pitome_mllm.integrations.vllm import REFUSING_CLASSES, register, unsupported
+
+    register()
+    for architecture, class_name in REFUSING_CLASSES.items():
+        model_class = ModelRegistry._try_load_model_cls(architecture)
+        assert model_class is getattr(unsupported, class_name)
+        with_key = SimpleNamespace(
+            model_config=SimpleNamespace(hf_config=SimpleNamespace(pitome={"target_tokens": 64}))
+        )
+        with pytest.raises(ValueError, match="is not supported for LLaVA-"):
+            model_class(vllm_config=with_key)

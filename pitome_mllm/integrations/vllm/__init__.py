@@ -23,6 +23,13 @@ from ...config import PiToMeConfig
 CONFIG_KEY = "pitome"
 ARCHITECTURE = "LlavaForConditionalGeneration"
 MODEL_CLASS = "pitome_mllm.integrations.vllm.model:PitomeLlavaForConditionalGeneration"
+# vLLM's anyres LLaVA classes, which refuse a `pitome` key rather than ignore it (`unsupported.py`);
+# kept here as names so that registering imports no vLLM model code.
+REFUSING_CLASSES = {
+    "LlavaNextForConditionalGeneration": "PitomeRefusingLlavaNext",
+    "LlavaNextVideoForConditionalGeneration": "PitomeRefusingLlavaNextVideo",
+    "LlavaOnevisionForConditionalGeneration": "PitomeRefusingLlavaOnevision",
+}
 
 
 def register() -> None:
@@ -33,6 +40,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    for architecture, class_name in REFUSING_CLASSES.items():
+        ModelRegistry.register_model(architecture, f"pitome_mllm.integrations.vllm.unsupported:{class_name}")
 
 
 def pitome_settings(hf_config) -> PiToMeConfig | None:
@@ -70,4 +79,12 @@ def hf_overrides(config: PiToMeConfig | dict | None = None, **fields: Any) -> di
     return {CONFIG_KEY: values}
 
 
-__all__ = ["ARCHITECTURE", "CONFIG_KEY", "MODEL_CLASS", "hf_overrides", "pitome_settings", "register"]
+__all__ = [
+    "ARCHITECTURE",
+    "CONFIG_KEY",
+    "MODEL_CLASS",
+    "REFUSING_CLASSES",
+    "hf_overrides",
+    "pitome_settings",
+    "register",
+]
