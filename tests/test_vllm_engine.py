@@ -167,3 +167,22 @@ def test_anyres_families_refuse_pitome_settings_instead_of_ignoring_them():
         )
         with pytest.raises(ValueError, match="is not supported for LLaVA-"):
             model_class(vllm_config=with_key)
+
+
+def test_lmms_eval_vllm_model_runs_the_smoke_task_with_the_plugin(model_dir, tmp_path):
+    pytest.importorskip("lmms_eval")
+    tasks = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+    # lmms-eval splits --model_args at commas, so the override is one JSON object without any.
+    model_args = (
+        f'model={model_dir},hf_overrides={{"pitome":{{"target_tokens":16}}}},max_model_len=1024,'
+        "enforce_eager=True,distributed_executor_backend=uni,dtype=float32"
+    )
+    command = [sys.executable, "-m", "lmms_eval", "--model", "vllm", "--model_args", model_args]
+    command += ["--tasks", "pitome_smoke", "--include_path", str(tasks), "--limit", "2", "--output_path", str(tmp_path)]
+    environment = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert "PiToMe in vLLM: 16 visual tokens per image" in log
+    (results_file,) = tmp_path.rglob("*_results.json")
+    assert "pitome_smoke" in json.loads(results_file.read_text())["results"]

@@ -15,9 +15,9 @@ Imported by vLLM through the class path `pitome_mllm.integrations.vllm.register`
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 
-import torch
 from transformers import LlavaConfig
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -30,8 +30,17 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ... import api
 from ...models.clip_tower import TowerBudget
-from ...models.vllm_llava import check_embedding_counts, embed_in_chunks, images_per_tower_call, planned_budget
+from ...models.vllm_llava import (
+    check_embedding_counts,
+    config_geometry,
+    embed_in_chunks,
+    images_per_tower_call,
+    planned_budget,
+)
 from . import CONFIG_KEY, pitome_settings
+
+# A child of vLLM's logger, so the line appears in vLLM's own log, in every process that builds the model.
+logger = logging.getLogger("vllm.pitome_mllm")
 
 
 class PitomeLlavaProcessingInfo(LlavaProcessingInfo):
@@ -87,9 +96,15 @@ class PitomeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.pitome_handle is not None:
             scheduler = vllm_config.scheduler_config
             budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
-            adapter_geometry = planned_budget(self.config, settings).geometry
-            unmerged = adapter_geometry.default_num_tokens - int(adapter_geometry.drops_class_token)
+            geometry = config_geometry(self.config)
+            unmerged = geometry.default_num_tokens - int(geometry.drops_class_token)
             self.images_per_tower_call = images_per_tower_call(budget, unmerged)
+            logger.info(
+                "PiToMe in vLLM: %d visual tokens per image (%r), at most %d images per tower call",
+                self.pitome_handle.num_visual_tokens,
+                self.pitome_handle,
+                self.images_per_tower_call,
+            )
 
     def embed_multimodal(self, **kwargs: object):
         handle = self.pitome_handle
@@ -103,8 +118,7 @@ class PitomeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
 
         embeddings = embed_in_chunks(embed, pixel_values, self.images_per_tower_call)
-        with torch.no_grad():
-            check_embedding_counts(embeddings, handle.num_visual_tokens)
+        check_embedding_counts(embeddings, handle.num_visual_tokens)
         return embeddings
 
 
