@@ -231,13 +231,17 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     if args.model is None:
-        args.model = str(small_llava_folder(args.output.parent / "vllm_small_llava"))
+        from pitome_mllm.testing.real_tower import cache_dir
+
+        args.model = str(small_llava_folder(cache_dir() / "vllm_small_llava"))
     settings_list = [None] + [{"target_tokens": k, "preset": args.preset} for k in args.budgets]
     runs: dict[str, list[dict]] = {json.dumps(settings): [] for settings in settings_list}
     environment = dict(os.environ)
     if not has_gpu():
         environment.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         environment.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        # Idle OpenMP threads sleep instead of spinning, so CPU seconds count work, not waiting for a busy core.
+        environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # Alternating order, so that a machine growing busier or quieter does not favour one setting.
     order = [s for p in range(args.passes) for s in (settings_list if p % 2 == 0 else settings_list[::-1])]
     for settings in tqdm(order, desc="engines", unit="engine"):
