@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .arguments import add_budget_arguments, add_preset_argument
 
 HELP = "serve a LLaVA model through vLLM's OpenAI-compatible server with PiToMe merging"
 TINY = "tiny"
+TINY_CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 VLLM_MISSING = (
     "vLLM is not installed in this environment ({python}); `bash scripts/install.sh --vllm` makes .venv-vllm "
     "with vLLM (its CPU build on a machine without a GPU) and pitome-mllm"
@@ -107,6 +109,13 @@ def run(args: argparse.Namespace) -> int:
         for option, value in (("--served-model-name", TINY), ("--max-model-len", "2048"), ("--enforce-eager", None)):
             if option not in vllm_args:
                 vllm_args += [option] if value is None else [option, value]
+        if shutil.which("nvidia-smi") is None:
+            # vLLM's CPU build otherwise reserves 92% of the machine's memory (and refuses to start when other
+            # programs hold some) and spawns an engine process (a minute more to start).
+            for name, value in TINY_CPU_ENVIRONMENT.items():
+                os.environ.setdefault(name, value)
+            if "--distributed-executor-backend" not in vllm_args:
+                vllm_args += ["--distributed-executor-backend", "uni"]
     command = vllm_serve_command(model, overrides, vllm_args)
     print("running:", shlex.join(command), flush=True)
     if args.dry_run:
