@@ -50,7 +50,7 @@ def test_the_vllm_command_carries_the_overrides_and_the_passthrough():
     [
         ({"keep_ratio": 0.3}, "keep_ratio must be in (0.5, 1.0]"),
         ({"preset": "pure", "keep_ratio": 0.9}, "prop_attn=True is not supported in vLLM"),
-        ({"method": "dominant", "target_tokens": 16}, "method='dominant'"),
+        ({"method": "cdpruner", "target_tokens": 16}, "method='cdpruner'"),
     ],
 )
 def test_settings_vllm_would_refuse_are_refused_before_it_starts(settings, message):

@@ -25,6 +25,7 @@ from pitome_mllm.models.vllm_llava import (
     config_geometry,
     embed_in_chunks,
     fused_key_source,
+    fused_source,
     images_per_tower_call,
     is_vllm_llava,
     planned_budget,
@@ -44,6 +45,10 @@ SETTINGS = [
     {"method": "none", "target_tokens": 24},
     {"method": "pool", "target_tokens": 16},
     {"method": "random", "target_tokens": 10},
+    {"method": "fastervlm", "target_tokens": 16},
+    {"method": "visionzip", "target_tokens": 16},
+    {"method": "divprune", "target_tokens": 16},
+    {"target_tokens": 16, "preset": "mllm"},
     {"keep_ratio": 1.0},
 ]
 
@@ -91,7 +96,7 @@ def test_unsupported_tower_and_strategy_are_refused_by_name():
         ({"preset": "pure", "keep_ratio": 0.9}, "prop_attn=True is not supported in vLLM"),
         ({"keep_ratio": 0.9, "prop_attn": True}, "MMEncoderAttention"),
         ({"keep_ratio": 0.9, "llm_prop_attn": True}, "paged-attention kernels take no per-key bias"),
-        ({"method": "dominant", "target_tokens": 16}, "method='dominant'"),
+        ({"method": "cdpruner", "target_tokens": 16}, "embed_multimodal sees the images only"),
     ],
 )
 def test_settings_vllm_cannot_run_are_refused_with_a_reason(settings, reason):
@@ -167,20 +172,25 @@ class MaskFreeLayer(nn.Module):
         return hidden_states + qkv.chunk(3, dim=-1)[2]
 
 
-def test_fused_key_source_reads_the_middle_third():
+def test_fused_sources_read_their_third():
     layer = MaskFreeLayer(8)
     source = fused_key_source(layer)
     qkv = torch.arange(24.0).view(1, 1, 24)
     assert source.module is layer.self_attn.qkv_proj
     assert torch.equal(source.keys_of_output((qkv, None)), qkv[..., 8:16])
     assert source.num_heads == 2
+    assert torch.equal(fused_source(layer, 0).keys_of_output((qkv, None)), qkv[..., :8])
 
 
 def test_keys_metric_is_refused_when_tensor_parallelism_splits_the_heads():
     split = nn.ModuleList([MaskFreeLayer(8, heads=2, tp_size=2)])
     check_key_metric_parallelism(split, PiToMeConfig(keep_ratio=0.9))  # hidden metric: same on every rank
+    check_key_metric_parallelism(split, PiToMeConfig(method="divprune", target_tokens=8))  # projected tokens
     with pytest.raises(ValueError, match="tensor parallelism splits over 2 ranks"):
         check_key_metric_parallelism(split, PiToMeConfig(keep_ratio=0.9, metric="keys"))
+    for settings in ({"method": "fastervlm", "target_tokens": 8}, {"target_tokens": 8, "preset": "mllm"}):
+        with pytest.raises(ValueError, match="class token's attention, whose heads tensor parallelism splits"):
+            check_key_metric_parallelism(split, PiToMeConfig(**settings))
     check_key_metric_parallelism(nn.ModuleList([MaskFreeLayer(8)]), PiToMeConfig(keep_ratio=0.9, metric="keys"))
 
 

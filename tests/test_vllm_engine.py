@@ -32,6 +32,9 @@ SETTINGS = {
     "keep_0.9_keys_size_weighted": {"keep_ratio": 0.9, "preset": "pure", "prop_attn": False},
     "tome_target_32": {"method": "tome", "target_tokens": 32},
     "pool_16": {"method": "pool", "target_tokens": 16},
+    "fastervlm_16": {"method": "fastervlm", "target_tokens": 16},
+    "divprune_16": {"method": "divprune", "target_tokens": 16},
+    "mllm_16": {"target_tokens": 16, "preset": "mllm"},
     "keep_1.0": {"keep_ratio": 1.0},
 }
 # Largest |log p(vLLM) - log p(transformers)| over the top-5 first tokens allowed in fp32.
@@ -141,7 +144,7 @@ def test_bad_settings_fail_at_engine_start_with_the_patch_message(model_dir, ref
     ("settings", "reason"),
     [
         ({"preset": "pure", "keep_ratio": 0.9}, "prop_attn=True is not supported in vLLM"),
-        ({"method": "dominant", "target_tokens": 16}, "which vLLM fuses into one qkv_proj"),
+        ({"method": "cdpruner", "target_tokens": 16}, "embed_multimodal sees the images only"),
         ({"keep_ratio": 0.9, "llm_prop_attn": True}, "llm_prop_attn=True is not supported in vLLM"),
     ],
 )

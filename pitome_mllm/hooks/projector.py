@@ -42,7 +42,7 @@ from ..merge.select import (
     top_indices,
 )
 from .base import remove_hooks, undone_on_error
-from .tower import MergeTrace, PatchState, raster_order
+from .tower import KeySource, MergeTrace, PatchState, raster_order
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class SelectionStage:
         projector: nn.Module,
         state: PatchState,
         settings: SelectionSettings,
-        query_key: tuple[nn.Module, nn.Module] | None = None,
+        query_key: tuple[KeySource, KeySource] | None = None,
         instructions: InstructionSource | None = None,
     ) -> None:
         if settings.method in NEEDS_QUERY_KEY and query_key is None:
@@ -219,8 +219,8 @@ class SelectionStage:
             else:
                 self._hooks.append(self.projector.register_forward_pre_hook(self._on_input))
             if self.settings.method in NEEDS_QUERY_KEY:
-                for name, module in zip(("queries", "keys"), self.query_key, strict=True):
-                    self._hooks.append(module.register_forward_hook(self._make_capture(name)))
+                for name, source in zip(("queries", "keys"), self.query_key, strict=True):
+                    self._hooks.append(source.module.register_forward_hook(self._make_capture(name, source)))
 
     def remove(self) -> None:
         remove_hooks(self._hooks)
@@ -229,9 +229,9 @@ class SelectionStage:
         self.state.final_size = None
         self.cls_attention = None
 
-    def _make_capture(self, name: str):
-        def capture(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            self._captured[name] = output.detach()
+    def _make_capture(self, name: str, source: KeySource):
+        def capture(module: nn.Module, args: tuple, output) -> None:
+            self._captured[name] = source.keys_of_output(output).detach()
 
         return capture
 

@@ -305,8 +305,8 @@ class ClipTowerAdapter(ModelAdapter):
                     f"{name} ranks patches by the class token's attention; "
                     f"{type(self.vision_tower).__name__} has no class token"
                 )
-            query, key, num_heads = clip_query_key_projections(self.layers[self.last_layer])
-            query_key = (query, key)
+            query_key = self.query_key_sources(self.layers[self.last_layer])
+            num_heads = query_key[1].num_heads
         instructions = self._instruction_source() if method in INSTRUCTION_METHODS else None
         settings = SelectionSettings(
             method=method,
@@ -354,6 +354,11 @@ class ClipTowerAdapter(ModelAdapter):
             class_token=class_token,
             drops_class_token=parts.drops_class_token,
         )
+
+    def query_key_sources(self, layer: nn.Module) -> tuple[KeySource, KeySource]:
+        """Where one encoder layer's attention queries and keys can be read (the class-token methods)."""
+        query, key, num_heads = clip_query_key_projections(layer)
+        return KeySource(query, num_heads), KeySource(key, num_heads)
 
     def tower_merger_options(self) -> dict:
         """Keyword arguments of `TowerMerger` that depend on how the family's layers are written."""

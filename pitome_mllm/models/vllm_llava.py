@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import CLS_ATTENTION_METHODS, SELECT_MERGE_PRESETS, SELECTION_METHODS, PiToMeConfig
+from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, SELECT_MERGE_PRESETS, SELECTION_METHODS, PiToMeConfig
 from ..hooks.tower import KeySource
 from .clip_tower import ClipTowerAdapter, TowerBudget, TowerGeometry, last_encoder_layer
 from .protocol import ModelParts
@@ -28,9 +28,8 @@ SUPPORTED = "vLLM's LlavaForConditionalGeneration with a CLIP or SigLIP tower"
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 # Tower model types whose tokens start with a class token (CLIP) or carry none (SigLIP).
 CLASS_TOKEN_OF_TOWER = {"clip_vision_model": True, "siglip_vision_model": False}
-# The selection baselines that need nothing from the tower's attention; the others read the
-# class token's attention from separate query and key projections, which vLLM fuses.
-VLLM_SELECTION_METHODS = ("random", "pool")
+# Every selection method but the instruction-conditioned ones (vLLM encodes images without their prompt).
+VLLM_SELECTION_METHODS = tuple(m for m in SELECTION_METHODS if m not in INSTRUCTION_METHODS)
 
 
 def is_vllm_llava(model: nn.Module) -> bool:
@@ -97,17 +96,10 @@ def check_vllm_config(config: PiToMeConfig) -> None:
             "bias, and adding one would drop the fused attention path; use a preset without it "
             "(preset='reference' or 'paper')"
         )
-    if config.method in CLS_ATTENTION_METHODS or config.preset in SELECT_MERGE_PRESETS:
-        name = f"preset={config.preset!r}" if config.preset in SELECT_MERGE_PRESETS else f"method={config.method!r}"
+    if config.method in INSTRUCTION_METHODS:
         raise ValueError(
-            f"{name} reads the class token's attention from separate query and key projections, "
-            f"which vLLM fuses into one qkv_proj; supported in vLLM: pitome, tome, none, "
-            f"{', '.join(VLLM_SELECTION_METHODS)}"
-        )
-    if config.method in SELECTION_METHODS and config.method not in VLLM_SELECTION_METHODS:
-        raise ValueError(
-            f"method={config.method!r} decides on the projected tokens (and cdpruner on the prompt), which the vLLM "
-            f"plugin does not hand to its selection stage; supported in vLLM: pitome, tome, none, "
+            f"method={config.method!r} conditions the selection on each image's prompt, which vLLM does not hand to "
+            f"the vision encoder (embed_multimodal sees the images only); supported in vLLM: pitome, tome, none, "
             f"{', '.join(VLLM_SELECTION_METHODS)}"
         )
 
@@ -123,18 +115,23 @@ def planned_budget(hf_config, config: PiToMeConfig) -> TowerBudget:
     return TowerBudget(config_geometry(hf_config), config)
 
 
-def fused_key_source(layer: nn.Module) -> KeySource:
-    """The keys of one vLLM CLIP / SigLIP encoder layer: the middle third of its fused ``qkv_proj`` output.
+def fused_source(layer: nn.Module, part: int) -> KeySource:
+    """Third ``part`` (0 queries, 1 keys, 2 values) of one vLLM encoder layer's fused ``qkv_proj`` output.
 
     Under tensor parallelism the output holds this rank's heads only (`check_key_metric_parallelism`).
     """
     attention = layer.self_attn
 
-    def keys_of_output(output) -> object:
+    def part_of_output(output) -> object:
         qkv = output[0] if isinstance(output, tuple) else output
-        return qkv.chunk(3, dim=-1)[1]
+        return qkv.chunk(3, dim=-1)[part]
 
-    return KeySource(attention.qkv_proj, attention.num_heads_per_partition, keys_of_output)
+    return KeySource(attention.qkv_proj, attention.num_heads_per_partition, part_of_output)
+
+
+def fused_key_source(layer: nn.Module) -> KeySource:
+    """The keys of one vLLM CLIP / SigLIP encoder layer: the middle third of its fused ``qkv_proj`` output."""
+    return fused_source(layer, 1)
 
 
 def check_key_metric_parallelism(layers: nn.ModuleList, config: PiToMeConfig) -> None:
@@ -145,10 +142,17 @@ def check_key_metric_parallelism(layers: nn.ModuleList, config: PiToMeConfig) ->
     read after the all-reduce), and so is the keys metric with a data-parallel tower
     (``mm_encoder_tp_mode="data"``), where each rank holds every head.
     """
-    if config.metric == "hidden":
-        return
     tp_size = getattr(layers[0].self_attn, "tp_size", 1)
-    if tp_size > 1:
+    if tp_size == 1:
+        return
+    if config.method in CLS_ATTENTION_METHODS or config.preset in SELECT_MERGE_PRESETS:
+        name = f"preset={config.preset!r}" if config.preset in SELECT_MERGE_PRESETS else f"method={config.method!r}"
+        raise ValueError(
+            f"{name} reads the class token's attention, whose heads tensor parallelism splits over {tp_size} "
+            "ranks (each would keep different tokens); run the vision tower data-parallel "
+            "(mm_encoder_tp_mode='data') or choose divprune, random or pool"
+        )
+    if config.metric != "hidden":
         raise ValueError(
             f"metric={config.metric!r} reads the attention keys, which tensor parallelism splits over "
             f"{tp_size} ranks (each would merge differently); use metric='hidden' (preset='reference'), "
@@ -261,6 +265,9 @@ class VllmLlavaAdapter(ClipTowerAdapter):
 
     def tower_merger_options(self) -> dict:
         return {"key_projection": fused_key_source, "layers_return_tuple": False, "layers_take_mask": False}
+
+    def query_key_sources(self, layer: nn.Module) -> tuple[KeySource, KeySource]:
+        return fused_source(layer, 0), fused_source(layer, 1)
 
 
 __all__ = [
