@@ -59,6 +59,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "pool": {"method": "pool"},
     "dominant": {"method": "dominant"},
+    # The small-budget methods (docs/methods.md); "visionzip" is "dominant" under its published name.
+    "fastervlm": {"method": "fastervlm"},
+    "divprune": {"method": "divprune"},
+    "cdpruner": {"method": "cdpruner"},
+    # PiToMe's select-then-merge preset: keep isolated (low-energy) and class-attended tokens, merge the rest.
+    "pitome_mllm": {"method": "pitome", "preset": "mllm"},
 }
 SINGLE_RUN_SETTINGS = ("none", "floor")
 REFERENCE_SETTING = "pitome_reference"  # what the paired differences are taken against
