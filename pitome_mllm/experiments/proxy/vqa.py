@@ -27,7 +27,7 @@ KIND_COLUMNS = {"shape": "shape_accuracy,none", "color": "color_accuracy,none", 
 DEFAULT_BUDGETS = (128, 64, 32)
 # Report column -> the row's per-question hits it is the mean of (`read_run`).
 HIT_COLUMNS = {"accuracy": "hits", "shape+color acc": "image_hits"}
-COLUMN_LABELS = {"accuracy": "easy-VQA accuracy, all questions", "shape+color acc": "easy-VQA accuracy, shape + colour"}
+COLUMN_LABELS = {"accuracy": "accuracy, all questions", "shape+color acc": "accuracy, shape + colour questions"}
 NUM_PATCHES = 256
 
 # Setting -> PiToMeConfig fields; each budget is added as target_tokens (see `setting_runs`).
