@@ -271,3 +271,27 @@ def test_combined_report_has_both_proxies_and_the_verdicts(tmp_path):
     stored = json.loads(paths["json"].read_text())
     assert stored["rule"]["selection"] == ["random"] and [v["budget"] for v in stored["verdicts"]] == [64, 32]
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_cells_with_fewer_seeds_are_marked_and_left_out_of_the_verdict(tmp_path):
+    def table(extra_rate):
+        cells = {
+            ("pitome_reference", 64): _hits({0: 0.6, 1: 0.6, 2: 0.6}),
+            ("tome", 64): _hits({0: 0.5, 1: 0.5, 2: 0.5}),
+            ("random", 64): _hits({0: extra_rate}),  # one seed of three
+        }
+        return _table(cells)
+
+    one = table(0.9)
+    assert one.all_seeds() == [0, 1, 2] and one.incomplete() == [("random", 64, [0])]
+    assert set(one.by_budget(complete=True)[64]) == {"pitome_reference", "tome"}
+    assert set(one.by_budget()[64]) == {"pitome_reference", "tome", "random"}
+    rows = report.summary_rows(one, "pitome_reference")
+    assert "| random | 0.900 ± 0.030 (1 seed) |" in report.summary_markdown(rows, "pitome_reference", "accuracy")
+    paths = report.write_combined(
+        tmp_path, {"a": one, "b": table(0.95)}, candidate="pitome_mllm", reference="pitome_reference",
+        rivals=["tome"], methods={"random": "random"}, extra={},
+    )  # fmt: skip
+    stored = json.loads(paths["json"].read_text())
+    assert stored["verdicts"][0]["recommended"] == "pitome_reference"  # random, best but on one seed, is not eligible
+    assert stored["left_out_of_the_verdict"]["a"] == [{"setting": "random", "budget": 64, "seeds": [0]}]

@@ -304,7 +304,7 @@ def test_report_cli_puts_both_proxies_and_the_verdict_together(tmp_path, capsys)
     argv = ["proxy", "report", "--vqa", str(vqa_folder), "--fidelity", str(fidelity_folder)]
     assert main([*argv, "--output", str(tmp_path / "summary")]) == 0
     text = (tmp_path / "summary" / "proxy_summary.md").read_text()
-    assert "| easy-VQA: easy-VQA accuracy, all questions (− pitome_reference, points ± SE) | 64 tokens |" in text
+    assert "| easy-VQA: accuracy, all questions (− pitome_reference, points ± SE) | 64 tokens |" in text
     assert "| tome | 0.000 (-50.0 ± " in text
     assert "- **64 tokens: `pitome_reference`**" in text and "`pitome_mllm` is not recommended here" in text
     assert "proxy_summary.md" in capsys.readouterr().out

@@ -106,6 +106,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "pool": {"method": "pool"},
     "dominant": {"method": "dominant"},
+    # The small-budget methods (docs/methods.md); "visionzip" is "dominant" under its published name.
+    # cdpruner is not here: it ranks patches against the prompt, and the probe has none.
+    "fastervlm": {"method": "fastervlm"},
+    "divprune": {"method": "divprune"},
+    # PiToMe's select-then-merge preset: keep isolated (low-energy) and class-attended tokens, merge the rest.
+    "pitome_mllm": {"method": "pitome", "preset": "mllm"},
 }
 # pitome_tower_only is left out by default: on this tower it repeats pitome_reference exactly.
 DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name != "pitome_tower_only")

@@ -59,13 +59,29 @@ class SettingTable:
     def budgets(self) -> list[int]:
         return sorted({budget for _, budget in self.hits if budget is not None}, reverse=True)
 
-    def by_budget(self) -> dict[int, dict[str, SeedHits]]:
-        """``{budget: {setting: hits}}`` (budgeted settings only), as `recommend.decide` takes it."""
+    def all_seeds(self) -> list[int]:
+        """Every seed any setting was measured with."""
+        return sorted({seed for hits in self.hits.values() for seed in hits})
+
+    def by_budget(self, complete: bool = False) -> dict[int, dict[str, SeedHits]]:
+        """``{budget: {setting: hits}}`` (budgeted settings only), as `recommend.decide` takes it.
+
+        With ``complete``, only cells measured under every seed of `all_seeds` (a cell with
+        fewer seeds would enter a comparison with an error that misses the seed variance).
+        """
+        seeds = set(self.all_seeds())
         table: dict[int, dict[str, SeedHits]] = {}
         for (setting, budget), hits in self.hits.items():
-            if budget is not None:
+            if budget is not None and (not complete or set(hits) == seeds):
                 table.setdefault(budget, {})[setting] = hits
         return table
+
+    def incomplete(self) -> list[tuple[str, int | None, list[int]]]:
+        """``(setting, budget, seeds)`` of every cell measured under fewer than all seeds."""
+        seeds = self.all_seeds()
+        return [
+            (setting, budget, sorted(hits)) for (setting, budget), hits in self.hits.items() if len(hits) < len(seeds)
+        ]
 
 
 def summary_rows(table: SettingTable, reference: str) -> list[dict[str, Any]]:
@@ -131,10 +147,19 @@ def markdown_grid(
     """Markdown lines: one line per setting, one column per budget (high to low), ``cell(row)`` in each.
 
     An unbudgeted row (budget None) gets its own line ``setting (N tokens) | single(row)``
-    (left out when ``single`` is None); a setting whose cells are all empty is left out.
+    (left out when ``single`` is None); a setting whose cells are all empty is left out. Rows
+    with a ``seeds`` list shorter than the table's longest say how many seeds they hold.
     """
     budgets = sorted({row["budget"] for row in rows if row["budget"] is not None}, reverse=True)
     by_key = {(row["setting"], row["budget"]): row for row in rows}
+    most_seeds = max((len(row.get("seeds") or ()) for row in rows), default=0)
+
+    def marked(row: dict[str, Any], text: str) -> str:
+        count = len(row.get("seeds") or ())
+        if not text or not count or count == most_seeds:
+            return text
+        return f"{text} ({count} seed{'s' if count > 1 else ''})"
+
     lines = [
         f"| {title} | " + " | ".join(f"{budget} tokens" for budget in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
@@ -143,8 +168,11 @@ def markdown_grid(
         alone = by_key.get((setting, None))
         if alone is not None and single is not None:
             tokens = "" if alone["visual_tokens"] is None else f" ({alone['visual_tokens']:.0f} tokens)"
-            lines.append(f"| {setting}{tokens} | {single(alone)} |")
-        cells = ["" if (setting, budget) not in by_key else cell(by_key[setting, budget]) for budget in budgets]
+            lines.append(f"| {setting}{tokens} | {marked(alone, single(alone))} |")
+        cells = [
+            "" if (setting, budget) not in by_key else marked(by_key[setting, budget], cell(by_key[setting, budget]))
+            for budget in budgets
+        ]
         if any(cells):
             lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return lines
@@ -313,7 +341,7 @@ def write_combined(
     recommendable = [name for name in order if name in budgeted]
     selection = [name for name in order if is_selection(methods.get(name))]
     verdicts = decide(
-        {proxy: table.by_budget() for proxy, table in tables.items()},
+        {proxy: table.by_budget(complete=True) for proxy, table in tables.items()},
         recommendable,
         candidate=candidate,
         reference=reference,
@@ -333,6 +361,10 @@ def write_combined(
         **extra,
         "se": SE_METHOD,
         "rule": {"candidate": candidate, "reference": reference, "rivals": list(rivals), "selection": selection},
+        "left_out_of_the_verdict": {
+            proxy: [{"setting": s, "budget": b, "seeds": seeds} for s, b, seeds in table.incomplete()]
+            for proxy, table in tables.items()
+        },
         "verdicts": [verdict_to_dict(verdict) for verdict in verdicts],
         "proxies": {proxy: {"score": tables[proxy].score, "rows": rows} for proxy, rows in all_rows.items()},
     }

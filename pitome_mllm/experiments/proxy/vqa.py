@@ -27,7 +27,7 @@ KIND_COLUMNS = {"shape": "shape_accuracy,none", "color": "color_accuracy,none", 
 DEFAULT_BUDGETS = (128, 64, 32)
 # Report column -> the row's per-question hits it is the mean of (`read_run`).
 HIT_COLUMNS = {"accuracy": "hits", "shape+color acc": "image_hits"}
-COLUMN_LABELS = {"accuracy": "easy-VQA accuracy, all questions", "shape+color acc": "easy-VQA accuracy, shape + colour"}
+COLUMN_LABELS = {"accuracy": "accuracy, all questions", "shape+color acc": "accuracy, shape + colour questions"}
 NUM_PATCHES = 256
 
 # Setting -> PiToMeConfig fields; each budget is added as target_tokens (see `setting_runs`).
@@ -59,6 +59,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "random": {"method": "random"},
     "pool": {"method": "pool"},
     "dominant": {"method": "dominant"},
+    # The small-budget methods (docs/methods.md); "visionzip" is "dominant" under its published name.
+    "fastervlm": {"method": "fastervlm"},
+    "divprune": {"method": "divprune"},
+    "cdpruner": {"method": "cdpruner"},
+    # PiToMe's select-then-merge preset: keep isolated (low-energy) and class-attended tokens, merge the rest.
+    "pitome_mllm": {"method": "pitome", "preset": "mllm"},
 }
 SINGLE_RUN_SETTINGS = ("none", "floor")
 REFERENCE_SETTING = "pitome_reference"  # what the paired differences are taken against
