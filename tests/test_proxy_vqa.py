@@ -308,4 +308,6 @@ def test_report_cli_puts_both_proxies_and_the_verdict_together(tmp_path, capsys)
     assert "| tome | 0.000 (-50.0 ± " in text
     assert "- **64 tokens: `pitome_reference`**" in text and "`pitome_mllm` is not recommended here" in text
     assert "proxy_summary.md" in capsys.readouterr().out
+    assert main([*argv, "--fidelity-seeds", "0", "--output", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "proxy_summary.json").read_text())["fidelity_seeds"] == [0]
     assert main([*argv[:3], str(tmp_path / "nothing"), "--output", str(tmp_path / "x")]) == 2

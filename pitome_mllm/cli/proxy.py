@@ -278,6 +278,13 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         "--fidelity", default="proxy_results/fidelity", help="folder of `proxy fidelity --seeds` (default %(default)s)"
     )
     add_list_argument(parser, "--seeds", int, default=None, help="seeds to use (default: every seed folder of --vqa)")
+    add_list_argument(
+        parser,
+        "--fidelity-seeds",
+        int,
+        default=None,
+        help="seeds of the fidelity proxy's random setting (default: those of --seeds with a folder under --fidelity)",
+    )
     parser.add_argument(
         "--vqa-score",
         choices=("accuracy", "shape+color acc"),
@@ -301,7 +308,7 @@ def run_report(args: argparse.Namespace) -> int:
     seeds = args.seeds or vqa.finished_seeds(Path(args.vqa))
     if not seeds:
         raise FileNotFoundError(f"no seed folder with finished runs under {args.vqa}: run `proxy vqa --seeds` first")
-    fidelity_seeds = [
+    fidelity_seeds = args.fidelity_seeds or [
         seed for seed in seeds if (fidelity.seed_folder(Path(args.fidelity), seed) / "fidelity.json").is_file()
     ]
     if not fidelity_seeds:
