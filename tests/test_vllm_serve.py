@@ -94,6 +94,9 @@ def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
     with pitome_mllm.patched(model, processor, target_tokens=TARGET_TOKENS):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[load_image("astronaut")], text=[prompt], return_tensors="pt")
+        # vLLM's chat path tokenizes the rendered template without adding special tokens (no second BOS).
+        inputs = processor(
+            images=[load_image("astronaut")], text=[prompt], return_tensors="pt", add_special_tokens=False
+        )
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == TARGET_TOKENS
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
