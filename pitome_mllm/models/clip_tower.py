@@ -257,7 +257,9 @@ class ClipTowerAdapter(ModelAdapter):
             self.plan,
             self.last_layer,
             MergeSettings(
-                metric=config.metric,
+                # An unmerged tower (method none, the selection methods, the mllm preset) decides nothing on
+                # the layers' keys, so it captures none: otherwise every layer's keys would be copied per forward.
+                metric=config.metric if self.tower_method != "none" else "hidden",
                 reduce=config.reduce,
                 prop_attn=config.prop_attn,
                 alpha=config.alpha,
