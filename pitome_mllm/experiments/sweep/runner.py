@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...common.files import write_json_atomically
 from ...config import PiToMeConfig
 from .process import (
     REPEATED_FAILURES,
@@ -134,15 +135,6 @@ def read_metric(results_file: Path, task: str, metric: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{results_file}: {task} {metric} is {value!r}, not a number")
     return float(value)
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file and rename it, so readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # default=str: a stray non-JSON value (a dtype, a path) is recorded as text rather than losing the file.
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
 
 
 def _identity(model: str, run: Run, limit: float | None, batch_size: int) -> dict[str, Any]:

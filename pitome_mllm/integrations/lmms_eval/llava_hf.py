@@ -56,8 +56,8 @@ from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from PIL import Image
 from tqdm import tqdm
 
+from ...common.files import write_json_atomically
 from ...config import PiToMeConfig
-from ...experiments.sweep import write_json_atomically
 from ...models.llava_hf import vision_dtype
 from ...runtime.loading import StageTimer, load_llava
 

@@ -1,0 +1,24 @@
+"""Where the package keeps its files, and how it writes them so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    """``$PITOME_CACHE`` or ``~/.cache/pitome_mllm`` (created)."""
+    folder = Path(os.environ.get("PITOME_CACHE", Path.home() / ".cache" / "pitome_mllm"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file and rename it, so readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # default=str: a stray non-JSON value (a dtype, a path) is recorded as text rather than losing the file.
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(temporary, path)
