@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pitome_mllm.cli.profile import native_visual_tokens, resolve_device
-    from pitome_mllm.testing.architectures import build_arch
     from pitome_mllm.tools.profiling import ProfileSettings, plan_runs, profile, publish_report
+    from pitome_mllm.zoo.architectures import build_arch
 
     args = parse_args(argv)
     device = resolve_device(args.device)

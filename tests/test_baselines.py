@@ -36,7 +36,7 @@ from pitome_mllm.merge.select import (
     random_keep_indices,
     top_indices,
 )
-from pitome_mllm.testing.tiny import TEST_SPEC
+from pitome_mllm.zoo.tiny import TEST_SPEC
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 BUDGET = 16  # of the 64 patches; pools the 8 x 8 grid to 4 x 4, i.e. 2 x 2 windows
@@ -300,7 +300,7 @@ def test_baselines_and_floor_on_the_original_llava_code(tmp_path, images):
     """The same stage on the original code's `LlavaLlamaForCausalLM`: spliced lengths and exact undo."""
     pytest.importorskip("llava", reason="the original LLaVA code is not installed (pip install --no-deps llava-torch)")
     from pitome_mllm.runtime import llava_original as original_runtime
-    from pitome_mllm.testing import tiny_llava_original as original_tiny
+    from pitome_mllm.zoo import tiny_llava_original as original_tiny
 
     model, tokenizer, image_processor = original_tiny.build_tiny_llava_original(tmp_path)
     prompt = original_runtime.build_prompt([("What is this?", None)])

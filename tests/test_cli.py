@@ -24,7 +24,7 @@ from pitome_mllm.runtime.loading import (
     load_llava,
     resolve_dtype,
 )
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava, save_tiny_llava
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava, save_tiny_llava
 
 STATS_LINE = re.compile(r"\[(\d+) visual tokens, vision \d+ ms, prefill \d+ ms, total \d+\.\d+ s\]")
 

@@ -15,7 +15,7 @@ import torch
 import pitome_mllm
 from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.models.llava_next import AnyresLayout, anyres_layout, split_budget
-from pitome_mllm.testing.tiny import (
+from pitome_mllm.zoo.tiny import (
     BOS_TOKEN,
     IMAGE_TOKEN,
     ONEVISION_TEST_SPEC,

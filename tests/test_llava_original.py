@@ -16,8 +16,8 @@ from pitome_mllm.assets import load_image  # noqa: E402
 from pitome_mllm.models import find_adapter, llava_hf  # noqa: E402
 from pitome_mllm.models import llava_original as original  # noqa: E402
 from pitome_mllm.runtime import llava_original as original_runtime  # noqa: E402
-from pitome_mllm.testing import tiny_llava_original as original_tiny  # noqa: E402
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
+from pitome_mllm.zoo import tiny_llava_original as original_tiny  # noqa: E402
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
 
 # llava-torch passes past_key_values to LlamaForCausalLM, which transformers 5.x renamed.
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")

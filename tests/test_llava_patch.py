@@ -26,7 +26,7 @@ from pitome_mllm.models.clip_tower import clip_encoder_layers
 from pitome_mllm.models.compat import transformers_version
 from pitome_mllm.models.llava_hf import image_features_per_image, vision_hidden_states
 from pitome_mllm.schedule import plan_layers
-from pitome_mllm.testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
+from pitome_mllm.zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"

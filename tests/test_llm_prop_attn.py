@@ -313,7 +313,7 @@ def test_families_without_support_refuse_the_option():
 
 
 def test_llava_next_refuses_the_option_before_touching_the_model():
-    from pitome_mllm.testing.tiny import build_tiny_llava_next
+    from pitome_mllm.zoo.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next()
     with pytest.raises(ValueError, match="llava_next family; only llava_hf"):

@@ -30,7 +30,7 @@ from pitome_mllm.integrations.lmms_eval.llava_hf import (  # noqa: E402
     parse_patch_args,
     truncate_at_stop,
 )
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_processor, save_tiny_llava  # noqa: E402
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_processor, save_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "tasks"

@@ -32,7 +32,7 @@ from pitome_mllm.merge.select import (
     top_indices,
 )
 from pitome_mllm.models import model_parts
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava_next, build_tiny_siglip_llava
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava_next, build_tiny_siglip_llava
 
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
 NEW_METHODS = (
@@ -465,7 +465,7 @@ def test_the_vllm_plugin_accepts_the_selectors_and_refuses_cdpruner_before_build
 def test_the_original_llava_code_runs_the_selection_methods_and_refuses_cdpruner(tmp_path, images):
     pytest.importorskip("llava", reason="the original LLaVA code is not installed (pip install --no-deps llava-torch)")
     from pitome_mllm.runtime import llava_original as original_runtime
-    from pitome_mllm.testing import tiny_llava_original as original_tiny
+    from pitome_mllm.zoo import tiny_llava_original as original_tiny
 
     model, tokenizer, image_processor = original_tiny.build_tiny_llava_original(tmp_path)
     input_ids = original_runtime.tokenize_prompt(original_runtime.build_prompt([("What is this?", None)]), tokenizer)

@@ -15,7 +15,7 @@ from conftest import unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 

@@ -11,16 +11,6 @@ import pytest
 import torch
 
 import pitome_mllm
-from pitome_mllm.testing.architectures import (
-    ARCHITECTURES,
-    ArchSpec,
-    TextShape,
-    VisionShape,
-    arch_config,
-    build_arch,
-    count_parameters,
-    get_arch,
-)
 from pitome_mllm.tools import profiling
 from pitome_mllm.tools.profiling import (
     LLMShape,
@@ -37,6 +27,16 @@ from pitome_mllm.tools.profiling import (
     summarize,
     vision_layer_macs,
     write_report,
+)
+from pitome_mllm.zoo.architectures import (
+    ARCHITECTURES,
+    ArchSpec,
+    TextShape,
+    VisionShape,
+    arch_config,
+    build_arch,
+    count_parameters,
+    get_arch,
 )
 
 # TEST_SPEC: 112 px / 14 px patches -> 64 patches + CLS, 6 CLIP layers of width 64 (MLP 128);

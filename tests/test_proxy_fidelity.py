@@ -10,7 +10,7 @@ import torch
 
 from pitome_mllm.cli import main
 from pitome_mllm.experiments.proxy import fidelity
-from pitome_mllm.testing.real_tower import is_available
+from pitome_mllm.zoo.real_tower import is_available
 
 torch.set_num_threads(1)  # two shared cores; the end-to-end run stays small
 

@@ -13,7 +13,7 @@ easy_vqa_data = pytest.importorskip("easy_vqa", reason="the easy-VQA proxy needs
 from pitome_mllm.experiments import sweep  # noqa: E402
 from pitome_mllm.experiments.proxy import easy_vqa, vqa  # noqa: E402
 from pitome_mllm.integrations.lmms_eval.llava_hf import build_prompt  # noqa: E402
-from pitome_mllm.testing.real_tower import build_real_processor, is_available  # noqa: E402
+from pitome_mllm.zoo.real_tower import build_real_processor, is_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASK_FOLDER = REPO / "eval" / "tasks"
@@ -95,7 +95,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 
 
 def test_answer_logits_equal_the_model_forward():
-    from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava
+    from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
     model, processor = build_tiny_llava(TEST_SPEC)[:2]
     image = easy_vqa.load_image("test", 0)

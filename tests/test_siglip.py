@@ -13,7 +13,7 @@ import torch
 import pitome_mllm
 from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.schedule import plan_layers
-from pitome_mllm.testing.tiny import SIGLIP_TEST_SPEC, build_tiny_siglip_llava
+from pitome_mllm.zoo.tiny import SIGLIP_TEST_SPEC, build_tiny_siglip_llava
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 

@@ -306,7 +306,7 @@ def test_smoke_suite_end_to_end_on_the_tiny_model(tmp_path, monkeypatch):
     """The real lmms-eval on the tiny model: run part of the smoke suite (as if interrupted),
     resume it through the CLI, aggregate."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
-    from pitome_mllm.testing.tiny import TEST_SPEC, save_tiny_llava
+    from pitome_mllm.zoo.tiny import TEST_SPEC, save_tiny_llava
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -263,7 +263,7 @@ def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
     """SIGKILL of the sweep takes its lmms-eval child along; the next sweep takes over the stale
     lock, refuses a second sweep on the folder while it runs, and leaves exactly one results file."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
-    from pitome_mllm.testing.tiny import TEST_SPEC, save_tiny_llava
+    from pitome_mllm.zoo.tiny import TEST_SPEC, save_tiny_llava
 
     model = save_tiny_llava(tmp_path / "tiny", TEST_SPEC)
     output = tmp_path / "sweep"

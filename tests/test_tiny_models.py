@@ -1,4 +1,4 @@
-"""Tiny offline LLaVA models, processor and bundled images (pitome_mllm.testing.tiny, pitome_mllm.assets)."""
+"""Tiny offline LLaVA models, processor and bundled images (pitome_mllm.zoo.tiny, pitome_mllm.assets)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pitome_mllm.assets import list_images, load_image
 from pitome_mllm.models.clip_tower import clip_encoder_layers
-from pitome_mllm.testing.tiny import (
+from pitome_mllm.zoo.tiny import (
     DEMO_SPEC,
     TEST_SPEC,
     TinyLlavaSpec,

@@ -11,7 +11,6 @@ from PIL import Image
 
 from pitome_mllm.assets import load_image
 from pitome_mllm.cli import main
-from pitome_mllm.testing.tiny import TEST_SPEC, build_tiny_llava
 from pitome_mllm.tools.spectral import plan_steps
 from pitome_mllm.tools.viz import (
     BOUNDARY_RGB,
@@ -31,6 +30,7 @@ from pitome_mllm.tools.viz import (
     trace_merges,
     vision_hidden_states,
 )
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
 
 @pytest.fixture(scope="module")

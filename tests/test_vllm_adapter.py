@@ -30,7 +30,7 @@ from pitome_mllm.models.vllm_llava import (
     is_vllm_llava,
     planned_budget,
 )
-from pitome_mllm.testing.tiny import DEMO_SPEC, VLLM_TEST_SPEC, build_tiny_llava
+from pitome_mllm.zoo.tiny import DEMO_SPEC, VLLM_TEST_SPEC, build_tiny_llava
 
 SETTINGS = [
     {"target_tokens": 16},

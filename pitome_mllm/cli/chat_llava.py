@@ -92,8 +92,8 @@ class LlavaChatSession:
 def _load_tiny(spec_name: str, args: argparse.Namespace):
     """An offline tiny random original-LLaVA model (``tiny``: CLIP-L/14-336 geometry)."""
     from ..runtime.loading import resolve_device, resolve_dtype
-    from ..testing.tiny import DEMO_SPEC, TEST_SPEC
-    from ..testing.tiny_llava_original import build_tiny_llava_original
+    from ..zoo.tiny import DEMO_SPEC, TEST_SPEC
+    from ..zoo.tiny_llava_original import build_tiny_llava_original
 
     if args.load_in_4bit or args.load_in_8bit:
         raise ValueError(f"cannot quantise the built-in {args.model!r} model")

@@ -15,7 +15,7 @@ import argparse
 
 from ..config import METHODS, PRESETS
 from ..runtime.terminal import add_list_argument, add_threads_argument
-from ..testing.architecture_specs import ARCHITECTURES
+from ..zoo.architecture_specs import ARCHITECTURES
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
 
@@ -80,13 +80,13 @@ def resolve_dtype(name: str, device):
 def load_model_for_profiling(args: argparse.Namespace, device, dtype):
     """``(model, processor, source description, vision_only)`` for ``--arch`` or ``--model``."""
     if args.arch:
-        from ..testing.architectures import build_arch, get_arch
+        from ..zoo.architectures import build_arch, get_arch
 
         spec = get_arch(args.arch)
         model, processor = build_arch(spec, device=device, dtype=dtype, seed=args.seed)
         return model, processor, f"{spec.name} (random weights)", not spec.build_language_model
     if args.model in TINY_MODELS:
-        from ..testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+        from ..zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
 
         spec = DEMO_SPEC if TINY_MODELS[args.model] == "demo" else TEST_SPEC
         model, processor = build_tiny_llava(spec)

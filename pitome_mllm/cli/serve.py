@@ -76,7 +76,7 @@ def vllm_serve_command(model: str, overrides: dict | None, vllm_args: list[str])
 def tiny_model_folder() -> Path:
     """A tiny LLaVA-1.5 for vLLM, saved once under the cache folder (``$PITOME_CACHE``)."""
     from ..common.files import cache_dir
-    from ..testing.tiny import VLLM_DEMO_SPEC, save_tiny_llava
+    from ..zoo.tiny import VLLM_DEMO_SPEC, save_tiny_llava
 
     folder = cache_dir() / "vllm_tiny_llava"
     if not (folder / "model.safetensors").is_file():

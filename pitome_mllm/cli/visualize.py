@@ -54,7 +54,7 @@ def load_model(name: str, device: str | None = None) -> LoadedModel:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if name in TINY_MODELS:
-        from ..testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+        from ..zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
 
         model, processor = build_tiny_llava(DEMO_SPEC if name == "tiny" else TEST_SPEC)
         return LoadedModel(model.to(device), processor, f"{name} LLaVA (random weights)", True)

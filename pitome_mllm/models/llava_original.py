@@ -10,7 +10,7 @@ per image and ``prepare_inputs_labels_for_multimodal`` splices in however many
 features the projector returns, so a merged (shorter) sequence flows through as is.
 
 Loading checkpoints and building prompts live in `pitome_mllm.runtime.llava_original`,
-tiny offline models in `pitome_mllm.testing.tiny_llava_original`.
+tiny offline models in `pitome_mllm.zoo.tiny_llava_original`.
 
 This module also holds the ``generate`` compatibility wrapper: llava-torch 1.2.2's
 ``LlavaLlamaForCausalLM.forward`` predates the ``cache`` / ``cache_position``

@@ -163,7 +163,7 @@ def load_llava(
         raise ModelLoadError(
             f"could not load {source!r} offline: pass a local folder holding the checkpoint ({reason})"
         ) from error
-    from ..testing.real_tower import restore_identity_pre_norm
+    from ..zoo.real_tower import restore_identity_pre_norm
 
     if restore_identity_pre_norm(model):
         logger.info("vision tower converted from DINOv2: pre_layrnorm restored to the identity")
@@ -181,7 +181,7 @@ def tiny_demo_model(spec_name: str = "demo") -> tuple[nn.Module, Any]:
     Raises:
         ValueError: an unknown ``spec_name``.
     """
-    from ..testing.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
+    from ..zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
 
     specs = {"demo": DEMO_SPEC, "test": TEST_SPEC}
     if spec_name not in specs:
@@ -207,7 +207,7 @@ def load_model(
     if load_kwargs.get("load_in_4bit") or load_kwargs.get("load_in_8bit"):
         raise ValueError(
             f"cannot quantise the built-in {name_or_path!r} model; save it with "
-            "pitome_mllm.testing.tiny.save_tiny_llava(folder) and load that folder"
+            "pitome_mllm.zoo.tiny.save_tiny_llava(folder) and load that folder"
         )
     target_device = resolve_device(device)
     model, processor = tiny_demo_model(spec_name)

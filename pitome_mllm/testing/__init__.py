@@ -1,3 +1,3 @@
-"""Models built at test time: tiny random LLaVA models, real architectures with random weights,
-and a CLIP tower with real (DINOv2) weights. Model-specific construction lives here and in
-`pitome_mllm.models` only."""
+"""Helpers that only the test suite and the benchmarks use (never imported by the shipped
+commands): running tiny models through vLLM's engine. The models themselves are in
+`pitome_mllm.zoo`."""

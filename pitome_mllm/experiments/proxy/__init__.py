@@ -1,4 +1,4 @@
-"""CPU proxy benchmarks on a real pretrained ViT (the DINOv2 tower of `pitome_mllm.testing.real_tower`).
+"""CPU proxy benchmarks on a real pretrained ViT (the DINOv2 tower of `pitome_mllm.zoo.real_tower`).
 
 * `pitome_mllm.experiments.proxy.fidelity`: how much of the tower's features each token-reduction method keeps
   (linear probe, pooled and per-patch cosine, spectral distance).

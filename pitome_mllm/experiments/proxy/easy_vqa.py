@@ -2,7 +2,7 @@
 
 No LLaVA weights reach a machine without the model hubs, so this proxy builds the smallest
 honest stand-in: a ``LlavaForConditionalGeneration`` whose vision tower is the *real* pretrained
-DINOv2 ViT-S/14 (`pitome_mllm.testing.real_tower`, exactly re-expressed as a ``CLIPVisionModel`` at
+DINOv2 ViT-S/14 (`pitome_mllm.zoo.real_tower`, exactly re-expressed as a ``CLIPVisionModel`` at
 224 px: 256 patch tokens + CLS, LLaVA reads ``hidden_states[-2]`` without CLS), a GELU MLP
 projector and a small LLaMA decoder. Tower frozen; projector and decoder are trained here, on
 CPU, on **unmerged** tokens, to answer easy-VQA questions (``easy-vqa==1.0``: 64 px images of one
@@ -203,7 +203,7 @@ class TrainSettings:
 
 def build_mini_llava(spec: MiniLlavaSpec = MiniLlavaSpec(), seed: int = 0):
     """``(model, processor)``: real DINOv2 tower (frozen), random GELU projector and decoder (seeded), float32."""
-    from ...testing.real_tower import build_real_llava
+    from ...zoo.real_tower import build_real_llava
 
     model, processor = build_real_llava(
         text_layers=spec.text_layers,

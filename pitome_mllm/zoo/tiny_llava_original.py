@@ -48,7 +48,7 @@ def build_tiny_llava_original(folder: str | Path, spec=None, vision_tower: nn.Mo
 
     llava loads its CLIP tower and image processor by name, so they are written to
     ``folder / "vision_tower"`` and the config points there. Geometry and widths follow
-    a `pitome_mllm.testing.tiny.TinyLlavaSpec` (default ``TEST_SPEC``); ``vision_tower``
+    a `pitome_mllm.zoo.tiny.TinyLlavaSpec` (default ``TEST_SPEC``); ``vision_tower``
     reuses a given ``CLIPVisionModel`` (e.g. a transformers LLaVA's, to compare families).
 
     Returns:

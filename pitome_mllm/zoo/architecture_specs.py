@@ -1,6 +1,6 @@
 """The named real-size LLaVA shapes, as plain data (no torch: the command line lists them).
 
-`pitome_mllm.testing.architectures` builds models of these shapes with random weights.
+`pitome_mllm.zoo.architectures` builds models of these shapes with random weights.
 
 >>> spec = ARCHITECTURES["llava-1.5-7b"]
 >>> spec.text.hidden_size, spec.vision.num_layers
