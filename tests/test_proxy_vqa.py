@@ -12,7 +12,7 @@ easy_vqa_data = pytest.importorskip("easy_vqa", reason="the easy-VQA proxy needs
 
 from pitome_mllm.experiments import sweep  # noqa: E402
 from pitome_mllm.experiments.proxy import easy_vqa, vqa  # noqa: E402
-from pitome_mllm.integrations.lmms_eval.llava_hf import build_prompt  # noqa: E402
+from pitome_mllm.common.prompts import build_prompt  # noqa: E402
 from pitome_mllm.zoo.real_tower import build_real_processor, is_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tiny import IMAGE_TOKEN
+from ..zoo.tiny import IMAGE_TOKEN
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_c
     single_process_environment()
     from vllm import LLM, SamplingParams
 
-    from .tiny import load_image
+    from ..zoo.tiny import load_image
 
     started = time.perf_counter()
     llm = LLM(**engine_kwargs(model_dir, settings))

@@ -227,7 +227,7 @@ def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def prompt_text(processor, question: str) -> str:
     """The prompt the lmms-eval plugin builds for this question (chat template), image expanded."""
-    from ...integrations.lmms_eval.llava_hf import build_prompt
+    from ...common.prompts import build_prompt
 
     num_patches = processor.image_processor.crop_size["height"] // processor.patch_size
     prompt = build_prompt(processor, doc_to_text(question), 1)

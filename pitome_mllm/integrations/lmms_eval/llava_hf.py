@@ -57,20 +57,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ...common.files import write_json_atomically
+from ...common.prompts import IMAGE_TOKEN, PROMPT_FORMATS, build_prompt
 from ...config import PiToMeConfig
 from ...models.llava_hf import vision_dtype
 from ...runtime.loading import StageTimer, load_llava
 
 logger = logging.getLogger("pitome_mllm")
 
-IMAGE_TOKEN = "<image>"
-# LLaVA-1.5's evaluation prompt (conversation template "vicuna_v1"): the format the released
-# checkpoints were trained with and that the LLaVA-1.5 and PiToMe papers evaluated with.
-LLAVA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-PROMPT_FORMATS = ("chat_template", "llava_v1")
 LOGLIKELIHOOD_VALUES = ("loss", "logprob")
 PATCH_ARGS = tuple(field.name for field in dataclasses.fields(PiToMeConfig))
 # Multi-round tasks end themselves through doc_to_text; this only stops a task that never does.
@@ -150,25 +143,6 @@ def parse_patch_args(raw: dict[str, Any]) -> dict[str, Any]:
         else:
             parsed[name] = str(value)
     return parsed
-
-
-# ---------------------------------------------------------------------------------- prompts
-def build_prompt(processor, context: str, num_images: int, prompt_format: str = "chat_template") -> str:
-    """The text given to the processor for a task context and ``num_images`` images.
-
-    ``chat_template`` renders ``[image] * num_images + [text]`` with the processor's chat template,
-    which is what lmms-eval's own ``llava_hf`` does; ``llava_v1`` (also the fallback for a
-    processor without a template) is ``"<system> USER: <image>\\n<text> ASSISTANT:"``.
-    ``<image>`` markers already in the context are dropped: images always come first.
-    """
-    text = context.replace(IMAGE_TOKEN, "").strip() if IMAGE_TOKEN in context else context
-    if prompt_format == "chat_template" and getattr(processor, "chat_template", None):
-        content: list[dict[str, str]] = [{"type": "image"} for _ in range(num_images)]
-        content.append({"type": "text", "text": text})
-        messages = [{"role": "user", "content": content}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = f"{' '.join([IMAGE_TOKEN] * num_images)}\n" if num_images else ""
-    return f"{LLAVA_V1_SYSTEM} USER: {images}{text} ASSISTANT:"
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
