@@ -15,7 +15,6 @@ from .config import PiToMeConfig
 from .hooks.base import COPY_REFUSED, is_overridden
 from .hooks.observers import Observer, ObserverHandle
 from .models import ModelParts, find_adapter
-from .models.clip_tower import check_llm_prop_attn
 
 _HANDLE_ATTR = "_pitome_patch_handle"
 SIGNATURE = "pitome_mllm.patch(model, processor=None, config=None, **overrides)"
@@ -191,9 +190,8 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
         config = PiToMeConfig.from_dict(overrides)  # unknown keys: ValueError naming the allowed ones
     elif overrides:
         config = config.replace(**overrides)
-    adapter_cls = find_adapter(model)
-    check_llm_prop_attn(adapter_cls, config)  # every family, before anything is touched
-    adapter = adapter_cls(model, processor, config)  # validates and plans; no mutation yet
+    # Construction checks the config against what the family declares, validates and plans; no mutation yet.
+    adapter = find_adapter(model)(model, processor, config)
     if any(is_overridden(layer) for layer in adapter.layers):
         raise RuntimeError("the vision tower already carries a pitome_mllm patch")
     adapter.install()

@@ -23,7 +23,6 @@ from pitome_mllm.hooks.llm_attention import (
     key_bias_for,
     visual_key_log_sizes,
 )
-from pitome_mllm.models.clip_tower import check_llm_prop_attn
 from pitome_mllm.models.llava_original import LlavaOriginalAdapter
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
@@ -308,8 +307,8 @@ def test_attention_without_an_additive_mask_is_refused_at_patch_time(tiny_llava)
 def test_families_without_support_refuse_the_option():
     config = PiToMeConfig(keep_ratio=0.9, llm_prop_attn=True)
     with pytest.raises(ValueError, match="llava_original family; only llava_hf"):
-        check_llm_prop_attn(LlavaOriginalAdapter, config)
-    check_llm_prop_attn(LlavaOriginalAdapter, config.replace(llm_prop_attn=False))
+        LlavaOriginalAdapter.check_supported(config)
+    LlavaOriginalAdapter.check_supported(config.replace(llm_prop_attn=False))
 
 
 def test_llava_next_refuses_the_option_before_touching_the_model():

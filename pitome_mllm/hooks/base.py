@@ -1,19 +1,65 @@
-"""Reversible forward overrides, in the spirit of accelerate's ``add_hook_to_module``.
+"""The install / remove protocol every insertion point follows, and the reversible overrides they use.
 
-An override replaces a module's ``forward`` with an instance attribute and records
-what was there, so that `restore_forward` puts back exactly the previous state
-(including a forward that another library, e.g. accelerate's device hooks, had
-already installed on the instance).
+`Hook` is one unit of change to a model or processor: ``install()`` puts it in,
+``remove()`` takes out exactly what ``install()`` put in and is safe after a partial (or
+no) install. An adapter lists its units in order; `install_in_order` installs them under
+one rollback and `remove_in_reverse` takes them out last-first, so a unit that wraps what
+an earlier one installed is always unwrapped first.
+
+Forward overrides, in the spirit of accelerate's ``add_hook_to_module``: an override
+replaces a module's ``forward`` with an instance attribute and records what was there,
+so that `restore_forward` puts back exactly the previous state (including a forward that
+another library, e.g. accelerate's device hooks, had already installed on the instance).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
 
 _SAVED_FORWARD = "_pitome_saved_forward"
+
+
+class Hook(ABC):
+    """One reversible change to a model or processor.
+
+    ``install()`` makes the change; ``remove()`` undoes exactly that change and must be safe to
+    call after a partial install, after a failed one and more than once. Wrappers a unit puts in
+    place keep the wrapped function's name, doc and ``__wrapped__`` (``functools.wraps``).
+    """
+
+    @abstractmethod
+    def install(self) -> None:
+        """Make the change (on failure, `remove` is called and must cope with what was done)."""
+
+    @abstractmethod
+    def remove(self) -> None:
+        """Undo `install` exactly; a no-op for whatever was not installed."""
+
+
+def install_in_order(hooks: Sequence[Hook]) -> None:
+    """Install ``hooks`` first to last under one rollback.
+
+    If any ``install`` raises, that unit and every unit installed before it are removed, last
+    first, and the error is raised again: the model and processor are left as they were.
+    """
+    installed: list[Hook] = []
+    try:
+        for hook in hooks:
+            installed.append(hook)  # before install: a unit that fails half-way is removed too
+            hook.install()
+    except BaseException:
+        remove_in_reverse(installed)
+        raise
+
+
+def remove_in_reverse(hooks: Sequence[Hook]) -> None:
+    """Remove ``hooks`` last to first (the reverse of `install_in_order`)."""
+    for hook in reversed(hooks):
+        hook.remove()
 
 
 class _Missing:
@@ -117,6 +163,28 @@ class InstanceOverrides:
 
     def __bool__(self) -> bool:
         return bool(self._saved)
+
+
+class AttributeOverrides(Hook):
+    """Instance attributes of one object (a processor's counting methods, a model method) as a `Hook`.
+
+    Args:
+        target: the object whose instance attributes are set.
+        build: ``() -> {name: value}``, called at install (so wrappers wrap what is there then);
+            may raise before anything is set.
+    """
+
+    def __init__(self, target: object, build: Callable[[], dict[str, object]]) -> None:
+        self.target = target
+        self.build = build
+        self._overrides = InstanceOverrides(target)
+
+    def install(self) -> None:
+        for name, value in self.build().items():
+            self._overrides.set(name, value)
+
+    def remove(self) -> None:
+        self._overrides.restore()
 
 
 def remove_hooks(handles: list) -> None:

@@ -17,16 +17,19 @@ tokens decoded with a KV cache); only full-attention layers (key offset 0) are s
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .base import remove_hooks, undone_on_error
-from .tower import PatchState
+from .base import Hook, remove_hooks, undone_on_error
+from .state import PatchState
+
+# ``(cache, layer_idx, q_length) -> (kv_length, kv_offset)``: the keys an attention call will see.
+# How a cache answers differs between transformers releases; the adapter passes the answer in
+# (`pitome_mllm.models.compat.cache_mask_sizes`), so nothing here depends on the release.
+MaskSizes = Callable[[object, int, int], tuple[int, int]]
 
 # --------------------------------------------------------------------------------------- pure functions
 
@@ -185,24 +188,11 @@ def cached_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
-@functools.cache
-def mask_sizes_take_positions(cache_class: type) -> bool:
-    """Whether ``cache_class.get_mask_sizes`` takes ``cache_position`` (4.57) rather than a query length (5.x).
-
-    Asked once per cache class: the answer is needed in every attention call of every layer.
-    """
-    return "cache_position" in inspect.signature(cache_class.get_mask_sizes).parameters
-
-
-def call_kv_length(cache, layer_idx: int, q_length: int) -> int:
-    """Keys an attention call will see, read from the cache before the layer updates it."""
+def call_kv_length(cache, layer_idx: int, q_length: int, mask_sizes: MaskSizes) -> int:
+    """Keys an attention call will see, read from the cache (through ``mask_sizes``) before the layer updates it."""
     if cache is None:
         return q_length
-    if mask_sizes_take_positions(type(cache)):
-        # transformers 4.57: get_mask_sizes(cache_position, layer_idx) reads only the positions' count.
-        kv_length, kv_offset = cache.get_mask_sizes(torch.arange(q_length), layer_idx)
-    else:  # transformers 5.x: get_mask_sizes(query_length, layer_idx)
-        kv_length, kv_offset = cache.get_mask_sizes(q_length, layer_idx)
+    kv_length, kv_offset = mask_sizes(cache, layer_idx, q_length)
     if kv_offset:
         raise ValueError(
             f"layer {layer_idx} sees a sliding window of keys (offset {kv_offset}); llm_prop_attn supports "
@@ -224,8 +214,8 @@ class _PendingImages:
     projector_runs: bool  # pixel_values given: the projector stage must record fresh sizes
 
 
-class LLMPropAttention:
-    """Forward pre-hooks that add ``log(size)`` at visual keys to every LLM self-attention's mask.
+class LLMPropAttention(Hook):
+    """Forward pre-hooks that add ``log(size)`` at visual keys to every LLM self-attention's mask (a `Hook`).
 
     A pre-hook on the multimodal core model (the module that scatters image features into
     the image-token positions and calls the language model) reads ``input_ids`` and records
@@ -246,6 +236,8 @@ class LLMPropAttention:
             keywords ``hidden_states``, ``attention_mask`` and ``cache``.
         image_token_id: the placeholder token of image features.
         state: the patch's `PatchState`, whose ``final_size`` the projector stage writes.
+        mask_sizes: ``(cache, layer_idx, q_length) -> (kv_length, kv_offset)`` of the installed
+            transformers release (`MaskSizes`), asked when a layer gets no mask.
     """
 
     def __init__(
@@ -254,8 +246,10 @@ class LLMPropAttention:
         attention_modules: Sequence[nn.Module],
         image_token_id: int,
         state: PatchState,
+        mask_sizes: MaskSizes,
     ) -> None:
         self.core = core
+        self.mask_sizes = mask_sizes
         self.attention_modules = list(attention_modules)
         self.image_token_id = image_token_id
         self.state = state
@@ -344,7 +338,7 @@ class LLMPropAttention:
         batch, q_length = hidden_states.shape[:2]
         if attention_mask is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            kv_length = call_kv_length(cache, getattr(module, "layer_idx", 0), q_length)
+            kv_length = call_kv_length(cache, getattr(module, "layer_idx", 0), q_length, self.mask_sizes)
         else:
             batch, kv_length = max(batch, attention_mask.shape[0]), attention_mask.shape[-1]
         key = (id(attention_mask), batch, q_length, kv_length)

@@ -2,7 +2,8 @@
 
 Runs as a forward hook on the projector (a per-token MLP in LLaVA), so the language
 model receives exactly ``target_tokens`` tokens per image, optionally back in raster
-order. The tower's `MergeTrace` (read from the patch's `PatchState`) supplies token sizes
+order. The tower's `MergeTrace` (taken from the patch's `PatchState`, once per tower forward:
+that is how a stage knows the projector input came from the tower) supplies token sizes
 (for size-weighted merging) and the source map (for raster order); the stage writes the
 final map and sizes back to the same state. ``target_tokens=0`` (method ``none`` only) hands the
 language model no visual token at all.
@@ -41,8 +42,9 @@ from ..merge.select import (
     square_grid,
     top_indices,
 )
-from .base import remove_hooks, undone_on_error
-from .tower import KeySource, MergeTrace, PatchState, raster_order
+from .base import Hook, remove_hooks, undone_on_error
+from .state import MergeTrace, PatchState
+from .tower import KeySource, raster_order
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ class ProjectorSettings:
     reduce: str
 
 
-class ProjectorMerger:
-    """Forward hook on a projector that applies `ProjectorSettings`."""
+class ProjectorMerger(Hook):
+    """Forward hook on a projector that applies `ProjectorSettings` (a `Hook`)."""
 
     def __init__(self, projector: nn.Module, state: PatchState, settings: ProjectorSettings) -> None:
         self.projector = projector
@@ -89,15 +91,15 @@ class ProjectorMerger:
         self.state.final_size = None
 
     def _on_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        trace: MergeTrace | None = self.state.trace
-        if trace is None or output.dim() != 3 or trace.size.shape[0] != output.shape[0]:
-            return None  # not a call that followed a tower forward (e.g. a user calling it alone)
+        trace: MergeTrace | None = self.state.take_tower_trace()
+        if trace is None:
+            return None  # no tower forward ran since the last projector call (e.g. a user calling it alone)
         drop = int(self.settings.drops_class_token)
         size = trace.size[:, drop:]
         # Original tokens dropped with the class token are left out of the map.
         token_map = trace.token_map[:, drop:] - drop
-        if size.shape[1] != output.shape[1]:
-            return None
+        if not _fits(trace, output, drop):
+            return None  # a tower run whose output never came here (the tower called alone), then other features
         settings = self.settings
         features, size, token_map = self.state.observers.run(
             "projector",
@@ -121,6 +123,17 @@ class ProjectorMerger:
         self.state.final_token_map = token_map
         self.state.final_size = size
         return features if self.active else None
+
+
+def _fits(trace: MergeTrace, features, drop: int) -> bool:
+    """Whether ``features`` (``[B, n, C]``) hold the tokens ``trace`` tracked, less ``drop`` leading ones.
+
+    Only a guard for a fresh trace left by a tower called on its own (its output never reached
+    the projector): the decision that a tower forward ran is the trace being fresh.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 3:
+        return False
+    return tuple(trace.size.shape[:2]) == (features.shape[0], features.shape[1] + drop)
 
 
 def patches_held(token_map: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -169,8 +182,8 @@ SELECTION_ALIASES = {"visionzip": "dominant"}
 InstructionSource = Callable[[int], list[torch.Tensor]]
 
 
-class SelectionStage:
-    """A hook on the projector that chooses (or pools, or merges) the patch tokens to a budget.
+class SelectionStage(Hook):
+    """A hook on the projector that chooses (or pools, or merges) the patch tokens to a budget (a `Hook`).
 
     Methods that decide on the vision features (`random`, `pool`, `dominant` / `visionzip`,
     `fastervlm`, the ``mllm`` preset) are a forward pre-hook: the projector runs on the kept
@@ -235,28 +248,25 @@ class SelectionStage:
 
         return capture
 
-    def _follows_tower(self, features) -> bool:
-        """Whether ``features`` (the projector input) came from the tower forward just traced."""
-        trace: MergeTrace | None = self.state.trace
-        if trace is None or not isinstance(features, torch.Tensor) or features.dim() != 3:
-            return False
-        drop = int(self.settings.drops_class_token)
-        return tuple(trace.size.shape[:2]) == (features.shape[0], features.shape[1] + drop)
+    def _follows_tower(self, args: tuple) -> bool:
+        """Whether this projector call (input ``args``) is the first since a tower forward (its fresh trace)."""
+        trace: MergeTrace | None = self.state.take_tower_trace()
+        return trace is not None and bool(args) and _fits(trace, args[0], int(self.settings.drops_class_token))
 
     def _record(self, token_map: torch.Tensor, num_tokens: int) -> None:
         self.state.final_token_map = token_map
         self.state.final_size = patches_held(token_map, num_tokens)
 
     def _on_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not args or not self._follows_tower(args[0]):
-            return None  # not a call that followed a tower forward (e.g. a user calling it alone)
+        if not self._follows_tower(args):
+            return None  # no tower forward ran since the last projector call (e.g. a user calling it alone)
         with torch.no_grad():
             selected, token_map = self._select_features(args[0].detach())
         self._record(token_map, selected.shape[1])
         return (selected, *args[1:])
 
     def _on_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not args or not self._follows_tower(args[0]) or output.dim() != 3:
+        if not self._follows_tower(args) or output.dim() != 3:
             return None
         with torch.no_grad():
             kept = self._select_projected(args[0].detach(), output.detach())

@@ -16,8 +16,9 @@ the list keeps hidden-state indices stable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,45 +26,8 @@ from torch import nn
 from ..merge import Merge
 from ..merge.budget import apply_merge, decide_merge
 from ..schedule import LayerStep
-from .base import override_forward, remove_hooks, restore_forward, undone_on_error
-from .observers import Observers
-
-
-@dataclass
-class MergeTrace:
-    """What the last tower forward did, for analysis and the projector stage.
-
-    Attributes:
-        token_map: ``[B, N0]`` for every original token (class token at 0), its index
-            in the current sequence.
-        size: ``[B, n, 1]`` how many original tokens each current token holds (fp32).
-        token_counts: tokens after each layer's merge (class token included).
-        merges: ``(layer_idx, Merge)`` of every step, kept only when ``record_merges``
-            (visualisation needs them; normal runs do not pay for them).
-    """
-
-    token_map: torch.Tensor
-    size: torch.Tensor
-    token_counts: list[int] = field(default_factory=list)
-    merges: list[tuple[int, Merge]] = field(default_factory=list)
-    record_merges: bool = False
-
-    @classmethod
-    def start(cls, hidden_states: torch.Tensor, record_merges: bool) -> MergeTrace:
-        batch, num_tokens, _ = hidden_states.shape
-        device = hidden_states.device
-        token_map = torch.arange(num_tokens, device=device).expand(batch, num_tokens).clone()
-        size = torch.ones(batch, num_tokens, 1, device=device)
-        return cls(token_map, size, [], [], record_merges)
-
-    def apply(self, layer_idx: int, step: Merge) -> None:
-        self.token_map = step.track_source(self.token_map)
-        # Summed here in fp32 even when a size-weighted merge just summed them in the model's
-        # dtype: bf16 counts stop being exact above 256 patches, and the trace must stay exact.
-        self.size = step(self.size, reduce="sum")
-        self.token_counts.append(step.num_output_tokens)
-        if self.record_merges:
-            self.merges.append((layer_idx, step))
+from .base import Hook, override_forward, remove_hooks, restore_forward, undone_on_error
+from .state import MergeTrace, PatchState
 
 
 def _output_itself(output: torch.Tensor) -> torch.Tensor:
@@ -111,40 +75,13 @@ def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) 
     )
 
 
-@dataclass
-class PatchState:
-    """What the stages of one patched forward hand each other, and what the handle reads.
-
-    One object per patch, given to every hook at construction: the tower writes ``trace``
-    (a new one at every forward), the projector stage reads it and writes the final map
-    and sizes, and proportional attention in the language model reads ``final_size``.
-
-    Attributes:
-        trace: the tower's `MergeTrace` of the last forward, or None.
-        final_token_map: ``[num_images, num_patches]`` the LLM token holding each patch
-            (``-1``: dropped), after the last projector call.
-        final_size: ``[num_images, K, 1]`` patches each LLM visual token holds.
-        observers: the `Observers` every stage is announced to.
-    """
-
-    trace: MergeTrace | None = None
-    final_token_map: torch.Tensor | None = None
-    final_size: torch.Tensor | None = None
-    observers: Observers = field(default_factory=Observers)
-
-    def clear(self) -> None:
-        self.trace = None
-        self.final_token_map = None
-        self.final_size = None
-
-
 def proportional_attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias ``log(size)`` per key: ``[B, n, 1]`` -> ``[B, 1, 1, n]``."""
     return size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
-class TowerMerger:
-    """Installs merging on the layers of one vision encoder.
+class TowerMerger(Hook):
+    """Installs merging on the layers of one vision encoder (a `Hook`).
 
     Args:
         layers: the encoder layers, in order.
@@ -208,6 +145,7 @@ class TowerMerger:
             restore_forward(layer)
         self._installed.clear()
         self.state.trace = None
+        self.state.fresh_trace = None
         self._keys = None
 
     # ---------------------------------------------------------------- hooks
@@ -223,6 +161,7 @@ class TowerMerger:
 
     def _make_merging_forward(self, layer_idx: int) -> Callable[[Callable], Callable]:
         def make(original_forward: Callable) -> Callable:
+            @functools.wraps(original_forward)
             def merging_forward(hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
                 if layer_idx == 0:
                     self._start(hidden_states)
@@ -254,13 +193,15 @@ class TowerMerger:
 
     def _start(self, hidden_states: torch.Tensor) -> None:
         self._steps = self.plan(hidden_states.shape[1])
-        self.state.trace = MergeTrace.start(hidden_states, self.record_merges)
+        # A new trace per forward, marked fresh: the projector stage takes it as "a tower forward just ran".
+        self.state.start_tower_forward(MergeTrace.start(hidden_states, self.record_merges))
 
 
 def _passthrough_forward(as_tuple: bool) -> Callable[[Callable], Callable]:
     """An override making a layer hand its input on unchanged, in the layer's own output form."""
 
     def make(original_forward: Callable) -> Callable:
+        @functools.wraps(original_forward)
         def passthrough(hidden_states: torch.Tensor, *args, **kwargs):
             return (hidden_states,) if as_tuple else hidden_states
 

@@ -8,22 +8,20 @@ checks budgets, and installs / removes the tower and projector hooks. The helper
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, PiToMeConfig
-from ..hooks.base import undone_on_error
+from ..hooks.base import Hook
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
-from ..hooks.tower import KeySource, MergeSettings, PatchState, TowerMerger
+from ..hooks.state import PatchState
+from ..hooks.tower import KeySource, MergeSettings, TowerMerger
 from ..merge.select import pool_grid, square_grid
 from ..schedule import LayerStep, margin_for_layer, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
 from .protocol import ModelAdapter, ModelParts
 from .siglip import tower_has_class_token
-
-logger = logging.getLogger("pitome_mllm")
 
 
 def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -72,16 +70,6 @@ def clip_key_projection(layer: nn.Module) -> KeySource:
     """A CLIP encoder layer's key projection and its number of heads."""
     attention = layer.self_attn
     return KeySource(attention.k_proj, attention.num_heads)
-
-
-def check_llm_prop_attn(adapter_cls: type, config: PiToMeConfig) -> None:
-    """Refuse ``llm_prop_attn=True`` for an adapter class that cannot apply it (before any mutation)."""
-    if config.llm_prop_attn and not getattr(adapter_cls, "supports_llm_prop_attn", False):
-        family = getattr(adapter_cls, "family", adapter_cls.__name__)
-        raise ValueError(
-            f"llm_prop_attn=True is not supported for the {family} family; only llava_hf (transformers "
-            "LlavaForConditionalGeneration / LlavaModel) supports it"
-        )
 
 
 @dataclass(frozen=True)
@@ -219,7 +207,8 @@ class ClipTowerAdapter(ModelAdapter):
 
     Construction validates and plans without touching the model; `install` mutates it
     and `remove` undoes exactly what `install` did. Subclasses implement `matches` and
-    `parts`; the tower, projector and feature selection come from ``parts(model)``.
+    `parts`; the tower, projector and feature selection come from ``parts(model)``, and
+    add their own units after the tower and projector ones (`hooks`).
 
     Args:
         model: the whole model (kept for logging and the handle).
@@ -231,11 +220,8 @@ class ClipTowerAdapter(ModelAdapter):
     supported = "a CLIP or SigLIP vision tower"
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
-        check_llm_prop_attn(type(self), config)
+        super().__init__(model, processor, config)
         parts = self.parts(model)
-        self.model = model
-        self.processor = processor
-        self.config = config
         self.vision_tower = parts.tower
         self.projector = parts.projector
         self.layers = parts.encoder_layers
@@ -252,6 +238,8 @@ class ClipTowerAdapter(ModelAdapter):
         self.tower_keep_ratio = self.budget.keep_ratio
 
         self.state = PatchState()
+        # The prompt source of the instruction-conditioned methods, where it is a unit of its own.
+        self.instructions = None
         self.tower = TowerMerger(
             self.layers,
             self.plan,
@@ -309,7 +297,7 @@ class ClipTowerAdapter(ModelAdapter):
                 )
             query_key = self.query_key_sources(self.layers[self.last_layer])
             num_heads = query_key[1].num_heads
-        instructions = self._instruction_source() if method in INSTRUCTION_METHODS else None
+        self.instructions = self._instruction_source() if method in INSTRUCTION_METHODS else None
         settings = SelectionSettings(
             method=method,
             target_tokens=config.target_tokens,
@@ -323,7 +311,7 @@ class ClipTowerAdapter(ModelAdapter):
             alpha=config.alpha,
             energy=config.resolved_energy,
         )
-        return SelectionStage(self.projector, self.state, settings, query_key, instructions)
+        return SelectionStage(self.projector, self.state, settings, query_key, self.instructions)
 
     def _instruction_source(self):
         """``num_images -> [T_b, D] prompt embeddings of each image`` for instruction-conditioned methods.
@@ -391,29 +379,16 @@ class ClipTowerAdapter(ModelAdapter):
         self.tower.record_merges = enabled
 
     # --------------------------------------------------------------- install
-    def install(self) -> None:
-        self.tower.install()
-        with undone_on_error(self.remove):
-            self.projector_stage.install()
-            self._install_extra()
+    def hooks(self) -> list[Hook]:
+        """The tower, the prompt recorder of instruction methods (a `Hook` where the family has one), the
+        projector stage; families add theirs after these."""
+        prompt = [self.instructions] if isinstance(self.instructions, Hook) else []
+        return [self.tower, *prompt, self.projector_stage]
+
+    def describe(self) -> str:
         steps = self.plan(self.default_num_tokens)
-        logger.info(
-            "patched %s: %s, keep_ratio=%.4f, %d merge steps, %d visual tokens per image",
-            type(self.model).__name__,
-            self.config.method,
-            self.tower_keep_ratio,
-            sum(step.method != "none" for step in steps),
-            self.num_visual_tokens,
+        merge_steps = sum(step.method != "none" for step in steps)
+        return (
+            f"{self.config.method}, keep_ratio={self.tower_keep_ratio:.4f}, {merge_steps} merge steps, "
+            f"{self.num_visual_tokens} visual tokens per image"
         )
-
-    def remove(self) -> None:
-        self.projector_stage.remove()
-        self.tower.remove()
-        self._remove_extra()
-        self.state.clear()
-
-    def _install_extra(self) -> None:
-        """Family-specific changes (processor, compatibility wrappers); undone by `_remove_extra`."""
-
-    def _remove_extra(self) -> None:
-        """Undo `_install_extra`; must be safe to call when it did not run."""

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..hooks.base import InstanceOverrides, override_forward, restore_forward
+from ..hooks.base import AttributeOverrides, Hook, InstanceOverrides, override_forward, restore_forward
 from ..hooks.llm_attention import LLMPropAttention
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
-from .compat import transformers_version
+from .compat import cache_mask_sizes, transformers_version
 from .protocol import ModelParts
 
 FAMILY = "llava_hf"
@@ -146,7 +146,7 @@ def count_encoded_image_tokens(pooler_output) -> int:
     return sum(len(features) for features in pooler_output)
 
 
-class PlaceholderCheck:
+class PlaceholderCheck(Hook):
     """Says what to do when a prompt's image placeholders do not match the patched token count.
 
     A prompt built by the unpatched processor holds the unpatched count. transformers then
@@ -167,12 +167,17 @@ class PlaceholderCheck:
         self.core = core
         self.image_token_id = image_token_id
         self.num_visual_tokens = num_visual_tokens
+        self._installed = False
 
     def install(self) -> None:
         override_forward(self.core, self._make_forward)
+        self._installed = True
 
     def remove(self) -> None:
-        restore_forward(self.core)
+        # Only an override this check put in: after a failed install the core's forward is someone else's.
+        if self._installed:
+            restore_forward(self.core)
+            self._installed = False
 
     def remedy(self) -> str:
         return (
@@ -210,7 +215,7 @@ class PlaceholderCheck:
         return forward
 
 
-class PromptInstructions:
+class PromptInstructions(Hook):
     """The prompt text of every image, for instruction-conditioned selection (``cdpruner``).
 
     LLaVA has no text tower: the instruction is the language model's own input embeddings of
@@ -383,7 +388,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
-    supports_llm_prop_attn = True
+    options = frozenset({"llm_prop_attn"})
 
     matches = staticmethod(matches)
 
@@ -398,14 +403,20 @@ class LlavaHFAdapter(ClipTowerAdapter):
         self._processor_image_size: tuple[int, int] | None = None
         if processor is not None:
             self._check_processor(processor)
-        self._processor_overrides = InstanceOverrides(processor)
+        self.processor_count = AttributeOverrides(processor, self._processor_count_overrides)
         self.placeholder_check = PlaceholderCheck(llava, llava.config.image_token_id, self.num_visual_tokens)
         self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
 
+    def hooks(self) -> list[Hook]:
+        """Tower, prompt recorder (cdpruner), projector stage; then the processor's count, the placeholder
+        check and proportional attention in the language model."""
+        processor = [self.processor_count] if self.processor is not None else []
+        prop_attn = [self.llm_prop_attention] if self.llm_prop_attention is not None else []
+        return [*super().hooks(), *processor, self.placeholder_check, *prop_attn]
+
     def _instruction_source(self) -> PromptInstructions:
-        # Called while the base class builds the selection stage (before __init__ above finishes).
-        self.prompt_instructions = PromptInstructions(self.model, llava_core(self.model), self.config.target_tokens)
-        return self.prompt_instructions
+        # Called while the base class builds the selection stage; the base lists it among the hooks.
+        return PromptInstructions(self.model, llava_core(self.model), self.config.target_tokens)
 
     # ------------------------------------------------------------ LLM attention
     def _llm_prop_attention(self, llava: nn.Module) -> LLMPropAttention:
@@ -432,6 +443,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
             [layer.self_attn for layer in layers],
             llava.config.image_token_id,
             self.state,
+            cache_mask_sizes,
         )
 
     # ------------------------------------------------------------- processor
@@ -447,21 +459,23 @@ class LlavaHFAdapter(ClipTowerAdapter):
             "yourself)"
         )
 
-    def _patch_processor(self) -> None:
+    def _processor_count_overrides(self) -> dict[str, object]:
+        """The processor methods (or, on transformers 4.57, the attribute) that make it emit the merged count."""
         if self._processor_image_size is not None:
-            self._patch_processor_4x()
-            return
+            return self._processor_count_overrides_4x()
         processor = self.processor
         original_count = processor._get_num_multimodal_tokens
         image_token = processor.image_token
         extra = processor.num_additional_image_tokens
 
+        @functools.wraps(processor.replace_image_token)
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
             pixel_values = image_inputs["pixel_values"][image_idx]
             height, width = pixel_values.shape[-2:]
             num_tokens = (height // self.patch_size) * (width // self.patch_size) + extra
             return image_token * self.visual_tokens_for(int(num_tokens))
 
+        @functools.wraps(original_count)
         def get_num_multimodal_tokens(image_sizes=None, **kwargs):
             data = original_count(image_sizes=image_sizes, **kwargs)
             counts = getattr(data, "num_image_tokens", None)
@@ -469,10 +483,9 @@ class LlavaHFAdapter(ClipTowerAdapter):
                 data.num_image_tokens = [self.visual_tokens_for(n + int(self.drops_class_token)) for n in counts]
             return data
 
-        self._processor_overrides.set("replace_image_token", replace_image_token)
-        self._processor_overrides.set("_get_num_multimodal_tokens", get_num_multimodal_tokens)
+        return {"replace_image_token": replace_image_token, "_get_num_multimodal_tokens": get_num_multimodal_tokens}
 
-    def _patch_processor_4x(self) -> None:
+    def _processor_count_overrides_4x(self) -> dict[str, object]:
         """transformers 4.57: make the processor's own formula give the merged count.
 
         Its formula depends on the image only through the size of the first processed image, which
@@ -485,21 +498,4 @@ class LlavaHFAdapter(ClipTowerAdapter):
         extra = processor.num_additional_image_tokens
         dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
         merged = self.visual_tokens_for(patches + extra)
-        self._processor_overrides.set("num_additional_image_tokens", merged - patches + dropped)
-
-    def _install_extra(self) -> None:
-        if self.processor is not None:
-            self._patch_processor()
-        self.placeholder_check.install()
-        if self.llm_prop_attention is not None:
-            self.llm_prop_attention.install()
-        if getattr(self, "prompt_instructions", None) is not None:
-            self.prompt_instructions.install()
-
-    def _remove_extra(self) -> None:
-        self._processor_overrides.restore()
-        self.placeholder_check.remove()
-        if self.llm_prop_attention is not None:
-            self.llm_prop_attention.remove()
-        if getattr(self, "prompt_instructions", None) is not None:
-            self.prompt_instructions.remove()
+        return {"num_additional_image_tokens": merged - patches + dropped}

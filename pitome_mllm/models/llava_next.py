@@ -36,6 +36,7 @@ Tested against transformers 5.24.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,8 +44,9 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
-from ..hooks.base import InstanceOverrides, undone_on_error
-from ..hooks.tower import PatchState, raster_order
+from ..hooks.base import AttributeOverrides, Hook
+from ..hooks.state import PatchState
+from ..hooks.tower import raster_order
 from ..merge.budget import merge_to_budget
 from ..schedule import LayerStep, plan_layers, projector_margin
 from .compat import transformers_version_text
@@ -275,6 +277,14 @@ class LlavaNextAdapter(ModelAdapter):
 
     family = FAMILY
     supported = SUPPORTED
+    methods = ("pitome", "tome", "none")
+    presets = tuple(preset for preset in PRESETS if preset not in SELECT_MERGE_PRESETS)
+    merge_sites = ("packed",)
+    display_name = "LLaVA-NeXT"
+    limits = (
+        "it merges once, after pack_image_features, on whole crops: no selection by class-token attention "
+        "at the read layer of a LLaVA-1.5 tower"
+    )
     matches = staticmethod(matches)
 
     @classmethod
@@ -282,19 +292,9 @@ class LlavaNextAdapter(ModelAdapter):
         return llava_parts(model, cls.supported, several_layers=True)
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
-        self.model = model
-        self.processor = processor
-        self.config = config
+        super().__init__(model, processor, config)
         self.llava = llava_core(model)
         llava_config = self.llava.config
-        if config.method not in ("pitome", "tome", "none"):
-            raise ValueError(f"method={config.method!r} is not supported on LLaVA-NeXT; supported: pitome, tome, none")
-        if config.preset in SELECT_MERGE_PRESETS:
-            raise ValueError(
-                f"preset={config.preset!r} selects by class-token attention at the read layer of a LLaVA-1.5 tower; "
-                f"LLaVA-NeXT packs crops first; supported presets here: "
-                f"{', '.join(p for p in PRESETS if p not in SELECT_MERGE_PRESETS)}"
-            )
         if config.keep_ratio is not None and config.target_tokens is not None:
             raise ValueError(
                 "LLaVA-NeXT merges once, after packing, to one budget per image: give keep_ratio "
@@ -352,8 +352,8 @@ class LlavaNextAdapter(ModelAdapter):
             )
         if processor is not None:
             self._check_processor(processor)
-        self._processor_overrides = InstanceOverrides(processor)
-        self._model_overrides = InstanceOverrides(self.llava)
+        self.processor_count = AttributeOverrides(processor, self._processor_count_overrides)
+        self.pack_override = AttributeOverrides(self.llava, self._pack_overrides)
         self.placeholder_check = PlaceholderCheck(self.llava, llava_config.image_token_id, self.num_visual_tokens)
 
     # -------------------------------------------------------------- budgets
@@ -415,8 +415,13 @@ class LlavaNextAdapter(ModelAdapter):
         return self.visual_tokens_for_image(self.crop_size, self.crop_size)
 
     # ---------------------------------------------------------------- hooks
+    def _pack_overrides(self) -> dict[str, object]:
+        """``pack_image_features`` merging each packed image to its budget (wrapping what is there at install)."""
+        return {_PACK: self._make_pack(self.llava.pack_image_features)}
+
     def _make_pack(self, original):
         # LLaVA-NeXT and OneVision name their extra arguments differently; pass them through.
+        @functools.wraps(original)
         def pack_with_budget(image_features, image_sizes, *args, **kwargs):
             packed, _ = original(image_features, image_sizes, *args, **kwargs)
             merged = []
@@ -439,18 +444,10 @@ class LlavaNextAdapter(ModelAdapter):
 
         return pack_with_budget
 
-    def install(self) -> None:
-        self._model_overrides.set(_PACK, self._make_pack(self.llava.pack_image_features))
-        with undone_on_error(self.remove):
-            self.placeholder_check.install()
-            if self.processor is not None:
-                self._patch_processor()
-
-    def remove(self) -> None:
-        self.placeholder_check.remove()
-        self._model_overrides.restore()
-        self._processor_overrides.restore()
-        self.state.clear()
+    def hooks(self) -> list[Hook]:
+        """The packing override, the placeholder check, then the processor's count."""
+        processor = [self.processor_count] if self.processor is not None else []
+        return [self.pack_override, self.placeholder_check, *processor]
 
     # ------------------------------------------------------------- processor
     def _check_processor(self, processor) -> None:
@@ -465,7 +462,7 @@ class LlavaNextAdapter(ModelAdapter):
             "(or processor=None and emit handle.visual_tokens_for_image(h, w) placeholders yourself)"
         )
 
-    def _patch_processor_4x(self) -> None:
+    def _processor_count_overrides_4x(self) -> dict[str, object]:
         """transformers 4.57: the processor's per-image count, before it drops the class token, is ours."""
         processor = self.processor
         dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
@@ -473,27 +470,28 @@ class LlavaNextAdapter(ModelAdapter):
         def get_number_of_features(orig_height: int, orig_width: int, height: int, width: int) -> int:
             return self.visual_tokens_for_image(int(orig_height), int(orig_width)) + dropped
 
-        self._processor_overrides.set(_NUMBER_OF_FEATURES_4X, get_number_of_features)
+        return {_NUMBER_OF_FEATURES_4X: get_number_of_features}
 
-    def _patch_processor(self) -> None:
+    def _processor_count_overrides(self) -> dict[str, object]:
+        """The processor methods that make it emit each image's merged count."""
         processor = self.processor
         if not hasattr(processor, "replace_image_token"):
-            self._patch_processor_4x()
-            return
+            return self._processor_count_overrides_4x()
         original_count = processor._get_num_multimodal_tokens
         image_token = processor.image_token
 
+        @functools.wraps(processor.replace_image_token)
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
             image_size = image_inputs["image_sizes"][image_idx]
             height, width = (int(v) for v in image_size)
             cropped = images_in_prompt(image_inputs.get("batch_num_images"), image_idx) == 1
             return image_token * self.visual_tokens_for_image(height, width, cropped)
 
+        @functools.wraps(original_count)
         def get_num_multimodal_tokens(image_sizes=None, **kwargs):
             data = original_count(image_sizes=image_sizes, **kwargs)
             if image_sizes is not None and getattr(data, "num_image_tokens", None) is not None:
                 data.num_image_tokens = [self.visual_tokens_for_image(int(h), int(w)) for h, w in image_sizes]
             return data
 
-        self._processor_overrides.set("replace_image_token", replace_image_token)
-        self._processor_overrides.set("_get_num_multimodal_tokens", get_num_multimodal_tokens)
+        return {"replace_image_token": replace_image_token, "_get_num_multimodal_tokens": get_num_multimodal_tokens}

@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..config import PiToMeConfig
-from ..hooks.base import is_overridden, override_forward, restore_forward
+from ..config import ALL_METHODS, INSTRUCTION_METHODS, PiToMeConfig
+from ..hooks.base import Hook, is_overridden, override_forward, restore_forward
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
 from .protocol import ModelParts
 
@@ -176,8 +176,8 @@ def has_generate_compat(model: nn.Module) -> bool:
     return is_overridden(model) and getattr(model.__dict__.get("forward"), _COMPAT_MARK, False)
 
 
-class GenerateCompat:
-    """The compatibility wrapper on one model; `remove` restores ``forward`` exactly.
+class GenerateCompat(Hook):
+    """The compatibility wrapper on one model (a `Hook`); `remove` restores ``forward`` exactly.
 
     Attributes:
         installed: this object put the wrapper on (False when it was not needed or
@@ -245,6 +245,10 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
+    # The prompt never reaches the projector (llava splices the features in afterwards).
+    methods = tuple(method for method in ALL_METHODS if method not in INSTRUCTION_METHODS)
+    limits = "the projector sees the images without their prompt"
+    display_name = "original LLaVA"
     # One IMAGE_TOKEN_INDEX per image; the model splices in however many features there are.
     processor_counts_placeholders = False
     matches = staticmethod(matches)
@@ -301,11 +305,8 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
         super().__init__(model, processor, config)
         self.generate_compat = GenerateCompat(model)
 
-    def _install_extra(self) -> None:
-        self.generate_compat.install()
-
-    def _remove_extra(self) -> None:
-        self.generate_compat.remove()
+    def hooks(self) -> list[Hook]:
+        return [*super().hooks(), self.generate_compat]
 
 
 # ----------------------------------------------------------------------------- loading

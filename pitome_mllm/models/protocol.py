@@ -9,6 +9,7 @@ model's `ModelParts` instead of reading attributes themselves.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +18,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import PiToMeConfig
-from ..hooks.tower import PatchState
+from ..config import ALL_METHODS, PRESETS, PiToMeConfig
+from ..hooks.base import Hook, install_in_order, remove_in_reverse
+from ..hooks.state import PatchState
 from ..schedule import LayerStep
+
+logger = logging.getLogger("pitome_mllm")
+
+# Boolean settings an adapter must declare in `ModelAdapter.options` to accept them switched on.
+OPTIONS = ("llm_prop_attn",)
+# Where an adapter can run merging (`ModelAdapter.merge_sites`).
+MERGE_SITES = ("tower", "projector", "packed")
 
 
 @dataclass(frozen=True)
@@ -71,9 +80,19 @@ class ModelParts:
 class ModelAdapter(ABC):
     """One model family behind the patch API.
 
-    Construction (``Adapter(model, processor, config)``) validates the model and the config
-    and plans every token count without changing anything; `install` changes the model
-    (and processor) and `remove` undoes exactly what `install` did.
+    Construction (``Adapter(model, processor, config)``) checks the config against what the
+    class declares it supports (`check_supported`, first, in this base class), validates the
+    model and plans every token count without changing anything. `install` changes the model
+    (and processor) by installing the adapter's ordered `hooks` under one rollback, and
+    `remove` takes them out in reverse order.
+
+    What a family supports is class data, checked in one place (`check_supported`):
+        methods: the ``method`` values it runs.
+        presets: the ``preset`` values it runs.
+        options: the switches of `OPTIONS` it can apply (e.g. ``"llm_prop_attn"``).
+        merge_sites: where merging runs (of `MERGE_SITES`), for the reader and the tools.
+        display_name: how refusals name the family (its ``family`` when empty).
+        limits: why the family runs fewer methods or presets than the package has (quoted in refusals).
 
     Attributes every adapter sets in ``__init__``:
         model, processor, config: what it patches, with which settings.
@@ -85,8 +104,12 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str]
     supported: ClassVar[str]
-    # Whether the adapter can put proportional attention into the language model (`llm_prop_attn`).
-    supports_llm_prop_attn: ClassVar[bool] = False
+    methods: ClassVar[tuple[str, ...]] = ALL_METHODS
+    presets: ClassVar[tuple[str, ...]] = PRESETS
+    options: ClassVar[frozenset[str]] = frozenset()
+    merge_sites: ClassVar[tuple[str, ...]] = ("tower", "projector")
+    limits: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     # Whether the prompt's image placeholders come from the processor (so patching without it
     # leaves the user to emit the merged count); False where the model counts features itself.
     processor_counts_placeholders: ClassVar[bool] = True
@@ -98,6 +121,39 @@ class ModelAdapter(ABC):
     layers: nn.ModuleList
     default_num_tokens: int
     tower_keep_ratio: float
+
+    def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
+        self.check_supported(config)
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self._installed: list[Hook] = []
+
+    @classmethod
+    def check_supported(cls, config: PiToMeConfig) -> None:
+        """Refuse a method, preset or option this family does not declare (before anything is touched).
+
+        Raises:
+            ValueError: naming the bad value and what the family supports.
+        """
+        why = f" ({cls.limits})" if cls.limits else ""
+        name = cls.display_name or cls.family
+        if config.method not in cls.methods:
+            raise ValueError(
+                f"method={config.method!r} is not supported on {name}{why}; supported: {', '.join(cls.methods)}"
+            )
+        if config.preset not in cls.presets:
+            raise ValueError(
+                f"preset={config.preset!r} is not supported on {name}{why}; supported presets here: "
+                f"{', '.join(cls.presets)}"
+            )
+        for option in OPTIONS:
+            if getattr(config, option) and option not in cls.options:
+                others = sorted({adapter.family for adapter in _adapter_classes() if option in adapter.options})
+                raise ValueError(
+                    f"{option}=True is not supported for the {cls.family} family; only "
+                    f"{', '.join(others) or 'no family'} supports it"
+                )
 
     @classmethod
     @abstractmethod
@@ -127,12 +183,43 @@ class ModelAdapter(ABC):
         del enabled  # overridden by adapters whose tower merges
 
     @abstractmethod
+    def hooks(self) -> list[Hook]:
+        """Every change the patch makes, in installation order (built in ``__init__``, nothing installed).
+
+        A unit that depends on an earlier one (wraps what it installed, reads what it records in the
+        same call) comes after it; removal runs in reverse.
+        """
+
     def install(self) -> None:
-        """Put the hooks (and processor changes) in; on failure leave the model as it was."""
+        """Install `hooks` in order; on any failure everything already installed is removed, last first."""
+        hooks = self.hooks()
+        install_in_order(hooks)
+        self._installed = hooks
+        logger.info("patched %s: %s", type(self.model).__name__, self.describe())
 
-    @abstractmethod
     def remove(self) -> None:
-        """Undo `install` exactly; safe to call after a partial install."""
+        """Remove what `install` installed, last first, and forget the per-forward state. Idempotent."""
+        installed, self._installed = self._installed, []
+        remove_in_reverse(installed)
+        self.state.clear()
+
+    def describe(self) -> str:
+        """One line for the log: method, keep ratio, visual tokens."""
+        return (
+            f"{self.config.method}, keep_ratio={self.tower_keep_ratio:.4f}, "
+            f"{self.num_visual_tokens} visual tokens per image"
+        )
 
 
-__all__ = ["ModelAdapter", "ModelParts"]
+def _adapter_classes() -> list[type[ModelAdapter]]:
+    """Every concrete adapter class defined so far (for refusals that name who supports what)."""
+    found, pending = [], list(ModelAdapter.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if "family" in vars(cls) and not getattr(cls, "__abstractmethods__", None):
+            found.append(cls)
+    return found
+
+
+__all__ = ["MERGE_SITES", "OPTIONS", "ModelAdapter", "ModelParts"]

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, SELECT_MERGE_PRESETS, SELECTION_METHODS, PiToMeConfig
+from ..config import (
+    CLS_ATTENTION_METHODS,
+    INSTRUCTION_METHODS,
+    METHODS,
+    SELECT_MERGE_PRESETS,
+    SELECTION_METHODS,
+    PiToMeConfig,
+)
 from ..hooks.tower import KeySource
 from .clip_tower import ClipTowerAdapter, TowerBudget, TowerGeometry, last_encoder_layer
 from .protocol import ModelParts
@@ -246,6 +253,7 @@ class VllmLlavaAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
+    methods = (*METHODS, *VLLM_SELECTION_METHODS)
     processor_counts_placeholders = False
 
     matches = staticmethod(is_vllm_llava)
