@@ -247,7 +247,11 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
     supported = SUPPORTED
     # The prompt never reaches the projector (llava splices the features in afterwards).
     methods = tuple(method for method in ALL_METHODS if method not in INSTRUCTION_METHODS)
-    limits = "the projector sees the images without their prompt"
+    method_refusals = {
+        method: f"conditions the selection on each image's prompt, which the {FAMILY} family does not hand to the "
+        "projector"
+        for method in INSTRUCTION_METHODS
+    }
     display_name = "original LLaVA"
     # One IMAGE_TOKEN_INDEX per image; the model splices in however many features there are.
     processor_counts_placeholders = False

@@ -93,6 +93,7 @@ class ModelAdapter(ABC):
         merge_sites: where merging runs (of `MERGE_SITES`), for the reader and the tools.
         display_name: how refusals name the family (its ``family`` when empty).
         limits: why the family runs fewer methods or presets than the package has (quoted in refusals).
+        method_refusals: for a method the family refuses for a reason of its own, that reason.
 
     Attributes every adapter sets in ``__init__``:
         model, processor, config: what it patches, with which settings.
@@ -110,6 +111,7 @@ class ModelAdapter(ABC):
     merge_sites: ClassVar[tuple[str, ...]] = ("tower", "projector")
     limits: ClassVar[str] = ""
     display_name: ClassVar[str] = ""
+    method_refusals: ClassVar[dict[str, str]] = {}
     # Whether the prompt's image placeholders come from the processor (so patching without it
     # leaves the user to emit the merged count); False where the model counts features itself.
     processor_counts_placeholders: ClassVar[bool] = True
@@ -138,6 +140,10 @@ class ModelAdapter(ABC):
         """
         why = f" ({cls.limits})" if cls.limits else ""
         name = cls.display_name or cls.family
+        if config.method in cls.method_refusals:
+            raise ValueError(
+                f"method={config.method!r} {cls.method_refusals[config.method]}; supported: {', '.join(cls.methods)}"
+            )
         if config.method not in cls.methods:
             raise ValueError(
                 f"method={config.method!r} is not supported on {name}{why}; supported: {', '.join(cls.methods)}"
