@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...models.protocol import DecoderShape
+
 # Counts are multiply-accumulates (MACs) of the matrix products; FLOPs = 2 x MACs.
 # Norms, activations, softmax, residual adds and gathers are left out: they are linear in
 # the token count and a few percent of the total.
@@ -78,18 +80,22 @@ class LLMShape:
     vocab_size: int
 
     @classmethod
-    def from_config(cls, text_config) -> LLMShape:
-        num_heads = text_config.num_attention_heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
+    def from_decoder(cls, decoder: DecoderShape) -> LLMShape:
+        """From the sizes a model's adapter reports (`ModelParts.decoder`)."""
         return cls(
-            num_layers=text_config.num_hidden_layers,
-            hidden=text_config.hidden_size,
-            intermediate=text_config.intermediate_size,
-            num_heads=num_heads,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            vocab_size=text_config.vocab_size,
+            num_layers=decoder.num_layers,
+            hidden=decoder.hidden_size,
+            intermediate=decoder.intermediate_size,
+            num_heads=decoder.num_heads,
+            num_kv_heads=decoder.num_kv_heads,
+            head_dim=decoder.head_dim,
+            vocab_size=decoder.vocab_size,
         )
+
+    @classmethod
+    def from_config(cls, text_config) -> LLMShape:
+        """From a transformers decoder config."""
+        return cls.from_decoder(DecoderShape.from_config(text_config))
 
     @property
     def projection_macs_per_token(self) -> int:

@@ -264,8 +264,9 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
 
 def model_shapes(model: nn.Module) -> dict[str, Any]:
     """The vision and language-model shapes the FLOPs formulas use."""
-    config = model.config
     parts = model_parts(model)
+    if parts.decoder is None:
+        raise ValueError(f"the {type(model).__name__} adapter does not report its language model's sizes")
     vision = parts.tower.config
     shapes = {
         "vision": {
@@ -277,7 +278,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
             "image_size": vision.image_size,
             "tokens": (vision.image_size // vision.patch_size) ** 2 + 1,
         },
-        "llm": dataclasses.asdict(LLMShape.from_config(config.text_config)),
+        "llm": dataclasses.asdict(LLMShape.from_decoder(parts.decoder)),
         "vision_feature_layer": parts.feature_layer,
         "vision_feature_select_strategy": "default" if parts.drops_class_token else "full",
     }
@@ -285,8 +286,8 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
     for name, part in (("vision_tower", parts.tower), ("projector", parts.projector)):
         counts[name] = sum(p.numel() for p in part.parameters())
     counts["language_model"] = sum(p.numel() for p in parts.language_model.parameters())
-    if hasattr(model, "lm_head"):
-        counts["language_model"] += sum(p.numel() for p in model.lm_head.parameters())
+    if parts.output_head is not None:
+        counts["language_model"] += sum(p.numel() for p in parts.output_head.parameters())
     shapes["parameters"] = counts
     return shapes
 
@@ -646,7 +647,7 @@ class _Profiler:
         return {f"{stage}_flops": 2.0 * value for stage, value in macs.items()}
 
     def _kv_cache(self, memory_output: _PassOutput, seq_len: int) -> dict[str, Any]:
-        dtype = self.model.get_output_embeddings().weight.dtype
+        dtype = model_parts(self.model).output_head.weight.dtype
         bytes_per_value = torch.empty((), dtype=dtype).element_size()
         formula = kv_cache_bytes_formula(self.llm_shape, seq_len, self.settings.batch_size, bytes_per_value)
         return {
