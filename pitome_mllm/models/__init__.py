@@ -9,4 +9,12 @@ from __future__ import annotations
 from .protocol import DecoderShape, ModelAdapter, ModelParts
 from .registry import ADAPTERS, find_adapter, model_parts, supported_families
 
-__all__ = ["ADAPTERS", "DecoderShape", "ModelAdapter", "ModelParts", "find_adapter", "model_parts", "supported_families"]
+__all__ = [
+    "ADAPTERS",
+    "DecoderShape",
+    "ModelAdapter",
+    "ModelParts",
+    "find_adapter",
+    "model_parts",
+    "supported_families",
+]
