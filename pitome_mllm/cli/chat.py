@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -201,30 +202,59 @@ def _load(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run_chat(
+    args: argparse.Namespace,
+    command: str,
+    load: Callable[[], Any],
+    install: Callable[[Any, dict[str, Any] | None], tuple[str, Callable[[], None]]],
+    new_session: Callable[[Any, Any], Any],
+) -> int:
+    """The body of ``chat`` and ``chat-llava``: load, patch, answer the questions, undo the patch.
+
+    Args:
+        command: the command's name, for the one-line setup error.
+        load: ``() -> model bundle``; an ImportError (an optional package missing) is a setup
+            problem, reported in one line with exit status 2.
+        install: ``(bundle, patch keywords or None) -> (description, undo)``.
+        new_session: ``(bundle, image) -> session`` that `answer_questions` talks to.
+    """
+    from ..runtime.loading import load_image_arg
     from ..runtime.terminal import torch_threads
 
     with torch_threads(args.threads):
-        return _chat(args)
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from .. import patch
-    from ..runtime.loading import load_image_arg
-
-    config = checked_patch_config(args)
-    image = load_image_arg(args.image)
-    try:
-        model, processor = _load(args)
-    except ImportError as error:  # bitsandbytes missing: a setup problem, reported in one line
-        print(f"pitome-mllm chat: error: {error}", file=sys.stderr)
-        return 2
-    handle = patch(model, processor, **config) if config is not None else None
-    try:
-        merging = repr(handle) if handle is not None else "unpatched (no --keep-ratio / --target-tokens)"
-        print(f"{args.model}: {merging}", file=sys.stderr)
-        answer_questions(ChatSession(model, processor, image, args.max_new_tokens), args)
-    finally:
-        if handle is not None:
-            handle.unpatch()
+        config = checked_patch_config(args)
+        image = load_image_arg(args.image)
+        try:
+            bundle = load()
+        except ImportError as error:
+            print(f"pitome-mllm {command}: error: {error}", file=sys.stderr)
+            return 2
+        description, undo = install(bundle, config)
+        try:
+            print(f"{args.model}: {description}", file=sys.stderr)
+            answer_questions(new_session(bundle, image), args)
+        finally:
+            undo()
     return 0
+
+
+UNPATCHED = "unpatched (no --keep-ratio / --target-tokens)"
+
+
+def _install(loaded: tuple[Any, Any], config: dict[str, Any] | None) -> tuple[str, Callable[[], None]]:
+    from .. import patch
+
+    if config is None:
+        return UNPATCHED, lambda: None
+    handle = patch(*loaded, **config)
+    return repr(handle), handle.unpatch
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_chat(
+        args,
+        "chat",
+        lambda: _load(args),
+        _install,
+        lambda loaded, image: ChatSession(*loaded, image, args.max_new_tokens),
+    )

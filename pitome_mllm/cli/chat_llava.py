@@ -10,12 +10,12 @@ measured at the projector. Unpatched runs get the ``generate`` compatibility wra
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import TurnStats, add_session_arguments, answer_questions, checked_patch_config, stream_generate
+from .chat import UNPATCHED, TurnStats, add_session_arguments, run_chat, stream_generate
 
 HELP = (
     "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
@@ -133,38 +133,29 @@ def _check_conv_mode(conv_mode: str) -> None:
         raise ValueError(f"unknown --conv-mode {conv_mode!r}; one of {', '.join(sorted(conv_templates))}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..runtime.terminal import torch_threads
+def _load_checked(args: argparse.Namespace):
+    from ..models.llava_original import require_llava
 
-    with torch_threads(args.threads):
-        return _chat(args)
+    require_llava()
+    _check_conv_mode(args.conv_mode)
+    return load(args)
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _install(loaded: tuple[Any, Any, Any], config: dict[str, Any] | None) -> tuple[str, Callable[[], None]]:
     from .. import patch
     from ..models.llava_original import enable_generate_compat
-    from ..runtime.llava_original import require_llava
-    from ..runtime.loading import load_image_arg
 
-    config = checked_patch_config(args)
-    image = load_image_arg(args.image)
-    try:
-        require_llava()
-        _check_conv_mode(args.conv_mode)
-        tokenizer, model, image_processor = load(args)
-    except ImportError as error:  # llava or bitsandbytes missing: a setup problem, reported in one line
-        print(f"pitome-mllm chat-llava: error: {error}", file=sys.stderr)
-        return 2
-    # Unpatched models still need the generate wrapper on transformers 5.x.
-    handle = patch(model, image_processor, **config) if config is not None else enable_generate_compat(model)
-    try:
-        merging = repr(handle) if config is not None else "unpatched (no --keep-ratio / --target-tokens)"
-        print(f"{args.model}: {merging}", file=sys.stderr)
-        session = LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
-        answer_questions(session, args)
-    finally:
-        if config is not None:
-            handle.unpatch()
-        else:
-            handle.remove()
-    return 0
+    _, model, image_processor = loaded
+    if config is None:
+        # Unpatched models still need the generate wrapper on transformers 5.x.
+        return UNPATCHED, enable_generate_compat(model).remove
+    handle = patch(model, image_processor, **config)
+    return repr(handle), handle.unpatch
+
+
+def run(args: argparse.Namespace) -> int:
+    def new_session(loaded, image) -> LlavaChatSession:
+        tokenizer, model, image_processor = loaded
+        return LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
+
+    return run_chat(args, "chat-llava", lambda: _load_checked(args), _install, new_session)

@@ -16,6 +16,7 @@ import logging
 import sys
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -247,19 +248,19 @@ class PiToMeLmmsModel(lmms):
     def __init__(
         self,
         pretrained: str,
-        *,
-        device: str | None,
-        dtype: str,
-        attn_implementation: str | None,
-        load_in_4bit: bool | str,
-        load_in_8bit: bool | str,
-        batch_size: int | str,
-        max_new_tokens: int | str,
-        use_cache: bool | str,
-        loglikelihood: str,
-        record: str | None,
-        patch_args: dict[str, Any],
+        device: str | None = None,
         device_map: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        load_in_4bit: bool | str = False,
+        load_in_8bit: bool | str = False,
+        batch_size: int | str = 1,
+        max_new_tokens: int | str = 1024,
+        use_cache: bool | str = True,
+        loglikelihood: str = "loss",
+        record: str | None = None,
+        max_batch_size: int | None = None,  # passed by lmms-eval with --max_batch_size; unused
+        **patch_args: Any,
     ) -> None:
         super().__init__()
         self.patch_args = parse_patch_args(patch_args)
@@ -280,6 +281,8 @@ class PiToMeLmmsModel(lmms):
         accelerator = Accelerator()
         self.accelerator = accelerator
         device_map = None if _is_unset(device_map) else device_map
+        if device_map is not None and not self.accepts_device_map:
+            raise ValueError(f"{self.model_id} loads the model onto one device: device_map is not supported")
         if accelerator.num_processes > 1 and device_map is None:
             # Data parallel (accelerate launch): one full replica per process, on its own device;
             # lmms-eval hands each rank its own share of the documents.
@@ -333,37 +336,18 @@ class PiToMeLmmsModel(lmms):
         return path.with_name(f"{path.stem}.rank{self._rank}{path.suffix}")
 
     # ------------------------------------------------------------------ lmms interface
-    @property
-    def model(self):
-        return self._model
-
-    @property
-    def tokenizer(self):
-        return self._tokenizer
-
-    @property
-    def config(self):
-        return self._config
-
-    @property
-    def device(self):
-        return self._device
-
-    @property
-    def batch_size(self) -> int:
-        return self.batch_size_per_device
+    # Read-only views of what `_load` and ``__init__`` set (lmms-eval reads these names).
+    model = property(attrgetter("_model"))
+    tokenizer = property(attrgetter("_tokenizer"))
+    config = property(attrgetter("_config"))
+    device = property(attrgetter("_device"))
+    batch_size = property(attrgetter("batch_size_per_device"))
+    rank = property(attrgetter("_rank"))
+    world_size = property(attrgetter("_world_size"))
 
     @property
     def eot_token_id(self) -> int:
         return self._tokenizer.eos_token_id
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
 
     @property
     def _pad_token_id(self) -> int:

@@ -65,42 +65,12 @@ class PiToMeLlavaHF(PiToMeLmmsModel):
     model_id = MODEL_ID
     accepts_device_map = True
 
-    def __init__(
-        self,
-        pretrained: str,
-        device: str | None = None,
-        device_map: str | None = None,
-        dtype: str = "auto",
-        attn_implementation: str | None = None,
-        load_in_4bit: bool | str = False,
-        load_in_8bit: bool | str = False,
-        batch_size: int | str = 1,
-        max_new_tokens: int | str = 1024,
-        prompt_format: str = "chat_template",
-        use_cache: bool | str = True,
-        loglikelihood: str = "loss",
-        record: str | None = None,
-        max_batch_size: int | None = None,  # passed by lmms-eval with --max_batch_size; unused
-        **patch_args: Any,
-    ) -> None:
+    def __init__(self, pretrained: str, prompt_format: str = "chat_template", **arguments: Any) -> None:
+        """``arguments``: the loading, generation and patch arguments of `PiToMeLmmsModel`."""
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.prompt_format = prompt_format
-        super().__init__(
-            pretrained,
-            device=device,
-            device_map=device_map,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-            loglikelihood=loglikelihood,
-            record=record,
-            patch_args=patch_args,
-        )
+        super().__init__(pretrained, **arguments)
 
     # ------------------------------------------------------------------ setup
     def _load(self) -> None:

@@ -66,37 +66,14 @@ class PiToMeLlava(PiToMeLmmsModel):
         model_base: str | None = None,
         model_name: str | None = None,
         conv_template: str = DEFAULT_CONV_TEMPLATE,
-        device: str | None = None,
-        dtype: str = "auto",
-        attn_implementation: str | None = None,
-        load_in_4bit: bool | str = False,
-        load_in_8bit: bool | str = False,
-        batch_size: int | str = 1,
-        max_new_tokens: int | str = 1024,
-        use_cache: bool | str = True,
-        loglikelihood: str = "loss",
-        record: str | None = None,
-        max_batch_size: int | None = None,  # passed by lmms-eval with --max_batch_size; unused
-        **patch_args: Any,
+        **arguments: Any,
     ) -> None:
+        """``arguments``: the loading, generation and patch arguments of `PiToMeLmmsModel`."""
         self.prompt_format = f"llava:{conv_template}"
         self.conv_template = conv_template
         self.model_base = None if _is_unset(model_base) else model_base
         self.model_name = None if _is_unset(model_name) else model_name
-        super().__init__(
-            pretrained,
-            device=device,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            load_in_4bit=load_in_4bit,
-            load_in_8bit=load_in_8bit,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            use_cache=use_cache,
-            loglikelihood=loglikelihood,
-            record=record,
-            patch_args=patch_args,
-        )
+        super().__init__(pretrained, **arguments)
 
     # ------------------------------------------------------------------ setup
     @staticmethod

@@ -33,9 +33,7 @@ from .flops import (
     projector_merge_macs,
     vision_layer_macs,
 )
-from .machine import (
-    machine_info,
-)
+from .machine import machine_info
 from .memory import (
     MemoryProbe,
     kv_cache_bytes,
