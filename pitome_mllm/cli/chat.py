@@ -119,25 +119,48 @@ class ChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        from transformers import TextIteratorStreamer
-
-        from ..runtime.loading import StageTimer, build_conversation_prompt, count_image_tokens
+        from ..runtime.loading import build_conversation_prompt, count_image_tokens
 
         prompt = build_conversation_prompt(self.processor, [*self.turns, (question, None)])
         inputs = self.processor(images=self.image, text=prompt, return_tensors="pt").to(self.model.device)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        timer = StageTimer(self.model)
-        answer, output_ids = stream_generate(
-            self.model, streamer, timer, out, **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
+        visual_tokens = count_image_tokens(self.processor, inputs["input_ids"])
+        answer, stats = stream_turn(
+            self.model,
+            self.processor.tokenizer,
+            out,
+            lambda timer: visual_tokens,
+            prompt_length=inputs["input_ids"].shape[1],
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
         )
         self.turns.append((question, answer))
-        return TurnStats(
-            visual_tokens=count_image_tokens(self.processor, inputs["input_ids"]),
-            vision_s=timer.vision_s,
-            prefill_s=timer.prefill_s,
-            total_s=timer.total_s,
-            output_tokens=int(output_ids.shape[1] - inputs["input_ids"].shape[1]),
-        )
+        return stats
+
+
+def stream_turn(
+    model, tokenizer, out: TextIO, visual_tokens: Callable[[Any], int], prompt_length: int, **generate_kwargs
+) -> tuple[str, TurnStats]:
+    """Answer one turn greedily, streaming it into ``out``: ``(answer, its TurnStats)``.
+
+    Args:
+        visual_tokens: ``StageTimer -> visual tokens per image`` (from the prompt, or as the run measured them).
+        prompt_length: leading tokens of ``generate``'s output that repeat the prompt (0: it returns only new ones).
+    """
+    from transformers import TextIteratorStreamer
+
+    from ..runtime.loading import StageTimer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    timer = StageTimer(model)
+    answer, output_ids = stream_generate(model, streamer, timer, out, **generate_kwargs, do_sample=False)
+    stats = TurnStats(
+        visual_tokens=visual_tokens(timer),
+        vision_s=timer.vision_s,
+        prefill_s=timer.prefill_s,
+        total_s=timer.total_s,
+        output_tokens=int(output_ids.shape[1] - prompt_length),
+    )
+    return answer, stats
 
 
 def stream_generate(model, streamer, timer, out: TextIO, **generate_kwargs) -> tuple[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import UNPATCHED, TurnStats, add_session_arguments, run_chat, stream_generate
+from .chat import UNPATCHED, TurnStats, add_session_arguments, run_chat, stream_turn
 
 HELP = (
     "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
@@ -54,38 +54,27 @@ class LlavaChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        from transformers import TextIteratorStreamer
-
         from ..runtime.llava_original import build_prompt, prepare_images, tokenize_prompt
-        from ..runtime.loading import StageTimer
 
         image_start_end = bool(getattr(self.model.config, "mm_use_im_start_end", False))
         prompt = build_prompt([*self.turns, (question, None)], self.conv_template, image_start_end)
         input_ids = tokenize_prompt(prompt, self.tokenizer)[None].to(self.model.device)
-        images = prepare_images([self.image], self.image_processor, self.model)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        timer = StageTimer(self.model)
-        answer, output_ids = stream_generate(
+        answer, stats = stream_turn(
             self.model,
-            streamer,
-            timer,
+            self.tokenizer,
             out,
+            # llava splices the projector's output: the count is known once the tower ran.
+            lambda timer: timer.visual_tokens,
+            # Generating from embeddings, llava's generate returns only the new tokens.
+            prompt_length=0,
             inputs=input_ids,
-            images=images,
+            images=prepare_images([self.image], self.image_processor, self.model),
             image_sizes=[self.image.size],
             max_new_tokens=self.max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.turns.append((question, answer))
-        return TurnStats(
-            visual_tokens=timer.visual_tokens,
-            vision_s=timer.vision_s,
-            prefill_s=timer.prefill_s,
-            total_s=timer.total_s,
-            # Generating from embeddings, llava's generate returns only the new tokens.
-            output_tokens=int(output_ids.shape[1]),
-        )
+        return stats
 
 
 # ---------------------------------------------------------------------------------- loading
