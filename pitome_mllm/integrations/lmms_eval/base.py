@@ -10,6 +10,7 @@ and how to turn ``(context, images)`` into the keywords of its ``generate`` and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -60,31 +61,23 @@ def parse_bool(name: str, value: Any) -> bool:
 
 
 def parse_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+        value = int(value)
+    return _parse_number(name, value, int, (int,), "an integer")
 
 
 def parse_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
+    return _parse_number(name, value, float, (int, float), "a number")
+
+
+def _parse_number(name: str, value: Any, convert: Callable[[Any], Any], accepted: tuple[type, ...], kind: str):
+    """``convert(value)`` for a value of an ``accepted`` type (never a bool) or a string that converts."""
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return convert(value)
     if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"{name} must be a number, got {value!r}")
+        with contextlib.suppress(ValueError):
+            return convert(value.strip())
+    raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def parse_patch_args(raw: dict[str, Any]) -> dict[str, Any]:
