@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def projector_macs(num_tokens: int, vision_hidden: int, text_hidden: int) -> int
     return num_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
 
 
+# `DecoderShape` field -> `LLMShape` field where they differ (profile reports keep the short names).
+_DECODER_NAMES = {"hidden_size": "hidden", "intermediate_size": "intermediate"}
+
+
 @dataclass(frozen=True)
 class LLMShape:
     """What the FLOPs and KV-cache formulas need from a decoder config."""
@@ -82,15 +87,8 @@ class LLMShape:
     @classmethod
     def from_decoder(cls, decoder: DecoderShape) -> LLMShape:
         """From the sizes a model's adapter reports (`ModelParts.decoder`)."""
-        return cls(
-            num_layers=decoder.num_layers,
-            hidden=decoder.hidden_size,
-            intermediate=decoder.intermediate_size,
-            num_heads=decoder.num_heads,
-            num_kv_heads=decoder.num_kv_heads,
-            head_dim=decoder.head_dim,
-            vocab_size=decoder.vocab_size,
-        )
+        sizes = dataclasses.asdict(decoder)
+        return cls(**{_DECODER_NAMES.get(name, name): value for name, value in sizes.items()})
 
     @classmethod
     def from_config(cls, text_config) -> LLMShape:
