@@ -78,24 +78,21 @@ def has_gpu() -> bool:
 
 
 def engine_arguments(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "model": args.model,
+    from pitome_mllm.testing.vllm_runs import engine_kwargs
+
+    overrides: dict[str, Any] = {
         "dtype": args.dtype,
         "max_model_len": 2048,
-        "limit_mm_per_prompt": {"image": 1},
         "disable_log_stats": False,  # per-request first-token latency
-        "seed": 0,
         # Every request has an image of its own (`distinct_image`); no cache may still serve one twice.
         "enable_prefix_caching": False,
         "mm_processor_cache_gb": 0,
     }
     if not has_gpu():
         # vLLM's CPU build: no graph compilation, the engine in this process (starts in seconds, not minutes).
-        kwargs.update(enforce_eager=True, distributed_executor_backend="uni")
-    kwargs.update(json.loads(args.engine_args))
-    if settings is not None:
-        kwargs["hf_overrides"] = {"pitome": settings}
-    return kwargs
+        overrides.update(enforce_eager=True, distributed_executor_backend="uni")
+    overrides.update(json.loads(args.engine_args))
+    return engine_kwargs(args.model, settings, max_images=1, tiny_cpu=False, **overrides)
 
 
 def measure(args: argparse.Namespace, settings: dict | None) -> dict[str, Any]:

@@ -92,10 +92,14 @@ def test_loader_arguments_match_the_plugin():
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
     import inspect
 
+    from pitome_mllm.integrations.lmms_eval.base import PiToMeLmmsModel
     from pitome_mllm.integrations.lmms_eval.llava_hf import PiToMeLlavaHF
 
-    parameters = inspect.signature(PiToMeLlavaHF.__init__).parameters
-    named = {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    # The plugin names its own arguments and hands the rest (**arguments) to the shared base class.
+    named = set()
+    for init in (PiToMeLlavaHF.__init__, PiToMeLmmsModel.__init__):
+        parameters = inspect.signature(init).parameters
+        named |= {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
     assert LOADER_ARGS == named - {"self"}
 
 

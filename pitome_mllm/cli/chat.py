@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -118,25 +119,48 @@ class ChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        from transformers import TextIteratorStreamer
-
-        from ..runtime.loading import StageTimer, build_conversation_prompt, count_image_tokens
+        from ..runtime.loading import build_conversation_prompt, count_image_tokens
 
         prompt = build_conversation_prompt(self.processor, [*self.turns, (question, None)])
         inputs = self.processor(images=self.image, text=prompt, return_tensors="pt").to(self.model.device)
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        timer = StageTimer(self.model)
-        answer, output_ids = stream_generate(
-            self.model, streamer, timer, out, **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
+        visual_tokens = count_image_tokens(self.processor, inputs["input_ids"])
+        answer, stats = stream_turn(
+            self.model,
+            self.processor.tokenizer,
+            out,
+            lambda timer: visual_tokens,
+            prompt_length=inputs["input_ids"].shape[1],
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
         )
         self.turns.append((question, answer))
-        return TurnStats(
-            visual_tokens=count_image_tokens(self.processor, inputs["input_ids"]),
-            vision_s=timer.vision_s,
-            prefill_s=timer.prefill_s,
-            total_s=timer.total_s,
-            output_tokens=int(output_ids.shape[1] - inputs["input_ids"].shape[1]),
-        )
+        return stats
+
+
+def stream_turn(
+    model, tokenizer, out: TextIO, visual_tokens: Callable[[Any], int], prompt_length: int, **generate_kwargs
+) -> tuple[str, TurnStats]:
+    """Answer one turn greedily, streaming it into ``out``: ``(answer, its TurnStats)``.
+
+    Args:
+        visual_tokens: ``StageTimer -> visual tokens per image`` (from the prompt, or as the run measured them).
+        prompt_length: leading tokens of ``generate``'s output that repeat the prompt (0: it returns only new ones).
+    """
+    from transformers import TextIteratorStreamer
+
+    from ..runtime.loading import StageTimer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    timer = StageTimer(model)
+    answer, output_ids = stream_generate(model, streamer, timer, out, **generate_kwargs, do_sample=False)
+    stats = TurnStats(
+        visual_tokens=visual_tokens(timer),
+        vision_s=timer.vision_s,
+        prefill_s=timer.prefill_s,
+        total_s=timer.total_s,
+        output_tokens=int(output_ids.shape[1] - prompt_length),
+    )
+    return answer, stats
 
 
 def stream_generate(model, streamer, timer, out: TextIO, **generate_kwargs) -> tuple[str, Any]:
@@ -201,30 +225,59 @@ def _load(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run_chat(
+    args: argparse.Namespace,
+    command: str,
+    load: Callable[[], Any],
+    install: Callable[[Any, dict[str, Any] | None], tuple[str, Callable[[], None]]],
+    new_session: Callable[[Any, Any], Any],
+) -> int:
+    """The body of ``chat`` and ``chat-llava``: load, patch, answer the questions, undo the patch.
+
+    Args:
+        command: the command's name, for the one-line setup error.
+        load: ``() -> model bundle``; an ImportError (an optional package missing) is a setup
+            problem, reported in one line with exit status 2.
+        install: ``(bundle, patch keywords or None) -> (description, undo)``.
+        new_session: ``(bundle, image) -> session`` that `answer_questions` talks to.
+    """
+    from ..runtime.loading import load_image_arg
     from ..runtime.terminal import torch_threads
 
     with torch_threads(args.threads):
-        return _chat(args)
-
-
-def _chat(args: argparse.Namespace) -> int:
-    from .. import patch
-    from ..runtime.loading import load_image_arg
-
-    config = checked_patch_config(args)
-    image = load_image_arg(args.image)
-    try:
-        model, processor = _load(args)
-    except ImportError as error:  # bitsandbytes missing: a setup problem, reported in one line
-        print(f"pitome-mllm chat: error: {error}", file=sys.stderr)
-        return 2
-    handle = patch(model, processor, **config) if config is not None else None
-    try:
-        merging = repr(handle) if handle is not None else "unpatched (no --keep-ratio / --target-tokens)"
-        print(f"{args.model}: {merging}", file=sys.stderr)
-        answer_questions(ChatSession(model, processor, image, args.max_new_tokens), args)
-    finally:
-        if handle is not None:
-            handle.unpatch()
+        config = checked_patch_config(args)
+        image = load_image_arg(args.image)
+        try:
+            bundle = load()
+        except ImportError as error:
+            print(f"pitome-mllm {command}: error: {error}", file=sys.stderr)
+            return 2
+        description, undo = install(bundle, config)
+        try:
+            print(f"{args.model}: {description}", file=sys.stderr)
+            answer_questions(new_session(bundle, image), args)
+        finally:
+            undo()
     return 0
+
+
+UNPATCHED = "unpatched (no --keep-ratio / --target-tokens)"
+
+
+def _install(loaded: tuple[Any, Any], config: dict[str, Any] | None) -> tuple[str, Callable[[], None]]:
+    from .. import patch
+
+    if config is None:
+        return UNPATCHED, lambda: None
+    handle = patch(*loaded, **config)
+    return repr(handle), handle.unpatch
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_chat(
+        args,
+        "chat",
+        lambda: _load(args),
+        _install,
+        lambda loaded, image: ChatSession(*loaded, image, args.max_new_tokens),
+    )

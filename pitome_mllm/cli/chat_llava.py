@@ -10,12 +10,12 @@ measured at the projector. Unpatched runs get the ``generate`` compatibility wra
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .chat import TurnStats, add_session_arguments, answer_questions, checked_patch_config, stream_generate
+from .chat import UNPATCHED, TurnStats, add_session_arguments, run_chat, stream_turn
 
 HELP = (
     "chat about an image with a PiToMe-patched original LLaVA checkpoint (llava package, e.g. liuhaotian/llava-v1.5-7b)"
@@ -54,38 +54,27 @@ class LlavaChatSession:
 
     def ask(self, question: str, out: TextIO) -> TurnStats:
         """Stream the answer to ``question`` into ``out``; remember the turn."""
-        from transformers import TextIteratorStreamer
-
         from ..runtime.llava_original import build_prompt, prepare_images, tokenize_prompt
-        from ..runtime.loading import StageTimer
 
         image_start_end = bool(getattr(self.model.config, "mm_use_im_start_end", False))
         prompt = build_prompt([*self.turns, (question, None)], self.conv_template, image_start_end)
         input_ids = tokenize_prompt(prompt, self.tokenizer)[None].to(self.model.device)
-        images = prepare_images([self.image], self.image_processor, self.model)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        timer = StageTimer(self.model)
-        answer, output_ids = stream_generate(
+        answer, stats = stream_turn(
             self.model,
-            streamer,
-            timer,
+            self.tokenizer,
             out,
+            # llava splices the projector's output: the count is known once the tower ran.
+            lambda timer: timer.visual_tokens,
+            # Generating from embeddings, llava's generate returns only the new tokens.
+            prompt_length=0,
             inputs=input_ids,
-            images=images,
+            images=prepare_images([self.image], self.image_processor, self.model),
             image_sizes=[self.image.size],
             max_new_tokens=self.max_new_tokens,
-            do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         self.turns.append((question, answer))
-        return TurnStats(
-            visual_tokens=timer.visual_tokens,
-            vision_s=timer.vision_s,
-            prefill_s=timer.prefill_s,
-            total_s=timer.total_s,
-            # Generating from embeddings, llava's generate returns only the new tokens.
-            output_tokens=int(output_ids.shape[1]),
-        )
+        return stats
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -133,38 +122,29 @@ def _check_conv_mode(conv_mode: str) -> None:
         raise ValueError(f"unknown --conv-mode {conv_mode!r}; one of {', '.join(sorted(conv_templates))}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..runtime.terminal import torch_threads
+def _load_checked(args: argparse.Namespace):
+    from ..models.llava_original import require_llava
 
-    with torch_threads(args.threads):
-        return _chat(args)
+    require_llava()
+    _check_conv_mode(args.conv_mode)
+    return load(args)
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _install(loaded: tuple[Any, Any, Any], config: dict[str, Any] | None) -> tuple[str, Callable[[], None]]:
     from .. import patch
     from ..models.llava_original import enable_generate_compat
-    from ..runtime.llava_original import require_llava
-    from ..runtime.loading import load_image_arg
 
-    config = checked_patch_config(args)
-    image = load_image_arg(args.image)
-    try:
-        require_llava()
-        _check_conv_mode(args.conv_mode)
-        tokenizer, model, image_processor = load(args)
-    except ImportError as error:  # llava or bitsandbytes missing: a setup problem, reported in one line
-        print(f"pitome-mllm chat-llava: error: {error}", file=sys.stderr)
-        return 2
-    # Unpatched models still need the generate wrapper on transformers 5.x.
-    handle = patch(model, image_processor, **config) if config is not None else enable_generate_compat(model)
-    try:
-        merging = repr(handle) if config is not None else "unpatched (no --keep-ratio / --target-tokens)"
-        print(f"{args.model}: {merging}", file=sys.stderr)
-        session = LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
-        answer_questions(session, args)
-    finally:
-        if config is not None:
-            handle.unpatch()
-        else:
-            handle.remove()
-    return 0
+    _, model, image_processor = loaded
+    if config is None:
+        # Unpatched models still need the generate wrapper on transformers 5.x.
+        return UNPATCHED, enable_generate_compat(model).remove
+    handle = patch(model, image_processor, **config)
+    return repr(handle), handle.unpatch
+
+
+def run(args: argparse.Namespace) -> int:
+    def new_session(loaded, image) -> LlavaChatSession:
+        tokenizer, model, image_processor = loaded
+        return LlavaChatSession(model, tokenizer, image_processor, image, args.conv_mode, args.max_new_tokens)
+
+    return run_chat(args, "chat-llava", lambda: _load_checked(args), _install, new_session)

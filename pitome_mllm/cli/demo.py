@@ -324,6 +324,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..models import model_parts
     from ..runtime.loading import build_prompt, load_image_arg, resolve_device, tiny_demo_model
     from ..runtime.terminal import output_width
 
@@ -356,7 +357,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             rows.append(measure_setting(model, processor, image, prompt, setting, args, lambda: progress.advance(task)))
     merges = inspect_merges(model, processor, image, _trajectory_config(settings, args.preset))
 
-    vision = model.config.vision_config
+    vision = model_parts(model).tower.config
     console.print(
         f"[bold]Tiny random LLaVA[/bold] ({vision.image_size} px, {vision.patch_size} px patches, "
         f"{vision.num_hidden_layers} CLIP layers, width {vision.hidden_size}); image {args.image!r}; "

@@ -81,21 +81,22 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
 def run_fidelity(args: argparse.Namespace) -> int:
     from ..experiments.proxy.fidelity import STEM, markdown_table, run_fidelity, run_fidelity_seeds, write_seed_report
 
+    # What one seed's run and a multi-seed run both take.
+    study = {
+        "dataset": args.dataset,
+        "train": args.train,
+        "test": args.test,
+        "budgets": args.budgets,
+        "settings": args.settings,
+        "output": args.output,
+        "spectral_images": args.spectral_images,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "progress": not args.no_progress,
+    }
     if args.seeds:
         started = time.perf_counter()
-        run_fidelity_seeds(
-            args.seeds,
-            settings=args.settings,
-            output=args.output,
-            dataset=args.dataset,
-            train=args.train,
-            test=args.test,
-            budgets=args.budgets,
-            spectral_images=args.spectral_images,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            progress=not args.no_progress,
-        )
+        run_fidelity_seeds(args.seeds, **study)
         paths = write_seed_report(
             Path(args.output),
             args.seeds,
@@ -104,19 +105,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
         print(paths["md"].read_text())
         print("wrote " + ", ".join(str(path) for path in paths.values()))
         return 0
-    rows = run_fidelity(
-        dataset=args.dataset,
-        train=args.train,
-        test=args.test,
-        budgets=args.budgets,
-        settings=args.settings,
-        output=args.output,
-        spectral_images=args.spectral_images,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    rows = run_fidelity(**study, seed=args.seed)
     print(markdown_table(rows))
     print(f"wrote {Path(args.output) / STEM}.{{json,md,csv,png}}")
     return 0

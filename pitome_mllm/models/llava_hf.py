@@ -18,7 +18,7 @@ from ..hooks.base import AttributeOverrides, Hook, InstanceOverrides, override_f
 from ..hooks.llm_attention import LLMPropAttention
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
 from .compat import cache_mask_sizes, transformers_version
-from .protocol import ModelParts
+from .protocol import DecoderShape, ModelParts
 
 FAMILY = "llava_hf"
 SUPPORTED = (
@@ -360,6 +360,8 @@ def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = Fa
         vision_hidden_states=hidden_states,
         image_feature_owner=image_feature_owner(model),
         image_feature_method="get_image_features",
+        decoder=DecoderShape.from_config(llava.config.text_config),
+        output_head=getattr(model, "lm_head", None),
     )
 
 

@@ -35,9 +35,25 @@ from torch import nn
 from ..config import ALL_METHODS, INSTRUCTION_METHODS, PiToMeConfig
 from ..hooks.base import Hook, is_overridden, override_forward, restore_forward
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
-from .protocol import ModelParts
+from .protocol import DecoderShape, ModelParts
 
 FAMILY = "llava_original"
+
+
+def require_llava() -> None:
+    """Raise an ImportError that says how to install the ``llava`` package."""
+    try:
+        import llava.model  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "the original LLaVA code is not installed: pip install --no-deps llava-torch==1.2.2.post1 "
+            f"(see docs/llava_original.md) ({error})"
+        ) from error
+    # llava/model/__init__.py swallows import errors with a bare except; import the
+    # class directly so a broken install shows its real cause.
+    import llava.model.language_model.llava_llama  # noqa: F401
+
+
 SUPPORTED = (
     "original LLaVA (`llava` package, llava-torch 1.2.x) LlavaLlamaForCausalLM / LlavaMistralForCausalLM "
     "with a CLIP vision tower and mm_patch_merge_type='flat'"
@@ -303,6 +319,9 @@ class LlavaOriginalAdapter(ClipTowerAdapter):
             vision_hidden_states=vision_hidden_states,
             image_feature_owner=model,
             image_feature_method="encode_images",
+            # LlavaConfig is the Llama config itself; the head is the causal LM's.
+            decoder=DecoderShape.from_config(model.config),
+            output_head=getattr(model, "lm_head", None),
         )
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:

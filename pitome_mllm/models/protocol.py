@@ -32,6 +32,34 @@ MERGE_SITES = ("tower", "projector", "packed")
 
 
 @dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of a model's language model that cost formulas need (read once from its config)."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, text_config: Any) -> DecoderShape:
+        """From a transformers decoder config (Llama, Mistral, Qwen2 names); absent optional fields are derived."""
+        num_heads = text_config.num_attention_heads
+        return cls(
+            num_layers=text_config.num_hidden_layers,
+            hidden_size=text_config.hidden_size,
+            intermediate_size=text_config.intermediate_size,
+            num_heads=num_heads,
+            # Multi-head attention configs leave these out (or None): one key/value head per head.
+            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
+            vocab_size=text_config.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
 class ModelParts:
     """The pieces of a multimodal model the tools work with, found by its adapter.
 
@@ -53,6 +81,9 @@ class ModelParts:
         image_feature_owner: the module whose ``encode_images`` call a forward makes (a
             timer may shadow `image_feature_method` on it), or None.
         image_feature_method: the name of that method on ``image_feature_owner``.
+        decoder: the language model's sizes (None where the family does not say).
+        output_head: the module mapping the last hidden state to vocabulary logits (None where
+            the family does not expose one); its weight dtype is the one the KV cache holds.
     """
 
     tower: nn.Module
@@ -66,6 +97,8 @@ class ModelParts:
     vision_hidden_states: Callable[[torch.Tensor], tuple] | None = None
     image_feature_owner: nn.Module | None = None
     image_feature_method: str | None = None
+    decoder: DecoderShape | None = None
+    output_head: nn.Module | None = None
 
     @property
     def vision_dtype(self) -> torch.dtype:
@@ -228,4 +261,4 @@ def _adapter_classes() -> list[type[ModelAdapter]]:
     return found
 
 
-__all__ = ["MERGE_SITES", "OPTIONS", "ModelAdapter", "ModelParts"]
+__all__ = ["MERGE_SITES", "OPTIONS", "DecoderShape", "ModelAdapter", "ModelParts"]

@@ -12,23 +12,9 @@ import torch
 from torch import nn
 
 from ..models import model_parts
-from ..models.llava_original import QUANTIZATION_SKIP_MODULES
+from ..models.llava_original import QUANTIZATION_SKIP_MODULES, require_llava
 from .loading import resolve_device, resolve_dtype
 from .quantization import bitsandbytes_config
-
-
-def require_llava() -> None:
-    """Raise an ImportError that says how to install the ``llava`` package."""
-    try:
-        import llava.model  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "the original LLaVA code is not installed: pip install --no-deps llava-torch==1.2.2.post1 "
-            f"(see docs/llava_original.md) ({error})"
-        ) from error
-    # llava/model/__init__.py swallows import errors with a bare except; import the
-    # class directly so a broken install shows its real cause.
-    import llava.model.language_model.llava_llama  # noqa: F401
 
 
 def load_llava_original(

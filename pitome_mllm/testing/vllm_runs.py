@@ -41,19 +41,35 @@ TOP_LOGPROBS = 5
 MAX_NEW_TOKENS = 4
 
 
-def engine_kwargs(model_dir: str | Path, settings: dict[str, Any] | None, max_images: int = 2) -> dict[str, Any]:
-    """`vllm.LLM` arguments for a tiny model on CPU in this process, fp32, with PiToMe ``settings`` (or none)."""
-    kwargs: dict[str, Any] = {
-        "model": str(model_dir),
-        "dtype": "float32",
-        "max_model_len": 1024,
-        "enforce_eager": True,
-        "limit_mm_per_prompt": {"image": max_images},
-        "max_num_seqs": 4,
-        "max_num_batched_tokens": 2048,
-        "distributed_executor_backend": "uni",
-        "seed": 0,
-    }
+# The engine the tests start: a tiny model in this process on the CPU, small batches, fp32.
+TINY_CPU_ENGINE: dict[str, Any] = {
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "enforce_eager": True,
+    "max_num_seqs": 4,
+    "max_num_batched_tokens": 2048,
+    "distributed_executor_backend": "uni",
+}
+
+
+def engine_kwargs(
+    model_dir: str | Path,
+    settings: dict[str, Any] | None,
+    max_images: int = 2,
+    *,
+    tiny_cpu: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """`vllm.LLM` arguments for ``model_dir`` with PiToMe ``settings`` (or none), seeded.
+
+    ``tiny_cpu``: start from `TINY_CPU_ENGINE` (the tests' engine); ``overrides`` replace or add
+    any other `vllm.LLM` argument (a benchmark's dtype, context length, caching), and
+    ``settings`` always land in ``hf_overrides``, where the plugin reads them.
+    """
+    kwargs: dict[str, Any] = {"model": str(model_dir), "limit_mm_per_prompt": {"image": max_images}, "seed": 0}
+    if tiny_cpu:
+        kwargs.update(TINY_CPU_ENGINE)
+    kwargs.update(overrides)
     if settings is not None:
         kwargs["hf_overrides"] = {"pitome": settings}
     return kwargs

@@ -205,9 +205,11 @@ def _image_processor_class(name: str) -> type:
     return pil_class
 
 
-def _clip_image_processor_class() -> type:
-    """The CLIP image processor class for the installed transformers and backends."""
-    return _image_processor_class("CLIPImageProcessor")
+def _normalising_image_processor(name: str, size: dict[str, int], mean: list[float], std: list[float], **options):
+    """Image processor ``name`` that resizes to ``size``, rescales to [0, 1] and normalises with ``mean`` / ``std``."""
+    return _image_processor_class(name)(
+        size=size, do_resize=True, do_rescale=True, do_normalize=True, image_mean=mean, image_std=std, **options
+    )
 
 
 def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
@@ -220,16 +222,14 @@ def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaPr
     """
     if image_size % patch_size:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
-    image_processor = _clip_image_processor_class()(
-        size={"shortest_edge": image_size},
+    image_processor = _normalising_image_processor(
+        "CLIPImageProcessor",
+        {"shortest_edge": image_size},
+        CLIP_IMAGE_MEAN,
+        CLIP_IMAGE_STD,
         crop_size={"height": image_size, "width": image_size},
-        do_resize=True,
         do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
         do_convert_rgb=True,
-        image_mean=CLIP_IMAGE_MEAN,
-        image_std=CLIP_IMAGE_STD,
     )
     return LlavaProcessor(
         image_processor=image_processor,
@@ -488,15 +488,8 @@ SIGLIP_TEST_SPEC = TinyLlavaSpec(image_size=112, patch_size=14, vision_layers=6,
 
 def _siglip_image_processor(image_size: int):
     """A SigLIP image processor resizing to ``image_size`` square (PIL backend without torchvision)."""
-    processor_class = _image_processor_class("SiglipImageProcessor")
-    return processor_class(
-        size={"height": image_size, "width": image_size},
-        do_resize=True,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=SIGLIP_IMAGE_MEAN,
-        image_std=SIGLIP_IMAGE_STD,
-    )
+    size = {"height": image_size, "width": image_size}
+    return _normalising_image_processor("SiglipImageProcessor", size, SIGLIP_IMAGE_MEAN, SIGLIP_IMAGE_STD)
 
 
 def build_tiny_siglip_llava(

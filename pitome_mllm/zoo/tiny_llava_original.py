@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..runtime.llava_original import require_llava
+from ..models.llava_original import require_llava
 
 
 def _tiny_llava_config(spec, tokenizer, tower_folder: Path):

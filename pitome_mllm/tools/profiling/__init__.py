@@ -59,9 +59,7 @@ from .flops import (
     tome_macs,
     vision_layer_macs,
 )
-from .machine import (
-    machine_info,
-)
+from .machine import machine_info
 from .memory import (
     CudaMemoryProbe,
     MemoryProbe,

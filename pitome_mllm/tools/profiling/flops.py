@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ...models.protocol import DecoderShape
 
 # Counts are multiply-accumulates (MACs) of the matrix products; FLOPs = 2 x MACs.
 # Norms, activations, softmax, residual adds and gathers are left out: they are linear in
@@ -65,6 +68,10 @@ def projector_macs(num_tokens: int, vision_hidden: int, text_hidden: int) -> int
     return num_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
 
 
+# `DecoderShape` field -> `LLMShape` field where they differ (profile reports keep the short names).
+_DECODER_NAMES = {"hidden_size": "hidden", "intermediate_size": "intermediate"}
+
+
 @dataclass(frozen=True)
 class LLMShape:
     """What the FLOPs and KV-cache formulas need from a decoder config."""
@@ -78,18 +85,15 @@ class LLMShape:
     vocab_size: int
 
     @classmethod
+    def from_decoder(cls, decoder: DecoderShape) -> LLMShape:
+        """From the sizes a model's adapter reports (`ModelParts.decoder`)."""
+        sizes = dataclasses.asdict(decoder)
+        return cls(**{_DECODER_NAMES.get(name, name): value for name, value in sizes.items()})
+
+    @classmethod
     def from_config(cls, text_config) -> LLMShape:
-        num_heads = text_config.num_attention_heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads
-        return cls(
-            num_layers=text_config.num_hidden_layers,
-            hidden=text_config.hidden_size,
-            intermediate=text_config.intermediate_size,
-            num_heads=num_heads,
-            num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
-            head_dim=head_dim,
-            vocab_size=text_config.vocab_size,
-        )
+        """From a transformers decoder config."""
+        return cls.from_decoder(DecoderShape.from_config(text_config))
 
     @property
     def projection_macs_per_token(self) -> int:

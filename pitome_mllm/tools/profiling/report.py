@@ -9,38 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ...runtime.terminal import plural
-from .clock import (
-    summarize,
-)
-from .flops import (
-    LLMShape,
-    kv_cache_bytes_formula,
-    llm_decode_macs,
-    llm_prefill_macs,
-    merge_macs,
-    patch_embedding_macs,
-    pitome_macs,
-    projector_macs,
-    projector_merge_macs,
-    tome_macs,
-    vision_layer_macs,
-)
-from .machine import (
-    machine_info,
-)
-from .memory import (
-    kv_cache_bytes,
-)
 from .runner import (
     MEMORY_STAGES,
     TIMED_STAGES,
-    MergeTimer,
     ProfileReport,
-    ProfileSettings,
     RunResult,
-    RunSpec,
-    plan_runs,
-    profile,
 )
 
 CSV_COLUMNS = (
@@ -344,32 +317,15 @@ def markdown_table(report: ProfileReport) -> str:
 
 
 __all__ = [
-    "LLMShape",
-    "ProfileReport",
-    "ProfileSettings",
-    "RunResult",
-    "RunSpec",
-    "tome_macs",
-    "kv_cache_bytes",
-    "kv_cache_bytes_formula",
+    "CSV_COLUMNS",
+    "METHOD_COLOURS",
     "latency_rows",
-    "llm_decode_macs",
-    "llm_prefill_macs",
-    "machine_info",
     "markdown_table",
-    "merge_macs",
-    "MergeTimer",
-    "patch_embedding_macs",
-    "pitome_macs",
-    "plan_runs",
+    "method_colour",
     "plot_report",
     "print_table",
-    "profile",
-    "projector_macs",
-    "projector_merge_macs",
+    "publish_report",
     "resource_rows",
-    "summarize",
-    "vision_layer_macs",
     "write_csv",
     "write_json",
     "write_report",

@@ -17,25 +17,13 @@ from torch import nn
 from ...hooks.base import remove_hooks
 from ...hooks.observers import Observer
 from ...models import ModelParts, model_parts
+from . import flops
 from .clock import (
     PassClock,
     Stopwatch,
     summarize,
 )
-from .flops import (
-    LLMShape,
-    kv_cache_bytes_formula,
-    llm_decode_macs,
-    llm_prefill_macs,
-    merge_macs,
-    patch_embedding_macs,
-    projector_macs,
-    projector_merge_macs,
-    vision_layer_macs,
-)
-from .machine import (
-    machine_info,
-)
+from .machine import machine_info
 from .memory import (
     MemoryProbe,
     kv_cache_bytes,
@@ -264,8 +252,9 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
 
 def model_shapes(model: nn.Module) -> dict[str, Any]:
     """The vision and language-model shapes the FLOPs formulas use."""
-    config = model.config
     parts = model_parts(model)
+    if parts.decoder is None:
+        raise ValueError(f"the {type(model).__name__} adapter does not report its language model's sizes")
     vision = parts.tower.config
     shapes = {
         "vision": {
@@ -277,7 +266,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
             "image_size": vision.image_size,
             "tokens": (vision.image_size // vision.patch_size) ** 2 + 1,
         },
-        "llm": dataclasses.asdict(LLMShape.from_config(config.text_config)),
+        "llm": dataclasses.asdict(flops.LLMShape.from_decoder(parts.decoder)),
         "vision_feature_layer": parts.feature_layer,
         "vision_feature_select_strategy": "default" if parts.drops_class_token else "full",
     }
@@ -285,8 +274,8 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
     for name, part in (("vision_tower", parts.tower), ("projector", parts.projector)):
         counts[name] = sum(p.numel() for p in part.parameters())
     counts["language_model"] = sum(p.numel() for p in parts.language_model.parameters())
-    if hasattr(model, "lm_head"):
-        counts["language_model"] += sum(p.numel() for p in model.lm_head.parameters())
+    if parts.output_head is not None:
+        counts["language_model"] += sum(p.numel() for p in parts.output_head.parameters())
     shapes["parameters"] = counts
     return shapes
 
@@ -464,7 +453,7 @@ class _Profiler:
         self.merge_timer = MergeTimer()
         self.progress = progress
         self.shapes = model_shapes(model)
-        self.llm_shape = LLMShape(**self.shapes["llm"])
+        self.llm_shape = flops.LLMShape(**self.shapes["llm"])
 
     def run_all(self, specs: Sequence[RunSpec]) -> list[RunResult]:
         """Warm up and measure every run; interleaved, the measured passes go round-robin."""
@@ -622,13 +611,14 @@ class _Profiler:
         vision, llm = self.shapes["vision"], self.llm_shape
         batch = self.settings.batch_size
         num_patches = vision["tokens"] - 1
-        tower_layers = sum(vision_layer_macs(n, vision["hidden"], vision["intermediate"]) for n in tower_tokens_in)
-        embed = patch_embedding_macs(num_patches, vision["hidden"], vision["patch_size"])
-        tower_merges = merge_macs(steps, vision["hidden"])
+        hidden = vision["hidden"]
+        tower_layers = sum(flops.vision_layer_macs(n, hidden, vision["intermediate"]) for n in tower_tokens_in)
+        embed = flops.patch_embedding_macs(num_patches, vision["hidden"], vision["patch_size"])
+        tower_merges = flops.merge_macs(steps, vision["hidden"])
         drop = 1 if self.shapes["vision_feature_select_strategy"] == "default" else 0
         tower_out = (steps[-1].tokens_out if steps else vision["tokens"]) - drop
-        projector = projector_macs(tower_out, vision["hidden"], llm.hidden)
-        projector_merges = projector_merge_macs(tower_out, target, llm.hidden)
+        projector = flops.projector_macs(tower_out, vision["hidden"], llm.hidden)
+        projector_merges = flops.projector_merge_macs(tower_out, target, llm.hidden)
         macs = {
             "vision_tower": batch * (tower_layers + embed + tower_merges),
             "merge_tower": batch * tower_merges,
@@ -636,19 +626,19 @@ class _Profiler:
             "merge_projector": batch * projector_merges,
         }
         if seq_len is not None:
-            macs["llm_prefill"] = batch * llm_prefill_macs(llm, seq_len)
+            macs["llm_prefill"] = batch * flops.llm_prefill_macs(llm, seq_len)
             macs["ttft"] = macs["vision_tower"] + macs["projector"] + macs["llm_prefill"]
             decode_steps = self.settings.new_tokens - 1
             if decode_steps:
                 # Step i attends to seq_len + i + 1 positions; report the mean step.
                 mean_context = seq_len + (decode_steps + 1) / 2
-                macs["decode_per_token"] = batch * llm_decode_macs(llm, round(mean_context))
+                macs["decode_per_token"] = batch * flops.llm_decode_macs(llm, round(mean_context))
         return {f"{stage}_flops": 2.0 * value for stage, value in macs.items()}
 
     def _kv_cache(self, memory_output: _PassOutput, seq_len: int) -> dict[str, Any]:
-        dtype = self.model.get_output_embeddings().weight.dtype
+        dtype = model_parts(self.model).output_head.weight.dtype
         bytes_per_value = torch.empty((), dtype=dtype).element_size()
-        formula = kv_cache_bytes_formula(self.llm_shape, seq_len, self.settings.batch_size, bytes_per_value)
+        formula = flops.kv_cache_bytes_formula(self.llm_shape, seq_len, self.settings.batch_size, bytes_per_value)
         return {
             "bytes": memory_output.kv_cache_bytes,
             "formula_bytes": formula,
@@ -665,11 +655,11 @@ def _add_speedups(runs: list[RunResult]) -> None:
     for run in runs:
         for stage in SPEEDUP_STAGES:
             base_time, time_ = baseline.timings.get(stage), run.timings.get(stage)
-            base_flops, flops = baseline.flops.get(f"{stage}_flops"), run.flops.get(f"{stage}_flops")
-            if not (base_time and time_ and base_flops and flops):
+            base_flops, run_flops = baseline.flops.get(f"{stage}_flops"), run.flops.get(f"{stage}_flops")
+            if not (base_time and time_ and base_flops and run_flops):
                 continue
             measured = base_time["median"] / time_["median"]
-            by_flops = base_flops / flops
+            by_flops = base_flops / run_flops
             run.speedup[stage] = {"measured": measured, "flops": by_flops, "measured_over_flops": measured / by_flops}
 
 
