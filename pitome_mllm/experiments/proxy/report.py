@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_bytes, atomic_write_text
+from .recommend import decide, verdict_markdown, verdict_to_dict
+from .settings import REFERENCE_SETTING
 from .stats import SeedHits, mean_estimate, paired_difference
 
 BAND_Z = 2.0  # the plots' bands and the tables' significance marks: ± 2 standard errors
@@ -280,8 +283,6 @@ def write_summary(
 
     ``methods`` maps a setting to its `PiToMeConfig` method (for the plot's line styles).
     """
-    from .fidelity import atomic_write_bytes, atomic_write_text
-
     rows = summary_rows(table, reference)
     if not rows:
         raise ValueError(f"nothing to summarise for {stem}")
@@ -294,6 +295,21 @@ def write_summary(
     atomic_write_text(paths["json"], json.dumps(payload, indent=1) + "\n")
     atomic_write_bytes(paths["png"], plot_summary(rows, reference, table.score, title))
     return paths
+
+
+def write_seed_summaries(
+    output: Path,
+    tables: Mapping[str, SettingTable],
+    titles: Mapping[str, str],
+    extra: Mapping[str, Any],
+    methods: Mapping[str, str],
+) -> dict[str, Path]:
+    """`write_summary` of each ``{stem: table}`` against `REFERENCE_SETTING`; returns the first one's paths."""
+    written = [
+        write_summary(output, stem, table, REFERENCE_SETTING, titles[stem], extra, methods)
+        for stem, table in tables.items()
+    ]
+    return written[0]
 
 
 # ------------------------------------------------------------------------ both proxies together
@@ -333,9 +349,6 @@ def write_combined(
         methods: setting -> `PiToMeConfig` method; settings whose method is a selection method
             are the selection rivals of rule 1 (`recommend`), every budgeted setting may be recommended.
     """
-    from .fidelity import atomic_write_bytes, atomic_write_text
-    from .recommend import decide, verdict_markdown, verdict_to_dict
-
     order = list(dict.fromkeys(name for table in tables.values() for name in table.settings()))
     budgeted = {name for table in tables.values() for cells in table.by_budget().values() for name in cells}
     recommendable = [name for name in order if name in budgeted]
