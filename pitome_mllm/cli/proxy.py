@@ -305,6 +305,7 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from ..experiments.proxy import fidelity, vqa, vqa_report
     from ..experiments.proxy.report import write_combined
+    from ..experiments.proxy.settings import REFERENCE_SETTING
     from ..tools.profiling import machine_info
 
     seeds = args.seeds or vqa_report.finished_seeds(Path(args.vqa))
@@ -332,7 +333,7 @@ def run_report(args: argparse.Namespace) -> int:
         Path(args.output),
         tables,
         candidate=args.candidate,
-        reference=vqa.REFERENCE_SETTING,
+        reference=REFERENCE_SETTING,
         rivals=["tome"],
         methods=methods,
         extra=extra,
