@@ -48,7 +48,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,6 +74,9 @@ from .scoring import score_row, train_probe
 from .settings import setting_methods
 from .stats import broadcast_seeds
 
+if TYPE_CHECKING:
+    from .fidelity_settings import TowerGeometry
+
 logger = logging.getLogger("pitome_mllm")
 
 DEFAULT_BUDGETS = (128, 64, 32)
@@ -84,6 +87,50 @@ SEEDS_STEM = "fidelity_seeds"
 
 def row_key(row: dict[str, Any]) -> tuple[str, int | None]:
     return row["setting"], row["budget"]
+
+
+def check_counts(dataset: str, train: int, test: int, batch_size: int, spectral_images: int) -> None:
+    """Raises ValueError naming the first argument of `run_fidelity` out of its range."""
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    for name, value, low in (("train", train, 2), ("test", test, 1), ("batch_size", batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if spectral_images < 0:
+        raise ValueError(f"spectral_images must be >= 0, got {spectral_images}")
+
+
+def plan_rows(
+    settings: Sequence[str],
+    budgets: Sequence[int],
+    geometry: TowerGeometry,
+    seed: int,
+    done: set[tuple[str, int | None]],
+) -> tuple[list[tuple[str, int | None, dict[str, Any]]], list[dict[str, Any]]]:
+    """``(todo, skipped)``: ``(setting, budget, PiToMeConfig fields)`` still to run, and the
+    (setting, budget) pairs a setting cannot make, with the reason.
+
+    Raises:
+        ValueError: a budget outside ``[1, unmerged visual tokens - 1]``.
+    """
+    num_visual_tokens = unmerged_visual_tokens(geometry)
+    todo: list[tuple[str, int | None, dict[str, Any]]] = []
+    skipped: list[dict[str, Any]] = []
+    for name in settings:
+        for budget in setting_budgets(name, budgets):
+            if budget is not None and not 1 <= budget < num_visual_tokens:
+                raise ValueError(f"budgets must be in [1, {num_visual_tokens - 1}], got {budget}")
+            try:
+                config = setting_config(name, budget, geometry)
+            except ValueError as error:
+                logger.warning("skipping %s at %s tokens: %s", name, budget, error)
+                skipped.append({"setting": name, "budget": budget, "reason": str(error)})
+                continue
+            if config["method"] in SEEDED_METHODS:
+                config["seed"] = seed
+            if (name, budget) not in done:
+                todo.append((name, budget, config))
+    return todo, skipped
 
 
 def run_fidelity(
@@ -120,13 +167,7 @@ def run_fidelity(
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    for name, value, low in (("train", train, 2), ("test", test, 1), ("batch_size", batch_size, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if spectral_images < 0:
-        raise ValueError(f"spectral_images must be >= 0, got {spectral_images}")
+    check_counts(dataset, train, test, batch_size, spectral_images)
     settings = parse_settings(settings)
     spectral_images = min(spectral_images, test)
     output = Path(output)
@@ -150,25 +191,9 @@ def run_fidelity(
     model, processor = model_and_processor
     geometry = tower_geometry(model)
     image_size = geometry.image_size
-    num_visual_tokens = unmerged_visual_tokens(geometry)
 
     # Every (setting, budget) is validated before anything slow runs.
-    todo: list[tuple[str, int | None, dict[str, Any]]] = []
-    skipped: list[dict[str, Any]] = []
-    for name in settings:
-        for budget in setting_budgets(name, budgets):
-            if budget is not None and not 1 <= budget < num_visual_tokens:
-                raise ValueError(f"budgets must be in [1, {num_visual_tokens - 1}], got {budget}")
-            try:
-                config = setting_config(name, budget, geometry)
-            except ValueError as error:
-                logger.warning("skipping %s at %s tokens: %s", name, budget, error)
-                skipped.append({"setting": name, "budget": budget, "reason": str(error)})
-                continue
-            if config["method"] in SEEDED_METHODS:
-                config["seed"] = seed
-            if (name, budget) not in done:
-                todo.append((name, budget, config))
+    todo, skipped = plan_rows(settings, budgets, geometry, seed, done)
 
     report = {
         "identity": identity,

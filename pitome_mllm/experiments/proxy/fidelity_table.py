@@ -10,6 +10,7 @@ from typing import Any
 
 from .fidelity_settings import SETTINGS, WEIGHTED_POOL_LABEL
 from .files import atomic_write_bytes, atomic_write_text
+from .plots import png_bytes, pyplot
 
 STEM = "fidelity"
 # Pool -> the row's probe accuracy and its per-test-image hits.
@@ -68,10 +69,7 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
 def plot_png(rows: Sequence[dict[str, Any]], dataset: str) -> bytes:
     """Probe accuracy against visual tokens: one colour per setting; plain pool solid with dots,
     size-weighted dashed with hollow squares."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(9, 4.8))
     order = {name: index for index, name in enumerate(SETTINGS)}
@@ -107,10 +105,7 @@ def plot_png(rows: Sequence[dict[str, Any]], dataset: str) -> bytes:
     axis.grid(alpha=0.3)
     axis.legend(fontsize="xx-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=120)
 
 
 def write_reports(output: Path, rows: Sequence[dict[str, Any]], dataset: str) -> dict[str, Path]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write_bytes, atomic_write_text
+from .plots import png_bytes, pyplot
 from .recommend import decide, verdict_markdown, verdict_to_dict
 from .settings import REFERENCE_SETTING
 from .stats import SeedHits, mean_estimate, paired_difference
@@ -212,10 +213,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], reference: str, score: str, tit
     Unbudgeted settings are horizontal lines on the left panel; settings whose method selects
     tokens (`pitome_mllm.config.SELECTION_METHODS`) are dotted.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab20").colors
@@ -249,10 +247,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], reference: str, score: str, tit
     figure.legend(handles, labels, loc="center right", fontsize="small")
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.86, 1))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
 
 
 def plot_with_band(axis, points: Sequence[tuple[float, float, float]], scale: float = 1.0, **style) -> None:
@@ -393,10 +388,7 @@ def plot_differences(
     methods: Mapping[str, str],
 ) -> bytes:
     """PNG: one panel per proxy, each setting's paired difference to ``reference`` against tokens (±2 SE bands)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, len(all_rows), figsize=(6.5 * len(all_rows), 5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
@@ -425,7 +417,4 @@ def plot_differences(
             handles.setdefault(label, handle)
     figure.legend(list(handles.values()), list(handles), loc="center right", fontsize="small")
     figure.tight_layout(rect=(0, 0, 0.85, 1))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)

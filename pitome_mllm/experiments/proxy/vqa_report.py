@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import SEED_FOLDER, seed_folder
+from .plots import pyplot
 from .report import SettingTable, markdown_grid, write_seed_summaries
 from .settings import REFERENCE_SETTING, setting_methods
 from .stats import estimate
@@ -163,10 +164,7 @@ def plot_report(rows: list[dict[str, Any]], path: Path) -> None:
     The unmerged model and the no-image floor are horizontal lines; the selection baselines
     (``random``, ``pool``, ``dominant``) are dotted.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     order = {name: position for position, name in enumerate(SETTINGS)}
