@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..experiments.proxy.fidelity import DATASETS, DEFAULT_BUDGETS, DEFAULT_OUTPUT, DEFAULT_SETTINGS, SETTINGS
+    from ..experiments.proxy.fidelity import DEFAULT_BUDGETS, DEFAULT_OUTPUT
+    from ..experiments.proxy.fidelity_settings import DEFAULT_SETTINGS, SETTINGS
+    from ..experiments.proxy.images import DATASETS
 
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
     parser.add_argument("--train", type=int, default=600, help="training images of the linear probe (default 600)")
@@ -79,7 +81,8 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
-    from ..experiments.proxy.fidelity import STEM, markdown_table, run_fidelity, run_fidelity_seeds, write_seed_report
+    from ..experiments.proxy.fidelity import run_fidelity, run_fidelity_seeds, write_seed_report
+    from ..experiments.proxy.fidelity_table import STEM, markdown_table
 
     if args.seeds:
         started = time.perf_counter()

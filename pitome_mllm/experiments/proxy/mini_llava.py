@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from ...models import model_parts
 from ...models.llava_hf import logits_from_tower_features
 from .easy_vqa import Question, balanced_subset, doc_to_text, image_paths, load_questions, open_rgb
+from .files import atomic_write_text, cached_tensor
 
 logger = logging.getLogger("pitome_mllm")
 
@@ -166,14 +166,17 @@ def default_checkpoint_dir(spec: MiniLlavaSpec, settings: TrainSettings) -> Path
 
 def cached_train_features(model, processor, image_ids: Sequence[int], batch_size: int = 32) -> torch.Tensor:
     """``[n, 256, 384]`` float16 tower features of training images, computed once and cached on disk."""
-    from tqdm import tqdm
-
     from ...common.files import cache_dir
 
     key = hashlib.sha256(json.dumps(list(image_ids)).encode()).hexdigest()[:12]
     path = cache_dir() / "easy_vqa" / f"train_features_{len(image_ids)}_{key}.pt"
-    if path.exists():
-        return torch.load(path)
+    return cached_tensor(path, lambda: train_features(model, processor, image_ids, batch_size))
+
+
+def train_features(model, processor, image_ids: Sequence[int], batch_size: int) -> torch.Tensor:
+    """``[n, 256, 384]`` float16 tower features of the training images ``image_ids``."""
+    from tqdm import tqdm
+
     paths = image_paths("train")
     chunks = []
     for start in tqdm(range(0, len(image_ids), batch_size), desc="tower features (train images)", unit="batch"):
@@ -181,12 +184,7 @@ def cached_train_features(model, processor, image_ids: Sequence[int], batch_size
         images = [open_rgb(paths[image_id]) for image_id in batch_ids]
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         chunks.append(tower_features(model, pixel_values).to(torch.float16))
-    features = torch.cat(chunks)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".tmp")
-    torch.save(features, partial)
-    os.replace(partial, path)
-    return features
+    return torch.cat(chunks)
 
 
 # ------------------------------------------------------------------------------- training
@@ -286,9 +284,8 @@ def train_mini_llava(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-    partial = folder / (CHECKPOINT_FILE + ".tmp")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, folder / CHECKPOINT_FILE)  # last: its presence marks a finished checkpoint
+    # Written last: its presence marks a finished checkpoint.
+    atomic_write_text(folder / CHECKPOINT_FILE, json.dumps(record, indent=1) + "\n")
     return folder
 
 

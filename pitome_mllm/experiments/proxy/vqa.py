@@ -1,7 +1,7 @@
 """``pitome-mllm proxy vqa``: every method x budget of the easy-VQA mini-LLaVA, through lmms-eval.
 
 1. Train the mini-LLaVA on unmerged tokens, or reuse the cached checkpoint
-   (`pitome_mllm.experiments.proxy.easy_vqa`).
+   (`pitome_mllm.experiments.proxy.mini_llava`).
 2. Write a sweep suite for the chosen settings and budgets into ``OUTPUT/suite.yaml`` and run
    it with `pitome_mllm.experiments.sweep` (one ``python -m lmms_eval`` per run, model ``pitome_llava_hf``,
    task ``easy_vqa`` from ``eval/tasks``). A finished run is never redone, so an interrupted
