@@ -92,7 +92,7 @@ def test_profile_plots_keep_each_methods_colour(tmp_path, saved_figures):
 
 
 def test_a_one_budget_fidelity_plot_tells_the_pools_apart():
-    from pitome_mllm.experiments.proxy.fidelity import plot_png
+    from pitome_mllm.experiments.proxy.fidelity_table import plot_png
 
     rows = [
         {"setting": "pitome_reference", "budget": 64, "visual_tokens": 64, "probe_acc_plain": 0.70,

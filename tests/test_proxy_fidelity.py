@@ -9,33 +9,48 @@ import pytest
 import torch
 
 from pitome_mllm.cli import main
-from pitome_mllm.experiments.proxy import fidelity
+from pitome_mllm.experiments.proxy import features as proxy_features
+from pitome_mllm.experiments.proxy import (
+    fidelity,
+    fidelity_settings,
+    fidelity_table,
+    files,
+    images,
+    scoring,
+)
+from pitome_mllm.models.clip_tower import TowerGeometry
 from pitome_mllm.zoo.real_tower import is_available
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
 torch.set_num_threads(1)  # two shared cores; the end-to-end run stays small
+
+# The real tower's geometry at 224 px: 12 layers, LLaVA reads layer 10 (hidden_states[-2]) and drops the CLS token.
+DINOV2_224 = TowerGeometry(
+    num_layers=12, last_layer=10, image_size=224, patch_size=14, class_token=True, drops_class_token=True
+)
 
 
 # ------------------------------------------------------------------------------------ data
 def test_missing_fashion_mnist_names_the_package_and_the_alternative(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*--dataset digits"):
-        fidelity.load_fashion_mnist(2, 2, folder=tmp_path)
+        images.load_fashion_mnist(2, 2, folder=tmp_path)
 
 
-@pytest.mark.skipif(not fidelity.FASHION_MNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not images.FASHION_MNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_fashion_mnist_reads_grey_images_in_unit_range():
-    splits = fidelity.load_fashion_mnist(5, 3)
+    splits = images.load_fashion_mnist(5, 3)
     assert splits.train_images.shape == (5, 28, 28) and splits.test_images.shape == (3, 28, 28)
     assert 0.0 <= splits.train_images.min() and splits.train_images.max() <= 1.0
     assert splits.train_labels.tolist() == [9, 0, 0, 3, 0]  # the first Fashion-MNIST training labels
-    assert fidelity.to_pixel_values(splits.test_images, 224).shape == (3, 3, 224, 224)
+    assert images.to_pixel_values(splits.test_images, 224).shape == (3, 3, 224, 224)
 
 
 # --------------------------------------------------------------------------------- pooling
 def test_pool_tokens_plain_and_size_weighted():
     features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]]])  # [1, 3, 2]
     sizes = torch.tensor([[[3.0], [1.0], [0.0]]])  # the last token holds no patch
-    assert torch.allclose(fidelity.pool_tokens(features), torch.tensor([[1.0, 1.0]]))
-    assert torch.allclose(fidelity.pool_tokens(features, sizes), torch.tensor([[0.75, 0.25]]))
+    assert torch.allclose(proxy_features.pool_tokens(features), torch.tensor([[1.0, 1.0]]))
+    assert torch.allclose(proxy_features.pool_tokens(features, sizes), torch.tensor([[0.75, 0.25]]))
 
 
 def test_size_weighted_pool_of_a_merge_equals_the_unmerged_mean():
@@ -44,8 +59,8 @@ def test_size_weighted_pool_of_a_merge_equals_the_unmerged_mean():
     token_map = torch.tensor([0, 0, 0, 1, 2, 2]).expand(2, -1)
     merged = torch.stack([patches[:, token_map[0] == token].mean(dim=1) for token in range(3)], dim=1)
     sizes = torch.tensor([3.0, 1.0, 2.0]).view(1, 3, 1).expand(2, -1, -1)
-    assert torch.allclose(fidelity.pool_tokens(merged, sizes), patches.mean(dim=1), atol=1e-6)
-    assert not torch.allclose(fidelity.pool_tokens(merged), patches.mean(dim=1), atol=1e-3)
+    assert torch.allclose(proxy_features.pool_tokens(merged, sizes), patches.mean(dim=1), atol=1e-6)
+    assert not torch.allclose(proxy_features.pool_tokens(merged), patches.mean(dim=1), atol=1e-3)
 
 
 # ------------------------------------------------------------------------ patch cosine
@@ -54,21 +69,21 @@ def test_patch_cosine_leaves_dropped_patches_out():
     reduced = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # two tokens
     token_map = torch.tensor([[0, 1, -1, 0]])  # patch 2 dropped; patch 3 is opposite to its token
     expected = (1.0 + 1.0 + -1.0) / 3
-    assert fidelity.patch_cosine(unmerged, reduced, token_map).item() == pytest.approx(expected)
+    assert proxy_features.patch_cosine(unmerged, reduced, token_map).item() == pytest.approx(expected)
 
 
 def test_patch_cosine_of_identity_map_is_one():
     features = torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(1))
     identity = torch.arange(5).expand(3, -1)
-    assert torch.allclose(fidelity.patch_cosine(features, features, identity), torch.ones(3))
+    assert torch.allclose(proxy_features.patch_cosine(features, features, identity), torch.ones(3))
 
 
 def test_spectral_distances_undefined_when_patches_are_dropped():
     reference = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(2))
-    assert fidelity.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, -1]] * 2)) is None
-    distances = fidelity.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, 2]] * 2))
+    assert scoring.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, -1]] * 2)) is None
+    distances = scoring.spectral_distances(reference, torch.tensor([[0, 0, 1, 1, 2, 2]] * 2))
     assert len(distances) == 2 and all(distance > 0 for distance in distances)
-    assert fidelity.spectral_distances(reference, torch.arange(6).expand(2, -1)) == pytest.approx([0.0, 0.0])
+    assert scoring.spectral_distances(reference, torch.arange(6).expand(2, -1)) == pytest.approx([0.0, 0.0])
 
 
 # ------------------------------------------------------------------------------- probe
@@ -77,59 +92,67 @@ def test_probe_separates_separable_features():
     centres = 4.0 * torch.randn(3, 16, generator=generator)
     labels = torch.arange(3).repeat(40)
     features = centres[labels] + torch.randn(len(labels), 16, generator=generator)
-    probe = fidelity.train_probe(features[:90], labels[:90])
+    probe = scoring.train_probe(features[:90], labels[:90])
     assert probe.accuracy(features[90:], labels[90:]) == 1.0
     assert probe.predict(features[:5]).shape == (5,)
 
 
 # ---------------------------------------------------------------------------- settings
 def test_every_setting_validates_at_the_default_budgets():
-    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
-    for name in fidelity.SETTINGS:
-        for budget in fidelity.setting_budgets(name, fidelity.DEFAULT_BUDGETS):
-            config = fidelity.setting_config(name, budget, geometry)
+    geometry = DINOV2_224
+    for name in fidelity_settings.SETTINGS:
+        for budget in fidelity_settings.setting_budgets(name, fidelity.DEFAULT_BUDGETS):
+            config = fidelity_settings.setting_config(name, budget, geometry)
             assert "budget" not in config
-    assert fidelity.setting_budgets("none", [128, 64]) == [None]
-    tower_only = fidelity.setting_config("pitome_tower_only", 64, geometry)
+    assert fidelity_settings.setting_budgets("none", [128, 64]) == [None]
+    tower_only = fidelity_settings.setting_config("pitome_tower_only", 64, geometry)
     assert "target_tokens" not in tower_only and 0.5 < tower_only["keep_ratio"] < 1.0
 
 
+def test_tower_geometry_comes_from_the_model_adapter():
+    model, _ = build_tiny_llava(TEST_SPEC)  # 112 px / 14 px: 64 patches + CLS, 6 layers, reads hidden_states[-2]
+    geometry = fidelity_settings.tower_geometry(model)
+    assert (geometry.num_layers, geometry.last_layer, geometry.image_size) == (6, 4, 112)
+    assert fidelity_settings.unmerged_visual_tokens(geometry) == 64
+    assert fidelity_settings.unmerged_visual_tokens(DINOV2_224) == 256
+
+
 def test_tower_only_keep_ratio_lands_closest_to_the_budget():
-    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
+    geometry = DINOV2_224
     for budget in (128, 64, 45, 32):
-        ratio, tokens = fidelity.tower_only_keep_ratio(budget, geometry)
-        assert tokens == budget == fidelity.tower_visual_tokens(geometry, ratio, "reference")
+        ratio, tokens = fidelity_settings.tower_only_keep_ratio(budget, geometry)
+        assert tokens == budget == fidelity_settings.tower_visual_tokens(geometry, ratio, "reference")
     # The paper preset merges on odd layers only: 9 tokens is as low as it gets.
-    assert fidelity.tower_only_keep_ratio(4, geometry, preset="paper")[1] == 9
+    assert fidelity_settings.tower_only_keep_ratio(4, geometry, preset="paper")[1] == 9
 
 
 def test_unknown_setting_and_impossible_pool_budget_are_named():
-    geometry = fidelity.TowerGeometry(num_tokens=257, num_layers=12, last_layer=10)
+    geometry = DINOV2_224
     with pytest.raises(ValueError, match="unknown settings \\['bogus'\\]; allowed: none, tome"):
-        fidelity.parse_settings(["none", "bogus"])
+        fidelity_settings.parse_settings(["none", "bogus"])
     with pytest.raises(ValueError):
-        fidelity.setting_config("pool", 127, geometry)
+        fidelity_settings.setting_config("pool", 127, geometry)
 
 
 # ------------------------------------------------------------------- files and resuming
 def test_atomic_write_replaces_whole_file_and_leaves_no_partial(tmp_path):
     path = tmp_path / "sub" / "report.json"
-    fidelity.atomic_write_text(path, "first")
-    fidelity.atomic_write_text(path, "second")
+    files.atomic_write_text(path, "first")
+    files.atomic_write_text(path, "second")
     assert path.read_text() == "second"
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "report.json"
-    fidelity.atomic_write_text(path, "old")
+    files.atomic_write_text(path, "old")
 
     def broken_replace(source, target):
         raise OSError("disk full")
 
-    monkeypatch.setattr(fidelity.os, "replace", broken_replace)
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        fidelity.atomic_write_text(path, "new")
+        files.atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
@@ -137,11 +160,11 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 def test_finished_rows_are_reused_only_for_the_same_identity(tmp_path):
     identity = {"dataset": "digits", "train": 30, "test": 12, "seed": 0, "spectral_images": 2}
     path = tmp_path / "fidelity.json"
-    assert fidelity.load_finished_rows(path, identity) == []
+    assert files.load_finished_rows(path, identity) == []
     rows = [{"setting": "tome", "budget": 32}]
     path.write_text(json.dumps({"identity": identity, "rows": rows}))
-    assert fidelity.load_finished_rows(path, identity) == rows
-    assert fidelity.load_finished_rows(path, {**identity, "seed": 1}) == []
+    assert files.load_finished_rows(path, identity) == rows
+    assert files.load_finished_rows(path, {**identity, "seed": 1}) == []
     assert not path.exists() and (tmp_path / "fidelity.previous.json").is_file()  # kept, not lost
 
 
@@ -157,25 +180,18 @@ def test_run_resumes_without_running_finished_settings(tmp_path, monkeypatch):
         raise AssertionError("a finished setting was run again")
 
     monkeypatch.setattr(fidelity, "run_setting", no_forward)
-    model = type("Model", (), {"config": _llava_config()})()
+    model, processor = build_tiny_llava(TEST_SPEC)
     rows = fidelity.run_fidelity(
         "digits", 30, 12, budgets=[32], settings=["none"], output=tmp_path, spectral_images=0,
-        model_and_processor=(model, None), progress=False,
+        model_and_processor=(model, processor), progress=False,
     )  # fmt: skip
     assert rows == [finished]
     for suffix in ("json", "md", "csv", "png"):
         assert (tmp_path / f"fidelity.{suffix}").is_file()
 
 
-def _llava_config():
-    from types import SimpleNamespace
-
-    vision = SimpleNamespace(num_hidden_layers=12, image_size=224, patch_size=14)
-    return SimpleNamespace(vision_config=vision, vision_feature_layer=-2)
-
-
 def test_markdown_names_the_size_weighted_pool_as_prop_attn_analogue():
-    header = fidelity.markdown_table([]).splitlines()[0]
+    header = fidelity_table.markdown_table([]).splitlines()[0]
     assert "size-weighted pool (≈ LLM prop-attn)" in header
 
 

@@ -10,9 +10,9 @@ import torch
 
 easy_vqa_data = pytest.importorskip("easy_vqa", reason="the easy-VQA proxy needs easy-vqa==1.0")
 
-from pitome_mllm.experiments import sweep  # noqa: E402
-from pitome_mllm.experiments.proxy import easy_vqa, vqa  # noqa: E402
 from pitome_mllm.common.prompts import build_prompt  # noqa: E402
+from pitome_mllm.experiments import sweep  # noqa: E402
+from pitome_mllm.experiments.proxy import easy_vqa, mini_llava, vqa, vqa_report  # noqa: E402
 from pitome_mllm.zoo.real_tower import build_real_processor, is_available  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_training_prompt_is_what_the_plugin_sends():
     image = easy_vqa.load_image("train", question.image_id)
     prompt = build_prompt(processor, easy_vqa.doc_to_text(question.question), 1)
     sent = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0].tolist()
-    ((prompt_ids, answer_ids),) = easy_vqa.encode_examples(processor, [question])
+    ((prompt_ids, answer_ids),) = mini_llava.encode_examples(processor, [question])
     assert prompt_ids == sent
     assert sent.count(processor.tokenizer.image_token_id) == 256
     assert answer_ids[-1] == processor.tokenizer.eos_token_id
@@ -65,11 +65,11 @@ def test_training_prompt_is_what_the_plugin_sends():
 
 
 def test_collate_right_pads_and_labels_only_the_answer():
-    input_ids, attention_mask, labels = easy_vqa.collate([([1, 5, 6], [7, 2]), ([1, 5], [8, 9, 2])], pad_token_id=3)
+    input_ids, attention_mask, labels = mini_llava.collate([([1, 5, 6], [7, 2]), ([1, 5], [8, 9, 2])], pad_token_id=3)
     assert input_ids.tolist() == [[1, 5, 6, 7, 2], [1, 5, 8, 9, 2]]
     assert attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert labels.tolist() == [[-100, -100, -100, 7, 2], [-100, -100, 8, 9, 2]]
-    input_ids, attention_mask, labels = easy_vqa.collate([([1], [7, 2]), ([1, 5, 6], [8, 2])], pad_token_id=3)
+    input_ids, attention_mask, labels = mini_llava.collate([([1], [7, 2]), ([1, 5, 6], [8, 2])], pad_token_id=3)
     assert input_ids[0].tolist() == [1, 7, 2, 3, 3] and attention_mask[0].tolist() == [1, 1, 1, 0, 0]
     assert labels[0].tolist() == [-100, 7, 2, -100, -100]
 
@@ -81,14 +81,14 @@ def test_loss_and_hits_count_only_answer_tokens():
     logits[0, 1, 4] = logits[0, 2, 2] = 10.0
     logits[1, 1, 3] = logits[1, 2, 2] = 10.0
     logits[:, 0, 0] = 10.0  # a prompt position: ignored however wrong
-    loss, hits = easy_vqa.sequence_loss_and_hits(logits, labels)
+    loss, hits = mini_llava.sequence_loss_and_hits(logits, labels)
     assert hits.tolist() == [True, False]
     assert 4.9 < loss.item() < 5.1  # one of four answer tokens costs ~20 nats
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    settings = easy_vqa.TrainSettings(learning_rate=1.0, warmup_steps=4)
-    rates = [easy_vqa.learning_rate_at(step, 20, settings) for step in range(21)]
+    settings = mini_llava.TrainSettings(learning_rate=1.0, warmup_steps=4)
+    rates = [mini_llava.learning_rate_at(step, 20, settings) for step in range(21)]
     assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(rates[3:], rates[4:], strict=False))
     assert rates[20] == pytest.approx(0.0, abs=1e-12)
@@ -103,8 +103,8 @@ def test_answer_logits_equal_the_model_forward():
     inputs = processor(text=[prompt], images=[image], return_tensors="pt")
     with torch.no_grad():
         expected = model(**inputs).logits
-        features = easy_vqa.tower_features(model, inputs["pixel_values"])
-        got = easy_vqa.answer_logits(model, features, inputs["input_ids"], inputs["attention_mask"])
+        features = mini_llava.tower_features(model, inputs["pixel_values"])
+        got = mini_llava.answer_logits(model, features, inputs["input_ids"], inputs["attention_mask"])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -137,7 +137,8 @@ def test_written_suite_loads_and_expands_to_settings_times_budgets(tmp_path):
 def _fake_run(output: Path, run_id: str, score: float, tokens: float, kinds: dict[str, float]) -> None:
     folder = output / "runs" / vqa.TASK / run_id
     (folder / "lmms_eval").mkdir(parents=True)
-    results = {"results": {vqa.TASK: {"accuracy,none": score, **{vqa.KIND_COLUMNS[k]: v for k, v in kinds.items()}}}}
+    kind_scores = {vqa_report.KIND_COLUMNS[k]: v for k, v in kinds.items()}
+    results = {"results": {vqa.TASK: {"accuracy,none": score, **kind_scores}}}
     (folder / "lmms_eval" / "x_results.json").write_text(json.dumps(results))
     result = {
         "run": run_id,
@@ -154,7 +155,7 @@ def test_report_tabulates_settings_by_budget_and_plots(tmp_path):
     _fake_run(tmp_path, "pitome_reference-64", 0.7, 64, {"shape": 0.6, "color": 0.7, "yes/no": 0.8})
     _fake_run(tmp_path, "pitome_reference-32", 0.5, 32, {"shape": 0.4, "color": 0.5, "yes/no": 0.6})
     _fake_run(tmp_path, "tome-64", 0.6, 64, {"shape": 0.5, "color": 0.6, "yes/no": 0.7})
-    paths = vqa.write_report(tmp_path, {"note": "test"})
+    paths = vqa_report.write_report(tmp_path, {"note": "test"})
     table = paths["md"].read_text()
     assert "| setting (accuracy) | 64 tokens | 32 tokens |" in table
     assert "| setting (shape+color acc) | 64 tokens | 32 tokens |" in table
@@ -165,7 +166,7 @@ def test_report_tabulates_settings_by_budget_and_plots(tmp_path):
     assert stored["note"] == "test" and len(stored["rows"]) == 4
     assert paths["png"].stat().st_size > 10_000
     with pytest.raises(ValueError, match="holds no finished easy_vqa run"):
-        vqa.write_report(tmp_path / "empty", {})
+        vqa_report.write_report(tmp_path / "empty", {})
 
 
 def test_cli_rejects_bad_settings_budgets_and_limits(tmp_path):
@@ -186,31 +187,31 @@ def test_train_tiny_run_then_reuse_and_evaluate_through_lmms_eval(tmp_path, monk
     pytest.importorskip("lmms_eval")
     monkeypatch.setenv("PITOME_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    settings = easy_vqa.TrainSettings(train_images=6, epochs=1, batch_size=16, warmup_steps=1)
-    spec = easy_vqa.MiniLlavaSpec(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64)
-    folder = easy_vqa.train_mini_llava(tmp_path / "ckpt", spec=spec, settings=settings, validation_images=3)
-    record = json.loads((folder / easy_vqa.CHECKPOINT_FILE).read_text())
+    settings = mini_llava.TrainSettings(train_images=6, epochs=1, batch_size=16, warmup_steps=1)
+    spec = mini_llava.MiniLlavaSpec(text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64)
+    folder = mini_llava.train_mini_llava(tmp_path / "ckpt", spec=spec, settings=settings, validation_images=3)
+    record = json.loads((folder / mini_llava.CHECKPOINT_FILE).read_text())
     assert record["train_questions"] > 0 and len(record["loss_per_step"]) == record["train_questions"] // 16 + (
         record["train_questions"] % 16 > 0
     )
-    stamp = (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns
+    stamp = (folder / mini_llava.CHECKPOINT_FILE).stat().st_mtime_ns
 
     # The saved checkpoint, loaded the way the lmms-eval plugin loads it, has the frozen tower
     # exactly: the converted tower gets its identity pre-norm back (a LayerNorm cannot be one).
     from pitome_mllm.runtime.loading import load_llava
 
-    fresh, processor = easy_vqa.build_mini_llava(spec, seed=settings.seed)
+    fresh, processor = mini_llava.build_mini_llava(spec, seed=settings.seed)
     loaded, _ = load_llava(str(folder))
     pixel_values = processor.image_processor([easy_vqa.load_image("test", 0)], return_tensors="pt")["pixel_values"]
-    assert torch.equal(easy_vqa.tower_features(loaded, pixel_values), easy_vqa.tower_features(fresh, pixel_values))
-    assert easy_vqa.train_mini_llava(folder, spec=spec, settings=settings) == folder
-    assert (folder / easy_vqa.CHECKPOINT_FILE).stat().st_mtime_ns == stamp  # reused, not retrained
+    assert torch.equal(mini_llava.tower_features(loaded, pixel_values), mini_llava.tower_features(fresh, pixel_values))
+    assert mini_llava.train_mini_llava(folder, spec=spec, settings=settings) == folder
+    assert (folder / mini_llava.CHECKPOINT_FILE).stat().st_mtime_ns == stamp  # reused, not retrained
 
     output = tmp_path / "proxy"
     suite = vqa.write_suite(output / "suite.yaml", ["none", "pitome_reference"], [32], TASK_FOLDER, batch_size=2)
     outcome = sweep.run_suite(sweep.load_suite(suite), str(folder), output, limit=3)
     assert outcome["failed"] == [] and len(outcome["done"]) == 2
-    rows = {row["setting"]: row for row in vqa.collect_rows(output)}
+    rows = {row["setting"]: row for row in vqa_report.collect_rows(output)}
     assert rows["none"]["visual_tokens"] == 256 and rows["pitome_reference"]["visual_tokens"] == 32
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
 
@@ -223,10 +224,10 @@ def test_logged_hits_keep_shape_and_colour_questions_apart(tmp_path):
         {"doc_id": 3, "accuracy": 0.0, "shape_accuracy": None, "color_accuracy": None, "yes_no_accuracy": 0.0},
     ]
     (tmp_path / f"x_samples_{vqa.TASK}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    hits, image_hits = vqa.logged_hits(tmp_path)
+    hits, image_hits = vqa_report.logged_hits(tmp_path)
     assert hits == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
     assert image_hits == {0: 1.0, 1: 0.0, 2: 1.0}
-    assert vqa.logged_hits(tmp_path / "nothing") == ({}, {})
+    assert vqa_report.logged_hits(tmp_path / "nothing") == ({}, {})
 
 
 def test_paired_difference_pairs_questions_at_equal_budgets():
@@ -241,11 +242,11 @@ def test_paired_difference_pairs_questions_at_equal_budgets():
         row("tome", 16, [1, 1, 1, 1]),  # no reference at 16: left out
         row("none", None, [1, 1, 1, 1]),
     ]
-    mean, error, count = vqa.paired_difference(rows, "tome", "pitome_reference")
+    mean, error, count = vqa_report.paired_difference(rows, "tome", "pitome_reference")
     assert count == 8 and mean == 0.0
     assert error == pytest.approx((2 / 7 / 8) ** 0.5)
-    assert vqa.paired_difference(rows, "none", "pitome_reference") is None
-    assert "| tome | +0.0000 |" in "\n".join(vqa.paired_table(rows, "pitome_reference"))
+    assert vqa_report.paired_difference(rows, "none", "pitome_reference") is None
+    assert "| tome | +0.0000 |" in "\n".join(vqa_report.paired_table(rows, "pitome_reference"))
 
 
 # ----------------------------------------------------------------------------- several seeds
@@ -267,18 +268,18 @@ def test_seed_table_collects_each_seeds_hits_and_the_report_pairs_them(tmp_path)
         _fake_seed_run(tmp_path, seed, "pitome_reference-64", [("shape", 1.0), ("yes/no", 0.0), ("shape", 0.0)], 64)
         _fake_seed_run(tmp_path, seed, "random-64", [("shape", 1.0), ("yes/no", 1.0), ("shape", flip)], 64)
     (tmp_path / "seed5").mkdir()  # a folder without finished runs is not a seed
-    assert vqa.finished_seeds(tmp_path) == [0, 1]
-    table = vqa.seed_table(tmp_path, [0, 1])
+    assert vqa_report.finished_seeds(tmp_path) == [0, 1]
+    table = vqa_report.seed_table(tmp_path, [0, 1])
     assert table.hits[("random", 64)] == {0: {0: 1.0, 1: 1.0, 2: 0.0}, 1: {0: 1.0, 1: 1.0, 2: 1.0}}
     assert table.tokens[("none", None)] == 256
-    shape = vqa.seed_table(tmp_path, [0, 1], "shape+color acc")
+    shape = vqa_report.seed_table(tmp_path, [0, 1], "shape+color acc")
     assert shape.hits[("pitome_reference", 64)] == {0: {0: 1.0, 2: 0.0}, 1: {0: 1.0, 2: 0.0}}
     with pytest.raises(ValueError, match="column must be one of"):
-        vqa.seed_table(tmp_path, [0], "bogus")
+        vqa_report.seed_table(tmp_path, [0], "bogus")
     with pytest.raises(ValueError, match="seed3 holds no finished easy_vqa run"):
-        vqa.seed_table(tmp_path, [0, 3])
+        vqa_report.seed_table(tmp_path, [0, 3])
 
-    paths = vqa.write_seed_report(tmp_path, [0, 1], {"limit": 3})
+    paths = vqa_report.write_seed_report(tmp_path, [0, 1], {"limit": 3})
     stored = json.loads(paths["json"].read_text())
     rows = {(row["setting"], row["budget"]): row for row in stored["rows"]}
     # random - reference: +1/3 under seed 0 (question 1), +2/3 under seed 1 (questions 1 and 2).

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..experiments.proxy.fidelity import DATASETS, DEFAULT_BUDGETS, DEFAULT_OUTPUT, DEFAULT_SETTINGS, SETTINGS
+    from ..experiments.proxy.fidelity import DEFAULT_BUDGETS, DEFAULT_OUTPUT
+    from ..experiments.proxy.fidelity_settings import DEFAULT_SETTINGS, SETTINGS
+    from ..experiments.proxy.images import DATASETS
 
     parser.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="default: fashion-mnist")
     parser.add_argument("--train", type=int, default=600, help="training images of the linear probe (default 600)")
@@ -79,7 +81,8 @@ def add_fidelity_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
-    from ..experiments.proxy.fidelity import STEM, markdown_table, run_fidelity, run_fidelity_seeds, write_seed_report
+    from ..experiments.proxy.fidelity import run_fidelity, run_fidelity_seeds, write_seed_report
+    from ..experiments.proxy.fidelity_table import STEM, markdown_table
 
     # What one seed's run and a multi-seed run both take.
     study = {
@@ -112,7 +115,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
 
 
 def add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..experiments.proxy import easy_vqa
+    from ..experiments.proxy import easy_vqa, mini_llava
     from ..experiments.proxy.vqa import DEFAULT_BUDGETS, DEFAULT_SETTINGS, SETTINGS
 
     parser.add_argument("--output", default="proxy_results/vqa", help="folder of the sweep and the report")
@@ -129,11 +132,11 @@ def add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-images",
         type=int,
-        default=easy_vqa.TrainSettings.train_images,
+        default=mini_llava.TrainSettings.train_images,
         help="training images (of 4000; every question on them is used)",
     )
-    parser.add_argument("--epochs", type=int, default=easy_vqa.TrainSettings.epochs, help="training epochs")
-    parser.add_argument("--seed", type=int, default=easy_vqa.TrainSettings.seed, help="training seed")
+    parser.add_argument("--epochs", type=int, default=mini_llava.TrainSettings.epochs, help="training epochs")
+    parser.add_argument("--seed", type=int, default=mini_llava.TrainSettings.seed, help="training seed")
     add_list_argument(
         parser,
         "--seeds",
@@ -151,8 +154,9 @@ def add_vqa_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_vqa(args: argparse.Namespace) -> int:
     from ..experiments import sweep
-    from ..experiments.proxy import easy_vqa
-    from ..experiments.proxy.vqa import NUM_PATCHES, SETTINGS, TASK, default_task_folder, write_report, write_suite
+    from ..experiments.proxy import easy_vqa, mini_llava
+    from ..experiments.proxy.vqa import NUM_PATCHES, SETTINGS, TASK, default_task_folder, write_suite
+    from ..experiments.proxy.vqa_report import write_report
     from ..tools.profiling import machine_info
 
     if args.settings == ["all"]:
@@ -179,9 +183,9 @@ def run_vqa(args: argparse.Namespace) -> int:
         if not (checkpoint / "config.json").is_file():
             raise FileNotFoundError(f"--checkpoint {checkpoint} holds no saved model (config.json)")
     else:
-        settings = easy_vqa.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=args.seed)
-        checkpoint = easy_vqa.train_mini_llava(settings=settings, force=args.retrain)
-    record_path = checkpoint / easy_vqa.CHECKPOINT_FILE
+        settings = mini_llava.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=args.seed)
+        checkpoint = mini_llava.train_mini_llava(settings=settings, force=args.retrain)
+    record_path = checkpoint / mini_llava.CHECKPOINT_FILE
     training = json.loads(record_path.read_text()) if record_path.exists() else {}
     print(f"mini-LLaVA checkpoint: {checkpoint}")
     if args.train_only:
@@ -217,18 +221,19 @@ def set_threads(threads: int) -> None:
 
 def run_vqa_seeds(args: argparse.Namespace, include_path: Path) -> int:
     """``proxy vqa --seeds ...``: train (or reuse) one checkpoint per seed, run the grid on each, report."""
-    from ..experiments.proxy import easy_vqa
-    from ..experiments.proxy.vqa import run_seeds, write_seed_report
+    from ..experiments.proxy import mini_llava
+    from ..experiments.proxy.vqa import run_seeds
+    from ..experiments.proxy.vqa_report import write_seed_report
     from ..tools.profiling import machine_info
 
     if args.checkpoint:
         raise ValueError("--checkpoint names one model; --seeds trains (or reuses) one per seed: pass one of them")
     started = time.perf_counter()
-    train = easy_vqa.TrainSettings(train_images=args.train_images, epochs=args.epochs)
+    train = mini_llava.TrainSettings(train_images=args.train_images, epochs=args.epochs)
     if args.train_only:
         for seed in args.seeds:
-            settings = easy_vqa.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=seed)
-            print(f"seed {seed}: {easy_vqa.train_mini_llava(settings=settings, force=args.retrain)}")
+            settings = mini_llava.TrainSettings(train_images=args.train_images, epochs=args.epochs, seed=seed)
+            print(f"seed {seed}: {mini_llava.train_mini_llava(settings=settings, force=args.retrain)}")
         return 0
     if args.retrain:
         raise ValueError("--retrain with --seeds would retrain every seed: retrain them one at a time with --seed")
@@ -290,11 +295,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from ..experiments.proxy import fidelity, vqa
+    from ..experiments.proxy import fidelity, vqa, vqa_report
     from ..experiments.proxy.report import write_combined
+    from ..experiments.proxy.settings import REFERENCE_SETTING
     from ..tools.profiling import machine_info
 
-    seeds = args.seeds or vqa.finished_seeds(Path(args.vqa))
+    seeds = args.seeds or vqa_report.finished_seeds(Path(args.vqa))
     if not seeds:
         raise FileNotFoundError(f"no seed folder with finished runs under {args.vqa}: run `proxy vqa --seeds` first")
     fidelity_seeds = args.fidelity_seeds or [
@@ -303,7 +309,7 @@ def run_report(args: argparse.Namespace) -> int:
     if not fidelity_seeds:
         raise FileNotFoundError(f"no fidelity seed folder under {args.fidelity}: run `proxy fidelity --seeds` first")
     tables = {
-        "easy-VQA": vqa.seed_table(Path(args.vqa), seeds, args.vqa_score),
+        "easy-VQA": vqa_report.seed_table(Path(args.vqa), seeds, args.vqa_score),
         "fidelity": fidelity.seed_table(Path(args.fidelity), fidelity_seeds, args.pool),
     }
     methods = {name: fields["method"] for name, fields in {**fidelity.SETTINGS, **vqa.SETTINGS}.items()}
@@ -319,7 +325,7 @@ def run_report(args: argparse.Namespace) -> int:
         Path(args.output),
         tables,
         candidate=args.candidate,
-        reference=vqa.REFERENCE_SETTING,
+        reference=REFERENCE_SETTING,
         rivals=["tome"],
         methods=methods,
         extra=extra,

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_bytes, atomic_write_text
+from .plots import png_bytes, pyplot
+from .recommend import decide, verdict_markdown, verdict_to_dict
+from .settings import REFERENCE_SETTING
 from .stats import SeedHits, mean_estimate, paired_difference
 
 BAND_Z = 2.0  # the plots' bands and the tables' significance marks: ± 2 standard errors
@@ -209,10 +213,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], reference: str, score: str, tit
     Unbudgeted settings are horizontal lines on the left panel; settings whose method selects
     tokens (`pitome_mllm.config.SELECTION_METHODS`) are dotted.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     colors = plt.get_cmap("tab20").colors
@@ -246,10 +247,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], reference: str, score: str, tit
     figure.legend(handles, labels, loc="center right", fontsize="small")
     figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 0.86, 1))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
 
 
 def plot_with_band(axis, points: Sequence[tuple[float, float, float]], scale: float = 1.0, **style) -> None:
@@ -280,8 +278,6 @@ def write_summary(
 
     ``methods`` maps a setting to its `PiToMeConfig` method (for the plot's line styles).
     """
-    from .fidelity import atomic_write_bytes, atomic_write_text
-
     rows = summary_rows(table, reference)
     if not rows:
         raise ValueError(f"nothing to summarise for {stem}")
@@ -294,6 +290,21 @@ def write_summary(
     atomic_write_text(paths["json"], json.dumps(payload, indent=1) + "\n")
     atomic_write_bytes(paths["png"], plot_summary(rows, reference, table.score, title))
     return paths
+
+
+def write_seed_summaries(
+    output: Path,
+    tables: Mapping[str, SettingTable],
+    titles: Mapping[str, str],
+    extra: Mapping[str, Any],
+    methods: Mapping[str, str],
+) -> dict[str, Path]:
+    """`write_summary` of each ``{stem: table}`` against `REFERENCE_SETTING`; returns the first one's paths."""
+    written = [
+        write_summary(output, stem, table, REFERENCE_SETTING, titles[stem], extra, methods)
+        for stem, table in tables.items()
+    ]
+    return written[0]
 
 
 # ------------------------------------------------------------------------ both proxies together
@@ -333,9 +344,6 @@ def write_combined(
         methods: setting -> `PiToMeConfig` method; settings whose method is a selection method
             are the selection rivals of rule 1 (`recommend`), every budgeted setting may be recommended.
     """
-    from .fidelity import atomic_write_bytes, atomic_write_text
-    from .recommend import decide, verdict_markdown, verdict_to_dict
-
     order = list(dict.fromkeys(name for table in tables.values() for name in table.settings()))
     budgeted = {name for table in tables.values() for cells in table.by_budget().values() for name in cells}
     recommendable = [name for name in order if name in budgeted]
@@ -380,10 +388,7 @@ def plot_differences(
     methods: Mapping[str, str],
 ) -> bytes:
     """PNG: one panel per proxy, each setting's paired difference to ``reference`` against tokens (±2 SE bands)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, len(all_rows), figsize=(6.5 * len(all_rows), 5), squeeze=False)
     colors = plt.get_cmap("tab20").colors
@@ -412,7 +417,4 @@ def plot_differences(
             handles.setdefault(label, handle)
     figure.legend(list(handles.values()), list(handles), loc="center right", fontsize="small")
     figure.tight_layout(rect=(0, 0, 0.85, 1))
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure, dpi=110)
