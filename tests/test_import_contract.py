@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below it):
 
-    config, schedule           names, validated settings, token arithmetic (no torch)
+    config, methods, schedule  names, the method registry, validated settings, token arithmetic (no torch)
     merge/                     the algorithms on tensors (no transformers, no nn.Module)
     hooks/                     reversible insertion points on generic modules
     models/                    the adapters: the only place that knows model attribute paths
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pitome_mllm"
-LAYERS = {"config": 0, "schedule": 0, "merge": 1, "hooks": 2, "models": 3}
+LAYERS = {"config": 0, "methods": 0, "schedule": 0, "merge": 1, "hooks": 2, "models": 3}
 TOP = 4  # every other module of the package
 
 

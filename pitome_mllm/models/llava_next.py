@@ -42,10 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
+from ..config import METHODS, PRESETS, PiToMeConfig
 from ..hooks.base import InstanceOverrides, undone_on_error
 from ..hooks.tower import PatchState, raster_order
-from ..merge.budget import merge_to_budget
+from ..merge.budget import StepParams, merge_to_budget_with
+from ..methods import TOWER, method_label, method_of_preset, method_spec
 from ..schedule import LayerStep, plan_layers, projector_margin
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
@@ -217,11 +218,12 @@ def images_in_prompt(batch_num_images, image_idx: int) -> int:
 
 @dataclass(frozen=True)
 class PackedMergeSettings:
-    method: str  # "pitome" or "tome"
-    margin: float
-    alpha: float
-    energy: str
-    reduce: str
+    """Attributes:
+    step: the merge steps down to each part's share of the budget (method ``"pitome"`` or ``"tome"``).
+    keep_order: hand the merged tokens on in reading order.
+    """
+
+    step: StepParams
     keep_order: bool
 
 
@@ -231,17 +233,7 @@ def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -
     num_tokens = x.shape[1]
     size = torch.ones(1, num_tokens, 1, device=x.device)
     token_map = torch.arange(num_tokens, device=x.device).unsqueeze(0)
-    x, size, token_map = merge_to_budget(
-        x,
-        size,
-        token_map,
-        keep,
-        method=settings.method,
-        margin=settings.margin,
-        alpha=settings.alpha,
-        energy=settings.energy,
-        reduce=settings.reduce,
-    )
+    x, size, token_map = merge_to_budget_with(settings.step, x, size, token_map, keep)
     if settings.keep_order and x.shape[1] < num_tokens:
         # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
         order = raster_order(token_map, x.shape[1])
@@ -287,13 +279,12 @@ class LlavaNextAdapter(ModelAdapter):
         self.config = config
         self.llava = llava_core(model)
         llava_config = self.llava.config
-        if config.method not in ("pitome", "tome", "none"):
-            raise ValueError(f"method={config.method!r} is not supported on LLaVA-NeXT; supported: pitome, tome, none")
-        if config.preset in SELECT_MERGE_PRESETS:
+        if method_spec(config.method).stage != TOWER:
+            # The packing needs whole crops, so only methods planned in the tower (merging after packing) run here.
             raise ValueError(
-                f"preset={config.preset!r} selects by class-token attention at the read layer of a LLaVA-1.5 tower; "
-                f"LLaVA-NeXT packs crops first; supported presets here: "
-                f"{', '.join(p for p in PRESETS if p not in SELECT_MERGE_PRESETS)}"
+                f"{method_label(config.method, config.preset)} is not supported on LLaVA-NeXT (it reduces at the "
+                f"projector, and LLaVA-NeXT packs crops first); supported: {', '.join(METHODS)}; supported presets "
+                f"here: {', '.join(p for p in PRESETS if method_of_preset(p) is None)}"
             )
         if config.keep_ratio is not None and config.target_tokens is not None:
             raise ValueError(
@@ -335,11 +326,13 @@ class LlavaNextAdapter(ModelAdapter):
         self.state = PatchState()
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
         self.merge_settings = PackedMergeSettings(
-            method="tome" if config.method == "tome" else "pitome",
-            margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
-            alpha=config.alpha,
-            energy=config.resolved_energy,
-            reduce=config.reduce,
+            step=StepParams(
+                method="tome" if config.method == "tome" else "pitome",
+                margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
+                alpha=config.alpha,
+                energy=config.resolved_energy,
+                reduce=config.reduce,
+            ),
             keep_order=config.keep_order,
         )
         if processor is not None and is_onevision(model) and not hasattr(processor, "replace_image_token"):
