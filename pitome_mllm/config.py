@@ -257,7 +257,7 @@ class PiToMeConfig:
             raise ValueError(
                 f"{label} leaves the vision tower unmerged: keep_ratio must be None or 1.0, got {self.keep_ratio}"
             )
-        if self.prop_attn and spec.own_preset is not None:
+        if self.prop_attn and "prop_attn" not in spec.reads and spec.own_preset is not None:
             # A method with its own preset refuses a tower setting it would ignore; the baselines
             # have always ignored the preset's prop_attn.
             raise ValueError(f"{label} leaves the tower unmerged, so prop_attn=True would do nothing; drop it")

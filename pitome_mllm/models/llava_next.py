@@ -327,7 +327,8 @@ class LlavaNextAdapter(ModelAdapter):
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
         self.merge_settings = PackedMergeSettings(
             step=StepParams(
-                method="tome" if config.method == "tome" else "pitome",
+                # The packed merge uses the method's own algorithm; "none" trims with PiToMe.
+                method=config.method if method_spec(config.method).merges_in_tower else "pitome",
                 margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
                 alpha=config.alpha,
                 energy=config.resolved_energy,
