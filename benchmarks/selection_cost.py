@@ -15,48 +15,36 @@ import time
 
 import torch
 
-from pitome_mllm.merge.select import (
-    cls_attention,
-    conditional_kernel,
-    dominant_and_contextual,
-    dpp_greedy_map,
-    farthest_point_indices,
-    gather_tokens,
-    instruction_relevance,
-    pool_grid,
-    pool_patches,
-    random_keep_indices,
-    select_then_merge,
-    top_indices,
-)
+from pitome_mllm.merge import StepParams
+from pitome_mllm.merge.reducers import ReductionInputs, reduce_to_budget
+from pitome_mllm.merge.select import cls_attention
+from pitome_mllm.methods import method_spec
 
-NUM_PATCHES, WIDTH, HEADS, GRID = 576, 1024, 16, (24, 24)
+NUM_PATCHES, WIDTH, HEADS = 576, 1024, 16
 LLM_WIDTH, PROMPT_TOKENS = 4096, 20
 METHODS = ("random", "pool", "dominant", "fastervlm", "divprune", "cdpruner", "mllm")
+# The margin of mllm's energy at the read layer of 24 (layer 22).
+READ_LAYER_MARGIN = 0.075
 
 
 def step(method: str, budget: int, features: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
          projected: torch.Tensor, prompt: torch.Tensor) -> None:  # fmt: skip
-    batch = features.shape[0]
-    if method == "divprune":
-        farthest_point_indices(projected, budget)
-    elif method == "cdpruner":
-        relevance = instruction_relevance(projected, [prompt] * batch)
-        dpp_greedy_map(conditional_kernel(features, relevance), budget)
-    elif method == "random":
-        kept = random_keep_indices(NUM_PATCHES, budget, seed=0).expand(features.shape[0], -1)
-        gather_tokens(features, kept)
-    elif method == "pool":
-        pool_patches(features, GRID, pool_grid(budget, GRID))
-    else:
-        attention = cls_attention(queries, keys, HEADS)[:, 1:]
-        metric = keys[:, 1:].view(batch, NUM_PATCHES, HEADS, -1).mean(dim=2)
-        if method == "fastervlm":
-            gather_tokens(features, top_indices(attention, budget))
-        elif method == "dominant":
-            dominant_and_contextual(features, attention, metric, budget)
-        else:  # the mllm preset of pitome at the read layer of 24 (margin 0.075)
-            select_then_merge(features, metric, attention, budget, energy_share=0.5, margin=0.075)
+    """One reduction as the selection stage runs it: what the method needs, then its reducer."""
+    spec = method_spec(method)
+    attention = patch_keys = None
+    if spec.needs_class_attention:
+        attention, patch_keys = cls_attention(queries, keys, HEADS)[:, 1:], keys[:, 1:]
+    inputs = ReductionInputs(
+        features,
+        budget,
+        class_attention=attention,
+        keys=patch_keys,
+        num_heads=HEADS,
+        projected=projected,
+        instructions=[prompt] * features.shape[0] if spec.needs_prompt else None,
+        step=StepParams(margin=READ_LAYER_MARGIN),
+    )
+    reduce_to_budget(spec.implementation, inputs)
 
 
 def main() -> None:

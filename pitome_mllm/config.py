@@ -10,32 +10,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .methods import (
+    MERGE,
+    METHOD_NAMES,
+    SELECTION,
+    TOWER,
+    method_label,
+    method_of_preset,
+    method_spec,
+    methods_reading,
+    methods_where,
+)
+
 # ------------------------------------------------------------------------------ vocabulary
 # Every name a setting can take, in one place (the schedule, the merge functions, the
-# adapters and the command line take them from here).
+# adapters and the command line take them from here). The method tuples are questions asked
+# of the method registry (`pitome_mllm.methods`), which declares what each method can do.
 PRESETS = ("reference", "paper", "pure", "mllm")
+# The preset of a config that names none.
+DEFAULT_PRESET = "reference"
 # Algorithms of a merge step: PiToMe, and ToMe's bipartite soft matching.
-MERGE_METHODS = ("pitome", "tome")
+MERGE_METHODS = methods_where(kind=MERGE)
 # Methods that plan the vision tower (a schedule of merge steps, or none at all).
-METHODS = (*MERGE_METHODS, "none")
+METHODS = methods_where(stage=TOWER)
 ENERGY_KINDS = ("elu", "paper", "gaussian")
 # The energy of each preset's PiToMe steps (docs/algorithm.md §3, §5), used when energy is None.
 PRESET_ENERGY = {"reference": "elu", "paper": "gaussian", "pure": "paper", "mllm": "elu"}
 METRICS = ("hidden", "keys", "keys_mean")
-# Methods that leave the tower unmerged and choose or pool the patch tokens to exactly
+# The baselines that leave the tower unmerged and choose or pool the patch tokens to exactly
 # target_tokens at the projector (pitome_mllm.merge.select; docs/methods.md). "visionzip" is the
 # published name of "dominant" (one implementation, two names).
-SELECTION_METHODS = ("random", "pool", "dominant", "visionzip", "fastervlm", "divprune", "cdpruner")
-# Selection methods that rank patches by the class token's attention in the layer the model reads.
-CLS_ATTENTION_METHODS = ("dominant", "visionzip", "fastervlm")
-# Selection methods that need the prompt of each image (instruction-conditioned).
-INSTRUCTION_METHODS = ("cdpruner",)
-# The preset of `method="pitome"` for small budgets: select by energy and class-token attention
-# at the layer the model reads, then merge the rest into the kept tokens (docs/methods.md).
-SELECT_MERGE_PRESETS = ("mllm",)
+SELECTION_METHODS = methods_where(kind=SELECTION)
+# Methods that rank patches by the class token's attention in the layer the model reads.
+CLS_ATTENTION_METHODS = methods_where(needs_class_attention=True)
+# Methods that need the prompt of each image (instruction-conditioned).
+INSTRUCTION_METHODS = methods_where(needs_prompt=True)
+# A method's own preset is also spelt as that preset of PiToMe: ``method="pitome", preset="mllm"``
+# is ``method="mllm"`` (docs/methods.md).
+PRESET_ALIAS_METHOD = "pitome"
 # Model dtypes the loaders and the command line accept ("auto": the checkpoint's own).
 DTYPES = ("auto", "float16", "bfloat16", "float32")
-ALL_METHODS = METHODS + SELECTION_METHODS
+ALL_METHODS = METHOD_NAMES
 REDUCES = ("mean", "size_weighted")
 
 # What each preset sets beyond the schedule (docs/algorithm.md §1, §5, §6).
@@ -46,9 +61,9 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"metric": "hidden", "reduce": "mean", "prop_attn": False},
     # The paper's algorithm: keys as metric, size-weighted merge, proportional attention.
     "pure": {"metric": "keys", "reduce": "size_weighted", "prop_attn": True},
-    # Select-then-merge for <= 128 tokens: keys of the read layer (averaged over heads) as metric,
-    # size-weighted merge of every dropped patch into its most similar kept token, half of the
-    # kept tokens by lowest energy and half by class-token attention.
+    # The defaults of method "mllm" (select-then-merge for <= 128 tokens): keys of the read layer
+    # (averaged over heads) as metric, size-weighted merge of every dropped patch into its most
+    # similar kept token, half of the kept tokens by lowest energy and half by class-token attention.
     "mllm": {"metric": "keys_mean", "reduce": "size_weighted", "prop_attn": False, "energy_share": 0.5},
 }
 
@@ -78,15 +93,19 @@ class PiToMeConfig:
             patch grid), ``"dominant"`` / ``"visionzip"`` (VisionZip: patches the class token
             attends to most, plus a few contextual means of the rest), ``"fastervlm"`` (the
             patches the class token attends to most), ``"divprune"`` (max-min diversity) and
-            ``"cdpruner"`` (a DPP conditioned on the prompt); see docs/methods.md.
+            ``"cdpruner"`` (a DPP conditioned on the prompt). PiToMe's small-budget method
+            ``"mllm"``: keep the patches of lowest energy and those the class token attends to
+            most at the layer the model reads, merge every other patch into its most similar kept
+            one (tower unmerged). See docs/methods.md; what each method can do is declared in
+            `pitome_mllm.methods`.
         keep_ratio: fraction of tokens each merging layer keeps, in (0.5, 1.0]. With
             ``target_tokens`` set and ``keep_ratio`` left as None, it is solved so that
             the tower lands just above the budget.
         preset: ``"reference"`` (authors' released LLaVA code), ``"paper"`` (the schedule
             behind the paper's LLaVA table), ``"pure"`` (the paper's algorithm) or ``"mllm"``
-            (``method="pitome"`` with ``target_tokens``, for small budgets: keep the patches of
-            lowest energy and those the class token attends to most at the layer the model
-            reads, merge every other patch into its most similar kept one; tower unmerged).
+            (the defaults of method ``"mllm"``). ``method="pitome", preset="mllm"`` is another
+            spelling of ``method="mllm"``: both become ``method="mllm", preset="mllm"``, and
+            ``method="mllm"`` with the default preset takes its own.
         target_tokens: exact number of visual tokens per image reaching the language
             model; a final PiToMe step on the projected tokens lands on it. 0 only
             with ``method="none"``.
@@ -110,7 +129,7 @@ class PiToMeConfig:
         energy: energy kind; None takes the preset's.
         seed: seed of ``method="random"`` (every image draws its subset from a fresh
             generator seeded with it, so all images keep the same positions).
-        energy_share: preset ``"mllm"`` only: the fraction of ``target_tokens`` kept because
+        energy_share: method ``"mllm"`` only: the fraction of ``target_tokens`` kept because
             their energy is lowest (isolated patches), in [0, 1]; the rest of the budget goes
             to the patches the class token attends to most. None takes the preset's (0.5).
     """
@@ -149,6 +168,7 @@ class PiToMeConfig:
 
         choice("method", ALL_METHODS)
         choice("preset", PRESETS)
+        self._resolve_preset_spelling()
         choice("metric", METRICS, optional=True)
         choice("reduce", REDUCES, optional=True)
         choice("energy", ENERGY_KINDS, optional=True)
@@ -170,15 +190,7 @@ class PiToMeConfig:
                 f"method='none' does not merge in the vision tower, so keep_ratio={self.keep_ratio} would be ignored; "
                 "drop keep_ratio (target_tokens alone sets the budget) or choose method 'pitome' or 'tome'"
             )
-        if self.method in SELECTION_METHODS:
-            if self.target_tokens is None:
-                raise ValueError(f"method={self.method!r} needs target_tokens (the exact budget per image)")
-            if self.keep_ratio is not None and self.keep_ratio != 1.0:
-                raise ValueError(
-                    f"method={self.method!r} leaves the vision tower unmerged: keep_ratio must be None or 1.0, "
-                    f"got {self.keep_ratio}"
-                )
-        self._validate_select_merge()
+        self._validate_projector_method()
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         self.seed = int(self.seed)
@@ -199,38 +211,56 @@ class PiToMeConfig:
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
 
-    def _validate_select_merge(self) -> None:
-        """The ``mllm`` preset's constraints, and ``energy_share`` only where it means something."""
+    def _resolve_preset_spelling(self) -> None:
+        """``preset="mllm"`` is a spelling of ``method="mllm"``: both end as ``method="mllm", preset="mllm"``."""
+        owner = method_of_preset(self.preset)
+        own_preset = method_spec(self.method).own_preset
+        if owner is not None and self.method != owner:
+            if self.method != PRESET_ALIAS_METHOD:
+                raise ValueError(
+                    f"preset={self.preset!r} is a PiToMe setting (the same as method={owner!r}): method must be "
+                    f"{PRESET_ALIAS_METHOD!r}, got method={self.method!r}"
+                )
+            self.method = owner
+        elif own_preset is not None and self.preset != own_preset:
+            if self.preset != DEFAULT_PRESET:
+                raise ValueError(
+                    f"method={self.method!r} brings its own preset: preset must be {own_preset!r} or the default "
+                    f"{DEFAULT_PRESET!r}, got preset={self.preset!r}"
+                )
+            self.preset = own_preset
+
+    def _validate_projector_method(self) -> None:
+        """The constraints of the methods that reduce at the projector, and settings only some methods read."""
+        spec = method_spec(self.method)
+        label = method_label(self.method, self.preset)
         if self.energy_share is not None:
             value = self.energy_share
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"energy_share must be a number in [0, 1], got {value!r}")
-            if self.preset not in SELECT_MERGE_PRESETS:
+            if "energy_share" not in spec.reads:
+                readers = methods_reading("energy_share")
+                presets = tuple(method_spec(name).own_preset for name in readers)
                 raise ValueError(
-                    f"energy_share is a setting of preset {SELECT_MERGE_PRESETS}, got preset={self.preset!r}; "
-                    "drop energy_share or choose preset='mllm'"
+                    f"energy_share is a setting of preset {presets}, got preset={self.preset!r} "
+                    f"(method={self.method!r}); drop energy_share or choose "
+                    f"{' or '.join(f'method={name!r}' for name in readers)}"
                 )
             self.energy_share = float(value)
-        if self.preset not in SELECT_MERGE_PRESETS:
+        if not spec.needs_target_tokens:
             return
-        if self.method != "pitome":
-            raise ValueError(
-                f"preset={self.preset!r} is a PiToMe setting: method must be 'pitome', got method={self.method!r}"
-            )
         if self.target_tokens is None or self.target_tokens < 1:
             raise ValueError(
-                f"preset={self.preset!r} needs target_tokens (the exact budget per image, >= 1), "
-                f"got {self.target_tokens!r}"
+                f"{label} needs target_tokens (the exact budget per image, >= 1), got {self.target_tokens!r}"
             )
         if self.keep_ratio is not None and self.keep_ratio != 1.0:
             raise ValueError(
-                f"preset={self.preset!r} selects and merges at the layer the model reads, on the unmerged tower: "
-                f"keep_ratio must be None or 1.0, got {self.keep_ratio}"
+                f"{label} leaves the vision tower unmerged: keep_ratio must be None or 1.0, got {self.keep_ratio}"
             )
-        if self.prop_attn:
-            raise ValueError(
-                f"preset={self.preset!r} leaves the tower unmerged, so prop_attn=True would do nothing; drop it"
-            )
+        if self.prop_attn and "prop_attn" not in spec.reads and spec.own_preset is not None:
+            # A method with its own preset refuses a tower setting it would ignore; the baselines
+            # have always ignored the preset's prop_attn.
+            raise ValueError(f"{label} leaves the tower unmerged, so prop_attn=True would do nothing; drop it")
 
     # ------------------------------------------------------------- derived
     @property
@@ -246,11 +276,11 @@ class PiToMeConfig:
     @property
     def selects_at_projector(self) -> bool:
         """The tower stays unmerged and a selection stage lands on ``target_tokens`` at the projector."""
-        return self.method in SELECTION_METHODS or self.preset in SELECT_MERGE_PRESETS
+        return method_spec(self.method).stage != TOWER
 
     @property
     def merges_in_tower(self) -> bool:
-        if self.method == "none" or self.selects_at_projector:
+        if not method_spec(self.method).merges_in_tower:
             return False
         return self.keep_ratio is None or self.keep_ratio < 1.0
 
@@ -283,13 +313,32 @@ class PiToMeConfig:
     def replace(self, **overrides: Any) -> PiToMeConfig:
         """A new validated config with some fields changed."""
         values = self.to_dict()
-        # Preset-derived fields follow a new preset unless given explicitly.
-        if "preset" in overrides and overrides["preset"] != self.preset:
-            for name in PRESET_DEFAULTS[self.preset]:
-                if values[name] == PRESET_DEFAULTS[self.preset][name]:
-                    values[name] = None
         unknown = sorted(set(overrides) - set(values))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(values)}")
+        overrides = {**overrides, **self._pair_overrides(overrides)}
+        # Preset-derived fields follow a new preset unless given explicitly.
+        new_method = overrides.get("method", self.method)
+        new_preset = overrides.get("preset", self.preset)
+        if new_method in ALL_METHODS and new_preset == DEFAULT_PRESET:
+            new_preset = method_spec(new_method).own_preset or new_preset  # what the new config resolves to
+        if new_preset != self.preset:
+            for name in PRESET_DEFAULTS[self.preset]:
+                if values[name] == PRESET_DEFAULTS[self.preset][name]:
+                    values[name] = None
         values.update(overrides)
         return PiToMeConfig(**values)
+
+    def _pair_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """A method with its own preset moves as a pair: leaving one half leaves the other.
+
+        ``replace(preset="reference")`` of ``method="mllm"`` is PiToMe with that preset, and
+        ``replace(method="fastervlm")`` drops the mllm preset for the default one.
+        """
+        if method_spec(self.method).own_preset is None or ("method" in overrides) == ("preset" in overrides):
+            return {}
+        if "method" in overrides and overrides["method"] != self.method:
+            return {"preset": DEFAULT_PRESET}
+        if "preset" in overrides and overrides["preset"] != self.preset:
+            return {"method": PRESET_ALIAS_METHOD}
+        return {}

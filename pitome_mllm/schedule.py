@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from .config import ENERGY_KINDS, METHODS, PRESET_ENERGY, PRESETS, check_keep_ratio  # noqa: F401  (re-exported)
+from .methods import method_of_preset
 
 
 def margin_for_layer(layer_idx: int, num_layers: int, start: float = 0.9, span: float = 0.9) -> float:
@@ -55,10 +56,15 @@ PRESET_SCHEDULES = {
     "reference": PresetSchedule(odd_layers_only=False, tome_first_half=True, energy=PRESET_ENERGY["reference"]),
     "paper": PresetSchedule(odd_layers_only=True, tome_first_half=True, energy=PRESET_ENERGY["paper"]),
     "pure": PresetSchedule(odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["pure"]),
-    # Selects and merges once at the projector (docs/methods.md); the tower is never merged.
-    "mllm": PresetSchedule(
-        odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY["mllm"], merges_in_tower=False
-    ),
+    # The preset a method brings (method "mllm": select and merge once at the projector, docs/methods.md)
+    # plans no merge in the tower.
+    **{
+        preset: PresetSchedule(
+            odd_layers_only=False, tome_first_half=False, energy=PRESET_ENERGY[preset], merges_in_tower=False
+        )
+        for preset in PRESETS
+        if method_of_preset(preset) is not None
+    },
 }
 
 
@@ -118,8 +124,8 @@ def plan_layers(
         keep_ratio: fraction of tokens kept by each merging layer, in (0.5, 1.0].
         method: ``"pitome"`` (the preset's mix of BSM and PiToMe layers), ``"tome"``
             (BSM on every merging layer) or ``"none"``.
-        preset: ``"reference"``, ``"paper"``, ``"pure"`` (module docstring) or ``"mllm"``
-            (no merge in the tower).
+        preset: ``"reference"``, ``"paper"``, ``"pure"`` (module docstring) or a method's own
+            preset (``"mllm"``: no merge in the tower).
         class_token: the first token is a class token (never merged).
         last_layer: the last layer whose output is used (default ``L - 1``); later
             layers are not planned.

@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and the ones below it):
 
     core
-    0  config, schedule        names, validated settings, token arithmetic (no torch)
+    0  config, methods,        names, the method registry, validated settings,
+       schedule                token arithmetic (no torch)
     1  merge/                  the algorithms on tensors (no transformers, no nn.Module)
     2  hooks/                  reversible insertion points on generic modules
     3  models/                 the adapters: the only place that knows model attribute paths
@@ -46,6 +47,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pitome_mllm"
 LAYERS = {
     "config": 0,
+    "methods": 0,
     "schedule": 0,
     "merge": 1,
     "hooks": 2,

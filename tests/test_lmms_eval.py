@@ -272,7 +272,14 @@ def test_patched_run_reports_tokens_latency_and_memory(tiny_dir, task_manager, t
 
 @pytest.mark.parametrize(
     "method_args",
-    ["method=fastervlm", "method=visionzip", "method=divprune", "method=cdpruner", "method=pitome,preset=mllm"],
+    [
+        "method=fastervlm",
+        "method=visionzip",
+        "method=divprune",
+        "method=cdpruner",
+        "method=pitome,preset=mllm",
+        "method=mllm",
+    ],
 )
 def test_the_small_budget_methods_run_through_the_plugin(tiny_dir, task_manager, method_args):
     # cdpruner needs each image's prompt: the plugin's generate calls hand it over (batches of 2).

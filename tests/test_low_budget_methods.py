@@ -352,6 +352,84 @@ def test_the_new_names_are_config_cli_and_json_values():
         assert arguments.method == method
 
 
+# ------------------------------------------------------------------------------ mllm: a method, and its preset
+MLLM_SPELLINGS = ({"method": "mllm"}, {"method": "pitome", "preset": "mllm"}, {"method": "mllm", "preset": "mllm"})
+
+
+def test_method_mllm_and_preset_mllm_give_bit_identical_outputs(tiny_llava, images):
+    model, processor = tiny_llava
+    pair = (images["astronaut"], images["coffee"])
+    results = []
+    for settings in MLLM_SPELLINGS:
+        with pitome_mllm.patched(model, processor, target_tokens=12, energy_share=0.25, **settings) as handle:
+            inputs = encode(processor, pair, PROMPTS)
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            results.append((handle.num_visual_tokens, logits, handle.final_token_map.clone(), handle.final_size))
+    first = results[0]
+    assert first[0] == 12
+    for other in results[1:]:
+        assert other[0] == first[0] and all(torch.equal(a, b) for a, b in zip(first[1:], other[1:], strict=True))
+
+
+def test_both_spellings_of_mllm_are_one_config_and_round_trip():
+    by_method = PiToMeConfig(method="mllm", target_tokens=32)
+    by_preset = PiToMeConfig(method="pitome", preset="mllm", target_tokens=32)
+    assert by_method == by_preset and (by_method.method, by_method.preset) == ("mllm", "mllm")
+    assert by_method.energy_share == 0.5 and by_method.metric == "keys_mean" and by_method.reduce == "size_weighted"
+    for config in (by_method, by_preset):
+        assert PiToMeConfig.from_dict(config.to_dict()) == config
+        assert PiToMeConfig.from_json(config.to_json()) == config
+    stored = {**by_preset.to_dict(), "method": "pitome"}  # a sweep config written before mllm was a method
+    assert PiToMeConfig.from_dict(stored) == by_method
+    # The method and its preset move together.
+    assert by_method.replace(method="fastervlm") == PiToMeConfig(method="fastervlm", target_tokens=32)
+    assert by_method.replace(preset="pure", target_tokens=None, keep_ratio=0.9) == PiToMeConfig(
+        preset="pure", keep_ratio=0.9
+    )
+    assert PiToMeConfig(keep_ratio=0.9).replace(method="mllm", keep_ratio=None, target_tokens=32) == by_method
+    command = ["chat", "--model", "tiny", "--image", "coffee", "--method", "mllm", "--target-tokens", "32"]
+    from pitome_mllm.cli import build_parser
+    from pitome_mllm.cli.chat import checked_patch_config
+
+    arguments = build_parser().parse_args(command)
+    assert PiToMeConfig(**checked_patch_config(arguments)) == by_method
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, r"method='mllm' with preset='mllm' needs target_tokens .* got None"),
+        ({"target_tokens": 16, "keep_ratio": 0.95}, r"keep_ratio must be None or 1\.0, got 0\.95"),
+        ({"target_tokens": 16, "prop_attn": True}, r"leaves the tower unmerged, so prop_attn=True would do nothing"),
+        ({"target_tokens": 16, "energy_share": 1.5}, r"energy_share must be a number in \[0, 1\], got 1\.5"),
+        ({"target_tokens": 16, "preset": "pure"}, r"method='mllm' brings its own preset: preset must be 'mllm'"),
+    ],
+    ids=["no_budget", "keep_ratio", "prop_attn", "share_range", "other_preset"],
+)
+def test_method_mllm_keeps_the_refusals_of_the_preset(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PiToMeConfig(method="mllm", **settings)
+
+
+def test_energy_share_is_refused_for_every_method_that_does_not_read_it():
+    for method in ("pitome", "fastervlm", "divprune"):
+        with pytest.raises(ValueError, match=r"energy_share is a setting of preset \('mllm',\).*method='mllm'"):
+            PiToMeConfig(method=method, target_tokens=16, energy_share=0.5)
+
+
+def test_method_mllm_is_refused_where_the_preset_is(images):
+    from pitome_mllm.models.vllm_llava import check_vllm_config
+
+    with pytest.raises(ValueError, match=r"method='mllm' with preset='mllm' .* supported presets here: reference"):
+        pitome_mllm.patch(*build_tiny_llava_next(), method="mllm", target_tokens=16)
+    model, processor = build_tiny_siglip_llava()
+    with pytest.raises(ValueError, match=r"method='mllm' with preset='mllm' ranks patches by the class token"):
+        pitome_mllm.patch(model, processor, method="mllm", target_tokens=16)
+    assert pitome_mllm.get_patch(model) is None
+    check_vllm_config(PiToMeConfig(method="mllm", target_tokens=16))
+
+
 # ------------------------------------------------------------------------------------------ pure functions
 def unit_circle(degrees: list[float]) -> torch.Tensor:
     radians = torch.tensor(degrees) * math.pi / 180

@@ -77,6 +77,27 @@ def test_low_budget_suite_runs_every_method_at_four_budgets_on_eight_benchmarks(
         PiToMeConfig(**run.patch_args())
 
 
+def test_a_suite_may_name_mllm_as_a_method_or_as_the_preset(tmp_path):
+    suite = load_suite(
+        write_suite(
+            tmp_path,
+            """
+            name: spellings
+            tasks: {pope: "exact_match,none"}
+            runs:
+              as_method: {method: mllm, target_tokens: [64, 32]}
+              as_preset: {method: pitome, preset: mllm, target_tokens: [64, 32]}
+            """,
+        )
+    )
+    configs: dict[str, dict[int, PiToMeConfig]] = {}
+    for run in suite.expand():
+        config = PiToMeConfig(**run.patch_args())
+        configs.setdefault(run.run_id.split("-")[0], {})[config.target_tokens] = config
+    assert configs["as_method"] == configs["as_preset"]
+    assert all(config.method == "mllm" for config in configs["as_method"].values())
+
+
 def test_paper_table_suite_uses_the_paper_settings():
     suite = load_suite(SUITES / "paper_table3.yaml")
     assert list(suite.tasks) == ["vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "mme"]

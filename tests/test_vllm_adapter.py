@@ -18,6 +18,7 @@ import pitome_mllm
 from pitome_mllm.config import PiToMeConfig
 from pitome_mllm.hooks.tower import MergeSettings, PatchState, TowerMerger
 from pitome_mllm.integrations.vllm import hf_overrides, pitome_settings
+from pitome_mllm.merge import StepParams
 from pitome_mllm.models.vllm_llava import (
     check_embedding_counts,
     check_key_metric_parallelism,
@@ -200,7 +201,9 @@ def test_tower_merger_runs_layers_that_take_no_mask(metric):
 
     torch.manual_seed(0)
     layers = nn.ModuleList([MaskFreeLayer(8) for _ in range(3)])
-    settings = MergeSettings(metric=metric, reduce="mean", prop_attn=False, alpha=1.0, class_token=True)
+    settings = MergeSettings(
+        metric=metric, prop_attn=False, class_token=True, step=StepParams(alpha=1.0, reduce="mean")
+    )
     state = PatchState()
 
     def plan(num_tokens):
@@ -217,7 +220,9 @@ def test_tower_merger_runs_layers_that_take_no_mask(metric):
 
 
 def test_tower_merger_refuses_proportional_attention_without_a_mask():
-    settings = MergeSettings(metric="hidden", reduce="mean", prop_attn=True, alpha=1.0, class_token=True)
+    settings = MergeSettings(
+        metric="hidden", prop_attn=True, class_token=True, step=StepParams(alpha=1.0, reduce="mean")
+    )
     with pytest.raises(ValueError, match="prop_attn=True adds a bias to the attention mask"):
         TowerMerger([MaskFreeLayer(8)], lambda n: [], 0, settings, PatchState(), layers_take_mask=False)
 

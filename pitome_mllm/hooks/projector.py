@@ -8,11 +8,11 @@ that is how a stage knows the projector input came from the tower) supplies toke
 final map and sizes back to the same state. ``target_tokens=0`` (method ``none`` only) hands the
 language model no visual token at all.
 
-`SelectionStage` is the stage of the selection methods and of PiToMe's ``mllm`` preset: a
-forward pre-hook that chooses, pools or merges the patch tokens *before* the projector (so the
-projector runs on the kept tokens only and averages are taken in the vision features' space),
-or, for the methods that decide on the projected tokens, a forward hook keeping rows of the
-projector's output.
+`SelectionStage` is the stage of every method that reduces at the projector (the selection
+methods and PiToMe's ``mllm``; `pitome_mllm.methods`): a forward pre-hook that chooses, pools or
+merges the patch tokens *before* the projector (so the projector runs on the kept tokens only and
+averages are taken in the vision features' space), or, for the methods that decide on the projected
+tokens, a forward hook keeping rows of the projector's output.
 """
 
 from __future__ import annotations
@@ -23,25 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS
-from ..merge.budget import merge_to_budget
-from ..merge.select import (
-    cls_attention,
-    conditional_kernel,
-    dominant_and_contextual,
-    dpp_greedy_map,
-    farthest_point_indices,
-    gather_tokens,
-    instruction_relevance,
-    kept_token_map,
-    pool_grid,
-    pool_patches,
-    pool_token_map,
-    random_keep_indices,
-    select_then_merge,
-    square_grid,
-    top_indices,
-)
+from ..merge.budget import StepParams, merge_to_budget_with
+from ..merge.reducers import ReductionInputs, reduce_to_budget
+from ..merge.select import cls_attention
+from ..methods import MethodSpec, method_spec
 from .base import Hook, remove_hooks, undone_on_error
 from .state import MergeTrace, PatchState
 from .tower import KeySource, raster_order
@@ -53,17 +38,13 @@ class ProjectorSettings:
     target_tokens: tokens per image after this stage (None: keep what the tower gives).
     keep_order: sort the tokens by the first patch each one holds.
     drops_class_token: the model drops the tower's class token (index 0) before the projector.
-    margin, alpha, energy: of the PiToMe step(s).
-    reduce: ``"mean"`` or ``"size_weighted"``.
+    step: the PiToMe step(s) down to ``target_tokens``.
     """
 
     target_tokens: int | None
     keep_order: bool
     drops_class_token: bool
-    margin: float
-    alpha: float
-    energy: str
-    reduce: str
+    step: StepParams
 
 
 class ProjectorMerger(Hook):
@@ -102,17 +83,7 @@ class ProjectorMerger(Hook):
             return None  # a tower run whose output never came here (the tower called alone), then other features
         settings = self.settings
         features, size, token_map = self.state.observers.run(
-            "projector",
-            None,
-            merge_to_budget,
-            output,
-            size,
-            token_map,
-            settings.target_tokens,
-            margin=settings.margin,
-            alpha=settings.alpha,
-            energy=settings.energy,
-            reduce=settings.reduce,
+            "projector", None, merge_to_budget_with, settings.step, output, size, token_map, settings.target_tokens
         )
         if self.settings.keep_order:
             order = raster_order(token_map, features.shape[1])
@@ -146,14 +117,14 @@ def patches_held(token_map: torch.Tensor, num_tokens: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class SelectionSettings:
     """Attributes:
-    method: a selection method of `pitome_mllm.config.SELECTION_METHODS`, or ``"mllm"`` (the
-        select-then-merge preset of PiToMe).
+    method: a method of `pitome_mllm.methods` that reduces at the projector (a selection method,
+        or PiToMe's ``mllm``).
     target_tokens: tokens per image handed to the language model.
     seed: seed of ``random``.
     drops_class_token: the model drops the tower's class token before the projector; the
         projector input must be exactly the patch tokens.
     num_heads: attention heads of the selected layer (class-token attention, keys metric).
-    metric, energy_share, margin, alpha, energy: of ``mllm``.
+    metric, energy_share, step: of ``mllm`` (the step's margin, alpha and energy).
     """
 
     method: str
@@ -163,19 +134,8 @@ class SelectionSettings:
     num_heads: int = 1
     metric: str = "keys_mean"
     energy_share: float = 0.5
-    margin: float = 0.0
-    alpha: float = 1.0
-    energy: str = "elu"
+    step: StepParams = StepParams()
 
-
-# Methods that decide on the projected tokens (the LLM's visual tokens): they run as a forward
-# hook on the projector's output; the others choose before the projector, which then runs on
-# the kept tokens only.
-AFTER_PROJECTOR = ("divprune", "cdpruner")
-# Methods that need the selected layer's queries and keys (class-token attention, keys metric).
-NEEDS_QUERY_KEY = (*CLS_ATTENTION_METHODS, "mllm")
-# One implementation, two names (docs/methods.md, "visionzip").
-SELECTION_ALIASES = {"visionzip": "dominant"}
 
 # ``num_images -> B tensors [T_b, D]``: the embeddings of each image's prompt text, in the
 # space of the projector's output (supplied by the model adapter for instruction methods).
@@ -185,13 +145,15 @@ InstructionSource = Callable[[int], list[torch.Tensor]]
 class SelectionStage(Hook):
     """A hook on the projector that chooses (or pools, or merges) the patch tokens to a budget (a `Hook`).
 
-    Methods that decide on the vision features (`random`, `pool`, `dominant` / `visionzip`,
-    `fastervlm`, the ``mllm`` preset) are a forward pre-hook: the projector runs on the kept
-    tokens only. `divprune` and `cdpruner` decide on the projected tokens (as their papers do),
-    so they are a forward hook that keeps rows of the projector's output.
+    What the method needs is asked of its `pitome_mllm.methods.MethodSpec`; the tensors are
+    reduced by `pitome_mllm.merge.reducers.reduce_to_budget`. Methods that decide on the vision
+    features (`random`, `pool`, `dominant` / `visionzip`, `fastervlm`, `mllm`) are a forward
+    pre-hook: the projector runs on the kept tokens only. Methods that decide on the projected
+    tokens (`divprune`, `cdpruner`, as their papers do: ``after_projector``) are a forward hook
+    that keeps rows of the projector's output.
 
-    The class-token methods also hook the query and key projections of the selected vision layer
-    (the last one the model reads) to compute the class token's attention themselves, so the
+    The methods that need the class token's attention also hook the query and key projections of
+    the selected vision layer (the last one the model reads) to compute it themselves, so the
     tower keeps its SDPA path and no attention maps are requested.
 
     Writes the patch state's ``final_token_map`` (``[B, num_patches]`` after the last
@@ -211,14 +173,17 @@ class SelectionStage(Hook):
         query_key: tuple[KeySource, KeySource] | None = None,
         instructions: InstructionSource | None = None,
     ) -> None:
-        if settings.method in NEEDS_QUERY_KEY and query_key is None:
+        spec = method_spec(settings.method)
+        if spec.implementation is None:
+            raise ValueError(f"method={settings.method!r} does not reduce at the projector (stage {spec.stage!r})")
+        if spec.needs_class_attention and query_key is None:
             raise ValueError(f"method={settings.method!r} needs the selected layer's query and key projections")
-        if settings.method in INSTRUCTION_METHODS and instructions is None:
+        if spec.needs_prompt and instructions is None:
             raise ValueError(f"method={settings.method!r} needs the prompt of every image (an instruction source)")
         self.projector = projector
         self.state = state
         self.settings = settings
-        self.method = SELECTION_ALIASES.get(settings.method, settings.method)
+        self.spec: MethodSpec = spec
         self.query_key = query_key
         self.instructions = instructions
         self.cls_attention: torch.Tensor | None = None
@@ -227,11 +192,11 @@ class SelectionStage(Hook):
 
     def install(self) -> None:
         with undone_on_error(self.remove):
-            if self.method in AFTER_PROJECTOR:
+            if self.spec.after_projector:
                 self._hooks.append(self.projector.register_forward_hook(self._on_output))
             else:
                 self._hooks.append(self.projector.register_forward_pre_hook(self._on_input))
-            if self.settings.method in NEEDS_QUERY_KEY:
+            if self.spec.needs_class_attention:
                 for name, source in zip(("queries", "keys"), self.query_key, strict=True):
                     self._hooks.append(source.module.register_forward_hook(self._make_capture(name, source)))
 
@@ -261,71 +226,44 @@ class SelectionStage(Hook):
         if not self._follows_tower(args):
             return None  # no tower forward ran since the last projector call (e.g. a user calling it alone)
         with torch.no_grad():
-            selected, token_map = self._select_features(args[0].detach())
+            selected, token_map = reduce_to_budget(self.spec.implementation, self._inputs(args[0].detach()))
         self._record(token_map, selected.shape[1])
         return (selected, *args[1:])
 
     def _on_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if not self._follows_tower(args) or output.dim() != 3:
             return None
-        with torch.no_grad():
-            kept = self._select_projected(args[0].detach(), output.detach())
-        self._record(kept_token_map(kept, output.shape[1]), kept.shape[1])
-        return gather_tokens(output, kept)
+        # The reducer decides without gradient and keeps rows of ``output`` itself.
+        kept, token_map = reduce_to_budget(self.spec.implementation, self._inputs(args[0].detach(), output))
+        self._record(token_map, kept.shape[1])
+        return kept
 
-    def _select_projected(self, features: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
-        """``[B, K]`` ascending indices of the kept tokens, from the projector's input and output."""
-        target = self.settings.target_tokens
-        if self.method == "divprune":
-            return farthest_point_indices(projected, target)
-        # cdpruner: relevance of the projected tokens to the prompt, similarity of the vision features.
-        relevance = instruction_relevance(projected, self.instructions(projected.shape[0]))
-        return dpp_greedy_map(conditional_kernel(features, relevance), target)
+    def _inputs(self, features: torch.Tensor, projected: torch.Tensor | None = None) -> ReductionInputs:
+        """What the method reads, from the projector's input ``[B, N, C]`` (and output ``[B, N, D]``)."""
+        settings = self.settings
+        class_attention = keys = instructions = None
+        if self.spec.needs_class_attention:
+            class_attention, keys = self._class_attention_and_keys()
+        if self.spec.needs_prompt:
+            instructions = self.instructions(features.shape[0])
+        return ReductionInputs(
+            features,
+            settings.target_tokens,
+            seed=settings.seed,
+            class_attention=class_attention,
+            keys=keys,
+            num_heads=settings.num_heads,
+            projected=projected,
+            instructions=instructions,
+            metric=settings.metric,
+            energy_share=settings.energy_share,
+            step=settings.step,
+        )
 
-    def _class_attention_and_keys(self, num_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _class_attention_and_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``([B, N] class-token attention to each patch, [B, N, C] keys)`` of the selected layer."""
         queries, keys = self._captured.pop("queries"), self._captured.pop("keys")
         drop = int(self.settings.drops_class_token)
         attention = cls_attention(queries, keys, self.settings.num_heads)[:, drop:]
         self.cls_attention = attention
         return attention, keys[:, drop:]
-
-    def _keys_mean(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys averaged over heads (ToMe's metric): ``[B, N, C]`` -> ``[B, N, C / heads]``."""
-        batch, num_patches, channels = keys.shape
-        heads = self.settings.num_heads
-        return keys.float().view(batch, num_patches, heads, channels // heads).mean(dim=2)
-
-    def _select_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, N, C]`` patch features -> ``([B, K, C], [B, N] source map)``."""
-        batch, num_patches, _ = features.shape
-        target = self.settings.target_tokens
-        if self.method == "random":
-            kept = random_keep_indices(num_patches, target, self.settings.seed).to(features.device)
-            kept = kept.expand(batch, -1)
-            return gather_tokens(features, kept), kept_token_map(kept, num_patches)
-        if self.method == "pool":
-            grid = square_grid(num_patches)
-            pooled = pool_grid(target, grid)
-            token_map = pool_token_map(grid, pooled).to(features.device).expand(batch, -1).clone()
-            return pool_patches(features, grid, pooled), token_map
-        attention, keys = self._class_attention_and_keys(num_patches)
-        if self.method == "fastervlm":
-            kept = top_indices(attention, target)
-            return gather_tokens(features, kept), kept_token_map(kept, num_patches)
-        if self.method == "dominant":
-            # Keys averaged over heads decide which contextual group a patch joins.
-            return dominant_and_contextual(features, attention, self._keys_mean(keys), target)
-        # mllm
-        settings = self.settings
-        metric = {"hidden": features, "keys": keys, "keys_mean": self._keys_mean(keys)}[settings.metric]
-        return select_then_merge(
-            features,
-            metric,
-            attention,
-            target,
-            energy_share=settings.energy_share,
-            margin=settings.margin,
-            alpha=settings.alpha,
-            energy=settings.energy,
-        )

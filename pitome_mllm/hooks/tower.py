@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..merge import Merge
-from ..merge.budget import apply_merge, decide_merge
+from ..merge.budget import StepParams, apply_merge, decide_merge
 from ..schedule import LayerStep
 from .base import Hook, override_forward, remove_hooks, restore_forward, undone_on_error
 from .state import MergeTrace, PatchState
@@ -53,13 +53,20 @@ class KeySource:
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """The model-independent part of a config that the layer wrappers need."""
+    """The model-independent part of a config that the layer wrappers need.
 
-    metric: str  # "hidden", "keys", "keys_mean"
-    reduce: str  # "mean", "size_weighted"
+    Attributes:
+        metric: ``"hidden"``, ``"keys"`` or ``"keys_mean"``.
+        prop_attn: add ``log(size)`` to the attention logits of the later layers.
+        class_token: the first token is a class token (never merged).
+        step: the merge steps' alpha and reduce; each layer's method, margin and energy are
+            its schedule's (`LayerStep`).
+    """
+
+    metric: str
     prop_attn: bool
-    alpha: float
     class_token: bool
+    step: StepParams = StepParams()
 
 
 def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) -> Merge:
@@ -69,7 +76,7 @@ def decide_step(step: LayerStep, metric: torch.Tensor, settings: MergeSettings) 
         metric,
         step.r,
         margin=step.margin,
-        alpha=settings.alpha,
+        alpha=settings.step.alpha,
         energy=step.energy,
         class_token=settings.class_token,
     )
@@ -180,8 +187,9 @@ class TowerMerger(Hook):
                 metric = layer_out if self.settings.metric == "hidden" else self._keys
                 observers = self.state.observers
                 decision = observers.run("decide", layer_idx, decide_step, step, metric, self.settings)
-                size = trace.size if self.settings.reduce == "size_weighted" else None
-                merged = observers.run("apply", layer_idx, apply_merge, decision, layer_out, size, self.settings.reduce)
+                reduce = self.settings.step.reduce
+                size = trace.size if reduce == "size_weighted" else None
+                merged = observers.run("apply", layer_idx, apply_merge, decision, layer_out, size, reduce)
                 observers.run("trace", layer_idx, trace.apply, layer_idx, decision)
                 observers.merged(layer_idx, decision)
                 self._keys = None

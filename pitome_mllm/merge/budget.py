@@ -8,12 +8,37 @@ down to its share of the budget).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..config import MERGE_METHODS, REDUCES
 from .pitome import pitome
 from .plan import Merge
 from .tome import bipartite_soft_matching
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """How a merge step decides and merges: the one bundle every stage that merges carries.
+
+    The vision tower takes ``alpha`` and ``reduce`` from it and each layer's method, margin and
+    energy from its schedule (`pitome_mllm.schedule.LayerStep`); the projector stage, the
+    selection stage (method ``mllm``) and LLaVA-NeXT's packed merge take all of it.
+
+    Attributes:
+        method: ``"pitome"`` or ``"tome"`` (bipartite soft matching), the algorithm of each step.
+        margin: PiToMe's energy margin of the step.
+        alpha: ELU alpha of the energy.
+        energy: energy kind (`pitome_mllm.config.ENERGY_KINDS`).
+        reduce: ``"mean"`` or ``"size_weighted"`` (`apply_merge`).
+    """
+
+    method: str = "pitome"
+    margin: float = 0.0
+    alpha: float = 1.0
+    energy: str = "elu"
+    reduce: str = "mean"
 
 
 def decide_merge(
@@ -88,4 +113,21 @@ def merge_to_budget(
     return features, size, token_map
 
 
-__all__ = ["apply_merge", "decide_merge", "merge_to_budget"]
+def merge_to_budget_with(
+    params: StepParams, features: torch.Tensor, size: torch.Tensor, token_map: torch.Tensor, target_tokens: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`merge_to_budget` with the steps of ``params``; same shapes."""
+    return merge_to_budget(
+        features,
+        size,
+        token_map,
+        target_tokens,
+        method=params.method,
+        margin=params.margin,
+        alpha=params.alpha,
+        energy=params.energy,
+        reduce=params.reduce,
+    )
+
+
+__all__ = ["StepParams", "apply_merge", "decide_merge", "merge_to_budget", "merge_to_budget_with"]

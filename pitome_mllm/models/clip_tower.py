@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, PiToMeConfig
+from ..config import PiToMeConfig
 from ..hooks.base import Hook
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.state import PatchState
 from ..hooks.tower import KeySource, MergeSettings, TowerMerger
+from ..merge.budget import StepParams
 from ..merge.select import pool_grid, square_grid
+from ..methods import PROJECTOR, capability_error, method_label, method_spec
 from ..schedule import LayerStep, margin_for_layer, plan_layers, projector_margin, solve_keep_ratio
 from .compat import encoder_layers_return_tuple
 from .protocol import ModelAdapter, ModelParts
@@ -248,15 +250,14 @@ class ClipTowerAdapter(ModelAdapter):
                 # An unmerged tower (method none, the selection methods, the mllm preset) decides nothing on
                 # the layers' keys, so it captures none: otherwise every layer's keys would be copied per forward.
                 metric=config.metric if self.tower_method != "none" else "hidden",
-                reduce=config.reduce,
                 prop_attn=config.prop_attn,
-                alpha=config.alpha,
                 class_token=self.class_token,
+                step=StepParams(alpha=config.alpha, reduce=config.reduce),
             ),
             self.state,
             **self.tower_merger_options(),
         )
-        if config.selects_at_projector:
+        if method_spec(config.method).stage == PROJECTOR:
             self.projector_stage = self._selection_stage()
         else:
             self.projector_stage = ProjectorMerger(
@@ -266,17 +267,19 @@ class ClipTowerAdapter(ModelAdapter):
                     target_tokens=config.target_tokens,
                     keep_order=config.keep_order,
                     drops_class_token=self.drops_class_token,
-                    margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
-                    alpha=config.alpha,
-                    energy=config.resolved_energy,
-                    reduce=config.reduce,
+                    step=StepParams(
+                        margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
+                        alpha=config.alpha,
+                        energy=config.resolved_energy,
+                        reduce=config.reduce,
+                    ),
                 ),
             )
 
     def _selection_stage(self) -> SelectionStage:
-        """The projector stage of the selection methods and the ``mllm`` preset, after checking the model fits."""
+        """The projector stage of a method that reduces at the projector, after checking the model fits."""
         config = self.config
-        method = config.method if config.method != "pitome" else config.preset  # "mllm"
+        spec = method_spec(config.method)
         # Towers without a class token (SigLIP) have nothing to drop.
         has_class_token = self.class_token
         if self.drops_class_token != has_class_token:
@@ -285,31 +288,34 @@ class ClipTowerAdapter(ModelAdapter):
                 "to the projector (vision_feature_select_strategy='full'); supported: 'default'"
             )
         num_patches = self.default_num_tokens - int(self.drops_class_token)
-        if config.method == "pool":
+        if spec.pools_grid:
             pool_grid(config.target_tokens, square_grid(num_patches))  # ValueError naming nearby budgets
         query_key, num_heads = None, 1
-        if method in (*CLS_ATTENTION_METHODS, "mllm"):
+        if spec.needs_class_token:
             if not has_class_token:
-                name = f"preset={method!r}" if method == "mllm" else f"method={method!r}"
-                raise ValueError(
-                    f"{name} ranks patches by the class token's attention; "
-                    f"{type(self.vision_tower).__name__} has no class token"
+                raise capability_error(
+                    method_label(config.method, config.preset),
+                    "needs_class_token",
+                    f"; {type(self.vision_tower).__name__} has no class token",
                 )
             query_key = self.query_key_sources(self.layers[self.last_layer])
             num_heads = query_key[1].num_heads
-        self.instructions = self._instruction_source() if method in INSTRUCTION_METHODS else None
+        self.instructions = self._instruction_source() if spec.needs_prompt else None
         settings = SelectionSettings(
-            method=method,
+            method=config.method,
             target_tokens=config.target_tokens,
             seed=config.seed,
             drops_class_token=self.drops_class_token,
             num_heads=num_heads,
             metric=config.metric,
             energy_share=config.energy_share if config.energy_share is not None else 0.5,
-            # The energy of the layer whose output is read (the tower's margin schedule at that layer).
-            margin=margin_for_layer(self.last_layer, self.num_layers, config.margin_start, config.margin_span),
-            alpha=config.alpha,
-            energy=config.resolved_energy,
+            step=StepParams(
+                # The energy of the layer whose output is read (the tower's margin schedule at that layer).
+                margin=margin_for_layer(self.last_layer, self.num_layers, config.margin_start, config.margin_span),
+                alpha=config.alpha,
+                energy=config.resolved_energy,
+                reduce=config.reduce,
+            ),
         )
         return SelectionStage(self.projector, self.state, settings, query_key, self.instructions)
 
@@ -318,10 +324,11 @@ class ClipTowerAdapter(ModelAdapter):
 
         Families that can see the prompt next to the images override this; here it refuses.
         """
-        raise ValueError(
-            f"method={self.config.method!r} conditions the selection on each image's prompt, which the "
-            f"{self.family} family does not hand to the projector; supported: llava_hf (transformers "
-            "LlavaForConditionalGeneration / LlavaModel)"
+        raise capability_error(
+            method_label(self.config.method, self.config.preset),
+            "needs_prompt",
+            f", which the {self.family} family does not hand to the projector; supported: llava_hf (transformers "
+            "LlavaForConditionalGeneration / LlavaModel)",
         )
 
     # ------------------------------------------------------------- the family's shape

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
+from ..config import PRESETS, PiToMeConfig
 from ..hooks.base import AttributeOverrides, Hook
 from ..hooks.state import PatchState
 from ..hooks.tower import raster_order
-from ..merge.budget import merge_to_budget
+from ..merge.budget import StepParams, merge_to_budget_with
+from ..methods import TOWER, method_of_preset, method_spec, methods_where
 from ..schedule import LayerStep, plan_layers, projector_margin
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
@@ -219,11 +220,12 @@ def images_in_prompt(batch_num_images, image_idx: int) -> int:
 
 @dataclass(frozen=True)
 class PackedMergeSettings:
-    method: str  # "pitome" or "tome"
-    margin: float
-    alpha: float
-    energy: str
-    reduce: str
+    """Attributes:
+    step: the merge steps down to each part's share of the budget (method ``"pitome"`` or ``"tome"``).
+    keep_order: hand the merged tokens on in reading order.
+    """
+
+    step: StepParams
     keep_order: bool
 
 
@@ -233,17 +235,7 @@ def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -
     num_tokens = x.shape[1]
     size = torch.ones(1, num_tokens, 1, device=x.device)
     token_map = torch.arange(num_tokens, device=x.device).unsqueeze(0)
-    x, size, token_map = merge_to_budget(
-        x,
-        size,
-        token_map,
-        keep,
-        method=settings.method,
-        margin=settings.margin,
-        alpha=settings.alpha,
-        energy=settings.energy,
-        reduce=settings.reduce,
-    )
+    x, size, token_map = merge_to_budget_with(settings.step, x, size, token_map, keep)
     if settings.keep_order and x.shape[1] < num_tokens:
         # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
         order = raster_order(token_map, x.shape[1])
@@ -277,8 +269,9 @@ class LlavaNextAdapter(ModelAdapter):
 
     family = FAMILY
     supported = SUPPORTED
-    methods = ("pitome", "tome", "none")
-    presets = tuple(preset for preset in PRESETS if preset not in SELECT_MERGE_PRESETS)
+    # The packing needs whole crops: only methods planned in the tower (merging after packing) run here.
+    methods = methods_where(stage=TOWER)
+    presets = tuple(preset for preset in PRESETS if method_of_preset(preset) is None)
     merge_sites = ("packed",)
     display_name = "LLaVA-NeXT"
     limits = (
@@ -335,11 +328,14 @@ class LlavaNextAdapter(ModelAdapter):
         self.state = PatchState()
         self.per_crop_tokens = self._per_crop_tokens(single_layer)
         self.merge_settings = PackedMergeSettings(
-            method="tome" if config.method == "tome" else "pitome",
-            margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
-            alpha=config.alpha,
-            energy=config.resolved_energy,
-            reduce=config.reduce,
+            step=StepParams(
+                # The packed merge uses the method's own algorithm; "none" trims with PiToMe.
+                method=config.method if method_spec(config.method).merges_in_tower else "pitome",
+                margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
+                alpha=config.alpha,
+                energy=config.resolved_energy,
+                reduce=config.reduce,
+            ),
             keep_order=config.keep_order,
         )
         if processor is not None and is_onevision(model) and not hasattr(processor, "replace_image_token"):

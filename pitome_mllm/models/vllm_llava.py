@@ -18,15 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import (
-    CLS_ATTENTION_METHODS,
-    INSTRUCTION_METHODS,
-    METHODS,
-    SELECT_MERGE_PRESETS,
-    SELECTION_METHODS,
-    PiToMeConfig,
-)
+from ..config import PiToMeConfig
 from ..hooks.tower import KeySource
+from ..methods import capability_error, method_label, method_spec, methods_where
 from .clip_tower import ClipTowerAdapter, TowerBudget, TowerGeometry, last_encoder_layer
 from .protocol import ModelParts
 
@@ -35,8 +29,8 @@ SUPPORTED = "vLLM's LlavaForConditionalGeneration with a CLIP or SigLIP tower"
 FEATURE_SELECT_STRATEGIES = ("default", "full")
 # Tower model types whose tokens start with a class token (CLIP) or carry none (SigLIP).
 CLASS_TOKEN_OF_TOWER = {"clip_vision_model": True, "siglip_vision_model": False}
-# Every selection method but the instruction-conditioned ones (vLLM encodes images without their prompt).
-VLLM_SELECTION_METHODS = tuple(m for m in SELECTION_METHODS if m not in INSTRUCTION_METHODS)
+# The methods the plugin runs (vLLM encodes images without their prompt).
+VLLM_METHODS = methods_where(in_vllm=True)
 
 
 def is_vllm_llava(model: nn.Module) -> bool:
@@ -103,11 +97,12 @@ def check_vllm_config(config: PiToMeConfig) -> None:
             "bias, and adding one would drop the fused attention path; use a preset without it "
             "(preset='reference' or 'paper')"
         )
-    if config.method in INSTRUCTION_METHODS:
-        raise ValueError(
-            f"method={config.method!r} conditions the selection on each image's prompt, which vLLM does not hand to "
-            f"the vision encoder (embed_multimodal sees the images only); supported in vLLM: pitome, tome, none, "
-            f"{', '.join(VLLM_SELECTION_METHODS)}"
+    if method_spec(config.method).needs_prompt:
+        raise capability_error(
+            method_label(config.method, config.preset),
+            "needs_prompt",
+            ", which vLLM does not hand to the vision encoder (embed_multimodal sees the images only); supported "
+            f"in vLLM: {', '.join(VLLM_METHODS)}",
         )
 
 
@@ -152,8 +147,8 @@ def check_key_metric_parallelism(layers: nn.ModuleList, config: PiToMeConfig) ->
     tp_size = getattr(layers[0].self_attn, "tp_size", 1)
     if tp_size == 1:
         return
-    if config.method in CLS_ATTENTION_METHODS or config.preset in SELECT_MERGE_PRESETS:
-        name = f"preset={config.preset!r}" if config.preset in SELECT_MERGE_PRESETS else f"method={config.method!r}"
+    if method_spec(config.method).needs_class_attention:
+        name = method_label(config.method, config.preset)
         raise ValueError(
             f"{name} reads the class token's attention, whose heads tensor parallelism splits over {tp_size} "
             "ranks (each would keep different tokens); run the vision tower data-parallel "
@@ -253,7 +248,7 @@ class VllmLlavaAdapter(ClipTowerAdapter):
 
     family = FAMILY
     supported = SUPPORTED
-    methods = (*METHODS, *VLLM_SELECTION_METHODS)
+    methods = VLLM_METHODS
     processor_counts_placeholders = False
 
     matches = staticmethod(is_vllm_llava)
