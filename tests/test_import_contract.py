@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pitome_mllm"
-LAYERS = {"config": 0, "schedule": 0, "merge": 1, "hooks": 2, "models": 3}
+LAYERS = {"config": 0, "schedule": 0, "geometry": 0, "merge": 1, "hooks": 2, "models": 3}
 TOP = 4  # every other module of the package
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS
 from ..merge.budget import merge_to_budget
+from ..merge.plan import to_raster_order
 from ..merge.select import (
     cls_attention,
     conditional_kernel,
@@ -42,7 +43,7 @@ from ..merge.select import (
     top_indices,
 )
 from .base import remove_hooks, undone_on_error
-from .tower import KeySource, MergeTrace, PatchState, raster_order
+from .tower import KeySource, MergeTrace, PatchState
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,7 @@ class ProjectorMerger:
             reduce=settings.reduce,
         )
         if self.settings.keep_order:
-            order = raster_order(token_map, features.shape[1])
-            features = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-            size = size.gather(1, order.unsqueeze(-1))
-            inverse = order.argsort(dim=1)
-            token_map = inverse.gather(1, token_map)
+            features, size, token_map = to_raster_order(features, size, token_map)
         self.state.final_token_map = token_map
         self.state.final_size = size
         return features if self.active else None

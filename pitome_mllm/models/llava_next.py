@@ -43,10 +43,13 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
+from ..geometry import TowerBudget, check_image_size
 from ..hooks.base import InstanceOverrides, undone_on_error
-from ..hooks.tower import PatchState, raster_order
+from ..hooks.tower import PatchState
 from ..merge.budget import merge_to_budget
+from ..merge.plan import to_raster_order
 from ..schedule import LayerStep, plan_layers, projector_margin
+from .clip_tower import clip_geometry
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
 from .protocol import ModelAdapter, ModelParts
@@ -244,8 +247,7 @@ def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -
     )
     if settings.keep_order and x.shape[1] < num_tokens:
         # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
-        order = raster_order(token_map, x.shape[1])
-        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x, size, token_map = to_raster_order(x, size, token_map)
     return x.squeeze(0)
 
 
@@ -315,17 +317,24 @@ class LlavaNextAdapter(ModelAdapter):
                 f"vision_feature_select_strategy={strategy!r} does not leave a whole token grid per crop with "
                 f"{type(self.vision_tower).__name__}; supported with this tower: {allowed}"
             )
-        vision_config = llava_config.vision_config
-        self.crop_size = vision_config.image_size
-        self.patch_size = vision_config.patch_size
-        self.pinpoints = llava_config.image_grid_pinpoints
-        self.max_crops = max_crops_of(getattr(llava_config, "vision_aspect_ratio", None))
-        side = self.crop_size // self.patch_size
-        self.default_num_tokens = side * side + int(class_token)
-        # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
-        self.base_tokens = side * side
         self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
+        # Every crop (the base one and the high-resolution ones) is one native-size tower image.
+        self.crop_geometry = clip_geometry(
+            llava_config.vision_config,
+            self.num_layers,
+            parts.last_layer,
+            class_token,
+            parts.drops_class_token,
+            tower_name=type(self.vision_tower).__name__,
+        )
+        self.crop_size = self.crop_geometry.image_size
+        self.patch_size = self.crop_geometry.patch_size
+        self.pinpoints = llava_config.image_grid_pinpoints
+        self.max_crops = max_crops_of(getattr(llava_config, "vision_aspect_ratio", None))
+        self.default_num_tokens = self.crop_geometry.default_num_tokens
+        # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
+        self.base_tokens = self.crop_geometry.grid_for_pixels(self.crop_size, self.crop_size).patches
         feature_layer = parts.feature_layer
         single_layer = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
         self.last_layer = parts.last_layer
@@ -367,16 +376,7 @@ class LlavaNextAdapter(ModelAdapter):
                 f"keep_ratio on LLaVA-NeXT follows the tower schedule of one feature layer, but "
                 f"vision_feature_layer={self.llava.config.vision_feature_layer!r}; use target_tokens"
             )
-        steps = plan_layers(
-            self.default_num_tokens,
-            self.num_layers,
-            config.keep_ratio,
-            method=config.method,
-            preset=config.preset,
-            class_token=self.class_token,
-            last_layer=self.last_layer,
-        )
-        return steps[-1].tokens_out - int(self.class_token)
+        return TowerBudget(self.crop_geometry, config).tower_output_tokens(self.default_num_tokens)
 
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """The tower's schedule: no merge on any layer (merging happens after packing)."""
@@ -403,8 +403,14 @@ class LlavaNextAdapter(ModelAdapter):
     def visual_tokens_for_image(self, height: int, width: int, cropped: bool = True) -> int:
         """Placeholders for an original (unprocessed) image of ``height x width`` pixels.
 
-        ``cropped=False``: the image goes in as its base crop only (OneVision, several images per prompt).
+        Anyres works on the original size itself (the processor records it in ``image_sizes``), so
+        no resize rule comes first. ``cropped=False``: the image goes in as its base crop only
+        (OneVision, several images per prompt).
+
+        Raises:
+            ValueError: ``height`` or ``width`` is not a positive integer.
         """
+        check_image_size(height, width)
         layout = self.layout_for_image(height, width, cropped)
         budget = self.budget_for(layout)
         return layout.unmerged_tokens if budget is None else budget

@@ -120,7 +120,11 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Placeholders the prompt needs for one image of ``height x width`` pixels."""
+        """Placeholders the prompt needs for one original (unprocessed) image of ``height x width`` pixels.
+
+        The family applies its own resize rule (the processor's), so the answer is the count the
+        patched processor emits. Raises ValueError for a side that is not a positive integer.
+        """
 
     def record_merges(self, enabled: bool) -> None:
         """Keep every tower step's `Merge` in the trace (families whose tower is not merged: nothing)."""
