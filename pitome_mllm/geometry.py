@@ -278,7 +278,9 @@ class TowerBudget:
         return self.visual_tokens_for(self.geometry.image_tower_tokens(height, width))
 
 
-def keep_ratio_for_visual_tokens(geometry: TowerGeometry, num_visual_tokens: int, method: str, preset: str) -> float:
+def keep_ratio_for_visual_tokens(
+    geometry: TowerGeometry, num_visual_tokens: int, method: str, preset: str, tolerance: float = 1e-7
+) -> float:
     """The smallest keep ratio at which the tower leaves at least ``num_visual_tokens`` visual tokens.
 
     The bisection of `pitome_mllm.schedule.solve_keep_ratio` at the native size; the count it
@@ -292,6 +294,7 @@ def keep_ratio_for_visual_tokens(geometry: TowerGeometry, num_visual_tokens: int
         method=method,
         preset=preset,
         class_token=geometry.class_token,
+        tolerance=tolerance,
     )
 
 

@@ -7,6 +7,14 @@ Every family implements the `ModelAdapter` contract (`protocol`); `find_adapter`
 from __future__ import annotations
 
 from .protocol import ModelAdapter, ModelParts
-from .registry import ADAPTERS, find_adapter, model_parts, supported_families
+from .registry import ADAPTERS, find_adapter, model_geometry, model_parts, supported_families
 
-__all__ = ["ADAPTERS", "ModelAdapter", "ModelParts", "find_adapter", "model_parts", "supported_families"]
+__all__ = [
+    "ADAPTERS",
+    "ModelAdapter",
+    "ModelParts",
+    "find_adapter",
+    "model_geometry",
+    "model_parts",
+    "supported_families",
+]

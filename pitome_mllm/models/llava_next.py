@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
-from ..geometry import TowerBudget, check_image_size
+from ..geometry import ImageResize, TowerBudget, TowerGeometry, check_image_size
 from ..hooks.base import InstanceOverrides, undone_on_error
 from ..hooks.tower import PatchState
 from ..merge.budget import merge_to_budget
@@ -283,6 +283,19 @@ class LlavaNextAdapter(ModelAdapter):
     def parts(cls, model: nn.Module) -> ModelParts:
         return llava_parts(model, cls.supported, several_layers=True)
 
+    @classmethod
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        """The geometry of one crop: a native-size tower image (anyres resizes each crop itself)."""
+        return clip_geometry(
+            parts.tower.config,
+            len(parts.encoder_layers),
+            parts.last_layer,
+            tower_has_class_token(parts.tower),
+            parts.drops_class_token,
+            tower_name=type(parts.tower).__name__,
+            resize=resize,
+        )
+
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         self.model = model
         self.processor = processor
@@ -320,14 +333,7 @@ class LlavaNextAdapter(ModelAdapter):
         self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
         # Every crop (the base one and the high-resolution ones) is one native-size tower image.
-        self.crop_geometry = clip_geometry(
-            llava_config.vision_config,
-            self.num_layers,
-            parts.last_layer,
-            class_token,
-            parts.drops_class_token,
-            tower_name=type(self.vision_tower).__name__,
-        )
+        self.crop_geometry = self.geometry(parts)
         self.crop_size = self.crop_geometry.image_size
         self.patch_size = self.crop_geometry.patch_size
         self.pinpoints = llava_config.image_grid_pinpoints

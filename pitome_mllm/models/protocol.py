@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..geometry import ImageResize, TowerGeometry
 from ..hooks.tower import PatchState
 from ..schedule import LayerStep
 
@@ -108,6 +109,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def parts(cls, model: nn.Module) -> ModelParts:
         """The `ModelParts` of a model of this family, patched or not."""
+
+    @classmethod
+    @abstractmethod
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        """The token geometry of the model's tower (anyres families: of one crop), from its parts alone.
+
+        ``resize``: the processor's rule from an original image to the tower's pixels (None: the
+        tower's native size). What every count of the family is built on.
+        """
 
     @abstractmethod
     def plan(self, num_tokens: int) -> list[LayerStep]:
