@@ -81,8 +81,7 @@ class ResizeAndCrop:
 
     Attributes:
         shortest_edge: resize so that the shorter side has this many pixels, keeping the aspect
-            ratio (the longer side truncated, as transformers does); capped by ``longest_edge``.
-        longest_edge: the most pixels the longer side may have after a shortest-edge resize.
+            ratio (the longer side truncated, as transformers does).
         size: ``(height, width)`` to resize to, ignoring the aspect ratio.
         crop: ``(height, width)`` of the centre crop (a smaller image is padded to it).
 
@@ -90,7 +89,6 @@ class ResizeAndCrop:
     """
 
     shortest_edge: int | None = None
-    longest_edge: int | None = None
     size: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
 
@@ -102,8 +100,6 @@ class ResizeAndCrop:
             return height, width
         short, long = min(height, width), max(height, width)
         new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
-        if self.longest_edge is not None and new_long > self.longest_edge:
-            new_short, new_long = int(self.longest_edge * new_short / new_long), self.longest_edge
         return (new_short, new_long) if height <= width else (new_long, new_short)
 
     def __call__(self, height: int, width: int) -> tuple[int, int]:

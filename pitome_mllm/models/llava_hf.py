@@ -150,21 +150,22 @@ def image_processor_resize(image_processor) -> ImageResize:
     """A CLIP / SigLIP image processor's resize rule: ``do_resize`` + ``size``, ``do_center_crop`` + ``crop_size``."""
     size = getattr(image_processor, "size", None)
     crop = getattr(image_processor, "crop_size", None)
-    rule: dict = {}
-    if getattr(image_processor, "do_resize", True) and size is not None:
-        shortest, height, width = (_size_field(size, name) for name in ("shortest_edge", "height", "width"))
-        if shortest is not None:
-            rule.update(shortest_edge=shortest, longest_edge=_size_field(size, "longest_edge"))
-        elif height is not None and width is not None:
-            rule["size"] = (height, width)
-        else:
-            return unreadable_resize(f"{type(image_processor).__name__} (size={size})")
+    name = type(image_processor).__name__
     if getattr(image_processor, "do_center_crop", False) and crop is not None:
         crop_height, crop_width = _size_field(crop, "height"), _size_field(crop, "width")
         if crop_height is None or crop_width is None:
-            return unreadable_resize(f"{type(image_processor).__name__} (crop_size={crop})")
-        rule["crop"] = (crop_height, crop_width)
-    return ResizeAndCrop(**rule)
+            return unreadable_resize(f"{name} (crop_size={crop})")
+        # Whatever the resize made of the image, the centre crop (padding where smaller) fixes the size.
+        return ResizeAndCrop(crop=(crop_height, crop_width))
+    if not getattr(image_processor, "do_resize", True) or size is None:
+        return ResizeAndCrop()
+    shortest, height, width = (_size_field(size, field) for field in ("shortest_edge", "height", "width"))
+    # A longest_edge cap next to shortest_edge rounds in its own way: not modelled, so refused.
+    if shortest is not None and _size_field(size, "longest_edge") is None:
+        return ResizeAndCrop(shortest_edge=shortest)
+    if height is not None and width is not None:
+        return ResizeAndCrop(size=(height, width))
+    return unreadable_resize(f"{name} (size={size})")
 
 
 def logits_from_tower_features(
