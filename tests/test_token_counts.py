@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import LlavaOnevisionProcessor
 
 import pitome_mllm
-from pitome_mllm.geometry import ResizeAndCrop, TowerGeometry, check_image_size
+from pitome_mllm.geometry import PatchGrid, ResizeAndCrop, TowerGeometry, check_image_size
 from pitome_mllm.zoo.tiny import (
     IMAGE_TOKEN,
     ONEVISION_TEST_SPEC,
@@ -162,6 +162,28 @@ def test_anyres_refuses_sizes_that_are_not_positive_integers(request, fixture, h
     with pitome_mllm.patched(model, processor, keep_ratio=0.9) as handle:
         with pytest.raises(ValueError, match="positive integer"):
             handle.visual_tokens_for_image(height, width)
+
+
+def test_llava_sees_one_native_grid_for_every_original_size(tiny_llava):
+    model, processor = tiny_llava
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    with pitome_mllm.patched(model, processor, keep_ratio=0.9) as handle:
+        assert {handle._adapter.image_grids(h, w) for h, w in ORIGINAL_SIZES} == {(PatchGrid(side, side),)}
+
+
+def test_next_grids_are_the_base_crop_and_the_crops_it_packs(tiny_next):
+    model, processor = tiny_next
+    side = NEXT_SPEC.image_size // NEXT_SPEC.patch_size
+    with pitome_mllm.patched(model, processor, target_tokens=160) as handle:
+        adapter = handle._adapter
+        for height, width in ORIGINAL_SIZES:
+            base, crops = adapter.image_grids(height, width)
+            layout = adapter.layout_for_image(height, width)
+            assert base == PatchGrid(side, side)
+            assert (crops.rows // side, crops.cols // side) == layout.crop_grid
+            # Unpadding only cuts rows or columns of the tiled crops off.
+            assert layout.grid_rows <= crops.rows and layout.grid_cols <= crops.cols
+        assert adapter.image_grids(50, 2000, cropped=False) == (PatchGrid(side, side),)
 
 
 # ---------------------------------------------------------------------------------- the geometry alone

@@ -13,7 +13,7 @@ import logging
 from torch import nn
 
 from ..config import CLS_ATTENTION_METHODS, INSTRUCTION_METHODS, PiToMeConfig
-from ..geometry import ImageResize, TowerBudget, TowerGeometry
+from ..geometry import ImageResize, PatchGrid, TowerBudget, TowerGeometry
 from ..hooks.base import undone_on_error
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.tower import KeySource, MergeSettings, PatchState, TowerMerger
@@ -317,6 +317,10 @@ class ClipTowerAdapter(ModelAdapter):
     @property
     def num_visual_tokens(self) -> int:
         return self.budget.num_visual_tokens
+
+    def image_grids(self, height: int, width: int) -> tuple[PatchGrid, ...]:
+        """The one patch grid of the processed image (the processor's resize rule on the original size)."""
+        return (self.tower_geometry.grid_for_image(height, width),)
 
     def visual_tokens_for_image(self, height: int, width: int) -> int:
         """Placeholders for an original ``height x width`` image, after the processor's resize rule.

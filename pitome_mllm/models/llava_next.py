@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, SELECT_MERGE_PRESETS, PiToMeConfig
-from ..geometry import ImageResize, TowerBudget, TowerGeometry, check_image_size
+from ..geometry import ImageResize, PatchGrid, TowerBudget, TowerGeometry, check_image_size
 from ..hooks.base import InstanceOverrides, undone_on_error
 from ..hooks.tower import PatchState
 from ..merge.budget import merge_to_budget
@@ -387,6 +387,19 @@ class LlavaNextAdapter(ModelAdapter):
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """The tower's schedule: no merge on any layer (merging happens after packing)."""
         return plan_layers(num_tokens, self.num_layers, 1.0, class_token=self.class_token, last_layer=self.last_layer)
+
+    def image_grids(self, height: int, width: int, cropped: bool = True) -> tuple[PatchGrid, ...]:
+        """The base crop's patch grid, then the grid the high-resolution crops tile (before unpadding).
+
+        ``cropped=False``: the base crop only (OneVision, several images per prompt).
+        """
+        check_image_size(height, width)
+        base = self.crop_geometry.grid_for_pixels(self.crop_size, self.crop_size)
+        layout = self.layout_for_image(height, width, cropped)
+        if layout.grid_tokens == 0:
+            return (base,)
+        crops_down, crops_across = layout.crop_grid
+        return base, PatchGrid(crops_down * base.rows, crops_across * base.cols)
 
     def layout_for_image(self, height: int, width: int, cropped: bool = True) -> AnyresLayout:
         return anyres_layout(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
-from ..geometry import ImageResize, TowerGeometry
+from ..geometry import ImageResize, PatchGrid, TowerGeometry
 from ..hooks.tower import PatchState
 from ..schedule import LayerStep
 
@@ -127,6 +127,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def num_visual_tokens(self) -> int:
         """Visual tokens per image the language model receives at the native image size."""
+
+    @abstractmethod
+    def image_grids(self, height: int, width: int) -> tuple[PatchGrid, ...]:
+        """The patch grid(s) the tower sees for one original ``height x width`` image.
+
+        One grid for LLaVA-1.5 (the processed image) and for a Qwen-VL tower (``t x h x w``);
+        LLaVA-NeXT: the base crop's grid, then the grid its high-resolution crops tile.
+        """
 
     @abstractmethod
     def visual_tokens_for_image(self, height: int, width: int) -> int:
