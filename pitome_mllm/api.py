@@ -76,7 +76,17 @@ class PatchHandle:
         return self._adapter.tower_keep_ratio
 
     def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Visual tokens for a preprocessed image of ``height`` x ``width`` pixels."""
+        """Image placeholders the prompt needs for one ORIGINAL image of ``height x width`` pixels.
+
+        The size of the image as the user has it (PIL ``image.size[::-1]``), before the processor:
+        the family's own resize rule is applied (LLaVA-1.5: shortest edge and centre crop of the
+        patched processor's image processor, or the tower's native size when patched without a
+        processor; LLaVA-NeXT / OneVision: anyres on the original size), so the answer equals the
+        count the patched processor emits.
+
+        Raises:
+            ValueError: ``height`` or ``width`` is not a positive integer.
+        """
         return self._adapter.visual_tokens_for_image(height, width)
 
     @property

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer and the ones below it):
 
     core
     0  config, methods,        names, the method registry, validated settings,
-       schedule                token arithmetic (no torch)
+       schedule, geometry      token arithmetic, an image's size -> grid -> counts (no torch)
     1  merge/                  the algorithms on tensors (no transformers, no nn.Module)
     2  hooks/                  reversible insertion points on generic modules
     3  models/                 the adapters: the only place that knows model attribute paths
@@ -49,6 +49,7 @@ LAYERS = {
     "config": 0,
     "methods": 0,
     "schedule": 0,
+    "geometry": 0,
     "merge": 1,
     "hooks": 2,
     "models": 3,

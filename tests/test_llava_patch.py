@@ -22,6 +22,7 @@ from transformers import (
 )
 
 import pitome_mllm
+from pitome_mllm.models import model_geometry
 from pitome_mllm.models.clip_tower import clip_encoder_layers
 from pitome_mllm.models.compat import transformers_version
 from pitome_mllm.models.llava_hf import image_features_per_image, vision_hidden_states
@@ -71,8 +72,8 @@ def greedy(model, inputs, max_new_tokens: int = NEW_TOKENS, **kwargs) -> torch.T
 
 def tower_geometry(model) -> tuple[int, int]:
     """``(tokens entering the CLIP encoder incl. CLS, number of encoder layers)`` of a LLaVA model."""
-    vision_config = model.config.vision_config
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1, vision_config.num_hidden_layers
+    geometry = model_geometry(model)
+    return geometry.default_num_tokens, geometry.num_layers
 
 
 def planned_visual_tokens(num_tokens: int, num_layers: int, keep_ratio: float, **plan_kwargs) -> int:

@@ -106,9 +106,9 @@ def load_model_for_profiling(args: argparse.Namespace, device, dtype):
 
 
 def native_visual_tokens(model) -> int:
-    vision = model.config.vision_config
-    drop = 1 if model.config.vision_feature_select_strategy == "default" else 0
-    return (vision.image_size // vision.patch_size) ** 2 + 1 - drop
+    from ..models import model_geometry
+
+    return model_geometry(model).native_visual_tokens
 
 
 def run(args: argparse.Namespace) -> int:

@@ -77,31 +77,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def keep_ratio_for_tokens(model, method: str, num_tokens: int, preset: str, tolerance: float = 1e-7) -> float:
     """The smallest keep ratio at which ``method`` gives exactly ``num_tokens`` visual tokens.
 
-    Bisection on the token count the patch plans (non-decreasing in the keep ratio);
-    nothing runs through the model.
+    The schedule's bisection (`pitome_mllm.geometry.keep_ratio_for_visual_tokens`) on the model's
+    geometry: the counts a patch would plan, with nothing patched and nothing run.
 
     Raises:
         ValueError: no keep ratio gives exactly ``num_tokens``; the message names the
             nearest counts that are reachable.
     """
-    from ..api import patched
+    from ..config import PiToMeConfig
+    from ..geometry import TowerBudget, keep_ratio_for_visual_tokens
+    from ..models import model_geometry
+
+    geometry = model_geometry(model)
 
     def count(keep_ratio: float) -> int:
-        with patched(model, None, method=method, keep_ratio=keep_ratio, preset=preset) as handle:
-            return handle.num_visual_tokens
+        config = PiToMeConfig(method=method, keep_ratio=keep_ratio, preset=preset)
+        return TowerBudget(geometry, config).num_visual_tokens
 
     most = count(1.0)
     if not (1 <= num_tokens <= most):
         raise ValueError(f"budget {num_tokens} is out of range: {method} gives between 1 and {most} visual tokens")
-    low, high = 0.5, 1.0  # count(high) >= num_tokens; low is excluded by the config
-    while high - low > tolerance:
-        middle = (low + high) / 2
-        if count(middle) >= num_tokens:
-            high = middle
-        else:
-            low = middle
+    high = keep_ratio_for_visual_tokens(geometry, num_tokens, method, preset, tolerance)
     reached = count(high)
     if reached != num_tokens:
+        low = high - tolerance  # the ratio just below, which the bisection found too small
         below = count(low) if low > 0.5 else None
         raise ValueError(
             f"{method} cannot give exactly {num_tokens} visual tokens ({preset} preset); nearest: "

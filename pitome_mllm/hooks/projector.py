@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from ..merge.budget import StepParams, merge_to_budget_with
+from ..merge.plan import to_raster_order
 from ..merge.reducers import ReductionInputs, reduce_to_budget
 from ..merge.select import cls_attention
 from ..methods import MethodSpec, method_spec
 from .base import Hook, remove_hooks, undone_on_error
 from .state import MergeTrace, PatchState
-from .tower import KeySource, raster_order
+from .tower import KeySource
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,7 @@ class ProjectorMerger(Hook):
             "projector", None, merge_to_budget_with, settings.step, output, size, token_map, settings.target_tokens
         )
         if self.settings.keep_order:
-            order = raster_order(token_map, features.shape[1])
-            features = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
-            size = size.gather(1, order.unsqueeze(-1))
-            inverse = order.argsort(dim=1)
-            token_map = inverse.gather(1, token_map)
+            features, size, token_map = to_raster_order(features, size, token_map)
         self.state.final_token_map = token_map
         self.state.final_size = size
         return features if self.active else None

@@ -218,27 +218,6 @@ def _passthrough_forward(as_tuple: bool) -> Callable[[Callable], Callable]:
     return make
 
 
-def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> torch.Tensor:
-    """Order of the current tokens by the first original token each one holds.
-
-    Args:
-        token_map: ``[B, N0]`` current index of every original token.
-        num_tokens: ``n``, the current token count.
-        offset: leading current tokens left out (e.g. a dropped class token); also the
-            number of leading original tokens ignored.
-
-    Returns:
-        ``[B, n - offset]`` indices (relative to the tokens after ``offset``) that sort
-        them by their smallest original index.
-    """
-    batch, n_orig = token_map.shape
-    current = token_map[:, offset:] - offset  # [B, N0 - offset]
-    first = torch.full((batch, num_tokens - offset), n_orig, dtype=torch.long, device=token_map.device)
-    original_index = torch.arange(n_orig - offset, device=token_map.device).expand(batch, -1)
-    first.scatter_reduce_(1, current, original_index, reduce="amin", include_self=True)
-    return first.argsort(dim=1, stable=True)
-
-
 __all__ = [
     "KeySource",
     "MergeSettings",
@@ -247,5 +226,4 @@ __all__ = [
     "TowerMerger",
     "decide_step",
     "proportional_attention_bias",
-    "raster_order",
 ]

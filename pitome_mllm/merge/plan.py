@@ -200,11 +200,48 @@ def _flatten_rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return (idx + offsets).reshape(-1)
 
 
-def take_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b, k]]`` for every ``b, k``: ``[B, N, C]``, ``[B, k]`` -> ``[B, k, C]``."""
-    batch, num_tokens, channels = x.shape
-    rows = x.reshape(-1, channels).index_select(0, _flatten_rows(idx, num_tokens))
-    return rows.view(batch, -1, channels)
+def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``features[b, indices[b, k]]`` for every ``b, k``: ``[B, N, C]`` and ``[B, K]`` -> ``[B, K, C]``."""
+    return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+
+
+def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> torch.Tensor:
+    """Order of the current tokens by the first original token each one holds.
+
+    Args:
+        token_map: ``[B, N0]`` current index of every original token.
+        num_tokens: ``n``, the current token count.
+        offset: leading current tokens left out (e.g. a dropped class token); also the
+            number of leading original tokens ignored.
+
+    Returns:
+        ``[B, n - offset]`` indices (relative to the tokens after ``offset``) that sort
+        them by their smallest original index.
+    """
+    batch, n_orig = token_map.shape
+    current = token_map[:, offset:] - offset  # [B, N0 - offset]
+    first = torch.full((batch, num_tokens - offset), n_orig, dtype=torch.long, device=token_map.device)
+    original_index = torch.arange(n_orig - offset, device=token_map.device).expand(batch, -1)
+    first.scatter_reduce_(1, current, original_index, reduce="amin", include_self=True)
+    return first.argsort(dim=1, stable=True)
+
+
+def to_raster_order(
+    features: torch.Tensor, size: torch.Tensor, token_map: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merged tokens back in reading order (by each one's first original token), with their sizes and map.
+
+    Args:
+        features: ``[B, n, C]`` merged tokens.
+        size: ``[B, n, 1]`` original tokens each holds.
+        token_map: ``[B, N0]`` current index of every original token.
+
+    Returns:
+        ``(features, size, token_map)`` reordered; the map points at the new positions.
+    """
+    order = raster_order(token_map, features.shape[1])  # [B, n]
+    inverse = order.argsort(dim=1)
+    return gather_tokens(features, order), size.gather(1, order.unsqueeze(-1)), inverse.gather(1, token_map)
 
 
 def identity_merge(batch_size: int, num_tokens: int, device: torch.device | str = "cpu") -> Merge:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .energy import energy_score
+from .plan import gather_tokens
 
 # The budget split of the dominant method: 54 dominant + 10 contextual tokens for 64, the
 # same proportion for other budgets (108 + 20 for 128, 162 + 30 for 192).
@@ -54,11 +55,6 @@ def random_keep_indices(num_patches: int, num_keep: int, seed: int) -> torch.Ten
         raise ValueError(f"cannot keep {num_keep} of {num_patches} patches")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randperm(num_patches, generator=generator)[:num_keep].sort().values
-
-
-def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """``features[b, indices[b]]``: ``[B, N, C]`` and ``[B, K]`` -> ``[B, K, C]``."""
-    return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
 def kept_token_map(indices: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ Every family implements the `ModelAdapter` contract (`protocol`); `find_adapter`
 from __future__ import annotations
 
 from .protocol import DecoderShape, ModelAdapter, ModelParts
-from .registry import ADAPTERS, find_adapter, model_parts, supported_families
+from .registry import ADAPTERS, find_adapter, model_geometry, model_parts, supported_families
 
 __all__ = [
     "ADAPTERS",
@@ -15,6 +15,7 @@ __all__ = [
     "ModelAdapter",
     "ModelParts",
     "find_adapter",
+    "model_geometry",
     "model_parts",
     "supported_families",
 ]

@@ -8,11 +8,10 @@ checks budgets, and installs / removes the tower and projector hooks. The helper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..geometry import ImageResize, PatchGrid, TowerBudget, TowerGeometry
 from ..hooks.base import Hook
 from ..hooks.projector import ProjectorMerger, ProjectorSettings, SelectionSettings, SelectionStage
 from ..hooks.state import PatchState
@@ -20,10 +19,10 @@ from ..hooks.tower import KeySource, MergeSettings, TowerMerger
 from ..merge.budget import StepParams
 from ..merge.select import pool_grid, square_grid
 from ..methods import PROJECTOR, capability_error, method_label, method_spec
-from ..schedule import LayerStep, margin_for_layer, plan_layers, projector_margin, solve_keep_ratio
+from ..schedule import LayerStep, margin_for_layer, projector_margin
 from .compat import encoder_layers_return_tuple
 from .protocol import ModelAdapter, ModelParts
-from .siglip import tower_has_class_token
+from .siglip import CLASS_TOKEN_OF_TOWER, tower_has_class_token
 
 
 def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -74,134 +73,69 @@ def clip_key_projection(layer: nn.Module) -> KeySource:
     return KeySource(attention.k_proj, attention.num_heads)
 
 
-@dataclass(frozen=True)
-class TowerGeometry:
-    """What the token counts of a CLIP-style tower depend on, read from a model or from its config alone.
+def tower_config_geometry(
+    vision_config, feature_layer: int, drops_class_token: bool, num_layers: int | None = None, resize=None
+) -> TowerGeometry:
+    """The geometry of a CLIP or SigLIP tower read at ``feature_layer``, from its config alone.
 
-    Attributes:
-        num_layers: layers of the whole tower; the schedule's margins span all of them, also where a
-            model builds only the layers it reads.
-        last_layer: index of the encoder layer whose output the model reads.
-        image_size, patch_size: the tower's native input size and patch size, in pixels.
-        class_token: the tower prepends a class token (CLIP) or not (SigLIP).
-        drops_class_token: the model drops the class token before the projector.
-    """
-
-    num_layers: int
-    last_layer: int
-    image_size: int
-    patch_size: int
-    class_token: bool
-    drops_class_token: bool
-
-    def tower_tokens(self, height: int, width: int) -> int:
-        """Tokens inside the tower for an image of ``height`` x ``width`` pixels (class token included)."""
-        return (height // self.patch_size) * (width // self.patch_size) + int(self.class_token)
-
-    @property
-    def default_num_tokens(self) -> int:
-        return self.tower_tokens(self.image_size, self.image_size)
-
-
-class TowerBudget:
-    """Every token count of a CLIP-style tower patched with ``config``, known before any model runs.
-
-    Needs no model, only its `TowerGeometry`, so that a serving engine's prompt processing (which
-    holds no weights) counts placeholders with the same code the patched model merges with.
-
-    Construction resolves the tower's keep ratio (solved from ``target_tokens`` when it is not
-    given) and checks the budget at the native size.
+    Args:
+        vision_config: the tower's config (``CLIPVisionConfig`` / ``SiglipVisionConfig``; its
+            ``model_type`` says whether a class token exists).
+        feature_layer: the ``hidden_states`` index the model reads.
+        drops_class_token: the model drops the first token before the projector.
+        num_layers: layers of the whole tower (default: the config's ``num_hidden_layers``).
+        resize: the image processor's `ImageResize` (None: the native size).
 
     Raises:
-        ValueError: a budget the tower cannot reach (the message names the numbers).
+        ValueError: another tower, a feature layer that is not one integer in range, or a class
+            token dropped from a tower that has none.
     """
-
-    def __init__(self, geometry: TowerGeometry, config: PiToMeConfig) -> None:
-        self.geometry = geometry
-        self.config = config
-        # Selection methods (and the mllm preset) choose at the projector; the tower stays unmerged.
-        self.tower_method = "none" if config.selects_at_projector else config.method
-        self._plans: dict[int, list[LayerStep]] = {}
-        self.keep_ratio = self._resolve_keep_ratio()
-        self.check(geometry.default_num_tokens)
-
-    def _resolve_keep_ratio(self) -> float:
-        config, geometry = self.config, self.geometry
-        if config.method == "none" or config.selects_at_projector:
-            return 1.0
-        if config.keep_ratio is not None:
-            return config.keep_ratio
-        # target_tokens without keep_ratio: merge in the tower as far as possible
-        # without going below the budget; the projector step trims the rest.
-        available = geometry.default_num_tokens - int(geometry.drops_class_token)
-        if config.target_tokens > available:
-            raise ValueError(
-                f"target_tokens={config.target_tokens} is larger than the {available} visual tokens "
-                "this model produces per image"
-            )
-        return solve_keep_ratio(
-            geometry.default_num_tokens,
-            geometry.num_layers,
-            config.target_tokens + int(geometry.drops_class_token),
-            geometry.last_layer,
-            method=self.tower_method,
-            preset=config.preset,
-            class_token=geometry.class_token,
+    model_type = getattr(vision_config, "model_type", None)
+    if model_type not in CLASS_TOKEN_OF_TOWER:
+        raise ValueError(
+            f"pitome_mllm merges in CLIP and SigLIP towers; this LLaVA has a {model_type!r} tower "
+            f"(supported: {', '.join(CLASS_TOKEN_OF_TOWER)})"
         )
+    num_layers = vision_config.num_hidden_layers if num_layers is None else num_layers
+    return clip_geometry(
+        vision_config,
+        num_layers,
+        last_encoder_layer(feature_layer, num_layers, "one integer"),
+        CLASS_TOKEN_OF_TOWER[model_type],
+        drops_class_token,
+        tower_name=f"a {model_type} tower",
+        resize=resize,
+    )
 
-    def plan(self, num_tokens: int) -> list[LayerStep]:
-        """Merge steps of layers ``0..last_layer`` for an input of ``num_tokens`` (class token, if any, included)."""
-        if num_tokens not in self._plans:
-            geometry = self.geometry
-            self._plans[num_tokens] = plan_layers(
-                num_tokens,
-                geometry.num_layers,
-                self.keep_ratio,
-                method=self.tower_method,
-                preset=self.config.preset,
-                class_token=geometry.class_token,
-                last_layer=geometry.last_layer,
-                margin_start=self.config.margin_start,
-                margin_span=self.config.margin_span,
-                energy=self.config.energy,
-            )
-        return self._plans[num_tokens]
 
-    def tower_output_tokens(self, num_tokens: int) -> int:
-        """Visual tokens the projector receives per image (after the class token is dropped)."""
-        return self.plan(num_tokens)[-1].tokens_out - int(self.geometry.drops_class_token)
+def clip_geometry(
+    vision_config,
+    num_layers: int,
+    last_layer: int,
+    class_token: bool,
+    drops_class_token: bool,
+    tower_name: str,
+    resize=None,
+) -> TowerGeometry:
+    """The `TowerGeometry` of a CLIP-style tower (square native images of ``image_size``, one patch grid).
 
-    def visual_tokens_for(self, num_tokens: int) -> int:
-        """Visual tokens the language model receives per image, for ``num_tokens`` tower inputs."""
-        from_tower = self.tower_output_tokens(num_tokens)
-        target = self.config.target_tokens
-        return from_tower if target is None else min(target, from_tower)
-
-    def check(self, num_tokens: int) -> None:
-        """Raise ValueError when the budget cannot be met for ``num_tokens`` tower inputs."""
-        target = self.config.target_tokens
-        if target is None:
-            return
-        available = num_tokens - int(self.geometry.drops_class_token)
-        if target > available:
-            raise ValueError(
-                f"target_tokens={target} is larger than the {available} visual tokens this model produces per image"
-            )
-        from_tower = self.tower_output_tokens(num_tokens)
-        if from_tower < target:
-            raise ValueError(
-                f"keep_ratio={self.keep_ratio} leaves {from_tower} visual tokens, fewer than "
-                f"target_tokens={target}; raise keep_ratio or leave it unset to have it chosen"
-            )
-
-    @property
-    def num_visual_tokens(self) -> int:
-        """Visual tokens per image the language model receives at the native image size."""
-        return self.visual_tokens_for(self.geometry.default_num_tokens)
-
-    def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
-        return self.visual_tokens_for(self.geometry.tower_tokens(height, width))
+    Raises:
+        ValueError: the class token is dropped from a tower (named ``tower_name``) that has none.
+    """
+    if drops_class_token and not class_token:
+        raise ValueError(
+            f"vision_feature_select_strategy='default' drops the first token, but {tower_name} has no class "
+            "token (it would drop a patch); supported with this tower: 'full'"
+        )
+    return TowerGeometry(
+        num_layers=num_layers,
+        last_layer=last_layer,
+        image_size=vision_config.image_size,
+        patch_size=vision_config.patch_size,
+        class_token=class_token,
+        drops_class_token=drops_class_token,
+        resize=resize,
+    )
 
 
 class ClipTowerAdapter(ModelAdapter):
@@ -227,7 +161,8 @@ class ClipTowerAdapter(ModelAdapter):
         self.vision_tower = parts.tower
         self.projector = parts.projector
         self.layers = parts.encoder_layers
-        geometry = self.geometry(parts)
+        geometry = self.geometry(parts, self.image_resize(processor))
+        self.tower_geometry = geometry
         # CLIP carries a class token at index 0, SigLIP none; planning, merging and counts follow.
         self.class_token = geometry.class_token
         self.num_layers = geometry.num_layers
@@ -333,24 +268,23 @@ class ClipTowerAdapter(ModelAdapter):
 
     # ------------------------------------------------------------- the family's shape
     @classmethod
-    def geometry(cls, parts: ModelParts) -> TowerGeometry:
-        """The token geometry of a model's tower, from its `ModelParts`."""
-        class_token = tower_has_class_token(parts.tower)
-        if parts.drops_class_token and not class_token:
-            raise ValueError(
-                f"vision_feature_select_strategy='default' drops the first token, but "
-                f"{type(parts.tower).__name__} has no class token (it would drop a patch); "
-                "supported with this tower: 'full'"
-            )
-        vision_config = parts.tower.config
-        return TowerGeometry(
-            num_layers=len(parts.encoder_layers),
-            last_layer=parts.last_layer,
-            image_size=vision_config.image_size,
-            patch_size=vision_config.patch_size,
-            class_token=class_token,
-            drops_class_token=parts.drops_class_token,
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        """The token geometry of a model's tower, from its `ModelParts` (``resize``: the processor's rule)."""
+        return clip_geometry(
+            parts.tower.config,
+            len(parts.encoder_layers),
+            parts.last_layer,
+            tower_has_class_token(parts.tower),
+            parts.drops_class_token,
+            tower_name=type(parts.tower).__name__,
+            resize=resize,
         )
+
+    @classmethod
+    def image_resize(cls, processor) -> ImageResize | None:
+        """The processor's rule from an original image to the tower's pixels; None: the native size."""
+        del processor  # families whose processor resizes override this
+        return None
 
     def query_key_sources(self, layer: nn.Module) -> tuple[KeySource, KeySource]:
         """Where one encoder layer's attention queries and keys can be read (the class-token methods)."""
@@ -378,8 +312,16 @@ class ClipTowerAdapter(ModelAdapter):
     def num_visual_tokens(self) -> int:
         return self.budget.num_visual_tokens
 
+    def image_grids(self, height: int, width: int) -> tuple[PatchGrid, ...]:
+        """The one patch grid of the processed image (the processor's resize rule on the original size)."""
+        return (self.tower_geometry.grid_for_image(height, width),)
+
     def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Placeholders per image of ``height`` x ``width`` pixels (after preprocessing)."""
+        """Placeholders for an original ``height x width`` image, after the processor's resize rule.
+
+        Without a processor (or for a family whose processor is not read) the image is taken at
+        the tower's native size, as LLaVA-1.5's own processor brings every image there.
+        """
         return self.budget.visual_tokens_for_image(height, width)
 
     def record_merges(self, enabled: bool) -> None:

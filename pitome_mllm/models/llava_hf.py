@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..geometry import ImageResize, ResizeAndCrop, TowerGeometry
 from ..hooks.base import AttributeOverrides, Hook, InstanceOverrides, override_forward, restore_forward
 from ..hooks.llm_attention import LLMPropAttention
-from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer
+from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer, tower_config_geometry
 from .compat import cache_mask_sizes, transformers_version
 from .protocol import DecoderShape, ModelParts
 
@@ -98,12 +99,76 @@ def vision_hidden_states(model: nn.Module, pixel_values) -> tuple:
     return tuple(output.hidden_states)
 
 
+def config_geometry(hf_config, resize: ImageResize | None = None) -> TowerGeometry:
+    """The tower geometry of a LLaVA Hugging Face config (``LlavaConfig``), without a model.
+
+    What prompt processing without weights (vLLM) and the tools count with; ``resize`` is the
+    image processor's rule (None: every image at the tower's native size).
+
+    Raises:
+        ValueError: a tower, feature layer or feature selection the adapter does not support.
+    """
+    strategy = hf_config.vision_feature_select_strategy
+    if strategy not in FEATURE_SELECT_STRATEGIES:
+        allowed = ", ".join(FEATURE_SELECT_STRATEGIES)
+        raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: {allowed}")
+    return tower_config_geometry(
+        hf_config.vision_config, hf_config.vision_feature_layer, strategy == "default", resize=resize
+    )
+
+
 def tower_geometry(config) -> tuple[int, int, int]:
-    """``(tower tokens incl. the class token, encoder layers, last layer read)`` from a LLaVA config."""
+    """``(tower tokens incl. the class token, encoder layers, last layer read)`` from a LLaVA config.
+
+    Superseded by `config_geometry` (which also knows SigLIP towers have no class token) and
+    `pitome_mllm.models.model_geometry`; kept only while experiments/proxy still reads this tuple.
+    """
     vision = config.vision_config
     num_layers = vision.num_hidden_layers
     num_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     return num_tokens, num_layers, last_encoder_layer(config.vision_feature_layer, num_layers, SUPPORTED)
+
+
+def _size_field(size, name: str) -> int | None:
+    """One field of an image processor's ``size`` / ``crop_size`` (a dict, or transformers' ``SizeDict``)."""
+    if size is None:
+        return None
+    value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+    return None if value is None else int(value)
+
+
+def unreadable_resize(description: str) -> ImageResize:
+    """A resize rule that refuses to answer, naming the image processor settings it could not read."""
+
+    def resize(height: int, width: int) -> tuple[int, int]:
+        raise ValueError(
+            f"cannot tell the size {description} makes of a {height}x{width} image; supported: "
+            "size={'shortest_edge': ...} or {'height': ..., 'width': ...}, with or without a centre crop"
+        )
+
+    return resize
+
+
+def image_processor_resize(image_processor) -> ImageResize:
+    """A CLIP / SigLIP image processor's resize rule: ``do_resize`` + ``size``, ``do_center_crop`` + ``crop_size``."""
+    size = getattr(image_processor, "size", None)
+    crop = getattr(image_processor, "crop_size", None)
+    name = type(image_processor).__name__
+    if getattr(image_processor, "do_center_crop", False) and crop is not None:
+        crop_height, crop_width = _size_field(crop, "height"), _size_field(crop, "width")
+        if crop_height is None or crop_width is None:
+            return unreadable_resize(f"{name} (crop_size={crop})")
+        # Whatever the resize made of the image, the centre crop (padding where smaller) fixes the size.
+        return ResizeAndCrop(crop=(crop_height, crop_width))
+    if not getattr(image_processor, "do_resize", True) or size is None:
+        return ResizeAndCrop()
+    shortest, height, width = (_size_field(size, field) for field in ("shortest_edge", "height", "width"))
+    # A longest_edge cap next to shortest_edge rounds in its own way: not modelled, so refused.
+    if shortest is not None and _size_field(size, "longest_edge") is None:
+        return ResizeAndCrop(shortest_edge=shortest)
+    if height is not None and width is not None:
+        return ResizeAndCrop(size=(height, width))
+    return unreadable_resize(f"{name} (size={size})")
 
 
 def logits_from_tower_features(
@@ -372,12 +437,12 @@ def processor_output_size(processor) -> tuple[int, int]:
         ValueError: the image processor keeps each image's aspect ratio, so no single size exists.
     """
     image_processor = processor.image_processor
-    crop = getattr(image_processor, "crop_size", None)
-    if getattr(image_processor, "do_center_crop", False) and crop and "height" in crop:
-        return int(crop["height"]), int(crop["width"])
+    rule = image_processor_resize(image_processor)
+    fixed_size = getattr(rule, "fixed_size", None)
+    if fixed_size is not None:
+        return fixed_size
     size = getattr(image_processor, "size", None) or {}
-    if "height" in size and "width" in size:
-        return int(size["height"]), int(size["width"])
+    crop = getattr(image_processor, "crop_size", None)
     raise ValueError(
         f"{type(image_processor).__name__} (size={size}, crop_size={crop}) does not give every image one size; "
         "with transformers 4.x, patch() needs a fixed output size (center crop or height/width resize) to set "
@@ -397,6 +462,12 @@ class LlavaHFAdapter(ClipTowerAdapter):
     @classmethod
     def parts(cls, model: nn.Module) -> ModelParts:
         return llava_parts(model, cls.supported)
+
+    @classmethod
+    def image_resize(cls, processor) -> ImageResize | None:
+        """The image processor's resize and centre crop (LLaVA-1.5: shortest edge, then the native crop)."""
+        image_processor = getattr(processor, "image_processor", None)
+        return None if image_processor is None else image_processor_resize(image_processor)
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         super().__init__(model, processor, config)
@@ -468,14 +539,11 @@ class LlavaHFAdapter(ClipTowerAdapter):
         processor = self.processor
         original_count = processor._get_num_multimodal_tokens
         image_token = processor.image_token
-        extra = processor.num_additional_image_tokens
 
         @functools.wraps(processor.replace_image_token)
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
-            pixel_values = image_inputs["pixel_values"][image_idx]
-            height, width = pixel_values.shape[-2:]
-            num_tokens = (height // self.patch_size) * (width // self.patch_size) + extra
-            return image_token * self.visual_tokens_for(int(num_tokens))
+            height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+            return image_token * self.budget.visual_tokens_for_pixels(int(height), int(width))
 
         @functools.wraps(original_count)
         def get_num_multimodal_tokens(image_sizes=None, **kwargs):
@@ -497,7 +565,6 @@ class LlavaHFAdapter(ClipTowerAdapter):
         processor = self.processor
         height, width = self._processor_image_size
         patches = (height // processor.patch_size) * (width // processor.patch_size)
-        extra = processor.num_additional_image_tokens
         dropped = 1 if processor.vision_feature_select_strategy == "default" else 0
-        merged = self.visual_tokens_for(patches + extra)
+        merged = self.budget.visual_tokens_for_pixels(height, width)
         return {"num_additional_image_tokens": merged - patches + dropped}

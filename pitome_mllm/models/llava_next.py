@@ -44,12 +44,14 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, PiToMeConfig
+from ..geometry import ImageResize, PatchGrid, TowerBudget, TowerGeometry, check_image_size
 from ..hooks.base import AttributeOverrides, Hook
 from ..hooks.state import PatchState
-from ..hooks.tower import raster_order
 from ..merge.budget import StepParams, merge_to_budget_with
+from ..merge.plan import to_raster_order
 from ..methods import TOWER, method_of_preset, method_spec, methods_where
 from ..schedule import LayerStep, plan_layers, projector_margin
+from .clip_tower import clip_geometry
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
 from .protocol import ModelAdapter, ModelParts
@@ -238,8 +240,7 @@ def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -
     x, size, token_map = merge_to_budget_with(settings.step, x, size, token_map, keep)
     if settings.keep_order and x.shape[1] < num_tokens:
         # Back to reading order (by each group's first patch), as LLaVA-NeXT lays tokens out.
-        order = raster_order(token_map, x.shape[1])
-        x = x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x, size, token_map = to_raster_order(x, size, token_map)
     return x.squeeze(0)
 
 
@@ -284,6 +285,19 @@ class LlavaNextAdapter(ModelAdapter):
     def parts(cls, model: nn.Module) -> ModelParts:
         return llava_parts(model, cls.supported, several_layers=True)
 
+    @classmethod
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        """The geometry of one crop: a native-size tower image (anyres resizes each crop itself)."""
+        return clip_geometry(
+            parts.tower.config,
+            len(parts.encoder_layers),
+            parts.last_layer,
+            tower_has_class_token(parts.tower),
+            parts.drops_class_token,
+            tower_name=type(parts.tower).__name__,
+            resize=resize,
+        )
+
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         super().__init__(model, processor, config)
         self.llava = llava_core(model)
@@ -308,17 +322,17 @@ class LlavaNextAdapter(ModelAdapter):
                 f"vision_feature_select_strategy={strategy!r} does not leave a whole token grid per crop with "
                 f"{type(self.vision_tower).__name__}; supported with this tower: {allowed}"
             )
-        vision_config = llava_config.vision_config
-        self.crop_size = vision_config.image_size
-        self.patch_size = vision_config.patch_size
-        self.pinpoints = llava_config.image_grid_pinpoints
-        self.max_crops = max_crops_of(getattr(llava_config, "vision_aspect_ratio", None))
-        side = self.crop_size // self.patch_size
-        self.default_num_tokens = side * side + int(class_token)
-        # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
-        self.base_tokens = side * side
         self.layers = parts.encoder_layers
         self.num_layers = len(self.layers)
+        # Every crop (the base one and the high-resolution ones) is one native-size tower image.
+        self.crop_geometry = self.geometry(parts)
+        self.crop_size = self.crop_geometry.image_size
+        self.patch_size = self.crop_geometry.patch_size
+        self.pinpoints = llava_config.image_grid_pinpoints
+        self.max_crops = max_crops_of(getattr(llava_config, "vision_aspect_ratio", None))
+        self.default_num_tokens = self.crop_geometry.default_num_tokens
+        # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
+        self.base_tokens = self.crop_geometry.grid_for_pixels(self.crop_size, self.crop_size).patches
         feature_layer = parts.feature_layer
         single_layer = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
         self.last_layer = parts.last_layer
@@ -363,20 +377,24 @@ class LlavaNextAdapter(ModelAdapter):
                 f"keep_ratio on LLaVA-NeXT follows the tower schedule of one feature layer, but "
                 f"vision_feature_layer={self.llava.config.vision_feature_layer!r}; use target_tokens"
             )
-        steps = plan_layers(
-            self.default_num_tokens,
-            self.num_layers,
-            config.keep_ratio,
-            method=config.method,
-            preset=config.preset,
-            class_token=self.class_token,
-            last_layer=self.last_layer,
-        )
-        return steps[-1].tokens_out - int(self.class_token)
+        return TowerBudget(self.crop_geometry, config).tower_output_tokens(self.default_num_tokens)
 
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """The tower's schedule: no merge on any layer (merging happens after packing)."""
         return plan_layers(num_tokens, self.num_layers, 1.0, class_token=self.class_token, last_layer=self.last_layer)
+
+    def image_grids(self, height: int, width: int, cropped: bool = True) -> tuple[PatchGrid, ...]:
+        """The base crop's patch grid, then the grid the high-resolution crops tile (before unpadding).
+
+        ``cropped=False``: the base crop only (OneVision, several images per prompt).
+        """
+        check_image_size(height, width)
+        base = self.crop_geometry.grid_for_pixels(self.crop_size, self.crop_size)
+        layout = self.layout_for_image(height, width, cropped)
+        if layout.grid_tokens == 0:
+            return (base,)
+        crops_down, crops_across = layout.crop_grid
+        return base, PatchGrid(crops_down * base.rows, crops_across * base.cols)
 
     def layout_for_image(self, height: int, width: int, cropped: bool = True) -> AnyresLayout:
         return anyres_layout(
@@ -399,8 +417,14 @@ class LlavaNextAdapter(ModelAdapter):
     def visual_tokens_for_image(self, height: int, width: int, cropped: bool = True) -> int:
         """Placeholders for an original (unprocessed) image of ``height x width`` pixels.
 
-        ``cropped=False``: the image goes in as its base crop only (OneVision, several images per prompt).
+        Anyres works on the original size itself (the processor records it in ``image_sizes``), so
+        no resize rule comes first. ``cropped=False``: the image goes in as its base crop only
+        (OneVision, several images per prompt).
+
+        Raises:
+            ValueError: ``height`` or ``width`` is not a positive integer.
         """
+        check_image_size(height, width)
         layout = self.layout_for_image(height, width, cropped)
         budget = self.budget_for(layout)
         return layout.unmerged_tokens if budget is None else budget

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ALL_METHODS, PRESETS, PiToMeConfig
+from ..geometry import ImageResize, PatchGrid, TowerGeometry
 from ..hooks.base import Hook, install_in_order, remove_in_reverse
 from ..hooks.state import PatchState
 from ..schedule import LayerStep
@@ -204,6 +205,15 @@ class ModelAdapter(ABC):
     def parts(cls, model: nn.Module) -> ModelParts:
         """The `ModelParts` of a model of this family, patched or not."""
 
+    @classmethod
+    @abstractmethod
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        """The token geometry of the model's tower (anyres families: of one crop), from its parts alone.
+
+        ``resize``: the processor's rule from an original image to the tower's pixels (None: the
+        tower's native size). What every count of the family is built on.
+        """
+
     @abstractmethod
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """Merge steps of the tower layers the model reads, for ``num_tokens`` tower inputs."""
@@ -214,8 +224,20 @@ class ModelAdapter(ABC):
         """Visual tokens per image the language model receives at the native image size."""
 
     @abstractmethod
+    def image_grids(self, height: int, width: int) -> tuple[PatchGrid, ...]:
+        """The patch grid(s) the tower sees for one original ``height x width`` image.
+
+        One grid for LLaVA-1.5 (the processed image) and for a Qwen-VL tower (``t x h x w``);
+        LLaVA-NeXT: the base crop's grid, then the grid its high-resolution crops tile.
+        """
+
+    @abstractmethod
     def visual_tokens_for_image(self, height: int, width: int) -> int:
-        """Placeholders the prompt needs for one image of ``height x width`` pixels."""
+        """Placeholders the prompt needs for one original (unprocessed) image of ``height x width`` pixels.
+
+        The family applies its own resize rule (the processor's), so the answer is the count the
+        patched processor emits. Raises ValueError for a side that is not a positive integer.
+        """
 
     def record_merges(self, enabled: bool) -> None:
         """Keep every tower step's `Merge` in the trace (families whose tower is not merged: nothing)."""

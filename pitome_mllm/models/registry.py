@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..geometry import TowerGeometry
 from .llava_hf import LlavaHFAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_original import LlavaOriginalAdapter
@@ -37,3 +38,16 @@ def model_parts(model: nn.Module) -> ModelParts:
         ValueError: an unsupported model (the message names what is supported).
     """
     return find_adapter(model).parts(model)
+
+
+def model_geometry(model: nn.Module) -> TowerGeometry:
+    """The token geometry of ``model``'s tower at its native image size (anyres families: of one crop).
+
+    Counts for tools that hold a model but no patch: ``native_visual_tokens`` (what the projector
+    receives unpatched), ``default_num_tokens`` (what enters the tower), ``num_layers``, ``last_layer``.
+
+    Raises:
+        ValueError: an unsupported model (the message names what is supported).
+    """
+    adapter = find_adapter(model)
+    return adapter.geometry(adapter.parts(model))

@@ -13,6 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 SUPPORTED_TOWERS = "CLIPVisionModel (class token) or SiglipVisionModel (no class token)"
+# The same, by the tower config's model_type (for counting from a config, without a model).
+CLASS_TOKEN_OF_TOWER = {"clip_vision_model": True, "siglip_vision_model": False}
 
 
 def is_siglip_tower(vision_tower: nn.Module) -> bool:

@@ -8,8 +8,9 @@ hidden states alone (`MMEncoderAttention` takes no mask), and the projector is
 (`ClipTowerAdapter`): the schedule, the merges and the budget are the same code as for
 transformers, so the same config gives the same token counts and the same merges.
 
-Token counts depend on the Hugging Face config alone (`config_geometry`), which is what
-vLLM's prompt processing needs: it expands every image placeholder before any encoder runs.
+Token counts depend on the Hugging Face config alone (`config_geometry`, the transformers adapter's
+own), which is what vLLM's prompt processing needs: it expands every image placeholder before any
+encoder runs.
 
 Nothing here imports vLLM: `matches` reads class names, so the registry can ask it of any model.
 """
@@ -19,16 +20,15 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import PiToMeConfig
+from ..geometry import ImageResize, TowerBudget, TowerGeometry
 from ..hooks.tower import KeySource
 from ..methods import capability_error, method_label, method_spec, methods_where
-from .clip_tower import ClipTowerAdapter, TowerBudget, TowerGeometry, last_encoder_layer
+from .clip_tower import ClipTowerAdapter, tower_config_geometry
+from .llava_hf import config_geometry
 from .protocol import ModelParts
 
 FAMILY = "vllm_llava"
 SUPPORTED = "vLLM's LlavaForConditionalGeneration with a CLIP or SigLIP tower"
-FEATURE_SELECT_STRATEGIES = ("default", "full")
-# Tower model types whose tokens start with a class token (CLIP) or carry none (SigLIP).
-CLASS_TOKEN_OF_TOWER = {"clip_vision_model": True, "siglip_vision_model": False}
 # The methods the plugin runs (vLLM encodes images without their prompt).
 VLLM_METHODS = methods_where(in_vllm=True)
 
@@ -39,49 +39,6 @@ def is_vllm_llava(model: nn.Module) -> bool:
         cls.__name__ == "LlavaForConditionalGeneration" and cls.__module__.startswith("vllm.")
         for cls in type(model).__mro__
     )
-
-
-def tower_geometry(vision_config, feature_layer: int, drops_class_token: bool) -> TowerGeometry:
-    """The geometry of a CLIP or SigLIP tower config read at ``feature_layer``.
-
-    Raises:
-        ValueError: another tower, a feature layer that is not one integer in range, or a class
-            token dropped from a tower that has none.
-    """
-    model_type = getattr(vision_config, "model_type", None)
-    if model_type not in CLASS_TOKEN_OF_TOWER:
-        raise ValueError(
-            f"pitome_mllm merges in CLIP and SigLIP towers; this LLaVA has a {model_type!r} tower "
-            f"(supported: {', '.join(CLASS_TOKEN_OF_TOWER)})"
-        )
-    class_token = CLASS_TOKEN_OF_TOWER[model_type]
-    if drops_class_token and not class_token:
-        raise ValueError(
-            "vision_feature_select_strategy='default' drops the first token, but a SigLIP tower has no class "
-            "token (it would drop a patch); supported with this tower: 'full'"
-        )
-    num_layers = vision_config.num_hidden_layers
-    return TowerGeometry(
-        num_layers=num_layers,
-        last_layer=last_encoder_layer(feature_layer, num_layers, "one integer"),
-        image_size=vision_config.image_size,
-        patch_size=vision_config.patch_size,
-        class_token=class_token,
-        drops_class_token=drops_class_token,
-    )
-
-
-def config_geometry(hf_config) -> TowerGeometry:
-    """The tower geometry of a LLaVA Hugging Face config (``LlavaConfig``), without a model.
-
-    Raises:
-        ValueError: a tower, feature layer or feature selection the adapter does not support.
-    """
-    strategy = hf_config.vision_feature_select_strategy
-    if strategy not in FEATURE_SELECT_STRATEGIES:
-        allowed = ", ".join(FEATURE_SELECT_STRATEGIES)
-        raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: {allowed}")
-    return tower_geometry(hf_config.vision_config, hf_config.vision_feature_layer, strategy == "default")
 
 
 def check_vllm_config(config: PiToMeConfig) -> None:
@@ -258,8 +215,11 @@ class VllmLlavaAdapter(ClipTowerAdapter):
         return vllm_parts(model)
 
     @classmethod
-    def geometry(cls, parts: ModelParts) -> TowerGeometry:
-        return tower_geometry(parts.tower.vision_model.config, parts.feature_layer, parts.drops_class_token)
+    def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+        # vLLM builds only the layers read: the config, not the module list, has the tower's depth.
+        return tower_config_geometry(
+            parts.tower.vision_model.config, parts.feature_layer, parts.drops_class_token, resize=resize
+        )
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         check_vllm_config(config)

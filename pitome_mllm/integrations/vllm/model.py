@@ -29,7 +29,7 @@ from vllm.model_executor.models.llava import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ... import api
-from ...models.clip_tower import TowerBudget
+from ...geometry import TowerBudget
 from ...models.vllm_llava import (
     check_embedding_counts,
     config_geometry,
@@ -96,8 +96,7 @@ class PitomeLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if self.pitome_handle is not None:
             scheduler = vllm_config.scheduler_config
             budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
-            geometry = config_geometry(self.config)
-            unmerged = geometry.default_num_tokens - int(geometry.drops_class_token)
+            unmerged = config_geometry(self.config).native_visual_tokens
             self.images_per_tower_call = images_per_tower_call(budget, unmerged)
             logger.info(
                 "PiToMe in vLLM: %d visual tokens per image (%r), at most %d images per tower call",

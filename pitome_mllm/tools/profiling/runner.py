@@ -16,7 +16,7 @@ from torch import nn
 
 from ...hooks.base import remove_hooks
 from ...hooks.observers import Observer
-from ...models import ModelParts, model_parts
+from ...models import ModelParts, model_geometry, model_parts
 from . import flops
 from .clock import (
     PassClock,
@@ -264,7 +264,7 @@ def model_shapes(model: nn.Module) -> dict[str, Any]:
             "heads": vision.num_attention_heads,
             "patch_size": vision.patch_size,
             "image_size": vision.image_size,
-            "tokens": (vision.image_size // vision.patch_size) ** 2 + 1,
+            "tokens": model_geometry(model).default_num_tokens,
         },
         "llm": dataclasses.asdict(flops.LLMShape.from_decoder(parts.decoder)),
         "vision_feature_layer": parts.feature_layer,
