@@ -22,6 +22,7 @@ from ..config import ALL_METHODS, PRESETS, PiToMeConfig
 from ..geometry import ImageResize, PatchGrid, TowerGeometry
 from ..hooks.base import Hook, install_in_order, remove_in_reverse
 from ..hooks.state import PatchState
+from ..methods import method_label
 from ..schedule import LayerStep
 
 logger = logging.getLogger("pitome_mllm")
@@ -180,7 +181,8 @@ class ModelAdapter(ABC):
             )
         if config.method not in cls.methods:
             raise ValueError(
-                f"method={config.method!r} is not supported on {name}{why}; supported: {', '.join(cls.methods)}"
+                f"{method_label(config.method, config.preset)} is not supported on {name}{why}; supported: "
+                f"{', '.join(cls.methods)}; supported presets here: {', '.join(cls.presets)}"
             )
         if config.preset not in cls.presets:
             raise ValueError(
