@@ -138,6 +138,19 @@ def clip_geometry(
     )
 
 
+def parts_geometry(parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
+    """The `TowerGeometry` of a loaded CLIP or SigLIP tower (its config, depth, read layer and class token)."""
+    return clip_geometry(
+        parts.tower.config,
+        len(parts.encoder_layers),
+        parts.last_layer,
+        tower_has_class_token(parts.tower),
+        parts.drops_class_token,
+        tower_name=type(parts.tower).__name__,
+        resize=resize,
+    )
+
+
 class ClipTowerAdapter(ModelAdapter):
     """Plans and installs merging on a CLIP tower and a per-token projector.
 
@@ -270,15 +283,7 @@ class ClipTowerAdapter(ModelAdapter):
     @classmethod
     def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
         """The token geometry of a model's tower, from its `ModelParts` (``resize``: the processor's rule)."""
-        return clip_geometry(
-            parts.tower.config,
-            len(parts.encoder_layers),
-            parts.last_layer,
-            tower_has_class_token(parts.tower),
-            parts.drops_class_token,
-            tower_name=type(parts.tower).__name__,
-            resize=resize,
-        )
+        return parts_geometry(parts, resize)
 
     @classmethod
     def image_resize(cls, processor) -> ImageResize | None:

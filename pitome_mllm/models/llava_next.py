@@ -51,7 +51,7 @@ from ..merge.budget import StepParams, merge_to_budget_with
 from ..merge.plan import to_raster_order
 from ..methods import TOWER, method_of_preset, method_spec, methods_where
 from ..schedule import LayerStep, plan_layers, projector_margin
-from .clip_tower import clip_geometry
+from .clip_tower import parts_geometry
 from .compat import transformers_version_text
 from .llava_hf import PlaceholderCheck, llava_core, llava_parts
 from .protocol import ModelAdapter, ModelParts
@@ -288,15 +288,7 @@ class LlavaNextAdapter(ModelAdapter):
     @classmethod
     def geometry(cls, parts: ModelParts, resize: ImageResize | None = None) -> TowerGeometry:
         """The geometry of one crop: a native-size tower image (anyres resizes each crop itself)."""
-        return clip_geometry(
-            parts.tower.config,
-            len(parts.encoder_layers),
-            parts.last_layer,
-            tower_has_class_token(parts.tower),
-            parts.drops_class_token,
-            tower_name=type(parts.tower).__name__,
-            resize=resize,
-        )
+        return parts_geometry(parts, resize)
 
     def __init__(self, model: nn.Module, processor, config: PiToMeConfig) -> None:
         super().__init__(model, processor, config)
