@@ -18,7 +18,7 @@ from pitome_mllm.experiments.proxy import (
     images,
     scoring,
 )
-from pitome_mllm.models.clip_tower import TowerGeometry
+from pitome_mllm.geometry import TowerGeometry
 from pitome_mllm.zoo.real_tower import is_available
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
@@ -113,8 +113,8 @@ def test_tower_geometry_comes_from_the_model_adapter():
     model, _ = build_tiny_llava(TEST_SPEC)  # 112 px / 14 px: 64 patches + CLS, 6 layers, reads hidden_states[-2]
     geometry = fidelity_settings.tower_geometry(model)
     assert (geometry.num_layers, geometry.last_layer, geometry.image_size) == (6, 4, 112)
-    assert fidelity_settings.unmerged_visual_tokens(geometry) == 64
-    assert fidelity_settings.unmerged_visual_tokens(DINOV2_224) == 256
+    assert geometry.native_visual_tokens == 64
+    assert DINOV2_224.native_visual_tokens == 256
 
 
 def test_tower_only_keep_ratio_lands_closest_to_the_budget():

@@ -117,18 +117,6 @@ def config_geometry(hf_config, resize: ImageResize | None = None) -> TowerGeomet
     )
 
 
-def tower_geometry(config) -> tuple[int, int, int]:
-    """``(tower tokens incl. the class token, encoder layers, last layer read)`` from a LLaVA config.
-
-    Superseded by `config_geometry` (which also knows SigLIP towers have no class token) and
-    `pitome_mllm.models.model_geometry`; kept only while experiments/proxy still reads this tuple.
-    """
-    vision = config.vision_config
-    num_layers = vision.num_hidden_layers
-    num_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    return num_tokens, num_layers, last_encoder_layer(config.vision_feature_layer, num_layers, SUPPORTED)
-
-
 def _size_field(size, name: str) -> int | None:
     """One field of an image processor's ``size`` / ``crop_size`` (a dict, or transformers' ``SizeDict``)."""
     if size is None:

@@ -64,7 +64,6 @@ from .fidelity_settings import (
     setting_budgets,
     setting_config,
     tower_geometry,
-    unmerged_visual_tokens,
 )
 from .fidelity_table import HIT_COLUMNS, STEM, markdown_table, sorted_rows, write_reports
 from .files import atomic_write_text, cached_tensor, load_finished_rows, seed_folder
@@ -113,7 +112,7 @@ def plan_rows(
     Raises:
         ValueError: a budget outside ``[1, unmerged visual tokens - 1]``.
     """
-    num_visual_tokens = unmerged_visual_tokens(geometry)
+    num_visual_tokens = geometry.native_visual_tokens
     todo: list[tuple[str, int | None, dict[str, Any]]] = []
     skipped: list[dict[str, Any]] = []
     for name in settings:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .settings import pick
 
 if TYPE_CHECKING:
-    from ...models.clip_tower import TowerGeometry
+    from ...geometry import TowerGeometry
 
 WEIGHTED_POOL_LABEL = "size-weighted pool (≈ LLM prop-attn)"
 # Methods whose result depends on `seed` (PiToMeConfig.seed); the others are deterministic.
@@ -54,14 +54,9 @@ DEFAULT_SETTINGS = tuple(name for name in SETTINGS if name != "pitome_tower_only
 
 def tower_geometry(model) -> TowerGeometry:
     """The token geometry of ``model``'s vision tower, as the model's adapter reports it."""
-    from ...models import find_adapter, model_parts
+    from ...models import model_geometry
 
-    return find_adapter(model).geometry(model_parts(model))
-
-
-def unmerged_visual_tokens(geometry: TowerGeometry) -> int:
-    """Visual tokens the language model receives from an unmerged tower at its native size (256 at 224 px)."""
-    return geometry.default_num_tokens - int(geometry.drops_class_token)
+    return model_geometry(model)
 
 
 def tower_visual_tokens(geometry: TowerGeometry, keep_ratio: float, preset: str, method: str = "pitome") -> int:
@@ -131,7 +126,7 @@ def setting_config(name: str, budget: int | None, geometry: TowerGeometry) -> di
         from ...merge.select import pool_grid, square_grid
 
         # ValueError naming the budgets that fit
-        pool_grid(budget, square_grid(unmerged_visual_tokens(geometry)))
+        pool_grid(budget, square_grid(geometry.native_visual_tokens))
     return fields
 
 
