@@ -38,6 +38,8 @@ from pitome_mllm.testing.llava import (
 )
 from pitome_mllm.zoo.tiny import TEST_SPEC
 
+pytestmark = pytest.mark.model_facing
+
 BUDGET = 16  # of the 64 patches; pools the 8 x 8 grid to 4 x 4, i.e. 2 x 2 windows
 SELECTED_LAYER = TEST_SPEC.vision_layers - 2  # hidden_states[-2] is the output of this layer
 METHODS = ("random", "pool", "dominant")

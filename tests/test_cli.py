@@ -26,6 +26,8 @@ from pitome_mllm.runtime.loading import (
 )
 from pitome_mllm.zoo.tiny import TEST_SPEC
 
+pytestmark = pytest.mark.model_facing
+
 STATS_LINE = re.compile(r"\[(\d+) visual tokens, vision \d+ ms, prefill \d+ ms, total \d+\.\d+ s\]")
 
 

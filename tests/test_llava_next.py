@@ -27,6 +27,8 @@ from pitome_mllm.zoo.tiny import (
     build_tiny_onevision,
 )
 
+pytestmark = pytest.mark.model_facing
+
 NEXT_SPEC = TinyLlavaSpec(image_size=224, patch_size=14, vision_layers=6)
 # (height, width) of original images: landscape, portrait, square, very wide, very tall, small.
 # Token ids of the tiny tokenizer's special tokens (fixed by their order) and a few text tokens.

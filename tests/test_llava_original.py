@@ -21,7 +21,7 @@ from pitome_mllm.zoo import tiny_llava_original as original_tiny  # noqa: E402
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
 
 # llava-torch passes past_key_values to LlamaForCausalLM, which transformers 5.x renamed.
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+pytestmark = [pytest.mark.model_facing, pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
 
 IMAGE_TOKEN_INDEX = -200
 QUESTION = "What is in the image?"

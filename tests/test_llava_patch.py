@@ -28,6 +28,8 @@ from pitome_mllm.schedule import plan_layers
 from pitome_mllm.testing.llava import PROMPT, encode, features_reaching_llm, logits_of, placeholder_counts
 from pitome_mllm.zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
 
+pytestmark = pytest.mark.model_facing
+
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
 NEW_TOKENS = 4
 # LLaVA-1.5 reads hidden_states[-2]: the output of the second-to-last CLIP layer.

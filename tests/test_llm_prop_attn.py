@@ -27,6 +27,8 @@ from pitome_mllm.models.clip_tower import check_llm_prop_attn
 from pitome_mllm.models.llava_original import LlavaOriginalAdapter
 from pitome_mllm.testing.llava import PROMPT, encode, logits_of
 
+pytestmark = pytest.mark.model_facing
+
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
 TWO_IMAGES = "USER: <image> and <image>\nCompare them. ASSISTANT:"
 MERGING = {"keep_ratio": 0.85}

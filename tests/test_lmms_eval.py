@@ -31,6 +31,8 @@ from pitome_mllm.integrations.lmms_eval.llava_hf import (  # noqa: E402
 )
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_processor  # noqa: E402
 
+pytestmark = pytest.mark.model_facing
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "tasks"
 SMOKE_DOCS = 6

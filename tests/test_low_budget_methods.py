@@ -34,6 +34,8 @@ from pitome_mllm.models import model_parts
 from pitome_mllm.testing.llava import encode, one_torch_thread, pitome_leftovers, placeholder_counts, prefill_features
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava_next, build_tiny_siglip_llava
 
+pytestmark = pytest.mark.model_facing
+
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
 NEW_METHODS = (
     {"method": "fastervlm"},

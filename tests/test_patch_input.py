@@ -17,6 +17,8 @@ from pitome_mllm import PiToMeConfig
 from pitome_mllm.testing.llava import encode, logits_of, pitome_leftovers
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
+pytestmark = pytest.mark.model_facing
+
 
 # ------------------------------------------------------------------------------------------------ copies
 def test_deepcopy_of_a_patched_model_is_refused_with_a_remedy(tiny_llava, images):

@@ -16,6 +16,8 @@ from pitome_mllm.schedule import plan_layers
 from pitome_mllm.testing.llava import PROMPT, encode, logits_of, placeholder_counts
 from pitome_mllm.zoo.tiny import SIGLIP_TEST_SPEC, build_tiny_siglip_llava
 
+pytestmark = pytest.mark.model_facing
+
 
 @pytest.fixture(scope="module")
 def siglip_llava():

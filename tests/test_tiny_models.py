@@ -17,6 +17,8 @@ from pitome_mllm.zoo.tiny import (
     build_tiny_processor,
 )
 
+pytestmark = pytest.mark.model_facing
+
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
 

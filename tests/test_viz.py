@@ -32,6 +32,8 @@ from pitome_mllm.tools.viz import (
 )
 from pitome_mllm.zoo.tiny import TEST_SPEC
 
+pytestmark = pytest.mark.model_facing
+
 
 def _quadrant_image(cells: int = 8, cell_px: int = 4) -> np.ndarray:
     """An image of four flat colours, one per quadrant of a ``cells x cells`` grid."""
