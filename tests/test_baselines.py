@@ -15,14 +15,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    features_reaching_llm,
-    one_torch_thread,
-    pitome_leftovers,
-    placeholder_counts,
-    prefill_features,
-    unpatch_fixture_models,
-)
 
 import pitome_mllm
 from pitome_mllm.merge.select import (
@@ -36,29 +28,31 @@ from pitome_mllm.merge.select import (
     random_keep_indices,
     top_indices,
 )
+from pitome_mllm.testing.llava import (
+    encode,
+    features_reaching_llm,
+    one_torch_thread,
+    pitome_leftovers,
+    placeholder_counts,
+    prefill_features,
+)
 from pitome_mllm.zoo.tiny import TEST_SPEC
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+pytestmark = pytest.mark.model_facing
+
 BUDGET = 16  # of the 64 patches; pools the 8 x 8 grid to 4 x 4, i.e. 2 x 2 windows
 SELECTED_LAYER = TEST_SPEC.vision_layers - 2  # hidden_states[-2] is the output of this layer
 METHODS = ("random", "pool", "dominant")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_no_leftover_patch(request):
-    """One torch thread; never leave the shared model patched."""
+def _one_thread():
+    """One torch thread (conftest's guard unpatches a shared model a failing test left patched)."""
     with one_torch_thread():
         yield
-    unpatch_fixture_models(request, "tiny_llava")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def encode(processor, images, prompts=PROMPT):
-    images = images if isinstance(images, list) else [images]
-    prompts = prompts if isinstance(prompts, list) else [prompts] * len(images)
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
 def unpatched_patch_features(model, pixel_values) -> torch.Tensor:
     """``[B, 64, C]``: what unpatched LLaVA hands its projector (selected layer, class token dropped)."""
     assert pitome_mllm.get_patch(model) is None

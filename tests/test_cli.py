@@ -24,19 +24,11 @@ from pitome_mllm.runtime.loading import (
     load_llava,
     resolve_dtype,
 )
-from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava, save_tiny_llava
+from pitome_mllm.zoo.tiny import TEST_SPEC
+
+pytestmark = pytest.mark.model_facing
 
 STATS_LINE = re.compile(r"\[(\d+) visual tokens, vision \d+ ms, prefill \d+ ms, total \d+\.\d+ s\]")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), TEST_SPEC)
-
-
-@pytest.fixture(scope="module")
-def test_model_and_processor():
-    return build_tiny_llava(TEST_SPEC)
 
 
 def planned_tokens(model, processor, **config) -> int:
@@ -88,8 +80,8 @@ def test_demo_rows_cover_the_requested_settings(demo_report):
     ]
 
 
-def test_demo_visual_tokens_match_what_patch_plans(demo_report, test_model_and_processor):
-    model, processor = test_model_and_processor
+def test_demo_visual_tokens_match_what_patch_plans(demo_report, tiny_llava):
+    model, processor = tiny_llava
     unpatched, *patched_rows = demo_report["rows"]
     assert unpatched["visual_tokens"] == TEST_SPEC.num_patches == 64
     for row in patched_rows:
@@ -130,11 +122,11 @@ def test_demo_prints_table_and_note(capsys):
 
 
 # -------------------------------------------------------------------------------------- chat
-def test_chat_one_prompt(tiny_folder, test_model_and_processor, capsys):
+def test_chat_one_prompt(saved_tiny_llava_dir, tiny_llava, capsys):
     argv = [
         "chat",
         "--model",
-        str(tiny_folder),
+        str(saved_tiny_llava_dir),
         "--image",
         "chelsea",
         "--keep-ratio",
@@ -148,13 +140,23 @@ def test_chat_one_prompt(tiny_folder, test_model_and_processor, capsys):
     ]
     assert main(argv) == 0
     stats = STATS_LINE.findall(capsys.readouterr().out)
-    model, processor = test_model_and_processor
+    model, processor = tiny_llava
     assert [int(count) for count in stats] == [planned_tokens(model, processor, keep_ratio=0.9)]
 
 
-def test_chat_reads_questions_until_exit(tiny_folder, monkeypatch, capsys):
+def test_chat_reads_questions_until_exit(saved_tiny_llava_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is this?\n\nWhat colour is it?\nexit\nNever asked?\n"))
-    argv = ["chat", "--model", str(tiny_folder), "--image", "coffee", "--target-tokens", "16", "--max-new-tokens", "2"]
+    argv = [
+        "chat",
+        "--model",
+        str(saved_tiny_llava_dir),
+        "--image",
+        "coffee",
+        "--target-tokens",
+        "16",
+        "--max-new-tokens",
+        "2",
+    ]
     assert main(argv) == 0
     stats = STATS_LINE.findall(capsys.readouterr().out)
     assert [int(count) for count in stats] == [16, 16]
@@ -194,17 +196,17 @@ def test_schedule_prints_54_for_keep_ratio_0_9(capsys):
 
 
 # ----------------------------------------------------------------------------------- loading
-def test_prompt_uses_the_chat_template_with_the_image_once(test_model_and_processor):
-    _, processor = test_model_and_processor
+def test_prompt_uses_the_chat_template_with_the_image_once(tiny_llava):
+    _, processor = tiny_llava
     assert build_prompt(processor, "What is this?") == "USER: <image>\nWhat is this? ASSISTANT:"
     prompt = build_conversation_prompt(processor, [("What is this?", "A cat."), ("What colour?", None)])
     assert prompt.count("<image>") == 1
     assert prompt.endswith("USER: What colour? ASSISTANT:") and "A cat." in prompt
 
 
-def test_prompt_without_chat_template_uses_the_llava_15_form(test_model_and_processor):
+def test_prompt_without_chat_template_uses_the_llava_15_form(tiny_llava):
     class BareProcessor:
-        tokenizer = test_model_and_processor[1].tokenizer
+        tokenizer = tiny_llava[1].tokenizer
 
     assert build_prompt(BareProcessor(), "Why?") == "USER: <image>\nWhy? ASSISTANT:"
     prompt = build_conversation_prompt(BareProcessor(), [("Why?", "Because."), ("Sure?", None)])
@@ -219,8 +221,8 @@ def test_resolve_dtype():
         resolve_dtype("half")
 
 
-def test_load_llava_from_folder_and_stage_timer(tiny_folder):
-    model, processor = load_llava(tiny_folder, device="cpu")
+def test_load_llava_from_folder_and_stage_timer(saved_tiny_llava_dir):
+    model, processor = load_llava(saved_tiny_llava_dir, device="cpu")
     assert not model.training and model.dtype == torch.float32
     inputs = processor(images=load_image_arg("chelsea"), text=build_prompt(processor, "What?"), return_tensors="pt")
     with torch.inference_mode(), StageTimer(model) as timer:
@@ -232,10 +234,10 @@ def test_load_llava_from_folder_and_stage_timer(tiny_folder):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
-def test_load_in_8bit_keeps_the_vision_tower_unquantised(tiny_folder):
+def test_load_in_8bit_keeps_the_vision_tower_unquantised(saved_tiny_llava_dir):
     import bitsandbytes as bnb
 
-    model, processor = load_llava(tiny_folder, device="cpu", load_in_8bit=True)
+    model, processor = load_llava(saved_tiny_llava_dir, device="cpu", load_in_8bit=True)
     assert isinstance(model.model.language_model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
     for skipped in QUANTIZATION_SKIP_MODULES:
         module = model.get_submodule(skipped)

@@ -8,6 +8,8 @@ import pytest
 
 from pitome_mllm.config import PiToMeConfig
 
+pytestmark = pytest.mark.model_facing
+
 
 @pytest.mark.parametrize(
     ("preset", "metric", "reduce", "prop_attn"),

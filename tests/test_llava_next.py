@@ -15,6 +15,7 @@ import torch
 import pitome_mllm
 from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.models.llava_next import AnyresLayout, anyres_layout, split_budget
+from pitome_mllm.testing.llava import encode, logits_of, placeholder_counts
 from pitome_mllm.zoo.tiny import (
     BOS_TOKEN,
     IMAGE_TOKEN,
@@ -26,7 +27,8 @@ from pitome_mllm.zoo.tiny import (
     build_tiny_onevision,
 )
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+pytestmark = pytest.mark.model_facing
+
 NEXT_SPEC = TinyLlavaSpec(image_size=224, patch_size=14, vision_layers=6)
 # (height, width) of original images: landscape, portrait, square, very wide, very tall, small.
 # Token ids of the tiny tokenizer's special tokens (fixed by their order) and a few text tokens.
@@ -40,36 +42,14 @@ def tiny_next():
     return build_tiny_llava_next(NEXT_SPEC)
 
 
-@pytest.fixture(autouse=True)
-def _unpatch(request):
-    yield
-    if "tiny_next" in request.fixturenames:
-        handle = pitome_mllm.get_patch(request.getfixturevalue("tiny_next")[0])
-        if handle is not None:
-            handle.unpatch()
-
-
 def image_of(images, height: int, width: int):
     return images["chelsea"].resize((width, height))
-
-
-def encode(processor, pictures):
-    return processor(images=pictures, text=[PROMPT] * len(pictures), return_tensors="pt", padding=True)
-
-
-def placeholders(processor, inputs) -> list[int]:
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
 
 
 def packed_lengths(model, inputs) -> list[int]:
     with torch.no_grad():
         features = image_features_per_image(model, inputs["pixel_values"], image_sizes=inputs["image_sizes"])
     return [f.shape[0] for f in features]
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 # ----------------------------------------------------------------------------------------- pure rules
@@ -111,7 +91,7 @@ def test_exact_global_budget_for_every_image_size(tiny_next, images, budget):
         # The model runs on a few of them (the counts above cover every size).
         pictures = [image_of(images, h, w) for h, w in IMAGE_SIZES[1:4]]
         inputs = encode(processor, pictures)
-        assert placeholders(processor, inputs) == expected[1:4]
+        assert placeholder_counts(processor, inputs) == expected[1:4]
         assert packed_lengths(model, inputs) == expected[1:4]
 
 
@@ -121,13 +101,13 @@ def test_batched_generate_with_different_sizes(tiny_next, images):
     for settings in ({"target_tokens": 160}, {"keep_ratio": 0.9, "method": "tome"}):
         with pitome_mllm.patched(model, processor, **settings) as handle:
             inputs = encode(processor, pictures)
-            counts = placeholders(processor, inputs)
+            counts = placeholder_counts(processor, inputs)
             assert counts == [handle.visual_tokens_for_image(*p.size[::-1]) for p in pictures]
             with torch.no_grad():
                 generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
             assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
             # The batch of one gives the same placeholders: counts depend on the image size only.
-            assert placeholders(processor, encode(processor, pictures[1:2])) == counts[1:2]
+            assert placeholder_counts(processor, encode(processor, pictures[1:2])) == counts[1:2]
 
 
 @pytest.mark.parametrize("settings", [{"keep_ratio": 1.0}, {"target_tokens": 5000}, {"method": "none"}])
@@ -150,7 +130,7 @@ def test_unpatch_restores_model_and_processor(tiny_next, images):
     processor_attributes = dict(processor.__dict__)
     model_attributes = dict(model.model.__dict__)
     handle = pitome_mllm.patch(model, processor, target_tokens=160)
-    assert placeholders(processor, encode(processor, pictures)) == [160]
+    assert placeholder_counts(processor, encode(processor, pictures)) == [160]
     handle.unpatch()
     assert processor.__dict__ == processor_attributes
     assert model.model.__dict__.keys() == model_attributes.keys()

@@ -16,11 +16,12 @@ from pitome_mllm.assets import load_image  # noqa: E402
 from pitome_mllm.models import find_adapter, llava_hf  # noqa: E402
 from pitome_mllm.models import llava_original as original  # noqa: E402
 from pitome_mllm.runtime import llava_original as original_runtime  # noqa: E402
+from pitome_mllm.testing.llava import logits_of  # noqa: E402
 from pitome_mllm.zoo import tiny_llava_original as original_tiny  # noqa: E402
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava  # noqa: E402
 
 # llava-torch passes past_key_values to LlamaForCausalLM, which transformers 5.x renamed.
-pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
+pytestmark = [pytest.mark.model_facing, pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
 
 IMAGE_TOKEN_INDEX = -200
 QUESTION = "What is in the image?"
@@ -54,20 +55,6 @@ def inputs(tiny):
     )
     images = original_runtime.prepare_images([load_image("chelsea"), load_image("astronaut")], image_processor, model)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "images": images}
-
-
-@pytest.fixture(autouse=True)
-def _unpatched_after_each_test(tiny):
-    """A failing test must not leave the shared model patched for the next one."""
-    yield
-    handle = pitome_mllm.get_patch(tiny[0])
-    if handle is not None:
-        handle.unpatch()
-
-
-def _logits(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def _capture_llm_lengths(model):
@@ -117,10 +104,10 @@ def test_processor_is_ignored_and_visual_tokens_are_planned(tiny):
 # -------------------------------------------------------------------------------- exactness
 def test_keep_ratio_one_is_bit_identical(tiny, inputs):
     model = tiny[0]
-    reference = _logits(model, inputs)
+    reference = logits_of(model, inputs)
     with pitome_mllm.patched(model, None, keep_ratio=1.0) as handle:
         assert handle.num_visual_tokens == TEST_SPEC.num_patches
-        assert torch.equal(_logits(model, inputs), reference)
+        assert torch.equal(logits_of(model, inputs), reference)
 
 
 @pytest.mark.parametrize("config", MERGING_CONFIGS)
@@ -131,7 +118,7 @@ def test_planned_token_count_reaches_the_language_model(tiny, inputs, config):
         lengths, hook = _capture_llm_lengths(model)
         projected, projector_hook = _capture_output(model.get_model().mm_projector)
         try:
-            _logits(model, inputs)
+            logits_of(model, inputs)
         finally:
             hook.remove()
             projector_hook.remove()
@@ -161,7 +148,7 @@ def _check_selected_state_is_merged(model, images) -> None:
 
 def test_selected_state_is_merged_when_patched_after_a_forward(tiny, inputs):
     model = tiny[0]
-    _logits(model, inputs)  # transformers installs its hidden-state recorders on this first run
+    logits_of(model, inputs)  # transformers installs its hidden-state recorders on this first run
     with pitome_mllm.patched(model, None, keep_ratio=0.9):
         _check_selected_state_is_merged(model, inputs["images"])
 
@@ -259,9 +246,9 @@ def test_mistral_variant_is_exact_at_keep_ratio_one_and_generates_merged(tiny, i
     model.eval()
     input_ids = inputs["input_ids"][:1, : int(inputs["attention_mask"][0].sum())]
     images = inputs["images"][:1]
-    reference = _logits(model, {"input_ids": input_ids, "images": images})
+    reference = logits_of(model, {"input_ids": input_ids, "images": images})
     with pitome_mllm.patched(model, None, keep_ratio=1.0):
-        assert torch.equal(_logits(model, {"input_ids": input_ids, "images": images}), reference)
+        assert torch.equal(logits_of(model, {"input_ids": input_ids, "images": images}), reference)
     with pitome_mllm.patched(model, None, target_tokens=20) as handle:
         assert handle.num_visual_tokens == 20
         cached = model.generate(input_ids, images=images, max_new_tokens=4, do_sample=False)
@@ -273,16 +260,16 @@ def test_mistral_variant_is_exact_at_keep_ratio_one_and_generates_merged(tiny, i
 # ---------------------------------------------------------------------------------- unpatch
 def test_unpatch_restores_forwards_and_outputs(tiny, inputs):
     model = tiny[0]
-    reference = _logits(model, inputs)
+    reference = logits_of(model, inputs)
     adapter = original.LlavaOriginalAdapter(model, None, pitome_mllm.PiToMeConfig(keep_ratio=0.9))
     projector = model.get_model().mm_projector
     before = _forward_state(model, adapter.layers, projector)
     handle = pitome_mllm.patch(model, None, keep_ratio=0.9, target_tokens=24)
     assert original.has_generate_compat(model) == original.needs_generate_compat(model)
-    assert not torch.equal(_logits(model, inputs)[:, -1], reference[:, -1])
+    assert not torch.equal(logits_of(model, inputs)[:, -1], reference[:, -1])
     handle.unpatch()
     assert _forward_state(model, adapter.layers, projector) == before
-    assert torch.equal(_logits(model, inputs), reference)
+    assert torch.equal(logits_of(model, inputs), reference)
 
 
 # ------------------------------------------------------------------------------- rejection

@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import features_reaching_llm, placeholder_counts
 from transformers import (
     AutoProcessor,
     CLIPVisionModel,
@@ -27,40 +26,20 @@ from pitome_mllm.models.clip_tower import clip_encoder_layers
 from pitome_mllm.models.compat import transformers_version
 from pitome_mllm.models.llava_hf import image_features_per_image, vision_hidden_states
 from pitome_mllm.schedule import plan_layers
+from pitome_mllm.testing.llava import PROMPT, encode, features_reaching_llm, logits_of, placeholder_counts
 from pitome_mllm.zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava, build_tiny_processor
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+pytestmark = pytest.mark.model_facing
+
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
 NEW_TOKENS = 4
 # LLaVA-1.5 reads hidden_states[-2]: the output of the second-to-last CLIP layer.
 SELECTED_LAYER = -2
 # Keep the vision tower and projector unquantised; only the LLM goes to 4 bit.
 SKIP_QUANTISATION = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-MODEL_FIXTURES = ("tiny_llava", "deep_tiny_llava", "demo_llava")
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_shared_models(request):
-    """A test that fails while patched must not leave a patch on a module-scoped model."""
-    yield
-    for name in MODEL_FIXTURES:
-        if name in request.fixturenames:
-            model = request.getfixturevalue(name)[0]
-            handle = pitome_mllm.get_patch(model)
-            if handle is not None:
-                handle.unpatch()
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def encode(processor, images, text):
-    return processor(images=images, text=text, return_tensors="pt", padding=True)
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def greedy(model, inputs, max_new_tokens: int = NEW_TOKENS, **kwargs) -> torch.Tensor:

@@ -24,31 +24,14 @@ from pitome_mllm.hooks.llm_attention import (
     visual_key_log_sizes,
 )
 from pitome_mllm.models.llava_original import LlavaOriginalAdapter
+from pitome_mllm.testing.llava import PROMPT, encode, logits_of
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+pytestmark = pytest.mark.model_facing
+
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
 TWO_IMAGES = "USER: <image> and <image>\nCompare them. ASSISTANT:"
 MERGING = {"keep_ratio": 0.85}
 MIN = torch.finfo(torch.float32).min
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_shared_model(request):
-    """A test that fails while patched must not leave a patch on the module-scoped model."""
-    yield
-    if "tiny_llava" in request.fixturenames:
-        handle = pitome_mllm.get_patch(request.getfixturevalue("tiny_llava")[0])
-        if handle is not None:
-            handle.unpatch()
-
-
-def encode(processor, images, text):
-    return processor(images=images, text=text, return_tensors="pt", padding=True)
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def greedy(model, inputs, max_new_tokens: int = 4, **kwargs):

@@ -22,15 +22,16 @@ import torch  # noqa: E402
 from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
 
 from pitome_mllm.assets import load_image  # noqa: E402
+from pitome_mllm.common.prompts import LLAVA_V1_SYSTEM, build_prompt  # noqa: E402
 from pitome_mllm.integrations.lmms_eval.llava_hf import (  # noqa: E402
-    LLAVA_V1_SYSTEM,
     PiToMeLlavaHF,
-    build_prompt,
     generation_settings,
     parse_patch_args,
     truncate_at_stop,
 )
-from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_processor, save_tiny_llava  # noqa: E402
+from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_processor  # noqa: E402
+
+pytestmark = pytest.mark.model_facing
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO / "eval" / "tasks"
@@ -40,12 +41,6 @@ DEFAULT_UNTIL = ["\n\n"]
 
 
 # ---------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A saved TEST_SPEC LLaVA (64 visual tokens per image), loadable with from_pretrained."""
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava_eval"), TEST_SPEC)
-
-
 @pytest.fixture(autouse=True)
 def offline_hf_home(tmp_path_factory, monkeypatch):
     """Datasets caches arrow files under HF_HOME; keep them in a temporary folder, offline."""
@@ -219,17 +214,19 @@ def test_truncate_at_the_earliest_stop_string():
 
 
 # ---------------------------------------------------------------------------------- generation
-def test_method_none_answers_like_lmms_eval_llava_hf(tiny_dir, task_manager, decord_available):
+def test_method_none_answers_like_lmms_eval_llava_hf(saved_tiny_llava_dir, task_manager, decord_available):
     """Same tiny model, same task prompts: the unpatched plugin reproduces the built-in model.
 
     ``--model llava_hf`` resolves to lmms-eval's chat class; ``--force_simple`` to the simple
     one; both run batch size 1. The plugin runs batches of 4 (left padding) and honours the
     task's ``until`` stop strings, which llava_hf ignores, so theirs are cut the same way.
     """
-    builtin_args = f"pretrained={tiny_dir},device_map=cpu"
+    builtin_args = f"pretrained={saved_tiny_llava_dir},device_map=cpu"
     chat = responses_by_doc(evaluate(task_manager, "llava_hf", builtin_args))
     simple = responses_by_doc(evaluate(task_manager, "llava_hf", builtin_args, force_simple=True))
-    ours_results = evaluate(task_manager, "pitome_llava_hf", f"pretrained={tiny_dir},method=none", batch_size=4)
+    ours_results = evaluate(
+        task_manager, "pitome_llava_hf", f"pretrained={saved_tiny_llava_dir},method=none", batch_size=4
+    )
     ours = responses_by_doc(ours_results)
 
     assert sorted(ours) == list(range(SMOKE_DOCS))
@@ -242,12 +239,12 @@ def test_method_none_answers_like_lmms_eval_llava_hf(tiny_dir, task_manager, dec
         assert cost["batch_size"] in (2, 4)  # 6 documents in batches of 4
 
 
-def test_patched_run_reports_tokens_latency_and_memory(tiny_dir, task_manager, tmp_path):
+def test_patched_run_reports_tokens_latency_and_memory(saved_tiny_llava_dir, task_manager, tmp_path):
     record_path = tmp_path / "record.json"
     results = evaluate(
         task_manager,
         "pitome_llava_hf",
-        f"pretrained={tiny_dir},method=pitome,target_tokens=16,keep_order=true,record={record_path}",
+        f"pretrained={saved_tiny_llava_dir},method=pitome,target_tokens=16,keep_order=true,record={record_path}",
         limit=3,
         batch_size=2,
     )
@@ -281,10 +278,14 @@ def test_patched_run_reports_tokens_latency_and_memory(tiny_dir, task_manager, t
         "method=mllm",
     ],
 )
-def test_the_small_budget_methods_run_through_the_plugin(tiny_dir, task_manager, method_args):
+def test_the_small_budget_methods_run_through_the_plugin(saved_tiny_llava_dir, task_manager, method_args):
     # cdpruner needs each image's prompt: the plugin's generate calls hand it over (batches of 2).
     results = evaluate(
-        task_manager, "pitome_llava_hf", f"pretrained={tiny_dir},{method_args},target_tokens=16", limit=3, batch_size=2
+        task_manager,
+        "pitome_llava_hf",
+        f"pretrained={saved_tiny_llava_dir},{method_args},target_tokens=16",
+        limit=3,
+        batch_size=2,
     )
     samples = results["samples"]["pitome_smoke"]
     assert len(samples) == 3
@@ -293,9 +294,9 @@ def test_the_small_budget_methods_run_through_the_plugin(tiny_dir, task_manager,
 
 
 @pytest.fixture(scope="module")
-def plugin(tiny_dir):
+def plugin(saved_tiny_llava_dir):
     """The unpatched plugin, driven directly with hand-made requests."""
-    model = PiToMeLlavaHF(pretrained=str(tiny_dir), method="none", device="cpu")
+    model = PiToMeLlavaHF(pretrained=str(saved_tiny_llava_dir), method="none", device="cpu")
     docs = [{"image": "chelsea", "question": "What is it?"}, {"image": "coffee", "question": "What is it?"}]
     model.task_dict = {"t": {"test": docs}}
     return model
@@ -352,8 +353,8 @@ def test_loglikelihood_sums_over_continuation_tokens(plugin):
     assert nll == pytest.approx(total, rel=1e-4)
 
 
-def test_multiple_choice_task_ranks_choices_by_loss(tiny_dir, task_manager):
-    model_args = f"pretrained={tiny_dir},method=none"
+def test_multiple_choice_task_ranks_choices_by_loss(saved_tiny_llava_dir, task_manager):
+    model_args = f"pretrained={saved_tiny_llava_dir},method=none"
     results = evaluate(task_manager, "pitome_llava_hf", model_args, "pitome_smoke_mc", limit=3)
     samples = results["samples"]["pitome_smoke_mc"]
     assert len(samples) == 3
@@ -391,7 +392,7 @@ def test_multi_round_feeds_answers_back_until_the_task_stops(plugin):
 
 
 # ---------------------------------------------------------------------------------- real CLI
-def test_lmms_eval_cli_runs_the_smoke_task(tiny_dir, tmp_path):
+def test_lmms_eval_cli_runs_the_smoke_task(saved_tiny_llava_dir, tmp_path):
     """``python -m lmms_eval`` end to end. With --verbosity DEBUG a failing evaluation exits
     non-zero (otherwise lmms-eval exits 0), and the results file must hold the metric."""
     output = tmp_path / "out"
@@ -402,7 +403,7 @@ def test_lmms_eval_cli_runs_the_smoke_task(tiny_dir, tmp_path):
         "--model",
         "pitome_llava_hf",
         "--model_args",
-        f"pretrained={tiny_dir},method=tome,target_tokens=16,device=cpu",
+        f"pretrained={saved_tiny_llava_dir},method=tome,target_tokens=16,device=cpu",
         "--tasks",
         "pitome_smoke",
         "--include_path",

@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import one_torch_thread, pitome_leftovers, placeholder_counts, prefill_features, unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
@@ -32,7 +31,10 @@ from pitome_mllm.merge.select import (
     top_indices,
 )
 from pitome_mllm.models import model_parts
+from pitome_mllm.testing.llava import encode, one_torch_thread, pitome_leftovers, placeholder_counts, prefill_features
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava_next, build_tiny_siglip_llava
+
+pytestmark = pytest.mark.model_facing
 
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
 NEW_METHODS = (
@@ -47,14 +49,10 @@ NUM_PATCHES = TEST_SPEC.num_patches  # 64
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_no_leftover_patch(request):
+def _one_thread():
+    """One torch thread (conftest's guard unpatches a shared model a failing test left patched)."""
     with one_torch_thread():
         yield
-    unpatch_fixture_models(request, "tiny_llava")
-
-
-def encode(processor, images, prompts):
-    return processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
 
 
 # ------------------------------------------------------------------------------------------- budgets

@@ -7,6 +7,8 @@ import torch
 
 from pitome_mllm.merge import merge_to_budget
 
+pytestmark = pytest.mark.model_facing
+
 
 def start(batch: int = 2, num_tokens: int = 50, channels: int = 16, seed: int = 0):
     features = torch.randn(batch, num_tokens, channels, generator=torch.Generator().manual_seed(seed))

@@ -6,6 +6,8 @@ import pytest
 
 from pitome_mllm.hooks.observers import Observer, Observers
 
+pytestmark = pytest.mark.model_facing
+
 
 class Recorder(Observer):
     def __init__(self, name: str, log: list) -> None:

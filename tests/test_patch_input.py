@@ -11,38 +11,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig
+from pitome_mllm.testing.llava import encode, logits_of, pitome_leftovers
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
-
-
-@pytest.fixture(autouse=True)
-def _unpatch_shared_model(request):
-    """A test that fails while patched must not leave a patch on the module-scoped model."""
-    yield
-    unpatch_fixture_models(request, "tiny_llava")
-
-
-def encode(processor, images, text=PROMPT):
-    return processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
-
-
-def pitome_leftovers(model) -> list[str]:
-    """Names of modules that still carry a forward override or a hook after unpatching."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if "forward" in module.__dict__ or any(key.startswith("_pitome") for key in module.__dict__)
-    ]
+pytestmark = pytest.mark.model_facing
 
 
 # ------------------------------------------------------------------------------------------------ copies

@@ -39,6 +39,8 @@ from pitome_mllm.zoo.architectures import (
     get_arch,
 )
 
+pytestmark = pytest.mark.model_facing
+
 # TEST_SPEC: 112 px / 14 px patches -> 64 patches + CLS, 6 CLIP layers of width 64 (MLP 128);
 # Llama with 2 layers, width 64, 4 heads (= kv heads), MLP 128.
 NATIVE_TOKENS = 64

@@ -13,36 +13,15 @@ import torch
 import pitome_mllm
 from pitome_mllm.models.llava_hf import image_features_per_image
 from pitome_mllm.schedule import plan_layers
+from pitome_mllm.testing.llava import PROMPT, encode, logits_of, placeholder_counts
 from pitome_mllm.zoo.tiny import SIGLIP_TEST_SPEC, build_tiny_siglip_llava
 
-PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
+pytestmark = pytest.mark.model_facing
 
 
 @pytest.fixture(scope="module")
 def siglip_llava():
     return build_tiny_siglip_llava()
-
-
-@pytest.fixture(autouse=True)
-def _unpatch(request):
-    yield
-    if "siglip_llava" in request.fixturenames:
-        handle = pitome_mllm.get_patch(request.getfixturevalue("siglip_llava")[0])
-        if handle is not None:
-            handle.unpatch()
-
-
-def encode(processor, images, prompts):
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-def placeholders(processor, inputs) -> list[int]:
-    return (inputs["input_ids"] == processor.tokenizer.image_token_id).sum(dim=-1).tolist()
-
-
-def logits_of(model, inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def test_schedule_counts_every_token_without_class_token(siglip_llava):
@@ -64,7 +43,7 @@ def test_llm_receives_the_planned_count(siglip_llava, images, settings):
     with pitome_mllm.patched(model, processor, **settings) as handle:
         expected = handle.num_visual_tokens
         inputs = encode(processor, [images["chelsea"], images["coffee"]], [PROMPT, PROMPT])
-        assert placeholders(processor, inputs) == [expected, expected]
+        assert placeholder_counts(processor, inputs) == [expected, expected]
         with torch.no_grad():
             features = image_features_per_image(model, inputs["pixel_values"])
             generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)

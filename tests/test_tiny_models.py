@@ -8,31 +8,19 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pitome_mllm.assets import list_images, load_image
 from pitome_mllm.models.clip_tower import clip_encoder_layers
+from pitome_mllm.testing.llava import placeholder_counts
 from pitome_mllm.zoo.tiny import (
     DEMO_SPEC,
     TEST_SPEC,
     TinyLlavaSpec,
     build_tiny_llava,
     build_tiny_processor,
-    save_tiny_llava,
 )
+
+pytestmark = pytest.mark.model_facing
 
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 LONG_PROMPT = "USER: <image>\nDescribe the image in detail, please. ASSISTANT:"
-
-
-@pytest.fixture(scope="module")
-def test_model_and_processor():
-    return build_tiny_llava(TEST_SPEC)
-
-
-@pytest.fixture(scope="module")
-def saved_test_model(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), TEST_SPEC)
-
-
-def _count_image_tokens(processor, input_ids: torch.Tensor) -> torch.Tensor:
-    return (input_ids == processor.tokenizer.image_token_id).sum(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- processor
@@ -47,7 +35,7 @@ def test_processor_expands_image_token_to_one_placeholder_per_patch(spec: TinyLl
     # "default" strategy: CLIP yields patches + CLS and LLaVA drops CLS, so one placeholder per patch.
     expected = (spec.image_size // spec.patch_size) ** 2
     assert expected == spec.num_patches
-    assert _count_image_tokens(processor, inputs["input_ids"]).tolist() == [expected]
+    assert placeholder_counts(processor, inputs) == [expected]
     assert inputs["input_ids"][0, 0].item() == processor.tokenizer.bos_token_id
 
 
@@ -97,8 +85,8 @@ def test_processor_save_load_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------- model
 
 
-def test_config_matches_spec_and_tokenizer(test_model_and_processor):
-    model, processor = test_model_and_processor
+def test_config_matches_spec_and_tokenizer(tiny_llava):
+    model, processor = tiny_llava
     config = model.config
     assert config.image_token_id == processor.tokenizer.image_token_id
     assert config.text_config.vocab_size == len(processor.tokenizer)
@@ -143,10 +131,10 @@ def test_demo_spec_forward_accepts_576_image_features():
     assert torch.isfinite(logits).all()
 
 
-def test_saved_model_reloads_with_identical_logits(test_model_and_processor, saved_test_model):
-    model, processor = test_model_and_processor
-    reloaded_model = LlavaForConditionalGeneration.from_pretrained(saved_test_model).eval()
-    reloaded_processor = AutoProcessor.from_pretrained(saved_test_model)
+def test_saved_model_reloads_with_identical_logits(tiny_llava, saved_tiny_llava_dir):
+    model, processor = tiny_llava
+    reloaded_model = LlavaForConditionalGeneration.from_pretrained(saved_tiny_llava_dir).eval()
+    reloaded_processor = AutoProcessor.from_pretrained(saved_tiny_llava_dir)
 
     inputs = processor(images=load_image("astronaut"), text=PROMPT, return_tensors="pt")
     reloaded_inputs = reloaded_processor(images=load_image("astronaut"), text=PROMPT, return_tensors="pt")
@@ -158,8 +146,8 @@ def test_saved_model_reloads_with_identical_logits(test_model_and_processor, sav
     assert reloaded_model.generation_config.pad_token_id == processor.tokenizer.pad_token_id
 
 
-def test_batched_generate_with_left_padding(test_model_and_processor):
-    model, processor = test_model_and_processor
+def test_batched_generate_with_left_padding(tiny_llava):
+    model, processor = tiny_llava
     images = [load_image("astronaut"), load_image("coffee")]
     inputs = processor(images=images, text=[PROMPT, LONG_PROMPT], return_tensors="pt", padding=True)
 
@@ -167,7 +155,7 @@ def test_batched_generate_with_left_padding(test_model_and_processor):
     attention_mask = inputs["attention_mask"]
     assert attention_mask[0, 0] == 0 and attention_mask[1, 0] == 1
     assert attention_mask[:, -1].all()
-    assert _count_image_tokens(processor, inputs["input_ids"]).tolist() == [TEST_SPEC.num_patches] * 2
+    assert placeholder_counts(processor, inputs) == [TEST_SPEC.num_patches] * 2
 
     max_new_tokens = 8
     with torch.no_grad():

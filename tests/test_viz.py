@@ -30,12 +30,9 @@ from pitome_mllm.tools.viz import (
     trace_merges,
     vision_hidden_states,
 )
-from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
+from pitome_mllm.zoo.tiny import TEST_SPEC
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_tiny_llava(TEST_SPEC)
+pytestmark = pytest.mark.model_facing
 
 
 def _quadrant_image(cells: int = 8, cell_px: int = 4) -> np.ndarray:
@@ -118,8 +115,8 @@ def test_curve_plot_has_the_expected_pixel_size(tmp_path):
 
 
 # --------------------------------------------------------------- model-backed
-def test_trace_merges_composes_to_the_final_token_map(tiny):
-    model, processor = tiny
+def test_trace_merges_composes_to_the_final_token_map(tiny_llava):
+    model, processor = tiny_llava
     pixel_values = pixel_values_for(processor, load_image("coffee"))
     record = trace_merges(model, pixel_values, method="pitome", keep_ratio=0.9)
     assert record.num_tokens == TEST_SPEC.num_vision_tokens
@@ -134,8 +131,8 @@ def test_trace_merges_composes_to_the_final_token_map(tiny):
         record.token_map_after(record.last_layer + 1)
 
 
-def test_energy_map_covers_the_patch_grid(tiny):
-    model, processor = tiny
+def test_energy_map_covers_the_patch_grid(tiny_llava):
+    model, processor = tiny_llava
     hidden = vision_hidden_states(model, pixel_values_for(processor, load_image("chelsea")))
     assert len(hidden) == TEST_SPEC.vision_layers + 1
     energies = energy_map(hidden[3][0, 1:], margin=0.5, grid=(8, 8))

@@ -33,6 +33,8 @@ from pitome_mllm.models.vllm_llava import (
 )
 from pitome_mllm.zoo.tiny import DEMO_SPEC, VLLM_TEST_SPEC, build_tiny_llava
 
+pytestmark = pytest.mark.vllm
+
 SETTINGS = [
     {"target_tokens": 16},
     {"target_tokens": 32},

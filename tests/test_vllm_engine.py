@@ -22,6 +22,8 @@ import pitome_mllm  # noqa: E402
 from pitome_mllm.testing.vllm_runs import REQUESTS  # noqa: E402
 from pitome_mllm.zoo.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 # The settings each engine is started with (hf_overrides["pitome"]); None: no plugin settings.
 SETTINGS = {
     "none": None,

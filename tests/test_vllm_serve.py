@@ -22,6 +22,8 @@ openai = pytest.importorskip("openai")
 import pitome_mllm  # noqa: E402
 from pitome_mllm.zoo.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # noqa: E402
 
+pytestmark = pytest.mark.vllm
+
 TARGET_TOKENS = 16
 STARTUP_TIMEOUT_S = 300
 

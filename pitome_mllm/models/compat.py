@@ -1,7 +1,9 @@
-"""Differences between the transformers releases the adapters support (4.57.x and 5.16 → 5.24).
+"""Differences between the transformers releases the adapters support, and which releases those are
+(`TESTED_TRANSFORMERS_MINORS`: 4.57.x and 5.16 → 5.24).
 
 Each shim names the releases it is for; code outside `pitome_mllm.models` asks the adapter,
-never this module, so a new release changes one file.
+never this module, so a new release changes one file. The one exception is `patch()`'s call of
+`warn_if_untested_transformers`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,20 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import warnings
 
 import torch
 import transformers
 
-TESTED_TRANSFORMERS = "4.57.x, 5.16 → 5.24"
+# The transformers releases CI runs the adapters on, per major line: (lowest minor, highest minor). The one place
+# that says so: pyproject's lower bounds, README and .ci/run's matrix follow it. Releases after these install
+# (no upper cap) and patch() warns once that they are untested.
+TESTED_TRANSFORMERS_MINORS = {4: (57, 57), 5: (16, 24)}
+TESTED_TRANSFORMERS = ", ".join(
+    f"{major}.{low}.x" if low == high else f"{major}.{low} → {major}.{high}"
+    for major, (low, high) in TESTED_TRANSFORMERS_MINORS.items()
+)
+_untested_warning_given = False
 
 
 def transformers_version() -> tuple[int, int]:
@@ -24,6 +35,28 @@ def transformers_version() -> tuple[int, int]:
 
 def transformers_version_text() -> str:
     return transformers.__version__
+
+
+def is_tested_transformers(version: tuple[int, int]) -> bool:
+    """Whether ``(major, minor)`` is a transformers release CI runs the adapters on."""
+    major, minor = version
+    low, high = TESTED_TRANSFORMERS_MINORS.get(major, (1, 0))
+    return low <= minor <= high
+
+
+def warn_if_untested_transformers() -> None:
+    """One `UserWarning` per process when the installed transformers is outside the tested releases."""
+    global _untested_warning_given
+    if _untested_warning_given or is_tested_transformers(transformers_version()):
+        return
+    _untested_warning_given = True
+    warnings.warn(
+        f"transformers {transformers_version_text()} is not among the releases pitome-mllm is tested with "
+        f"({TESTED_TRANSFORMERS}); patching may fail or merge differently. Report what breaks, or install a "
+        "tested release",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def encoder_layers_return_tuple() -> bool:
