@@ -22,6 +22,8 @@ from pitome_mllm.models.clip_tower import clip_encoder_layers
 from pitome_mllm.models.llava_hf import LlavaHFAdapter
 from pitome_mllm.models.protocol import MERGE_SITES, OPTIONS, ModelAdapter
 
+pytestmark = pytest.mark.model_facing
+
 PROMPT = "USER: <image>\nWhat is this? ASSISTANT:"
 PROCESSOR_METHODS = ("replace_image_token", "_get_num_multimodal_tokens")
 

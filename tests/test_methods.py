@@ -12,7 +12,6 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import one_torch_thread, pitome_leftovers, unpatch_fixture_models
 
 import pitome_mllm
 from pitome_mllm import PiToMeConfig, config
@@ -30,7 +29,10 @@ from pitome_mllm.methods import (
     methods_reading,
     methods_where,
 )
+from pitome_mllm.testing.llava import one_torch_thread, pitome_leftovers
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_siglip_llava
+
+pytestmark = pytest.mark.model_facing
 
 NUM_PATCHES = TEST_SPEC.num_patches  # 64
 PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
@@ -38,10 +40,10 @@ CONFIG_FIELDS = {field.name for field in dataclasses.fields(PiToMeConfig)}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_no_leftover_patch(request):
+def _one_thread():
+    """One torch thread (conftest's guard unpatches a shared model a failing test left patched)."""
     with one_torch_thread():
         yield
-    unpatch_fixture_models(request, "tiny_llava")
 
 
 # ------------------------------------------------------------------------------------------ the table

@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import placeholder_counts
 from PIL import Image
 from transformers import LlavaOnevisionProcessor
 
 import pitome_mllm
 from pitome_mllm.geometry import PatchGrid, ResizeAndCrop, TowerGeometry, check_image_size
+from pitome_mllm.testing.llava import placeholder_counts
 from pitome_mllm.zoo.tiny import (
     IMAGE_TOKEN,
     ONEVISION_TEST_SPEC,
