@@ -7,8 +7,10 @@ on the tiny model, skipped without the ``eval`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -297,3 +299,38 @@ def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
     assert f"the sweep that held it (pid {first.pid}" in err
     assert len(list(folder.rglob("*_results.json"))) == 1
     assert json.loads((folder / RESULT_FILE).read_text())["num_visual_tokens"] == 16
+
+
+def worker_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreaper and /proc are Linux's")
+@pytest.mark.parametrize("launcher_kind", ["sh -c wrapper", "worker in its own process group"])
+def test_sigkill_of_the_sweep_ends_a_forking_launchers_tree(tmp_path, four_run_suite, fake_launcher, launcher_kind):
+    """The worker of a forking launcher (``torchrun``'s workers start their own process group; an
+    ``sh -c`` wrapper is the direct child) dies with the sweep, and the resumed run folder holds one result."""
+    output, pid_file = tmp_path / "out", tmp_path / "worker.pid"
+    if launcher_kind == "sh -c wrapper":
+        launcher, mode = ["sh", "-c", '"$0" "$@"; exit $?', *fake_launcher], "sleep"
+    else:
+        launcher, mode = fake_launcher, "fork"
+    args = ["--suite", str(four_run_suite.path), "--model", "tiny", "--output", str(output), "--only", "taska/none",
+            "--launcher", shlex.join(launcher)]  # fmt: skip
+    sweep = sweep_process(args, FAKE_MODE=mode, FAKE_WORKER_PID=str(pid_file))
+    worker = wait_for(lambda: worker_pid(pid_file), "the worker to start", timeout_s=120)
+    try:
+        sweep.kill()
+        sweep.communicate(timeout=60)
+        wait_for(lambda: not process_running(worker), "the worker to end with the sweep", timeout_s=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    resumed = sweep_process(args)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    folder = run_dir(output, four_run_suite.expand()[0])
+    assert len(list(folder.rglob("*_results.json"))) == 1
