@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,3 +336,33 @@ def test_sigkill_of_the_sweep_ends_a_forking_launchers_tree(tmp_path, four_run_s
     assert resumed.returncode == 0, err
     folder = run_dir(output, four_run_suite.expand()[0])
     assert len(list(folder.rglob("*_results.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    "planted",
+    ["runs/taska/none/lmms_eval.log", "runs/taska/none/lmms_eval", "summary.csv", "summary.md", ".sweep.lock"],
+)
+def test_a_symlink_inside_the_sweep_folder_is_never_written_through(tmp_path, four_run_suite, fake_launcher, planted):
+    output, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    run_suite(four_run_suite, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+    (run_dir(output, four_run_suite.expand()[0]) / RESULT_FILE).unlink()  # so that the rerun writes that run again
+    elsewhere.mkdir()
+    target = elsewhere / "target"
+    if planted.endswith("lmms_eval"):
+        target.mkdir()
+        (target / "keep.txt").write_text("precious")
+    else:
+        target.write_text("precious")
+    link = output / planted
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    else:
+        link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    with pytest.raises(SuiteError, match=rf"{re.escape(str(link))} is a symbolic link"):
+        run_suite(four_run_suite, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+        aggregate(output)
+    assert sorted(path.name for path in elsewhere.rglob("*")) == (
+        ["keep.txt", "target"] if planted.endswith("lmms_eval") else ["target"]
+    )
+    assert (target / "keep.txt" if target.is_dir() else target).read_text() == "precious"

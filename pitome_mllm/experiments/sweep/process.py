@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .schema import SuiteError, refuse_link
+
 logger = logging.getLogger("pitome_mllm")
 
 LOCK_FILE = ".sweep.lock"
@@ -161,7 +163,11 @@ class SweepLock:
     def __enter__(self) -> SweepLock:
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        refuse_link(self.path)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            raise SuiteError(f"cannot open the sweep lock {self.path}: {error.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -30,6 +30,8 @@ from .schema import (
     SuiteError,
     check_batch_size,
     inside,
+    open_for_writing,
+    refuse_link,
 )
 from .suite import (
     LOG_FILE,
@@ -63,6 +65,16 @@ def prepare_output(output: str | Path) -> Path:
     if not os.access(output, os.W_OK | os.X_OK):
         raise SuiteError(f"--output {output}: the folder is not writable")
     return output
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete ``folder`` and what it holds (nothing if it is absent); a `SuiteError` naming what is left."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise SuiteError(f"cannot clear {folder} before rerunning its run: {error}") from None
 
 
 def _model_args_string(args: dict[str, Any]) -> str:
@@ -208,7 +220,7 @@ def execute_run(
     lmms_dir = directory / "lmms_eval"
     # A folder without result.json is an attempt that did not finish: start it afresh so that
     # a stale results file can never be taken for this attempt's.
-    shutil.rmtree(lmms_dir, ignore_errors=True)
+    remove_folder(refuse_link(lmms_dir))
     (directory / RECORD_FILE).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomically(directory / PATCH_CONFIG_FILE, PiToMeConfig(**run.patch_args()).to_dict())
@@ -216,7 +228,7 @@ def execute_run(
         run, model, directory, launcher=launcher, batch_size=batch_size, limit=limit, include_path=suite.include_path
     )
     started = time.perf_counter()
-    with open(directory / LOG_FILE, "w") as log:
+    with open_for_writing(directory / LOG_FILE) as log:
         log.write(shlex.join(command) + "\n\n")
         log.flush()
         returncode = run_child(command, log, on_start=on_child)
