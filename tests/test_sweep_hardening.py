@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from pitome_mllm import cli
-from pitome_mllm.experiments.sweep import RESULT_FILE, aggregate, load_suite, run_dir, run_suite
+from pitome_mllm.experiments.sweep import RESULT_FILE, SweepStopped, aggregate, load_suite, run_dir, run_suite
 from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure
+from pitome_mllm.experiments.sweep.runner import EVALUATED_FILE
 from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,14 @@ def test_a_symlink_out_of_the_sweep_folder_is_refused(tmp_path, four_run_suite, 
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [("", "is not readable JSON"), ("[1, 2]", "holds list"), ('{"score": "high"}', "has no numeric 'score'")],
+    [
+        ("", "is not readable JSON"),
+        ("[1, 2]", "holds list"),
+        ('{"score": "high"}', "has no numeric 'score'"),
+        ('{"score": NaN}', "has no numeric 'score' (nan is not a finite number)"),
+        ('{"score": Infinity}', "has no numeric 'score' (inf is not a finite number)"),
+        ('{"score": true}', "has no numeric 'score' (True is not a finite number)"),
+    ],
 )
 def test_corrupt_result_files_are_named_and_the_run_redone(
     tmp_path, four_run_suite, fake_launcher, caplog, content, problem
@@ -345,7 +353,9 @@ def test_sigkill_of_the_sweep_ends_a_forking_launchers_tree(tmp_path, four_run_s
 def test_a_symlink_inside_the_sweep_folder_is_never_written_through(tmp_path, four_run_suite, fake_launcher, planted):
     output, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     run_suite(four_run_suite, "tiny", output, only=["taska/none"], launcher=fake_launcher)
-    (run_dir(output, four_run_suite.expand()[0]) / RESULT_FILE).unlink()  # so that the rerun writes that run again
+    folder = run_dir(output, four_run_suite.expand()[0])
+    for name in (RESULT_FILE, EVALUATED_FILE):  # so that the rerun evaluates that run again
+        (folder / name).unlink()
     elsewhere.mkdir()
     target = elsewhere / "target"
     if planted.endswith("lmms_eval"):
@@ -366,3 +376,21 @@ def test_a_symlink_inside_the_sweep_folder_is_never_written_through(tmp_path, fo
         ["keep.txt", "target"] if planted.endswith("lmms_eval") else ["target"]
     )
     assert (target / "keep.txt" if target.is_dir() else target).read_text() == "precious"
+
+
+def test_a_metric_typo_stops_after_the_first_run_and_the_rerun_reuses_its_evaluation(
+    tmp_path, fake_launcher, monkeypatch
+):
+    body = "baseline: none\nruns: {none: {method: none}, pitome: {method: pitome, target_tokens: [8, 16, 32]}}"
+    typo = load_suite(write_suite(tmp_path, 'tasks: {taska: "exact_matchh,none"}\n' + body))
+    output = tmp_path / "out"
+    with pytest.raises(SweepStopped, match=r"no metric 'exact_matchh,none'.*\['exact_match,none'\]") as stopped:
+        run_suite(typo, "tiny", output, launcher=fake_launcher)
+    assert stopped.value.outcome == {"done": [], "skipped": [], "failed": ["taska/none"]}
+    assert len(list((output / "runs").rglob("*_results.json"))) == 1  # one evaluation, not four
+    fixed = load_suite(write_suite(tmp_path, GOOD_TASKS + body))
+    # A launcher that can only fail: the fixed metric must be read from the kept evaluation.
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    outcome = run_suite(fixed, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+    assert outcome["done"] == ["taska/none"]
+    assert json.loads((run_dir(output, fixed.expand()[0]) / RESULT_FILE).read_text())["score"] == 0.8
