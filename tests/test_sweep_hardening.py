@@ -24,7 +24,7 @@ import pytest
 
 from pitome_mllm import cli
 from pitome_mllm.experiments.sweep import RESULT_FILE, SweepStopped, aggregate, load_suite, run_dir, run_suite
-from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure
+from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure, run_child
 from pitome_mllm.experiments.sweep.runner import EVALUATED_FILE
 from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, SuiteError
 
@@ -394,3 +394,18 @@ def test_a_metric_typo_stops_after_the_first_run_and_the_rerun_reuses_its_evalua
     outcome = run_suite(fixed, "tiny", output, only=["taska/none"], launcher=fake_launcher)
     assert outcome["done"] == ["taska/none"]
     assert json.loads((run_dir(output, fixed.expand()[0]) / RESULT_FILE).read_text())["score"] == 0.8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreaper and /proc are Linux's")
+def test_a_worker_left_behind_by_a_launcher_that_exited_is_ended(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    # The launcher exits at once, leaving a worker in its own session (setsid) that would run on.
+    launcher = ["sh", "-c", f'setsid sleep 600 & echo $! > "{pid_file}"; exit 3']
+    with open(tmp_path / "log", "w") as log:
+        assert run_child(launcher, log) == 3
+    worker = int(pid_file.read_text())
+    try:
+        wait_for(lambda: not process_running(worker), "the left-behind worker to end", timeout_s=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
