@@ -2,11 +2,14 @@
 
 Environment: ``FAKE_LMMS_EVAL_FAIL=<method>`` fails that method's runs the way lmms-eval does
 without ``--verbosity DEBUG`` (exit 0, no results); ``FAKE_MODE=crash`` fails before evaluating,
-as a broken install does; ``FAKE_MODE=sleep`` hangs (to be interrupted).
+as a broken install does; ``FAKE_MODE=sleep`` hangs (to be interrupted); ``FAKE_MODE=fork`` starts
+a sleeping worker in its own process group and waits for it, as ``torchrun`` does.
+``FAKE_WORKER_PID=<file>``: a sleeping process writes its pid there.
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -17,7 +20,17 @@ if mode == "crash":
     print('Traceback (most recent call last):\n  File "<frozen runpy>", line 1', flush=True)
     print("ModuleNotFoundError: No module named 'lmms_eval'", flush=True)
     sys.exit(1)
+if mode == "fork":
+    worker = subprocess.Popen(
+        [sys.executable, *sys.argv], env={**os.environ, "FAKE_MODE": "sleep"}, start_new_session=True
+    )
+    sys.exit(worker.wait())
 if mode == "sleep":
+    if os.environ.get("FAKE_WORKER_PID"):
+        pid_file = os.environ["FAKE_WORKER_PID"]
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
     print("evaluating", flush=True)
     time.sleep(600)
 if os.environ.get("FAKE_LMMS_EVAL_FAIL") == model_args.get("method"):

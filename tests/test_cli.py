@@ -273,3 +273,43 @@ def test_chosen_command_skips_options():
     assert chosen_command(["-v", "schedule", "--keep-ratio", "0.9"]) == "schedule"
     assert chosen_command(["--help"]) is None
     assert chosen_command(["nonsense"]) is None
+
+
+# ------------------------------------------------------------------------------------------ output paths
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["profile", "--model", "tiny-test", "--stem"], "--stem"),
+        (["visualize", "--model", "tiny-test", "--name"], "--name"),
+        (["spectral", "--synthetic", "--name"], "--name"),
+    ],
+)
+@pytest.mark.parametrize("name", ["../x", "sub/x", "..", ""])
+def test_output_names_must_stay_inside_output(tmp_path, capsys, command, flag, name):
+    output = tmp_path / "out"
+    status = main([*command, name, "--output", str(output)])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1 and f"error: {flag} {name!r} must be a plain file name" in err
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["out"]  # nothing written, in or out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["profile", "--model", "tiny-test"],
+        ["visualize", "--model", "tiny-test"],
+        ["spectral", "--synthetic"],
+        ["proxy", "fidelity"],
+        ["proxy", "report"],
+    ],
+)
+def test_an_unusable_output_folder_is_one_line_before_any_work(tmp_path, capsys, command):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for output, expected in ((a_file, "is a file, not a folder"), (a_file / "below", "cannot create the folder")):
+        status = main([*command, "--output", str(output)])
+        err = capsys.readouterr().err
+        assert status == 2 and len(err.strip().splitlines()) == 1
+        assert f"error: --output {output}" in err and expected in err
+    assert a_file.read_text() == "keep me"

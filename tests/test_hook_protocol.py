@@ -127,7 +127,7 @@ def test_the_adapter_removes_its_units_in_reverse_order(tiny_llava, images, monk
     monkeypatch.setattr(LlavaHFAdapter, "hooks", recorded_hooks)
     handle = pitome_mllm.patch(model, processor, keep_ratio=0.9, target_tokens=16, llm_prop_attn=True)
     handle.unpatch()
-    names = ["TowerMerger", "ProjectorMerger", "AttributeOverrides", "PlaceholderCheck", "LLMPropAttention"]
+    names = ["TowerMerger", "ProjectorMerger", "ProcessorOverrides", "PlaceholderCheck", "LLMPropAttention"]
     assert log == [f"install {name}" for name in names] + [f"remove {name}" for name in reversed(names)]
 
 

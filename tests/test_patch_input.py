@@ -45,10 +45,12 @@ def test_pickling_a_patched_model_is_refused_with_a_remedy():
 def test_a_copy_made_after_unpatching_patches_independently(images):
     model, processor = build_tiny_llava(TEST_SPEC)
     clone = copy.deepcopy(model)
+    # A processor counts for one patched model at a time: the original gets its own copy.
+    own_processor = copy.deepcopy(processor)
     with pitome_mllm.patched(clone, processor, keep_ratio=0.9) as clone_handle:
         inputs = encode(processor, [images["coffee"]])
         patched_clone = logits_of(clone, inputs)
-        with pitome_mllm.patched(model, processor, keep_ratio=0.9):
+        with pitome_mllm.patched(model, own_processor, keep_ratio=0.9):
             assert torch.equal(logits_of(model, inputs), patched_clone)
             # Changing the copy's tower changes the copy only: its layers run its own weights.
             with torch.no_grad():

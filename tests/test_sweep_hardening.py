@@ -7,8 +7,12 @@ on the tiny model, skipped without the ``eval`` extra.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from pitome_mllm import cli
-from pitome_mllm.experiments.sweep import RESULT_FILE, aggregate, load_suite, run_dir, run_suite
-from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure
+from pitome_mllm.experiments.sweep import RESULT_FILE, SweepStopped, aggregate, load_suite, run_dir, run_suite
+from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure, run_child
+from pitome_mllm.experiments.sweep.runner import EVALUATED_FILE
 from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +147,14 @@ def test_a_symlink_out_of_the_sweep_folder_is_refused(tmp_path, four_run_suite, 
 
 @pytest.mark.parametrize(
     ("content", "problem"),
-    [("", "is not readable JSON"), ("[1, 2]", "holds list"), ('{"score": "high"}', "has no numeric 'score'")],
+    [
+        ("", "is not readable JSON"),
+        ("[1, 2]", "holds list"),
+        ('{"score": "high"}', "has no numeric 'score'"),
+        ('{"score": NaN}', "has no numeric 'score' (nan is not a finite number)"),
+        ('{"score": Infinity}', "has no numeric 'score' (inf is not a finite number)"),
+        ('{"score": true}', "has no numeric 'score' (True is not a finite number)"),
+    ],
 )
 def test_corrupt_result_files_are_named_and_the_run_redone(
     tmp_path, four_run_suite, fake_launcher, caplog, content, problem
@@ -297,3 +309,103 @@ def test_sigkill_lock_and_resume_with_the_real_lmms_eval(tmp_path):
     assert f"the sweep that held it (pid {first.pid}" in err
     assert len(list(folder.rglob("*_results.json"))) == 1
     assert json.loads((folder / RESULT_FILE).read_text())["num_visual_tokens"] == 16
+
+
+def worker_pid(pid_file: Path) -> int | None:
+    try:
+        return int(pid_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreaper and /proc are Linux's")
+@pytest.mark.parametrize("launcher_kind", ["sh -c wrapper", "worker in its own process group"])
+def test_sigkill_of_the_sweep_ends_a_forking_launchers_tree(tmp_path, four_run_suite, fake_launcher, launcher_kind):
+    """The worker of a forking launcher (``torchrun``'s workers start their own process group; an
+    ``sh -c`` wrapper is the direct child) dies with the sweep, and the resumed run folder holds one result."""
+    output, pid_file = tmp_path / "out", tmp_path / "worker.pid"
+    if launcher_kind == "sh -c wrapper":
+        launcher, mode = ["sh", "-c", '"$0" "$@"; exit $?', *fake_launcher], "sleep"
+    else:
+        launcher, mode = fake_launcher, "fork"
+    args = ["--suite", str(four_run_suite.path), "--model", "tiny", "--output", str(output), "--only", "taska/none",
+            "--launcher", shlex.join(launcher)]  # fmt: skip
+    sweep = sweep_process(args, FAKE_MODE=mode, FAKE_WORKER_PID=str(pid_file))
+    worker = wait_for(lambda: worker_pid(pid_file), "the worker to start", timeout_s=120)
+    try:
+        sweep.kill()
+        sweep.communicate(timeout=60)
+        wait_for(lambda: not process_running(worker), "the worker to end with the sweep", timeout_s=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+    resumed = sweep_process(args)
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    folder = run_dir(output, four_run_suite.expand()[0])
+    assert len(list(folder.rglob("*_results.json"))) == 1
+
+
+@pytest.mark.parametrize(
+    "planted",
+    ["runs/taska/none/lmms_eval.log", "runs/taska/none/lmms_eval", "summary.csv", "summary.md", ".sweep.lock"],
+)
+def test_a_symlink_inside_the_sweep_folder_is_never_written_through(tmp_path, four_run_suite, fake_launcher, planted):
+    output, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    run_suite(four_run_suite, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+    folder = run_dir(output, four_run_suite.expand()[0])
+    for name in (RESULT_FILE, EVALUATED_FILE):  # so that the rerun evaluates that run again
+        (folder / name).unlink()
+    elsewhere.mkdir()
+    target = elsewhere / "target"
+    if planted.endswith("lmms_eval"):
+        target.mkdir()
+        (target / "keep.txt").write_text("precious")
+    else:
+        target.write_text("precious")
+    link = output / planted
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    else:
+        link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    with pytest.raises(SuiteError, match=rf"{re.escape(str(link))} is a symbolic link"):
+        run_suite(four_run_suite, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+        aggregate(output)
+    assert sorted(path.name for path in elsewhere.rglob("*")) == (
+        ["keep.txt", "target"] if planted.endswith("lmms_eval") else ["target"]
+    )
+    assert (target / "keep.txt" if target.is_dir() else target).read_text() == "precious"
+
+
+def test_a_metric_typo_stops_after_the_first_run_and_the_rerun_reuses_its_evaluation(
+    tmp_path, fake_launcher, monkeypatch
+):
+    body = "baseline: none\nruns: {none: {method: none}, pitome: {method: pitome, target_tokens: [8, 16, 32]}}"
+    typo = load_suite(write_suite(tmp_path, 'tasks: {taska: "exact_matchh,none"}\n' + body))
+    output = tmp_path / "out"
+    with pytest.raises(SweepStopped, match=r"no metric 'exact_matchh,none'.*\['exact_match,none'\]") as stopped:
+        run_suite(typo, "tiny", output, launcher=fake_launcher)
+    assert stopped.value.outcome == {"done": [], "skipped": [], "failed": ["taska/none"]}
+    assert len(list((output / "runs").rglob("*_results.json"))) == 1  # one evaluation, not four
+    fixed = load_suite(write_suite(tmp_path, GOOD_TASKS + body))
+    # A launcher that can only fail: the fixed metric must be read from the kept evaluation.
+    monkeypatch.setenv("FAKE_MODE", "crash")
+    outcome = run_suite(fixed, "tiny", output, only=["taska/none"], launcher=fake_launcher)
+    assert outcome["done"] == ["taska/none"]
+    assert json.loads((run_dir(output, fixed.expand()[0]) / RESULT_FILE).read_text())["score"] == 0.8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="subreaper and /proc are Linux's")
+def test_a_worker_left_behind_by_a_launcher_that_exited_is_ended(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    # The launcher exits at once, leaving a worker in its own session (setsid) that would run on.
+    launcher = ["sh", "-c", f'setsid sleep 600 & echo $! > "{pid_file}"; exit 3']
+    with open(tmp_path / "log", "w") as log:
+        assert run_child(launcher, log) == 3
+    worker = int(pid_file.read_text())
+    try:
+        wait_for(lambda: not process_running(worker), "the left-behind worker to end", timeout_s=15)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)

@@ -6,6 +6,9 @@ Torch-free (``pitome-mllm --help`` builds every command's parser).
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
 
 from ..config import ALL_METHODS, DTYPES, PRESETS
 
@@ -54,3 +57,39 @@ def add_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
         "'tiny-test' (112 px, 6 layers) or a local folder loadable with from_pretrained",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+# ------------------------------------------------------------------------------ output paths
+def checked_output_folder(flag: str, folder: str | Path) -> Path:
+    """``folder``, created and writable, before any work starts; a ValueError naming ``flag`` otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {folder}: cannot create the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: the folder is not writable")
+    return folder
+
+
+def checked_output_stem(flag: str, stem: str, folder_flag: str, folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The files ``folder/<stem><suffix>``, checked to stay inside ``folder`` before any work starts.
+
+    Raises:
+        ValueError: naming ``flag`` when ``stem`` is not a plain file name (``../x``, ``a/b``, ``.``),
+            or when one of the files resolves outside ``folder`` (a symbolic link).
+    """
+    separators = {"/", os.sep, os.altsep} - {None}
+    if not stem or stem in (".", "..") or "\0" in stem or any(sep in stem for sep in separators):
+        raise ValueError(
+            f"{flag} {stem!r} must be a plain file name (no '/', not '.' or '..'): the outputs are written "
+            f"inside {folder_flag} {folder}"
+        )
+    root = folder.resolve()
+    paths = [folder / f"{stem}{suffix}" for suffix in suffixes]
+    for path in paths:
+        if not path.resolve().is_relative_to(root):
+            raise ValueError(f"{flag} {stem!r}: {path} resolves to {path.resolve()}, outside {folder_flag} {folder}")
+    return paths

@@ -16,6 +16,10 @@ import argparse
 from ..config import METHODS, PRESETS
 from ..runtime.terminal import add_list_argument, add_threads_argument
 from ..zoo.architecture_specs import ARCHITECTURES
+from .arguments import checked_output_folder, checked_output_stem
+
+# What `write_report` adds to --stem (kept torch-free here: the check runs before the heavy imports).
+REPORT_SUFFIXES = (".json", ".csv", "_latency.png", "_memory.png")
 
 HELP = "time and measure each stage (vision tower, merges, projector, prefill, decode) per merging config"
 
@@ -117,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods must be drawn from {METHODS}, got {unknown}")
+    if args.output:  # before the model is built: a bad output path must not cost a profiling run
+        output = checked_output_folder("--output", args.output)
+        checked_output_stem("--stem", args.stem, "--output", output, REPORT_SUFFIXES)
     with torch_threads(args.threads):
         return _profile(args)
 

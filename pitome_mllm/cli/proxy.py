@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..runtime.terminal import add_list_argument
+from .arguments import checked_output_folder
 
 HELP = "CPU proxy benchmarks on a real pretrained ViT: feature fidelity and a mini-LLaVA on easy-VQA"
 FIDELITY_HELP = (
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Every proxy command writes fixed names into --output: check it before the work starts.
+    checked_output_folder("--output", args.output)
     return int(args._proxy_run(args) or 0)
 
 

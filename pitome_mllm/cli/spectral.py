@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runtime.terminal import add_list_argument
-from .arguments import add_preset_argument, add_tiny_model_arguments
+from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_folder, checked_output_stem
 
 HELP = "spectral distance of PiToMe / ToMe merges to the unmerged token graph, at equal token counts"
 
@@ -428,6 +428,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {sorted(known)}")
+    # Before the work: a bad output path must not cost it.
+    args.output = checked_output_folder("--output", args.output)
+    checked_output_stem("--name", args.name, "--output", args.output, (".json", ".png"))
     report = run_synthetic(args) if args.synthetic else run_model(args)
     report["summary"] = summarize_report(report)
     print_table(report, report["summary"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.terminal import add_list_argument
-from .arguments import add_preset_argument, add_tiny_model_arguments
+from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_folder, checked_output_stem
 
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
 
@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..tools.viz import RANDOM_WEIGHTS_NOTE, last_vision_layer, visualize
 
+    # Before the model is built: a bad output path must not cost the work.
+    args.output = checked_output_folder("--output", args.output)
+    checked_output_stem("--name", args.name, "--output", args.output, (".png", ".json"))
     loaded = load_model(args.model, args.device)
     image = load_input_image(args.image)
     layers = args.layers

@@ -20,5 +20,9 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # default=str: a stray non-JSON value (a dtype, a path) is recorded as text rather than losing the file.
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    # O_NOFOLLOW: a link planted at the temporary name must not be written through.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with open(descriptor, "w") as stream:
+        stream.write(text)
     os.replace(temporary, path)

@@ -87,6 +87,13 @@ COPY_REFUSED = (
 )
 
 
+PROCESSOR_COPY_REFUSED = (
+    "a processor patched by pitome_mllm cannot be copied or pickled: its placeholder count belongs to the "
+    "patched model, so a copy would keep emitting the merged count after unpatch. Call handle.unpatch(), "
+    "copy or save the processor, then patch with the copy"
+)
+
+
 class _SavedForward:
     """What an overridden module's ``__dict__`` held under ``forward`` before the override.
 
@@ -185,6 +192,67 @@ class AttributeOverrides(Hook):
 
     def remove(self) -> None:
         self._overrides.restore()
+
+
+_PROCESSOR_PATCH = "_pitome_processor_patch"
+
+
+class _ProcessorPatchMark:
+    """Sits in a patched processor's ``__dict__``: names the model it counts for, refuses copy and pickle.
+
+    A copy would keep the merged count (and closures over the patched model) after ``unpatch()``;
+    pickling would fail deep inside on a local function. Both are refused with the remedy instead.
+    """
+
+    __slots__ = ("model_name",)
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __deepcopy__(self, memo: dict):
+        raise TypeError(PROCESSOR_COPY_REFUSED)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(PROCESSOR_COPY_REFUSED)
+
+
+class ProcessorOverrides(AttributeOverrides):
+    """`AttributeOverrides` on a processor, which only one patched model may own at a time.
+
+    Two patches on one processor cannot both be right: each sets the count of its own model, and
+    each would restore what it saved (the other's count) on removal. So a processor that already
+    carries a patch is refused, naming both ways out; the mark that records the owner also makes a
+    copy or pickle of the patched processor fail with a clear message.
+    """
+
+    def __init__(self, target: object, build: Callable[[], dict[str, object]], model_name: str) -> None:
+        super().__init__(target, build)
+        self.model_name = model_name
+        self._marked = False
+
+    def install(self) -> None:
+        owner = self.target.__dict__.get(_PROCESSOR_PATCH)
+        if owner is not None:
+            raise RuntimeError(
+                f"the {type(self.target).__name__} passed to patch() is already patched for another model "
+                f"({owner.model_name}), whose placeholder count it now emits; either unpatch that model first "
+                "(handle.unpatch()), or give each model its own processor (load it again, or copy.deepcopy it "
+                "before patching)"
+            )
+        self.target.__dict__[_PROCESSOR_PATCH] = _ProcessorPatchMark(self.model_name)
+        self._marked = True
+        super().install()
+
+    def remove(self) -> None:
+        super().remove()
+        if self._marked:
+            self.target.__dict__.pop(_PROCESSOR_PATCH, None)
+            self._marked = False
+
+
+def is_processor_patched(processor: object) -> bool:
+    """Whether ``processor`` carries a pitome_mllm placeholder-count patch."""
+    return _PROCESSOR_PATCH in getattr(processor, "__dict__", {})
 
 
 def remove_hooks(handles: list) -> None:

@@ -15,7 +15,13 @@ from torch import nn
 
 from ..config import PiToMeConfig
 from ..geometry import ImageResize, ResizeAndCrop, TowerGeometry
-from ..hooks.base import AttributeOverrides, Hook, InstanceOverrides, override_forward, restore_forward
+from ..hooks.base import (
+    Hook,
+    InstanceOverrides,
+    ProcessorOverrides,
+    override_forward,
+    restore_forward,
+)
 from ..hooks.llm_attention import LLMPropAttention
 from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer, tower_config_geometry
 from .compat import cache_mask_sizes, transformers_version
@@ -464,7 +470,7 @@ class LlavaHFAdapter(ClipTowerAdapter):
         self._processor_image_size: tuple[int, int] | None = None
         if processor is not None:
             self._check_processor(processor)
-        self.processor_count = AttributeOverrides(processor, self._processor_count_overrides)
+        self.processor_count = ProcessorOverrides(processor, self._processor_count_overrides, type(model).__name__)
         self.placeholder_check = PlaceholderCheck(llava, llava.config.image_token_id, self.num_visual_tokens)
         self.llm_prop_attention = self._llm_prop_attention(llava) if config.llm_prop_attn else None
 

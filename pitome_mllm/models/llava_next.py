@@ -45,7 +45,7 @@ from torch import nn
 
 from ..config import PRESETS, PiToMeConfig
 from ..geometry import ImageResize, PatchGrid, TowerBudget, TowerGeometry, check_image_size
-from ..hooks.base import AttributeOverrides, Hook
+from ..hooks.base import AttributeOverrides, Hook, ProcessorOverrides
 from ..hooks.state import PatchState
 from ..merge.budget import StepParams, merge_to_budget_with
 from ..merge.plan import to_raster_order
@@ -354,7 +354,7 @@ class LlavaNextAdapter(ModelAdapter):
             )
         if processor is not None:
             self._check_processor(processor)
-        self.processor_count = AttributeOverrides(processor, self._processor_count_overrides)
+        self.processor_count = ProcessorOverrides(processor, self._processor_count_overrides, type(model).__name__)
         self.pack_override = AttributeOverrides(self.llava, self._pack_overrides)
         self.placeholder_check = PlaceholderCheck(self.llava, llava_config.image_token_id, self.num_visual_tokens)
 

@@ -11,6 +11,7 @@ from typing import Any
 from .runner import (
     read_stored_result,
 )
+from .schema import open_for_writing, refuse_link
 from .suite import (
     RESULT_FILE,
 )
@@ -139,7 +140,7 @@ def _format(value: Any, digits: int = 4) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as stream:
+    with open_for_writing(path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -268,7 +269,7 @@ def plot_accuracy_vs_tokens(rows: list[dict[str, Any]], path: Path) -> None:
     for panel in list(axes.flat)[len(tasks) :]:
         panel.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(refuse_link(path), dpi=120)
     plt.close(figure)
 
 
@@ -281,7 +282,10 @@ def aggregate(output: str | Path) -> dict[str, Path]:
         "markdown": output / "summary.md",
         "plot": output / "accuracy_vs_tokens.png",
     }
+    for path in paths.values():  # before writing any: a refused link leaves every summary as it was
+        refuse_link(path)
     write_csv(rows, paths["csv"])
-    paths["markdown"].write_text(markdown_table(rows))
+    with open_for_writing(paths["markdown"]) as stream:
+        stream.write(markdown_table(rows))
     plot_accuracy_vs_tokens(rows, paths["plot"])
     return paths

@@ -1,9 +1,11 @@
 """What keeps a sweep's processes and folder sane: the lmms-eval child dies with the sweep, one
 sweep owns a folder at a time, and a failing setup stops the sweep instead of failing every run.
 
-* `run_child` starts lmms-eval in its own process group (so a terminal's Ctrl-C reaches only the
-  sweep, which then ends the whole group) with a parent-death signal (Linux ``prctl``), so even a
-  SIGKILL of the sweep takes the child with it: otherwise it would keep writing into a run
+* `run_child` starts lmms-eval under `supervisor.py` in its own session (so a terminal's Ctrl-C
+  reaches only the sweep, which then ends the run). The supervisor ends the launcher's whole
+  process tree, workers in their own process groups included (``torchrun``, an ``sh -c``
+  wrapper), when the launcher exits, when the sweep ends the run, and when the sweep dies
+  however it dies (``kill -9`` included): otherwise a worker would keep writing into a run
   folder that the resumed sweep has just reset.
 * `SweepLock` is an ``flock`` on ``OUTPUT/.sweep.lock`` holding the owner's pid. The kernel
   drops the lock when its owner dies however it dies, so a lock left by a killed sweep is
@@ -15,8 +17,6 @@ sweep owns a folder at a time, and a failing setup stops the sweep instead of fa
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from .schema import SuiteError, refuse_link
+
 logger = logging.getLogger("pitome_mllm")
 
 LOCK_FILE = ".sweep.lock"
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # How long lmms-eval gets to exit after SIGTERM before the group is killed.
 TERMINATE_GRACE_S = 10.0
 # Runs in a row failing the same way before anything was evaluated: the setup, not the run, is broken.
@@ -55,21 +56,7 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 # ------------------------------------------------------------------------------- the child
-def _parent_death_setter() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking the kernel to SIGKILL the child when the sweep dies (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    # Loaded here, in the parent: a forked child should do as little as possible before exec.
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    parent = os.getpid()
-
-    def set_parent_death_signal() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        # The sweep may have died between fork and prctl: then nobody would send the signal.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return set_parent_death_signal
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 
 def kill_group(process: subprocess.Popen, grace_s: float = TERMINATE_GRACE_S) -> None:
@@ -84,25 +71,44 @@ def kill_group(process: subprocess.Popen, grace_s: float = TERMINATE_GRACE_S) ->
             continue
 
 
-def run_child(command: Sequence[str], log: IO[str], on_start: Callable[[int], None] = lambda pid: None) -> int:
-    """Run ``command`` with output to ``log`` in its own process group; its exit status.
+def supervised(command: Sequence[str], watch_fd: int, grace_s: float = TERMINATE_GRACE_S / 2) -> list[str]:
+    """``command`` run under `supervisor.py`, which watches ``watch_fd`` for the sweep's death.
 
-    Whatever ends the wait (an exception, Ctrl-C) ends the child's whole group as well.
+    The supervisor gets half the sweep's grace, so that its own SIGKILL round ends the tree before
+    the sweep's SIGKILL would end the supervisor.
     """
-    process = subprocess.Popen(
-        list(command),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        preexec_fn=_parent_death_setter(),
-    )
+    return [sys.executable, "-I", str(SUPERVISOR), str(watch_fd), f"{grace_s:g}", "--", *command]
+
+
+def run_child(command: Sequence[str], log: IO[str], on_start: Callable[[int], None] = lambda pid: None) -> int:
+    """Run ``command`` with output to ``log``, its whole process tree bound to the sweep; its exit status.
+
+    Whatever ends the wait (an exception, Ctrl-C) ends the child's whole tree as well. The sweep
+    keeps the write end of a pipe whose read end only the supervisor holds: when the sweep dies,
+    the kernel closes it and the supervisor ends the tree.
+    """
+    watch_read, watch_write = os.pipe()  # both ends close-on-exec: no other child inherits them
+    try:
+        process = subprocess.Popen(
+            supervised(command, watch_read),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(watch_read,),
+        )
+    except BaseException:
+        os.close(watch_write)
+        raise
+    finally:
+        os.close(watch_read)
     try:
         on_start(process.pid)
         return process.wait()
     finally:
         if process.poll() is None:
             kill_group(process)
+        os.close(watch_write)
 
 
 @contextlib.contextmanager
@@ -157,7 +163,11 @@ class SweepLock:
     def __enter__(self) -> SweepLock:
         import fcntl
 
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        refuse_link(self.path)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            raise SuiteError(f"cannot open the sweep lock {self.path}: {error.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -30,6 +31,8 @@ from .schema import (
     SuiteError,
     check_batch_size,
     inside,
+    open_for_writing,
+    refuse_link,
 )
 from .suite import (
     LOG_FILE,
@@ -44,6 +47,10 @@ from .suite import (
 )
 
 logger = logging.getLogger("pitome_mllm")
+
+# Written once lmms-eval finished a run (exit 0, results file present), before its metric is read:
+# a rerun that only changes which metric is read (a typo fixed) reuses the evaluation.
+EVALUATED_FILE = "lmms_eval_done.json"
 
 
 def run_dir(output: Path, run: Run) -> Path:
@@ -63,6 +70,16 @@ def prepare_output(output: str | Path) -> Path:
     if not os.access(output, os.W_OK | os.X_OK):
         raise SuiteError(f"--output {output}: the folder is not writable")
     return output
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete ``folder`` and what it holds (nothing if it is absent); a `SuiteError` naming what is left."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise SuiteError(f"cannot clear {folder} before rerunning its run: {error}") from None
 
 
 def _model_args_string(args: dict[str, Any]) -> str:
@@ -118,11 +135,25 @@ def find_results_file(directory: Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
+class MissingMetric(ValueError):
+    """lmms-eval's results lack the suite's metric; ``available`` lists the numeric ones it has."""
+
+    def __init__(self, message: str, available: list[str]) -> None:
+        super().__init__(message)
+        self.available = available
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (``true``, ``NaN`` and ``Infinity`` are not scores)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_metric(results_file: Path, task: str, metric: str) -> float:
     """``results[task][metric]`` from an lmms-eval results file.
 
     Raises:
-        ValueError: the task or metric is missing, or the value is not a number.
+        MissingMetric: the metric is missing (a `ValueError`, naming the metrics there are).
+        ValueError: the task is missing, or the value is not a finite number.
     """
     results = json.loads(results_file.read_text()).get("results", {})
     if task not in results:
@@ -130,10 +161,10 @@ def read_metric(results_file: Path, task: str, metric: str) -> float:
     values = results[task]
     if metric not in values:
         numeric = sorted(key for key, value in values.items() if isinstance(value, (int, float)))
-        raise ValueError(f"{results_file}: task {task!r} has no metric {metric!r}; it has {numeric}")
+        raise MissingMetric(f"{results_file}: task {task!r} has no metric {metric!r}; it has {numeric}", numeric)
     value = values[metric]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{results_file}: {task} {metric} is {value!r}, not a number")
+    if not is_finite_number(value):
+        raise ValueError(f"{results_file}: {task} {metric} is {value!r}, not a finite number")
     return float(value)
 
 
@@ -151,8 +182,8 @@ def read_stored_result(result_path: Path, move_aside: bool = True) -> dict[str, 
     try:
         stored = json.loads(result_path.read_text())
         problem = None if isinstance(stored, dict) else f"holds {type(stored).__name__}, not a result object"
-        if problem is None and not isinstance(stored.get("score"), (int, float)):
-            problem = "has no numeric 'score'"
+        if problem is None and not is_finite_number(stored.get("score")):
+            problem = f"has no numeric 'score' ({stored.get('score')!r} is not a finite number)"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         problem = f"is not readable JSON ({error})"
     if problem is None:
@@ -178,12 +209,39 @@ def _check_reusable(result_path: Path, stored: dict[str, Any], identity: dict[st
 
 
 class RunFailed(RuntimeError):
-    """A run that produced no result; ``signature`` is set when lmms-eval evaluated nothing."""
+    """A run that produced no result; ``signature`` is set when lmms-eval evaluated nothing,
+    ``missing_metric`` when it evaluated but the suite's metric is not among its results."""
 
-    def __init__(self, message: str, signature: str | None = None, tail: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        signature: str | None = None,
+        tail: Sequence[str] = (),
+        missing_metric: MissingMetric | None = None,
+    ) -> None:
         super().__init__(message)
         self.signature = signature
         self.tail = list(tail)
+        self.missing_metric = missing_metric
+
+
+def _evaluation(model: str, run: Run, limit: float | None, batch_size: int) -> dict[str, Any]:
+    """What makes a finished lmms-eval output reusable: the run's identity and its task."""
+    return {**_identity(model, run, limit, batch_size), "task": run.task}
+
+
+def reusable_evaluation(directory: Path, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's `EVALUATED_FILE` when it records ``evaluation`` and its results file is still there."""
+    try:
+        done = json.loads((directory / EVALUATED_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(done, dict) or any(done.get(key) != value for key, value in evaluation.items()):
+        return None
+    results = done.get("lmms_eval_results")
+    if not isinstance(results, str) or not inside(directory, directory / results).is_file():
+        return None
+    return done
 
 
 def execute_run(
@@ -205,34 +263,21 @@ def execute_run(
         RunFailed: lmms-eval failed or wrote no usable metric (see the run's log file).
     """
     directory = run_dir(output, run)
-    lmms_dir = directory / "lmms_eval"
-    # A folder without result.json is an attempt that did not finish: start it afresh so that
-    # a stale results file can never be taken for this attempt's.
-    shutil.rmtree(lmms_dir, ignore_errors=True)
-    (directory / RECORD_FILE).unlink(missing_ok=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(directory / PATCH_CONFIG_FILE, PiToMeConfig(**run.patch_args()).to_dict())
-    command = lmms_eval_command(
-        run, model, directory, launcher=launcher, batch_size=batch_size, limit=limit, include_path=suite.include_path
-    )
-    started = time.perf_counter()
-    with open(directory / LOG_FILE, "w") as log:
-        log.write(shlex.join(command) + "\n\n")
-        log.flush()
-        returncode = run_child(command, log, on_start=on_child)
-    wall_s = time.perf_counter() - started
+    lmms_dir = refuse_link(directory / "lmms_eval")
+    evaluation = _evaluation(model, run, limit, batch_size)
+    done = reusable_evaluation(directory, evaluation)
     log_hint = f"see {directory / LOG_FILE}"
-    results_file = find_results_file(lmms_dir)
-    if results_file is None:
-        # lmms-eval evaluated nothing: the reason is in the last lines of its log.
-        tail = log_tail(directory / LOG_FILE)
-        status = f"exited with status {returncode}" if returncode else "exited 0"
-        message = f"{run.key}: lmms-eval {status} and wrote no results; {log_hint}"
-        raise RunFailed(message, failure_signature(tail), tail)
-    if returncode != 0:
-        raise RunFailed(f"{run.key}: lmms-eval exited with status {returncode}; {log_hint}")
+    if done is not None:
+        # lmms-eval finished this very run before (only reading its metric failed): read it again.
+        logger.info("%s: reusing the finished lmms-eval output in %s", run.key, lmms_dir)
+        results_file, command, wall_s = directory / done["lmms_eval_results"], done["command"], done["wall_s"]
+    else:
+        results_file, command, wall_s = _evaluate(run, model, directory, evaluation, suite, launcher, batch_size,
+                                                  limit, on_child)  # fmt: skip
     try:
         score = read_metric(results_file, run.task, run.metric)
+    except MissingMetric as error:
+        raise RunFailed(f"{run.key}: {error}; {log_hint}", missing_metric=error) from error
     except ValueError as error:
         raise RunFailed(f"{run.key}: {error}; {log_hint}") from error
     record_path = directory / RECORD_FILE
@@ -269,6 +314,46 @@ def execute_run(
     }
     write_json_atomically(directory / RESULT_FILE, result)
     return result
+
+
+def _evaluate(run, model, directory, evaluation, suite, launcher, batch_size, limit, on_child):
+    """Run lmms-eval for ``run`` into a fresh ``directory/lmms_eval``; ``(results file, command, wall_s)``.
+
+    Raises:
+        RunFailed: lmms-eval failed or wrote no results.
+    """
+    lmms_dir = directory / "lmms_eval"
+    # A folder without result.json is an attempt that did not finish: start it afresh so that
+    # a stale results file can never be taken for this attempt's.
+    (directory / EVALUATED_FILE).unlink(missing_ok=True)
+    remove_folder(refuse_link(lmms_dir))
+    (directory / RECORD_FILE).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(directory / PATCH_CONFIG_FILE, PiToMeConfig(**run.patch_args()).to_dict())
+    command = lmms_eval_command(
+        run, model, directory, launcher=launcher, batch_size=batch_size, limit=limit, include_path=suite.include_path
+    )
+    started = time.perf_counter()
+    with open_for_writing(directory / LOG_FILE) as log:
+        log.write(shlex.join(command) + "\n\n")
+        log.flush()
+        returncode = run_child(command, log, on_start=on_child)
+    wall_s = time.perf_counter() - started
+    log_hint = f"see {directory / LOG_FILE}"
+    results_file = find_results_file(lmms_dir)
+    if results_file is None:
+        # lmms-eval evaluated nothing: the reason is in the last lines of its log.
+        tail = log_tail(directory / LOG_FILE)
+        status = f"exited with status {returncode}" if returncode else "exited 0"
+        message = f"{run.key}: lmms-eval {status} and wrote no results; {log_hint}"
+        raise RunFailed(message, failure_signature(tail), tail)
+    if returncode != 0:
+        raise RunFailed(f"{run.key}: lmms-eval exited with status {returncode}; {log_hint}")
+    relative = str(results_file.relative_to(directory))
+    write_json_atomically(
+        directory / EVALUATED_FILE, {**evaluation, "lmms_eval_results": relative, "command": command, "wall_s": wall_s}
+    )
+    return results_file, command, wall_s
 
 
 def run_suite(
@@ -359,6 +444,13 @@ def _run_each(runs, suite, model, output, lock, outcome, *, launcher, batch_size
 
 def _stop_reason(run: Run, suite: Suite, error: RunFailed, signatures: list[str | None]) -> str | None:
     """Why the sweep should stop after ``run`` failed, or None to go on with the next run."""
+    if error.missing_metric is not None:
+        # Every run would evaluate fully and then fail the same way: stop after the first.
+        return (
+            f"task {run.task!r} has no metric {run.metric!r} in lmms-eval's results; it has "
+            f"{error.missing_metric.available}: fix tasks.{run.task} in {suite.path} (the finished "
+            "evaluation is kept and reused when you rerun)"
+        )
     if error.signature is None:
         return None
     if run.name == suite.baseline:

@@ -8,6 +8,7 @@ folders they make are checked to stay inside it (`inside`).
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,25 @@ def inside(root: Path, path: Path) -> Path:
     if not resolved.is_relative_to(root.resolve()):
         raise SuiteError(f"{path} resolves to {resolved}, outside the sweep folder {root.resolve()}")
     return resolved
+
+
+def refuse_link(path: Path) -> Path:
+    """``path``, or a `SuiteError` when it is a symbolic link: the sweep writes nothing through one."""
+    if path.is_symlink():
+        raise SuiteError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); the sweep does not write through links: "
+            "remove it, or use another --output"
+        )
+    return path
+
+
+def _no_follow(file: str, flags: int) -> int:
+    return os.open(file, flags | os.O_NOFOLLOW, 0o644)
+
+
+def open_for_writing(path: Path, mode: str = "w", **kwargs: Any):
+    """``open(path, mode)`` that refuses a symbolic link at ``path`` (checked, and ``O_NOFOLLOW`` for a race)."""
+    return open(refuse_link(path), mode, opener=_no_follow, **kwargs)
 
 
 def check_tasks(path: Path, tasks: Any) -> dict[str, str]:
