@@ -5,8 +5,8 @@ into the page (``upload-message``, ``plan``, the answer's stats line), and the p
 The page's elements carry ``elem_id``s (listed in `ELEMENT_IDS`) that the browser test finds them by.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Gradio reads the handlers' annotations at runtime
+# (a ``gr.SelectData`` parameter receives the click) and cannot resolve them as strings.
 from typing import Any
 
 from ..assets import list_images, load_image
@@ -79,12 +79,13 @@ def build_app(session: DemoSession | None = None, client: OpenAIClient | None = 
         return load_image(name), ""
 
     def take_upload(path: str | None, current):
+        """``(image to use, message, upload box)``: the box is emptied so the next upload can follow."""
         if path is None:
-            return current, ""
+            return current, "", None
         try:
-            return open_upload(path), ""
+            return open_upload(path), "", None
         except UploadError as error:
-            return current, f"**Upload refused:** {error}"
+            return current, f"**Upload refused:** {error}", None
 
     def ask(image, question: str, method: str, preset: str, budget: str, value: float | None):
         """Stream ``(unpatched answer, its stats, patched answer, its stats, merge map, map state, token info)``."""
@@ -185,12 +186,13 @@ def build_app(session: DemoSession | None = None, client: OpenAIClient | None = 
         controls = [method, preset, budget, value]
         for control in controls:
             control.change(plan_text, controls, plan)
-        budget.change(lambda kind: DEFAULT_TARGET_TOKENS[kind] if kind == "keep_ratio" else default_target(session),
-                      budget, value)
+        budget.change(
+            lambda kind: DEFAULT_TARGET_TOKENS[kind] if kind == "keep_ratio" else default_target(session), budget, value
+        )
         bundled_image.change(pick_bundled, bundled_image, [image_state, upload_message]).then(
             lambda image: image, image_state, preview
         )
-        upload.upload(take_upload, [upload, image_state], [image_state, upload_message]).then(
+        upload.upload(take_upload, [upload, image_state], [image_state, upload_message, upload]).then(
             lambda image: image, image_state, preview
         )
         outputs = [answer_unpatched, stats_unpatched, answer_patched, stats_patched, merge_map, map_state, token_info]
