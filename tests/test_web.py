@@ -3,10 +3,7 @@ the merge map, the OpenAI client against a fake server on loopback, and the comm
 
 from __future__ import annotations
 
-import json
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from PIL import Image
 
 import pitome_mllm
 from pitome_mllm.cli import main
+from pitome_mllm.testing.openai_server import FakeOpenAIServer, serve_fake_openai
 from pitome_mllm.web.openai_client import OpenAIClient, ServerError, normalize_base_url, server_sent_events
 from pitome_mllm.web.session import DemoSession, MergeMap, Settings, UploadError, open_upload, settings_from_page
 
@@ -127,49 +125,10 @@ def test_merge_map_finds_the_token_under_a_click():
 
 
 # ------------------------------------------------------------------------------------ OpenAI client
-class FakeOpenAIServer(BaseHTTPRequestHandler):
-    """``/v1/models`` and a streamed ``/v1/chat/completions`` the way vLLM answers them."""
-
-    requests: list[dict] = []
-    fail = False
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        assert self.path == "/v1/models"
-        self._send(200, json.dumps({"data": [{"id": "llava-tiny"}]}).encode(), "application/json")
-
-    def do_POST(self) -> None:
-        assert self.path == "/v1/chat/completions"
-        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append(payload)
-        if type(self).fail:
-            self._send(400, b'{"error": "image too large"}', "application/json")
-            return
-        events = [{"choices": [{"delta": {"content": piece}}]} for piece in ("A ", "cat ", "sits.")]
-        events.append({"choices": [], "usage": {"prompt_tokens": 75, "completion_tokens": 3}})
-        body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
-        self._send(200, body.encode(), "text/event-stream")
-
-
 @pytest.fixture
 def fake_server():
-    FakeOpenAIServer.requests = []
-    FakeOpenAIServer.fail = False
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAIServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_fake_openai() as url:
+        yield url
 
 
 def test_client_streams_the_answer_and_the_prompt_tokens(fake_server, images):

@@ -8,6 +8,7 @@ CI a missing piece skips the module with the reason; under CI (``CI`` set, as .c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 
 import pitome_mllm
 from pitome_mllm.runtime.loading import tiny_demo_model
+from pitome_mllm.testing.openai_server import FAKE_ANSWER, FAKE_PROMPT_TOKENS, serve_fake_openai
 
 pytestmark = pytest.mark.browser
 
@@ -69,23 +71,12 @@ def expected_tokens(**settings) -> int:
         return handle.num_visual_tokens
 
 
-@pytest.fixture(scope="module")
-def page_url():
-    """The page of ``pitome-mllm web --model tiny-test`` on a free loopback port (stopped afterwards)."""
+@contextlib.contextmanager
+def web_page(*arguments: str):
+    """``pitome-mllm web ARGUMENTS`` on a free loopback port: yields the page's URL (stopped afterwards)."""
     port = free_port()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pitome_mllm.cli",
-            "web",
-            "--model",
-            MODEL,
-            "--port",
-            str(port),
-            "--max-new-tokens",
-            "8",
-        ],
+        [sys.executable, "-m", "pitome_mllm.cli", "web", *arguments, "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -115,6 +106,13 @@ def page_url():
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.fixture(scope="module")
+def page_url():
+    """The page of ``pitome-mllm web --model tiny-test``."""
+    with web_page("--model", MODEL, "--max-new-tokens", "8") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +211,14 @@ def test_the_page_compares_both_models_and_survives_a_bad_upload(page_url, brows
     wait_for_text(browser, "plan", lambda text: text.startswith(f"{SECOND_TARGET_TOKENS} visual tokens"))
     _, patched = ask_and_wait(browser, expected_tokens(target_tokens=SECOND_TARGET_TOKENS))
     assert shown_count(patched) == expected_tokens(target_tokens=SECOND_TARGET_TOKENS)
+
+
+def test_the_page_streams_the_answer_of_a_running_server(browser):
+    with serve_fake_openai() as server_url, web_page("--serve-url", server_url) as url:
+        browser.get(url)
+        wait_for_text(browser, "plan", lambda text: "server's own setting" in text)
+        browser.find_element(By.ID, "ask").click()
+        stats = wait_for_text(browser, "stats-patched", lambda text: "total" in text)
+        assert f"{FAKE_PROMPT_TOKENS} prompt tokens" in stats
+        assert text_of(browser, "answer-patched") == "".join(FAKE_ANSWER)
+        assert "not shown" in text_of(browser, "stats-unpatched")
