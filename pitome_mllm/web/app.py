@@ -12,7 +12,15 @@ from typing import Any
 from ..assets import list_images, load_image
 from ..config import ALL_METHODS, DEFAULT_PRESET, PRESETS
 from .openai_client import OpenAIClient, ServedAnswer, ServerError
-from .session import BUDGETS, DemoSession, MergeMap, UploadError, open_upload, settings_from_page
+from .session import (
+    BUDGETS,
+    MAX_UPLOAD_BYTES,
+    DemoSession,
+    MergeMap,
+    UploadError,
+    open_upload,
+    settings_from_page,
+)
 
 GRADIO_MISSING = "the web page needs Gradio: pip install 'pitome-mllm[web]' (in a checkout: pip install -e '.[web]')"
 RANDOM_WEIGHTS_NOTE = (
@@ -204,6 +212,7 @@ def build_app(session: DemoSession | None = None, client: OpenAIClient | None = 
 
 
 MAX_SERVED_TOKENS = 64
+UPLOAD_HARD_LIMIT_BYTES = 4 * MAX_UPLOAD_BYTES
 
 
 def merge_map_caption(merge_map: MergeMap | None) -> str:
@@ -217,6 +226,14 @@ def launch(app, host: str, port: int | None, **options: Any):
     """Start ``app`` (without blocking); returns the page's local URL."""
     app.queue(default_concurrency_limit=1)
     _, local_url, _ = app.launch(
-        server_name=host, server_port=port, prevent_thread_lock=True, show_error=True, quiet=True, **options
+        server_name=host,
+        server_port=port,
+        prevent_thread_lock=True,
+        show_error=True,
+        quiet=True,
+        # Gradio's own cap keeps a huge upload off the disk; uploads between MAX_UPLOAD_BYTES and this
+        # reach `open_upload`, which refuses them with the page's own message.
+        max_file_size=UPLOAD_HARD_LIMIT_BYTES,
+        **options,
     )
     return local_url
