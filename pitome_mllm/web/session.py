@@ -65,6 +65,10 @@ def open_upload(path: str | Path, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels:
 
 
 # ------------------------------------------------------------------------------------------ settings
+# The page's two ways to give a budget (PiToMeConfig's fields of the same names).
+BUDGETS = ("target_tokens", "keep_ratio")
+
+
 @dataclass(frozen=True)
 class Settings:
     """The page's merge setting: a method, a preset and one budget (``target_tokens`` or ``keep_ratio``)."""
@@ -106,9 +110,6 @@ def settings_from_page(method: str, preset: str, budget: str, value: float | Non
     return Settings(method, preset, keep_ratio=float(value))
 
 
-BUDGETS = ("target_tokens", "keep_ratio")
-
-
 @dataclass(frozen=True)
 class Plan:
     """What a setting gives, known before the model runs."""
@@ -119,8 +120,8 @@ class Plan:
     keep_ratio: float
 
     def describe(self) -> str:
-        merging = [count for count in self.tokens_after_layer]
-        schedule = " → ".join(str(count) for count in _distinct_steps(merging)) if merging else "no tower merging"
+        steps = _distinct_steps(self.tokens_after_layer)
+        schedule = " → ".join(str(count) for count in steps) if steps else "no tower merging"
         return (
             f"**{self.num_visual_tokens}** visual tokens per image reach the language model "
             f"(unpatched: {self.unpatched_tokens}); tower keep ratio {self.keep_ratio:.3f}; "
