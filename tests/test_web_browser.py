@@ -3,7 +3,7 @@ bundled image, ask, wait for both answers; the visual-token counts shown are ``h
 of the setting, the merge map is drawn, a bad upload shows a message and the page keeps working.
 
 Needs the ``[web]`` extra, selenium (``[test]``) and Debian's ``chromium`` + ``chromium-driver``. Outside
-CI a missing piece skips the module with the reason; under CI (``CI`` set, as .ci/run does) it fails.
+CI a missing piece skips the tests with the reason; under CI (``CI`` set, as .ci/run does) they fail.
 """
 
 from __future__ import annotations
@@ -31,25 +31,38 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "pitome_mllm" / "assets"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-MISSING = [
-    what
-    for what, present in (
-        ("gradio (pip install -e '.[web]')", importlib.util.find_spec("gradio") is not None),
-        ("selenium (pip install -e '.[test]')", importlib.util.find_spec("selenium") is not None),
-        ("chromium (apt-get install chromium)", CHROMIUM is not None),
-        ("chromedriver (apt-get install chromium-driver)", CHROMEDRIVER is not None),
-    )
-    if not present
-]
-if MISSING:
-    reason = "the browser test needs " + ", ".join(MISSING)
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI installs them (.ci/run)", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+# selenium's By.ID and By.CSS_SELECTOR: selenium is imported only once the tools are known to be there.
+BY_ID, BY_CSS = "id", "css selector"
 
-from selenium import webdriver  # noqa: E402 (after the skip: selenium may be absent)
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+def missing_tools() -> list[str]:
+    """What the test needs and this environment lacks, each with how to install it."""
+    return [
+        what
+        for what, present in (
+            ("gradio (pip install -e '.[web]')", importlib.util.find_spec("gradio") is not None),
+            ("selenium (pip install -e '.[test]')", importlib.util.find_spec("selenium") is not None),
+            ("chromium (apt-get install chromium)", CHROMIUM is not None),
+            ("chromedriver (apt-get install chromium-driver)", CHROMEDRIVER is not None),
+        )
+        if not present
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_tools():
+    """Skip (with the reason) where a tool is missing; fail instead under CI, which installs them all.
+
+    A fixture, not a module-level check: an environment that deselects this module (``-m model_facing``)
+    never reaches it.
+    """
+    missing = missing_tools()
+    if missing:
+        reason = "the browser test needs " + ", ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI installs them (.ci/run: apt-get, install.sh --dev --web)", pytrace=False)
+        pytest.skip(reason)
+
 
 MODEL = "tiny-test"
 # The page's setting in this test (method, preset at the page's defaults).
@@ -117,6 +130,8 @@ def page_url():
 
 @pytest.fixture(scope="module")
 def browser():
+    from selenium import webdriver
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2000"):
@@ -127,7 +142,7 @@ def browser():
 
 
 def text_of(driver, element_id: str) -> str:
-    return driver.find_element(By.ID, element_id).text
+    return driver.find_element(BY_ID, element_id).text
 
 
 def wait_for_text(driver, element_id: str, predicate, timeout: float = 60.0) -> str:
@@ -139,6 +154,8 @@ def wait_for_text(driver, element_id: str, predicate, timeout: float = 60.0) -> 
         seen.append(text)
         return text if predicate(text) else False
 
+    from selenium.webdriver.support.ui import WebDriverWait
+
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.2).until(holds)
     except Exception as error:
@@ -146,13 +163,13 @@ def wait_for_text(driver, element_id: str, predicate, timeout: float = 60.0) -> 
 
 
 def set_value(driver, element_id: str, value) -> None:
-    field = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input")
+    field = driver.find_element(BY_CSS, f"#{element_id} input")
     field.clear()
     field.send_keys(str(value))
 
 
 def upload(driver, path: Path) -> None:
-    driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(path))
+    driver.find_element(BY_CSS, "#upload input[type=file]").send_keys(str(path))
 
 
 def shown_count(text: str) -> int:
@@ -163,7 +180,7 @@ def shown_count(text: str) -> int:
 
 def ask_and_wait(driver, target: int) -> tuple[str, str]:
     """Click Ask and wait until both answers are done with ``target`` tokens on the patched side."""
-    driver.find_element(By.ID, "ask").click()
+    driver.find_element(BY_ID, "ask").click()
     patched = wait_for_text(driver, "stats-patched", lambda text: "total" in text and f"{target} visual" in text, 90)
     unpatched = wait_for_text(driver, "stats-unpatched", lambda text: "total" in text)
     return unpatched, patched
@@ -188,7 +205,7 @@ def test_the_page_compares_both_models_and_survives_a_bad_upload(page_url, brows
     wait_for_text(browser, "plan", lambda text: text.startswith(f"{TARGET_TOKENS} visual tokens"))
 
     upload(browser, ASSETS / "chelsea.jpg")
-    browser.find_element(By.ID, "question").find_element(By.CSS_SELECTOR, "textarea, input").send_keys(" Describe it.")
+    browser.find_element(BY_ID, "question").find_element(BY_CSS, "textarea, input").send_keys(" Describe it.")
     began = time.perf_counter()
     unpatched, patched = ask_and_wait(browser, expected_tokens(target_tokens=TARGET_TOKENS))
     record_property("question_s", round(time.perf_counter() - began, 2))
@@ -197,7 +214,7 @@ def test_the_page_compares_both_models_and_survives_a_bad_upload(page_url, brows
     assert shown_count(unpatched) > shown_count(patched)
     for stats in (unpatched, patched):
         assert "first token" in stats and "KV cache" in stats
-    merge_map = browser.find_element(By.CSS_SELECTOR, "#merge-map img")
+    merge_map = browser.find_element(BY_CSS, "#merge-map img")
     assert merge_map.get_attribute("src"), "the merge map is not drawn"
     assert f"{expected_tokens(target_tokens=TARGET_TOKENS)} tokens hold" in text_of(browser, "token-info")
 
@@ -217,7 +234,7 @@ def test_the_page_streams_the_answer_of_a_running_server(browser):
     with serve_fake_openai() as server_url, web_page("--serve-url", server_url) as url:
         browser.get(url)
         wait_for_text(browser, "plan", lambda text: "server's own setting" in text)
-        browser.find_element(By.ID, "ask").click()
+        browser.find_element(BY_ID, "ask").click()
         stats = wait_for_text(browser, "stats-patched", lambda text: "total" in text)
         assert f"{FAKE_PROMPT_TOKENS} prompt tokens" in stats
         assert text_of(browser, "answer-patched") == "".join(FAKE_ANSWER)
