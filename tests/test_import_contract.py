@@ -17,13 +17,15 @@ Layers, lowest first (a module may import its own layer and the ones below it):
     9  integrations/, lmms_eval_manifest
                                lmms-eval model classes and the vLLM plugin: wrap a loaded, patched model
     10 experiments/            proxy benchmarks and the sweep: run integrations-free evaluations with tools
-    11 cli/                    the ``pitome-mllm`` commands: parse, call the layers below, print
-    12 testing/                helpers only tests and benchmarks use (production code never imports it)
+    11 web/                    the web page: one loaded model compared unpatched and patched, or a server's answers
+    12 cli/                    the ``pitome-mllm`` commands: parse, call the layers below, print
+    13 testing/                helpers only tests and benchmarks use (production code never imports it)
 
 Why this order: each outer folder is built from the ones below it: the zoo builds its models
 with the adapters' knowledge and the common cache, runtime loads zoo models by name, tools run
 what runtime loads, integrations wrap patched models for other programs, experiments drive
-tools, the CLI drives everything, and testing sits on top so no shipped code can depend on it.
+tools, the web page shows what runtime and tools measure, the CLI drives everything, and testing
+sits on top so no shipped code can depend on it.
 A module the table does not name (a new top-level module or folder) sits on the highest layer
 it imports from, so a new low-level module may be used by the core without editing this file.
 
@@ -63,8 +65,9 @@ LAYERS = {
     "integrations": 9,
     "lmms_eval_manifest": 9,
     "experiments": 10,
-    "cli": 11,
-    "testing": 12,
+    "web": 11,
+    "cli": 12,
+    "testing": 13,
 }
 CORE_TOP = LAYERS["api"]
 # Where model families keep their parts: only the adapters (models/) and the code that builds

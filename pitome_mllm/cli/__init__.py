@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "spectral": "pitome_mllm.cli.spectral",
     "proxy": "pitome_mllm.cli.proxy",
     "serve": "pitome_mllm.cli.serve",
+    "web": "pitome_mllm.cli.web",
 }
 
 
