@@ -1,5 +1,5 @@
 """Differences between the transformers releases the adapters support, and which releases those are
-(`TESTED_TRANSFORMERS_MINORS`: 4.57.x and 5.16 → 5.24).
+(`TESTED_TRANSFORMERS_MINORS`: 4.57.x and 5.16 → 5.25).
 
 Each shim names the releases it is for; code outside `pitome_mllm.models` asks the adapter,
 never this module, so a new release changes one file. The one exception is `patch()`'s call of
@@ -19,7 +19,7 @@ import transformers
 # The transformers releases CI runs the adapters on, per major line: (lowest minor, highest minor). The one place
 # that says so: pyproject's lower bounds, README and .ci/run's matrix follow it. Releases after these install
 # (no upper cap) and patch() warns once that they are untested.
-TESTED_TRANSFORMERS_MINORS = {4: (57, 57), 5: (16, 24)}
+TESTED_TRANSFORMERS_MINORS = {4: (57, 57), 5: (16, 25)}
 TESTED_TRANSFORMERS = ", ".join(
     f"{major}.{low}.x" if low == high else f"{major}.{low} → {major}.{high}"
     for major, (low, high) in TESTED_TRANSFORMERS_MINORS.items()
