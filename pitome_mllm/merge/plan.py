@@ -18,6 +18,7 @@ destinations are all B tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 REDUCE_MODES = ("mean", "sum", "amax", "amin", "prune")
