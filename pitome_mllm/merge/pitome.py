@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ._checks import check_metric, check_r
 from .energy import check_energy_args, energy_from_unit
-from .plan import Merge, identity_merge, take_tokens
+from .plan import Merge, gather_tokens, identity_merge
 
 
 def _descending_order(values: torch.Tensor) -> torch.Tensor:
@@ -65,8 +65,8 @@ def pitome(
         b_idx = order[:, 1 : 2 * r : 2]  # [B, r]
         protected_idx = order[:, 2 * r :]  # [B, n - 2r]
 
-        unit_a = take_tokens(unit, a_idx)  # [B, r, C]
-        unit_b = take_tokens(unit, b_idx)  # [B, r, C]
+        unit_a = gather_tokens(unit, a_idx)  # [B, r, C]
+        unit_b = gather_tokens(unit, b_idx)  # [B, r, C]
         # Only the r x r block of A-B similarities is needed here: recomputing it is
         # cheaper than keeping the full N x N matrix alive next to the energy buffer.
         dst_pos = (unit_a @ unit_b.transpose(-1, -2)).argmax(dim=-1)  # [B, r]

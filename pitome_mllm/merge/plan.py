@@ -228,17 +228,6 @@ def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
-def take_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """`gather_tokens` for indices known to lie in ``0..N-1`` (unchecked), several times faster on CPU.
-
-    Selects whole rows of ``features`` viewed as ``[B * N, C]`` (one copy per row) where ``gather``
-    looks up an index for every element: ``[B, N, C]`` and ``[B, K]`` -> ``[B, K, C]``, contiguous.
-    """
-    batch, num_tokens, channels = features.shape
-    rows = features.reshape(-1, channels).index_select(0, _flatten_rows(indices, num_tokens))
-    return rows.view(batch, -1, channels)
-
-
 def raster_order(token_map: torch.Tensor, num_tokens: int, offset: int = 0) -> torch.Tensor:
     """Order of the current tokens by the first original token each one holds.
 
