@@ -70,7 +70,9 @@ def fresh_dynamo():
 def image_features(get_image_features, pixel_values) -> torch.Tensor:
     """``[num_images * tokens, D]`` the features handed to the language model."""
     with torch.no_grad():
-        return torch.cat(list(get_image_features(pixel_values=pixel_values).pooler_output))
+        output = get_image_features(pixel_values=pixel_values)
+    # transformers 5.x hands the per-image features out in ``pooler_output``; 4.57 returns them.
+    return torch.cat(list(getattr(output, "pooler_output", output)))
 
 
 def compiled_features(model, pixel_values, backend: str = "eager") -> tuple[torch.Tensor, int]:
@@ -142,7 +144,8 @@ def test_encoder_compiles_as_one_graph():
     the layers read a context variable, which breaks the encoder's graph patched or not.
     """
     model, processor = build_tiny_llava(TEST_SPEC)
-    tower = model.model.vision_tower
+    # transformers >= 5.12 keeps the embeddings and encoder on CLIPVisionModel itself; 4.x one level down.
+    tower = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
     with torch.no_grad():
         embeddings = tower.pre_layrnorm(tower.embeddings(torch.randn(2, 3, TEST_SPEC.image_size, TEST_SPEC.image_size)))
         unpatched = torch.compile(tower.encoder, fullgraph=True, backend="eager")(inputs_embeds=embeddings)
