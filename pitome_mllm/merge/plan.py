@@ -18,11 +18,34 @@ destinations are all B tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
 REDUCE_MODES = ("mean", "sum", "amax", "amin", "prune")
+
+
+class cached_property:  # noqa: N801  (named like the functools decorator it replaces)
+    """``functools.cached_property`` without its lock: computed on first read, kept in the instance's ``__dict__``.
+
+    Python 3.11's version enters an ``RLock`` on every first read, which ``torch.compile`` cannot
+    trace (a graph break at every merge step). A `Merge` is built and read by one thread, so
+    the lock guards nothing here.
+    """
+
+    def __init__(self, compute) -> None:
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        cache = instance.__dict__
+        if self.name not in cache:
+            cache[self.name] = self.compute(instance)
+        return cache[self.name]
 
 
 @dataclass(frozen=True, eq=False)

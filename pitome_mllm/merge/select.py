@@ -53,8 +53,18 @@ def random_keep_indices(num_patches: int, num_keep: int, seed: int) -> torch.Ten
     """
     if not 0 <= num_keep <= num_patches:
         raise ValueError(f"cannot keep {num_keep} of {num_patches} patches")
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return torch.randperm(num_patches, generator=generator)[:num_keep].sort().values
+    return torch.tensor(_random_keep_positions(num_patches, num_keep, int(seed)), dtype=torch.long)
+
+
+@torch.compiler.assume_constant_result
+def _random_keep_positions(num_patches: int, num_keep: int, seed: int) -> tuple[int, ...]:
+    """The positions of `random_keep_indices`, as a tuple of ints.
+
+    They depend on the three integers alone, so ``torch.compile`` takes them as a constant of the
+    graph instead of stopping at the generator it cannot trace.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return tuple(torch.randperm(num_patches, generator=generator)[:num_keep].sort().values.tolist())
 
 
 def kept_token_map(indices: torch.Tensor, num_patches: int) -> torch.Tensor:
