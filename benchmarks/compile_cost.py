@@ -122,6 +122,7 @@ def tower_cell(model, processor, overrides, batch: int, mode: str, args) -> dict
                 hooks.clock, merge_timer.clock = None, None
         counts_after = dynamo_counts()
         tower_ms = median_ms(towers)
+        compiled = mode == "compiled"
         return {
             "visual_tokens": handle.num_visual_tokens if handle is not None else 576,
             "tower_ms": tower_ms,
@@ -129,8 +130,8 @@ def tower_cell(model, processor, overrides, batch: int, mode: str, args) -> dict
             "merge_ms": median_ms(merges) if mode == "eager" and handle is not None else None,
             "merge_share": median_ms(merges) / tower_ms if mode == "eager" and handle is not None else None,
             "first_pass_s": first_pass,
-            "graphs": counts_after["graphs"] - counts_before["graphs"] if mode == "compiled" else None,
-            "graph_breaks": counts_after["graph_breaks"] - counts_before["graph_breaks"] if mode == "compiled" else None,
+            "graphs": counts_after["graphs"] - counts_before["graphs"] if compiled else None,
+            "graph_breaks": counts_after["graph_breaks"] - counts_before["graph_breaks"] if compiled else None,
         }
     finally:
         hooks.remove()
@@ -240,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "compile_cost",
         "machine": machine,
         "load_average_after": [round(value, 2) for value in os.getloadavg()],
-        "settings": {
-            key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-        },
+        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
         "tower": tower,
         "merge_step": merge_step,
     }
