@@ -10,11 +10,12 @@ the weights). Rows, each at batch 1 and 8:
 * ``pitome k=64``      PiToMe, ``target_tokens=64``.
 
 For each: the tower's median time eager and under ``torch.compile`` (inductor by default, no
-``fullgraph``, static shapes), compiled / eager, the graphs and graph breaks Dynamo made (a patched
-tower that still breaks the graph compiles in pieces, and the count says so), the first compiled
-pass's time (compilation included), and the merge steps' share of the eager tower time (inside a
-compiled graph the merge is fused with the layers and cannot be timed apart). Then one merge step
-alone, PiToMe vs ToMe (bipartite soft matching) on ``[B, 577, 1024]`` with r = 57, eager and compiled.
+``fullgraph``, static shapes; eager and compiled passes alternate, so that load on a shared machine hits
+both alike), compiled / eager, the graphs and graph breaks Dynamo made (a patched tower that still breaks
+the graph compiles in pieces, and the count says so), the first compiled pass's time (compilation
+included), and the merge steps' share of the eager tower time (inside a compiled graph the merge is
+fused with the layers and cannot be timed apart). Then one merge step alone, PiToMe vs ToMe (bipartite
+soft matching) on ``[B, 577, 1024]`` with r = 57, eager and compiled.
 
 The tower is timed between forward hooks on it (`StageHooks`), which stay outside the compiled graph.
 Results: a printed table, ``<stem>.json`` and ``<stem>.md`` under ``--output``, with the machine
@@ -74,8 +75,14 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
-def tower_cell(model, processor, overrides, batch: int, mode: str, args) -> dict[str, Any]:
-    """Time the tower for one row, batch and mode (``eager`` / ``compiled``)."""
+def tower_cell(model, processor, overrides, batch: int, args) -> dict[str, dict[str, Any]]:
+    """Time the tower for one row and batch, eager and compiled, pass by pass in alternating order.
+
+    The two modes share one patch: the compiled forward is installed once, and the eager passes run it
+    under ``torch.compiler.set_stance("force_eager")``. Alternating the modes (eager first in even passes,
+    compiled first in odd ones) spreads a change in the machine's load over both, which matters on a
+    shared machine where one pass takes seconds.
+    """
     import contextlib
 
     import torch
@@ -89,50 +96,63 @@ def tower_cell(model, processor, overrides, batch: int, mode: str, args) -> dict
     parts = model_parts(model)
     handle = pitome_mllm.patch(model, processor, **overrides) if overrides is not None else None
     hooks = StageHooks(parts)
-    merge_timer = MergeTimer()
+    merge_timer = MergeTimer()  # its clock is set in eager passes only: stamps would break a compiled graph
+    modes = ("eager", "compiled")
     try:
-        if handle is not None and mode == "eager":
-            handle.add_observer(merge_timer)  # its clock stamps would break a compiled graph
+        if handle is not None:
+            handle.add_observer(merge_timer)
         hooks.install()
         image = load_image("astronaut")
         pixel_values = processor.image_processor(images=[image] * batch, return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(parts.vision_device, parts.vision_dtype)
-        compiling = (
-            compiled_forward(parts.tower, backend=args.compile_backend, dynamic=False)
-            if mode == "compiled"
-            else contextlib.nullcontext()
-        )
-        towers, merges, first_pass = [], [], None
-        if mode == "compiled":
-            # Each compiled cell starts as a user's fresh process would, with Dynamo's default limits: a
-            # function that recompiles past the limit falls back to eager there too.
-            torch._dynamo.reset()
+        # Each row compiles from scratch, as a user's fresh process would, with Dynamo's default limits: a
+        # function that recompiles past the limit falls back to eager there too.
+        torch._dynamo.reset()
+        towers = {mode: [] for mode in modes}
+        merges: list[float] = []
+        first_pass: dict[str, float] = {}
         counts_before = dynamo_counts()
-        with compiling, torch.inference_mode():
+        with compiled_forward(parts.tower, backend=args.compile_backend, dynamic=False), torch.inference_mode():
             for index in range(1 + args.warmup + args.repeats):
-                clock = PassClock(Stopwatch(parts.vision_device))
-                hooks.clock, merge_timer.clock = clock, clock
-                begin = time.perf_counter()
-                parts.encode_images(pixel_values)
-                if index == 0:
-                    first_pass = time.perf_counter() - begin
-                if index > args.warmup:
-                    towers.append(clock.interval("vision_tower_start", "vision_tower_end"))
-                    merges.append(clock.merge_seconds("decide", "apply", "trace"))
-                hooks.clock, merge_timer.clock = None, None
+                for mode in modes if index % 2 == 0 else modes[::-1]:
+                    clock = PassClock(Stopwatch(parts.vision_device))
+                    hooks.clock = clock
+                    merge_timer.clock = clock if mode == "eager" else None
+                    eager = torch.compiler.set_stance("force_eager") if mode == "eager" else contextlib.nullcontext()
+                    begin = time.perf_counter()
+                    with eager:
+                        parts.encode_images(pixel_values)
+                    first_pass.setdefault(mode, time.perf_counter() - begin)
+                    if index > args.warmup:
+                        towers[mode].append(clock.interval("vision_tower_start", "vision_tower_end"))
+                        if mode == "eager":
+                            merges.append(clock.merge_seconds("decide", "apply", "trace"))
+                    hooks.clock, merge_timer.clock = None, None
         counts_after = dynamo_counts()
-        tower_ms = median_ms(towers)
-        compiled = mode == "compiled"
-        return {
-            "visual_tokens": handle.num_visual_tokens if handle is not None else 576,
-            "tower_ms": tower_ms,
-            "tower_ms_samples": [value * 1e3 for value in towers],
-            "merge_ms": median_ms(merges) if mode == "eager" and handle is not None else None,
-            "merge_share": median_ms(merges) / tower_ms if mode == "eager" and handle is not None else None,
-            "first_pass_s": first_pass,
-            "graphs": counts_after["graphs"] - counts_before["graphs"] if compiled else None,
-            "graph_breaks": counts_after["graph_breaks"] - counts_before["graph_breaks"] if compiled else None,
+        visual_tokens = handle.num_visual_tokens if handle is not None else 576
+        cells = {
+            mode: {
+                "visual_tokens": visual_tokens,
+                "tower_ms": median_ms(towers[mode]),
+                "tower_ms_samples": [value * 1e3 for value in towers[mode]],
+                "first_pass_s": first_pass[mode],
+            }
+            for mode in modes
         }
+        merge_ms = median_ms(merges) if handle is not None else None
+        cells["eager"] |= {
+            "merge_ms": merge_ms,
+            "merge_share": merge_ms / cells["eager"]["tower_ms"] if merge_ms is not None else None,
+            "graphs": None,
+            "graph_breaks": None,
+        }
+        cells["compiled"] |= {
+            "merge_ms": None,
+            "merge_share": None,
+            "graphs": counts_after["graphs"] - counts_before["graphs"],
+            "graph_breaks": counts_after["graph_breaks"] - counts_before["graph_breaks"],
+        }
+        return cells
     finally:
         hooks.remove()
         if handle is not None:
@@ -227,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     tower = []
     for label in args.rows:
         for batch in args.batch_sizes:
-            cell = {"row": label, "batch": batch}
-            for mode in ("eager", "compiled"):
-                cell[mode] = tower_cell(model, processor, overrides_of[label], batch, mode, args)
+            cell = {"row": label, "batch": batch, **tower_cell(model, processor, overrides_of[label], batch, args)}
             tower.append(cell)
             print(
                 f"{label:>14}  B={batch}  eager {cell['eager']['tower_ms']:8.1f} ms  compiled "
