@@ -19,8 +19,9 @@ For every cell (mode x visual tokens x batch), one prefill forward (``logits_to_
   pass's time (compilation included).
 
 576 tokens is the unpatched model; fewer is PiToMe (``--method``) with ``target_tokens``. Cells run eager
-first, then compiled; a cell that would start after ``--budget-s`` seconds is recorded as skipped, and
-the results are rewritten after every cell, so a run cut short still leaves what it measured.
+first, then compiled; a cell that would start after ``--budget-s`` seconds is recorded as skipped, one
+that fails is recorded with its error and the run goes on, and the results are rewritten after every
+cell, so a run cut short still leaves what it measured.
 
 ``--device cpu --tiny`` runs the same code on a tiny random LLaVA (`pitome_mllm.zoo.tiny`, 24 layers at
 576 tower tokens, narrow widths) in seconds: the test of this script.
@@ -257,6 +258,27 @@ def run_cell(
             handle.unpatch()
 
 
+def run_cell_or_error(model, processor, tokens, native_tokens, batch, mode, args) -> dict[str, Any]:
+    """`run_cell`, or the error it raised: one failing cell (a compile error, out of memory) must not cost
+    the cells after it their only chance on a lent machine."""
+    import torch
+
+    try:
+        cell = run_cell(model, processor, tokens, native_tokens, batch, mode, args)
+    except Exception as error:  # noqa: BLE001 - recorded in the results and printed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        print(f"{mode:>8} tokens={tokens:>3} B={batch}: failed: {message}", flush=True)
+        return {"mode": mode, "tokens": tokens, "batch": batch, "error": message}
+    print(
+        f"{mode:>8} tokens={cell['visual_tokens']:>3} B={batch}: TTFT {cell['ttft_ms']:.1f} ms, "
+        f"tower {cell['vision_tower_ms']:.1f} ms, graph breaks {cell['graph_breaks']}",
+        flush=True,
+    )
+    return cell
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -275,8 +297,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in report["cells"]:
-        if "skipped" in cell:
-            lines.append(f"| {cell['mode']} | {cell['tokens']} | {cell['batch']} | skipped: {cell['skipped']} |")
+        if "skipped" in cell or "error" in cell:
+            why = f"skipped: {cell['skipped']}" if "skipped" in cell else f"failed: {cell['error']}"
+            lines.append(f"| {cell['mode']} | {cell['tokens']} | {cell['batch']} | {why.replace('|', '/')} |")
             continue
         lines.append(
             f"| {cell['mode']} | {cell['visual_tokens']} | {cell['batch']} | {fmt(cell.get('ttft_ms'))} "
@@ -335,12 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 if elapsed > args.budget_s:
                     cell = {"mode": mode, "tokens": tokens, "batch": batch, "skipped": f"{elapsed:.0f} s > budget"}
                 else:
-                    cell = run_cell(model, processor, tokens, native_tokens, batch, mode, args)
-                    print(
-                        f"{mode:>8} tokens={cell['visual_tokens']:>3} B={batch}: TTFT {cell['ttft_ms']:.1f} ms, "
-                        f"tower {cell['vision_tower_ms']:.1f} ms, graph breaks {cell['graph_breaks']}",
-                        flush=True,
-                    )
+                    cell = run_cell_or_error(model, processor, tokens, native_tokens, batch, mode, args)
                 report["cells"].append(cell)
                 report["total_s"] = time.perf_counter() - started
                 write_results(report, args.output, stem)

@@ -128,3 +128,21 @@ def test_the_wrapper_reaches_the_script():
     )
     assert result.returncode == 0, result.stderr
     assert "--tiny" in result.stdout and "--budget-s" in result.stdout
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    gpu_benchmark = load_script("gpu_benchmark")
+    run_cell = gpu_benchmark.run_cell
+
+    def fail_when_compiled(model, processor, tokens, native_tokens, batch, mode, args):
+        if mode == "compiled":
+            raise RuntimeError("no compiler here")
+        return run_cell(model, processor, tokens, native_tokens, batch, mode, args)
+
+    monkeypatch.setattr(gpu_benchmark, "run_cell", fail_when_compiled)
+    argv = ["--device", "cpu", "--tiny", "--tokens", "64", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1"]
+    assert gpu_benchmark.main([*argv, "--output", str(tmp_path), "--stem", "fail"]) == 0
+    eager, compiled = json.loads((tmp_path / "fail.json").read_text())["cells"]
+    assert eager["mode"] == "eager" and eager["ttft_ms"] > 0
+    assert compiled == {"mode": "compiled", "tokens": 64, "batch": 1, "error": "RuntimeError: no compiler here"}
+    assert "failed: RuntimeError: no compiler here" in (tmp_path / "fail.md").read_text()
