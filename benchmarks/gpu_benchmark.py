@@ -233,8 +233,10 @@ def run_cell(
                 del output
         counts_after = dynamo_counts()
         medians = {f"{stage}_ms": statistics.median(values) * 1e3 for stage, values in samples.items() if values}
-        merge_share = medians["merge_tower_ms"] / medians["vision_tower_ms"] if handle is not None and not compiled else None
-        if compiled or handle is None:
+        merge_share = None
+        if handle is not None and not compiled:
+            merge_share = medians["merge_tower_ms"] / medians["vision_tower_ms"]
+        else:
             medians.pop("merge_tower_ms", None)
         return {
             "mode": mode,
