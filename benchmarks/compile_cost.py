@@ -129,7 +129,7 @@ def tower_cell(model, processor, overrides, batch: int, args) -> dict[str, dict[
                             merges.append(clock.merge_seconds("decide", "apply", "trace"))
                     hooks.clock, merge_timer.clock = None, None
         counts_after = dynamo_counts()
-        visual_tokens = handle.num_visual_tokens if handle is not None else 576
+        visual_tokens = hooks.visual_tokens  # what the projector put out, as the language model would see it
         cells = {
             mode: {
                 "visual_tokens": visual_tokens,
