@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (benchmarks/PROFILING.md, "GPU benchmark"): LLaVA-1.5-7B shapes with
+# The GPU benchmark in one command (benchmarks/PROFILING.md, "The GPU benchmark: one command"): LLaVA-1.5-7B shapes with
 # random fp16 weights on one NVIDIA GPU, offline; TTFT, prefill, vision tower and merge share, peak memory
 # and KV cache at 576 / 192 / 128 / 64 visual tokens, batch 1 and 8, eager and compiled. At most 8 minutes
-# (it stops starting cells after 6); results in benchmarks/results/gpu_benchmark_<gpu>.{json,md}, rewritten after every cell.
+# (it starts no cell after 6); results in benchmarks/results/gpu_benchmark_<gpu>.{json,md}, rewritten after
+# every cell.
 #
 #   bash benchmarks/gpu.sh                          # the whole benchmark
 #   bash benchmarks/gpu.sh --device cpu --tiny      # the same code on a tiny model, on CPU, in seconds
