@@ -46,6 +46,7 @@ from .clock import (
     Stopwatch,
     summarize,
 )
+from .compiled import compiled_forward, dynamo_counts
 from .flops import (
     LLMShape,
     kv_cache_bytes_formula,
@@ -120,10 +121,12 @@ __all__ = [
     "StageHooks",
     "Stopwatch",
     "TIMED_STAGES",
+    "compiled_forward",
     "current_rss_bytes",
     "kv_cache_bytes",
     "kv_cache_bytes_formula",
     "latency_rows",
+    "dynamo_counts",
     "llm_decode_macs",
     "llm_prefill_macs",
     "machine_info",

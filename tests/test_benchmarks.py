@@ -1,0 +1,148 @@
+"""The GPU benchmark's ``--device cpu --tiny`` mode, its one-line refusal when a package is missing, and its
+wrapper script: the GPU run is prepared code, and this is where it runs before a GPU machine sees it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.model_facing
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """One tiny run: unpatched (64 tokens) and PiToMe at 40, batch 1 and 2, eager and compiled (Dynamo only)."""
+    gpu_benchmark = load_script("gpu_benchmark")
+    output = tmp_path_factory.mktemp("gpu_benchmark")
+    argv = ["--device", "cpu", "--tiny", "--tokens", "64", "40", "--batch-sizes", "1", "2"]
+    argv += ["--repeats", "1", "--warmup", "1", "--compile-backend", "eager", "--output", str(output)]
+    argv += ["--stem", "tiny"]
+    assert gpu_benchmark.main(argv) == 0
+    report = json.loads((output / "tiny.json").read_text())
+    return report, (output / "tiny.md").read_text()
+
+
+def cell(report, mode, tokens, batch):
+    return next(c for c in report["cells"] if (c["mode"], c["tokens"], c["batch"]) == (mode, tokens, batch))
+
+
+def test_every_cell_is_measured_with_the_token_count_asked_for(tiny_report):
+    report, _ = tiny_report
+    assert len(report["cells"]) == 2 * 2 * 2
+    for entry in report["cells"]:
+        assert "skipped" not in entry
+        assert entry["visual_tokens"] == entry["tokens"]
+        assert entry["visual_tokens_expected"] == (None if entry["tokens"] == 64 else entry["tokens"])
+
+
+def test_stages_lie_inside_the_time_to_first_token(tiny_report):
+    report, _ = tiny_report
+    for entry in report["cells"]:
+        stages = entry["vision_tower_ms"] + entry["projector_ms"] + entry["llm_prefill_ms"]
+        assert 0 < stages <= entry["ttft_ms"] * (1 + 1e-6)
+
+
+def test_merge_share_is_measured_eager_and_left_out_compiled(tiny_report):
+    report, _ = tiny_report
+    for batch in (1, 2):
+        assert 0 < cell(report, "eager", 40, batch)["merge_share"] < 1
+        assert cell(report, "eager", 64, batch)["merge_share"] is None
+        assert cell(report, "compiled", 40, batch)["merge_share"] is None
+
+
+def test_compiled_cells_count_graphs_and_breaks(tiny_report):
+    report, _ = tiny_report
+    for entry in report["cells"]:
+        if entry["mode"] == "compiled":
+            assert entry["graphs"] >= 1 and entry["graph_breaks"] >= 0
+        else:
+            assert entry["graphs"] is None and entry["graph_breaks"] is None
+    # The unpatched tiny tower is one graph.
+    assert cell(report, "compiled", 64, 1)["graph_breaks"] == 0
+
+
+def test_kv_cache_follows_the_sequence_and_the_batch(tiny_report):
+    report, _ = tiny_report
+    for mode in ("eager", "compiled"):
+        full, merged = cell(report, mode, 64, 1), cell(report, mode, 40, 1)
+        assert full["sequence_length"] - merged["sequence_length"] == 64 - 40
+        per_position = full["kv_cache_bytes"] / full["sequence_length"]
+        assert merged["kv_cache_bytes"] == per_position * merged["sequence_length"]
+        assert cell(report, mode, 64, 2)["kv_cache_bytes"] == 2 * full["kv_cache_bytes"]
+        assert full["peak_memory_bytes"] > 0
+
+
+def test_report_names_the_machine_and_tabulates_every_cell(tiny_report):
+    report, table = tiny_report
+    assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
+    assert table.count("\n| eager |") == 4 and table.count("\n| compiled |") == 4
+
+
+def test_a_cell_past_the_time_budget_is_recorded_as_skipped(tmp_path):
+    gpu_benchmark = load_script("gpu_benchmark")
+    argv = ["--device", "cpu", "--tiny", "--tokens", "64", "--batch-sizes", "1", "--modes", "eager"]
+    assert gpu_benchmark.main([*argv, "--budget-s", "0", "--output", str(tmp_path), "--stem", "skip"]) == 0
+    (entry,) = json.loads((tmp_path / "skip.json").read_text())["cells"]
+    assert entry["mode"] == "eager" and "budget" in entry["skipped"]
+    assert "skipped" in (tmp_path / "skip.md").read_text()
+
+
+def test_a_missing_package_is_named_in_one_line(monkeypatch, capsys):
+    gpu_benchmark = load_script("gpu_benchmark")
+    monkeypatch.setitem(gpu_benchmark.REQUIRED_PACKAGES, "no_such_package_xyz", "no-such-package")
+    assert gpu_benchmark.main(["--device", "cpu", "--tiny"]) == 2
+    error = capsys.readouterr().err
+    assert error == "gpu_benchmark: missing packages: no-such-package\n"
+
+
+def test_cuda_without_a_gpu_is_refused_in_one_line(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert load_script("gpu_benchmark").main(["--device", "cuda"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_wrapper_reaches_the_script():
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu.sh"), "--help"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--tiny" in result.stdout and "--budget-s" in result.stdout
+
+
+def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    gpu_benchmark = load_script("gpu_benchmark")
+    run_cell = gpu_benchmark.run_cell
+
+    def fail_when_compiled(model, processor, tokens, native_tokens, batch, mode, args):
+        if mode == "compiled":
+            raise RuntimeError("no compiler here")
+        return run_cell(model, processor, tokens, native_tokens, batch, mode, args)
+
+    monkeypatch.setattr(gpu_benchmark, "run_cell", fail_when_compiled)
+    argv = ["--device", "cpu", "--tiny", "--tokens", "64", "--batch-sizes", "1", "--repeats", "1", "--warmup", "1"]
+    assert gpu_benchmark.main([*argv, "--output", str(tmp_path), "--stem", "fail"]) == 0
+    eager, compiled = json.loads((tmp_path / "fail.json").read_text())["cells"]
+    assert eager["mode"] == "eager" and eager["ttft_ms"] > 0
+    assert compiled == {"mode": "compiled", "tokens": 64, "batch": 1, "error": "RuntimeError: no compiler here"}
+    assert "failed: RuntimeError: no compiler here" in (tmp_path / "fail.md").read_text()
