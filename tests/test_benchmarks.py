@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.model_facing
-
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 

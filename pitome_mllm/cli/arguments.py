@@ -60,20 +60,6 @@ def add_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------ output paths
-def checked_output_folder(flag: str, folder: str | Path) -> Path:
-    """``folder``, created and writable, before any work starts; a ValueError naming ``flag`` otherwise."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{flag} {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{flag} {folder}: cannot create the folder ({error.strerror})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {folder}: the folder is not writable")
-    return folder
-
-
 def checked_output_stem(flag: str, stem: str, folder_flag: str, folder: Path, suffixes: Sequence[str]) -> list[Path]:
     """The files ``folder/<stem><suffix>``, checked to stay inside ``folder`` before any work starts.
 

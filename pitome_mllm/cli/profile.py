@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..common.files import checked_output_folder
 from ..config import METHODS, PRESETS
 from ..runtime.terminal import add_list_argument, add_threads_argument
 from ..zoo.architecture_specs import ARCHITECTURES
-from .arguments import checked_output_folder, checked_output_stem
+from .arguments import checked_output_stem
 
 # What `write_report` adds to --stem (kept torch-free here: the check runs before the heavy imports).
 REPORT_SUFFIXES = (".json", ".csv", "_latency.png", "_memory.png")

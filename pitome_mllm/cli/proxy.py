@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..common.files import checked_output_folder
 from ..runtime.terminal import add_list_argument
-from .arguments import checked_output_folder
 
 HELP = "CPU proxy benchmarks on a real pretrained ViT: feature fidelity and a mini-LLaVA on easy-VQA"
 FIDELITY_HELP = (

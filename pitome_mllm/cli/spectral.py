@@ -16,8 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common.files import checked_output_folder
 from ..runtime.terminal import add_list_argument
-from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_folder, checked_output_stem
+from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_stem
 
 HELP = "spectral distance of PiToMe / ToMe merges to the unmerged token graph, at equal token counts"
 

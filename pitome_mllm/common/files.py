@@ -26,3 +26,17 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     with open(descriptor, "w") as stream:
         stream.write(text)
     os.replace(temporary, path)
+
+
+def checked_output_folder(flag: str, folder: str | Path) -> Path:
+    """``folder``, created and writable, before any work starts; a ValueError naming ``flag`` otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {folder}: cannot create the folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder}: the folder is not writable")
+    return folder

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...common.files import write_json_atomically
+from ...common.files import checked_output_folder, write_json_atomically
 from ...config import PiToMeConfig
 from .process import (
     REPEATED_FAILURES,
@@ -60,16 +60,10 @@ def run_dir(output: Path, run: Run) -> Path:
 
 def prepare_output(output: str | Path) -> Path:
     """The sweep folder, created; a `SuiteError` when it is a file or cannot be written."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise SuiteError(f"--output {output} is a file, not a folder")
     try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SuiteError(f"--output {output}: cannot create the folder ({error.strerror})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise SuiteError(f"--output {output}: the folder is not writable")
-    return output
+        return checked_output_folder("--output", output)
+    except ValueError as error:
+        raise SuiteError(str(error)) from None
 
 
 def remove_folder(folder: Path) -> None:
