@@ -18,7 +18,7 @@
 #
 # Options (after the mode):
 #   --venv DIR                 make / reuse DIR instead of .venv
-#   --transformers VERSION     install this transformers release (tested: 4.57.x, 5.16 -> 5.24)
+#   --transformers VERSION     install this transformers release (tested: 4.57.x, 5.16 -> 5.25)
 #   --torch VERSION            install this torch release (default on a CPU machine: constraints-cpu.txt)
 #   --newest                   the newest transformers (and accelerate, tokenizers, huggingface-hub) the
 #                                package index has today, upgrading an existing venv too; torch stays as

@@ -35,20 +35,21 @@ def untested_warnings(caught) -> list[str]:
         ((5, 15), False),
         ((5, 16), True),
         ((5, 24), True),
-        ((5, 25), False),
+        ((5, 25), True),
+        ((5, 26), False),
         ((6, 0), False),
         ((3, 57), False),
     ],
 )
-def test_the_tested_releases_are_4_57_and_5_16_to_5_24(version, tested):
+def test_the_tested_releases_are_4_57_and_5_16_to_5_25(version, tested):
     assert compat.is_tested_transformers(version) is tested
 
 
 def test_the_tested_set_reads_as_the_readme_states_it():
-    assert compat.TESTED_TRANSFORMERS == "4.57.x, 5.16 → 5.24"
+    assert compat.TESTED_TRANSFORMERS == "4.57.x, 5.16 → 5.25"
 
 
-@pytest.mark.parametrize("version", ["5.25.0", "5.15.1", "6.0.0.dev0"])
+@pytest.mark.parametrize("version", ["5.26.0", "5.15.1", "6.0.0.dev0"])
 def test_an_untested_version_warns_once_naming_it_and_the_tested_range(monkeypatch, no_warning_given_yet, version):
     monkeypatch.setattr(transformers, "__version__", version)
     with warnings.catch_warnings(record=True) as caught:
@@ -56,11 +57,11 @@ def test_an_untested_version_warns_once_naming_it_and_the_tested_range(monkeypat
         compat.warn_if_untested_transformers()
         compat.warn_if_untested_transformers()
     [message] = untested_warnings(caught)
-    assert f"transformers {version} " in message and "(4.57.x, 5.16 → 5.24)" in message
+    assert f"transformers {version} " in message and "(4.57.x, 5.16 → 5.25)" in message
     assert caught[0].category is UserWarning
 
 
-@pytest.mark.parametrize("version", ["4.57.6", "5.16.1", "5.24.0"])
+@pytest.mark.parametrize("version", ["4.57.6", "5.16.1", "5.24.0", "5.25.0"])
 def test_a_tested_version_does_not_warn(monkeypatch, no_warning_given_yet, version):
     monkeypatch.setattr(transformers, "__version__", version)
     with warnings.catch_warnings(record=True) as caught:
