@@ -25,8 +25,6 @@ MAIN_ENVIRONMENT_ONLY = {
     "test_sweep.py": "the lmms-eval sweep driver (1.5 min per environment) on a saved tiny model; the plugin "
     "it drives is test_lmms_eval.py's, which the matrix runs",
     "test_sweep_hardening.py": "the sweep driver's locks and failure handling on a saved tiny model",
-    "test_benchmarks.py": "the GPU benchmark's CPU smoke run (tiny model, up to minutes on a loaded machine); the "
-    "patched path it times is test_compile.py's and test_llava_patch.py's, which the matrix runs",
     "test_web_browser.py": "the web page in headless chromium (the [web] extra and Debian's chromium, which CI "
     "installs for its main environment); the session it drives is test_web.py's, which the matrix runs",
 }
