@@ -213,7 +213,7 @@ class SelectionStage(Hook):
     def _follows_tower(self, args: tuple) -> bool:
         """Whether this projector call (input ``args``) is the first since a tower forward (its fresh trace)."""
         trace: MergeTrace | None = self.state.take_tower_trace()
-        return trace is not None and bool(args) and _fits(trace, args[0], int(self.settings.drops_class_token))
+        return trace is not None and len(args) > 0 and _fits(trace, args[0], int(self.settings.drops_class_token))
 
     def _record(self, token_map: torch.Tensor, num_tokens: int) -> None:
         self.state.final_token_map = token_map

@@ -49,7 +49,7 @@ class ReductionInputs:
             that need the prompt).
         metric: what ``mllm`` decides on: ``"hidden"`` (the features), ``"keys"`` or ``"keys_mean"``.
         energy_share: ``mllm``'s share of the budget kept by lowest energy.
-        step: ``mllm``'s energy (margin, alpha, energy kind).
+        step: ``mllm``'s energy (margin, alpha, energy kind); None: `StepParams`' defaults.
     """
 
     features: torch.Tensor
@@ -62,7 +62,9 @@ class ReductionInputs:
     instructions: list[torch.Tensor] | None = None
     metric: str = "keys_mean"
     energy_share: float = 0.5
-    step: StepParams = StepParams()
+    # None rather than a StepParams() default: torch.compile (dynamo of torch 2.11) cannot build a
+    # dataclass default instance inside a graph.
+    step: StepParams | None = None
 
     def keys_mean(self) -> torch.Tensor:
         """Keys averaged over heads (ToMe's metric): ``[B, N, C_k]`` -> ``[B, N, C_k / heads]``."""
@@ -121,7 +123,7 @@ def reduce_cdpruner(inputs: ReductionInputs) -> tuple[torch.Tensor, torch.Tensor
 
 def reduce_select_merge(inputs: ReductionInputs) -> tuple[torch.Tensor, torch.Tensor]:
     metrics = {"hidden": lambda: inputs.features, "keys": lambda: inputs.keys, "keys_mean": inputs.keys_mean}
-    step = inputs.step
+    step = inputs.step if inputs.step is not None else StepParams()
     return select_then_merge(
         inputs.features,
         metrics[inputs.metric](),
