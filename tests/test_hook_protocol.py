@@ -19,6 +19,7 @@ from pitome_mllm.hooks.base import Hook, install_in_order, remove_in_reverse
 from pitome_mllm.hooks.state import MergeTrace, PatchState
 from pitome_mllm.models import ADAPTERS
 from pitome_mllm.models.clip_tower import clip_encoder_layers
+from pitome_mllm.models.compat import transformers_version
 from pitome_mllm.models.llava_hf import LlavaHFAdapter
 from pitome_mllm.models.protocol import MERGE_SITES, OPTIONS, ModelAdapter
 
@@ -170,23 +171,21 @@ def test_a_failure_in_a_shipped_unit_is_rolled_back(tiny_llava, images, monkeypa
 def test_wrappers_keep_the_wrapped_functions_identity(tiny_llava):
     model, processor = tiny_llava
     layers = clip_encoder_layers(model.model.vision_tower)
-    originals = {
-        "layer": layers[0].forward,
-        "skipped": layers[-1].forward,
-        "core": model.model.forward,
-        "replace_image_token": processor.replace_image_token,
-        "count": processor._get_num_multimodal_tokens,
-        "generate": model.generate,
-    }
-    with pitome_mllm.patched(model, processor, method="cdpruner", target_tokens=12):
-        wrapped = {
+    # transformers 4.x's processor count is patched through an attribute (num_additional_image_tokens), not methods.
+    processor_methods = PROCESSOR_METHODS if transformers_version()[0] >= 5 else ()
+
+    def wrappable():
+        functions = {
             "layer": layers[0].forward,
             "skipped": layers[-1].forward,
             "core": model.model.forward,
-            "replace_image_token": processor.replace_image_token,
-            "count": processor._get_num_multimodal_tokens,
             "generate": model.generate,
         }
+        return functions | {name: getattr(processor, name) for name in processor_methods}
+
+    originals = wrappable()
+    with pitome_mllm.patched(model, processor, method="cdpruner", target_tokens=12):
+        wrapped = wrappable()
         for key, original in originals.items():
             assert wrapped[key] is not original, key
             assert wrapped[key].__wrapped__ == original, key
