@@ -44,10 +44,9 @@ def picture(height: int, width: int) -> Image.Image:
 
 def emitted_placeholders(processor, height: int, width: int) -> int:
     """Image placeholders ``processor`` writes for one ``height x width`` PIL image."""
-    # Said explicitly: transformers 4.x guesses a 1 x 1 x 3 array to be channels-first (its first side is 1).
-    inputs = processor(
-        images=[picture(height, width)], text=[PROMPT], return_tensors="pt", input_data_format="channels_last"
-    )
+    # transformers 4.x guesses a 1 x 1 x 3 array to be channels-first (its first side is 1): say it there.
+    layout = {"input_data_format": "channels_last"} if TRANSFORMERS_4 else {}
+    inputs = processor(images=[picture(height, width)], text=[PROMPT], return_tensors="pt", **layout)
     return placeholder_counts(processor, inputs)[0]
 
 
