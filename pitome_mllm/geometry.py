@@ -31,6 +31,7 @@ builds the `TowerGeometry`; everything else asks it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,6 +110,105 @@ class ResizeAndCrop:
     def fixed_size(self) -> tuple[int, int] | None:
         """The one size every image comes out at, or None where it depends on the image."""
         return self.crop if self.crop is not None else self.size
+
+
+@dataclass(frozen=True)
+class SmartResize:
+    """Qwen-VL's image processors (``smart_resize``): both sides a multiple of ``factor``, area bounded.
+
+    Each side is rounded to the nearest multiple of ``factor`` (``patch_size * merge_size``: 28 for
+    Qwen2.5-VL, 32 for Qwen3-VL); an area above ``max_pixels`` is scaled down (sides floored), one
+    below ``min_pixels`` up (sides ceiled), keeping the aspect ratio as closely as the multiples allow.
+    The same arithmetic as transformers' ``smart_resize``, so counts agree with the processor.
+
+    Raises (on call):
+        ValueError: an aspect ratio above 200, which the processor refuses too.
+    """
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    def __call__(self, height: int, width: int) -> tuple[int, int]:
+        check_image_size(height, width)
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(
+                f"a {height}x{width} image has an aspect ratio above 200, which the Qwen-VL processor refuses"
+            )
+        factor = self.factor
+        rounded_height = round(height / factor) * factor
+        rounded_width = round(width / factor) * factor
+        if rounded_height * rounded_width > self.max_pixels:
+            beta = math.sqrt((height * width) / self.max_pixels)
+            rounded_height = max(factor, math.floor(height / beta / factor) * factor)
+            rounded_width = max(factor, math.floor(width / beta / factor) * factor)
+        elif rounded_height * rounded_width < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            rounded_height = math.ceil(height * beta / factor) * factor
+            rounded_width = math.ceil(width * beta / factor) * factor
+        return rounded_height, rounded_width
+
+
+@dataclass(frozen=True)
+class MergedGridBudget:
+    """Token counts of a tower whose merger turns each ``merge_size x merge_size`` block into one token.
+
+    Qwen2.5-VL / Qwen3-VL: an original image is resized (`SmartResize`), cut into ``patch_size`` patches
+    (a `PatchGrid`), and the patch merger gives ``patches / merge_size**2`` "native" tokens. The patch
+    reduces each image's native tokens after the merger, per image:
+
+    * ``keep_ratio`` r: ``ceil(r * n)`` of the image's ``n`` native tokens (one step, r in (0.5, 1]);
+    * ``target_tokens`` K: at most K per image; an image with fewer native tokens keeps all of them;
+    * both: the smaller of the two; neither: every native token.
+
+    A pure function of the grid, so the processor's placeholders and the model's features agree
+    before anything runs.
+
+    Attributes:
+        resize: the image processor's rule.
+        patch_size, merge_size: the tower's patch side in pixels and the merger's block side in patches.
+        keep_ratio, target_tokens: the budget (None: not set).
+        reference_size: the side of the square image whose count is the family's
+            ``num_visual_tokens`` (the grid depends on the image, so a reference is needed).
+    """
+
+    resize: ImageResize
+    patch_size: int
+    merge_size: int
+    keep_ratio: float | None = None
+    target_tokens: int | None = None
+    reference_size: int = 448
+
+    def grid_for_image(self, height: int, width: int) -> PatchGrid:
+        """The patch grid of an original ``height x width`` image (a still image: one frame)."""
+        resized_height, resized_width = self.resize(*check_image_size(height, width))
+        return PatchGrid(resized_height // self.patch_size, resized_width // self.patch_size)
+
+    def native_tokens(self, grid: PatchGrid) -> int:
+        """Tokens the unpatched merger makes of ``grid``."""
+        return grid.patches // (self.merge_size**2)
+
+    def kept_tokens(self, native_tokens: int) -> int:
+        """Tokens the language model receives for an image of ``native_tokens`` native tokens."""
+        kept = native_tokens
+        if self.keep_ratio is not None:
+            # The tolerance keeps r * n that is an integer in exact arithmetic from rounding up by one.
+            kept = min(kept, math.ceil(self.keep_ratio * native_tokens - 1e-9))
+        if self.target_tokens is not None:
+            kept = min(kept, self.target_tokens)
+        return kept
+
+    def visual_tokens_for_grid(self, grid: PatchGrid) -> int:
+        return self.kept_tokens(self.native_tokens(grid))
+
+    def visual_tokens_for_image(self, height: int, width: int) -> int:
+        """Placeholders per original ``height x width`` image (the patched processor emits this many)."""
+        return self.visual_tokens_for_grid(self.grid_for_image(height, width))
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens of the ``reference_size`` square image."""
+        return self.visual_tokens_for_image(self.reference_size, self.reference_size)
 
 
 @dataclass(frozen=True)
@@ -296,6 +396,8 @@ def keep_ratio_for_visual_tokens(
 
 __all__ = [
     "ImageResize",
+    "MergedGridBudget",
+    "SmartResize",
     "PatchGrid",
     "ResizeAndCrop",
     "TowerBudget",

@@ -101,33 +101,56 @@ def merge_to_budget(
     Returns:
         ``(features [B, k, C], size [B, k, 1], token_map [B, N0])``.
     """
+    params = StepParams(method=method, margin=margin, alpha=alpha, energy=energy, reduce=reduce)
+    features, size, token_map, _ = merge_to_budget_carrying(params, features, size, token_map, target_tokens, ())
+    return features, size, token_map
+
+
+def merge_to_budget_carrying(
+    params: StepParams,
+    features: torch.Tensor,
+    size: torch.Tensor,
+    token_map: torch.Tensor,
+    target_tokens: int | None,
+    carried: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """`merge_to_budget` that also applies every step, as decided on ``features``, to ``carried``.
+
+    ``carried``: tensors ``[B, n, C_i]`` whose tokens correspond to ``features``' (e.g. features
+    of the same patches from other layers, as Qwen3-VL's DeepStack hands the language model):
+    each is merged into the same groups with the same weights, so every one keeps the same
+    ``k`` tokens in the same order.
+
+    Returns:
+        ``(features [B, k, C], size [B, k, 1], token_map [B, N0], carried: each [B, k, C_i])``.
+    """
     if target_tokens == 0:
-        return features[:, :0], size[:, :0], torch.full_like(token_map, -1)
+        return features[:, :0], size[:, :0], torch.full_like(token_map, -1), tuple(t[:, :0] for t in carried)
     while target_tokens is not None and features.shape[1] > target_tokens:
         num_tokens = features.shape[1]
         r = min(num_tokens - target_tokens, num_tokens // 2)
-        step = decide_merge(method, features, r, margin=margin, alpha=alpha, energy=energy)
-        features = apply_merge(step, features, size, reduce)
+        step = decide_merge(params.method, features, r, margin=params.margin, alpha=params.alpha, energy=params.energy)
+        features = apply_merge(step, features, size, params.reduce)
+        carried = tuple(apply_merge(step, tensor, size, params.reduce) for tensor in carried)
         size = step(size, reduce="sum")
         token_map = step.track_source(token_map)
-    return features, size, token_map
+    return features, size, token_map, carried
 
 
 def merge_to_budget_with(
     params: StepParams, features: torch.Tensor, size: torch.Tensor, token_map: torch.Tensor, target_tokens: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`merge_to_budget` with the steps of ``params``; same shapes."""
-    return merge_to_budget(
-        features,
-        size,
-        token_map,
-        target_tokens,
-        method=params.method,
-        margin=params.margin,
-        alpha=params.alpha,
-        energy=params.energy,
-        reduce=params.reduce,
-    )
+    # No StepParams is built here: dynamo (torch 2.11) cannot build a dataclass instance inside a graph.
+    features, size, token_map, _ = merge_to_budget_carrying(params, features, size, token_map, target_tokens, ())
+    return features, size, token_map
 
 
-__all__ = ["StepParams", "apply_merge", "decide_merge", "merge_to_budget", "merge_to_budget_with"]
+__all__ = [
+    "StepParams",
+    "apply_merge",
+    "decide_merge",
+    "merge_to_budget",
+    "merge_to_budget_carrying",
+    "merge_to_budget_with",
+]

@@ -9,10 +9,17 @@ from .llava_hf import LlavaHFAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_original import LlavaOriginalAdapter
 from .protocol import ModelAdapter, ModelParts
+from .qwen_vl import QwenVLAdapter
 from .vllm_llava import VllmLlavaAdapter
 
 # Asked in this order; the first class whose `matches` says yes patches the model.
-ADAPTERS: tuple[type[ModelAdapter], ...] = (VllmLlavaAdapter, LlavaNextAdapter, LlavaHFAdapter, LlavaOriginalAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    VllmLlavaAdapter,
+    LlavaNextAdapter,
+    LlavaHFAdapter,
+    LlavaOriginalAdapter,
+    QwenVLAdapter,
+)
 
 
 def supported_families() -> str:
