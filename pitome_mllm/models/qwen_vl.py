@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..config import PiToMeConfig
 from ..geometry import MergedGridBudget, PatchGrid, SmartResize, TowerGeometry
-from ..hooks.base import AttributeOverrides, Hook, ProcessorOverrides, remove_hooks
+from ..hooks.base import PROCESSOR_COPY_REFUSED, AttributeOverrides, Hook, ProcessorOverrides, remove_hooks
 from ..hooks.state import PatchState
 from ..merge.budget import StepParams
 from ..merge.sequence import reduce_image_tokens
@@ -323,8 +325,14 @@ class QwenImageStage(Hook):
         positions, deltas = original(**arguments, **extra)
         index = expansion.index.to(positions.device)
         positions = positions.gather(2, index[None].expand(positions.shape[0], -1, -1))
-        # Positions continue from the last one; the prompt is shorter than the numbered one by the extra tokens.
-        return positions, deltas + expansion.extra.to(deltas.device, deltas.dtype)[:, None]
+        # rope_deltas = largest position + 1 - prompt length: the prompt numbered was longer than the real one.
+        # transformers 5.x counts a row's unpadded tokens (longer by the row's added ones); 4.57 the padded
+        # row (longer by the added length of the longest row, every row padded to it).
+        if transformers_version()[0] < 5:
+            longer = torch.full_like(expansion.extra, expansion.input_ids.shape[1] - input_ids.shape[1])
+        else:
+            longer = expansion.extra
+        return positions, deltas + longer.to(deltas.device, deltas.dtype).view(-1, *([1] * (deltas.dim() - 1)))
 
     # -------------------------------------------------------- positions fix
     def _move_visual_positions(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -552,7 +560,9 @@ class QwenVLAdapter(ModelAdapter):
 
     # ------------------------------------------------------------- processor
     def _check_processor(self, processor) -> None:
-        if not hasattr(processor, "replace_image_token") and transformers_version()[0] >= 5:
+        if not hasattr(processor, "replace_image_token") and (
+            transformers_version()[0] >= 5 or not hasattr(processor, "tokenizer")
+        ):
             raise ValueError(
                 f"processor {type(processor).__name__} has no replace_image_token; pass the model's "
                 "transformers Qwen2.5-VL / Qwen3-VL processor (or processor=None and emit "
@@ -562,15 +572,26 @@ class QwenVLAdapter(ModelAdapter):
     def _processor_count_overrides(self) -> dict[str, object]:
         processor = self.processor
         if not hasattr(processor, "replace_image_token"):
-            return _processor_count_overrides_4x(processor, self.stage)
-        image_token = processor.image_token
-        original_replace = processor.replace_image_token
-        original_count = processor._get_num_multimodal_tokens
+            overrides = _processor_count_overrides_4x(processor, self.budget)
+        else:
+            overrides = self._processor_count_overrides_5x()
+        overrides["_get_num_multimodal_tokens"] = self._num_multimodal_tokens(processor._get_num_multimodal_tokens)
+        return overrides
+
+    def _processor_count_overrides_5x(self) -> dict[str, object]:
+        """transformers 5.x: the processor's per-image hook emits each image's kept count."""
+        image_token = self.processor.image_token
+        original_replace = self.processor.replace_image_token
 
         @functools.wraps(original_replace)
         def replace_image_token(image_inputs: dict, image_idx: int, **kwargs) -> str:
             _, kept = self.stage.kept_for_grid(image_inputs["image_grid_thw"][image_idx].tolist())
             return image_token * kept
+
+        return {"replace_image_token": replace_image_token}
+
+    def _num_multimodal_tokens(self, original_count):
+        """The processor's count for serving engines, per original image size, as the patch gives it."""
 
         @functools.wraps(original_count)
         def get_num_multimodal_tokens(image_sizes=None, **kwargs):
@@ -579,16 +600,49 @@ class QwenVLAdapter(ModelAdapter):
                 data.num_image_tokens = [self.budget.visual_tokens_for_image(*map(int, size)) for size in image_sizes]
             return data
 
-        return {"replace_image_token": replace_image_token, "_get_num_multimodal_tokens": get_num_multimodal_tokens}
+        return get_num_multimodal_tokens
 
 
-def _processor_count_overrides_4x(processor, stage: QwenImageStage) -> dict[str, object]:
-    """transformers 4.57's Qwen-VL processors expand placeholders inside ``__call__``; not supported yet."""
-    raise ValueError(
-        f"processor {type(processor).__name__} (transformers {'.'.join(map(str, transformers_version()))}) expands "
-        "image placeholders inside __call__; pass processor=None and emit handle.visual_tokens_for_image(h, w) "
-        "placeholders per image yourself"
-    )
+class PlaceholderRuns:
+    """A processor's tokenizer, seen through a rewrite of its image-placeholder runs (transformers 4.57).
+
+    4.57's Qwen-VL processors expand each ``<|image_pad|>`` to the native count inside ``__call__``
+    and tokenize right after, with no per-image hook. The processor's ``tokenizer`` is replaced by
+    this object while patched: every run of ``n`` placeholders in the texts it is given becomes
+    ``kept(n)`` (a pure function of ``n``, the image's native count), rewritten in the caller's list
+    so the processor's own placeholder check reads the same texts. Everything else is the tokenizer's.
+    """
+
+    def __init__(self, tokenizer, image_token: str, kept: Callable[[int], int]) -> None:
+        self._tokenizer = tokenizer
+        self._run = re.compile(f"(?:{re.escape(image_token)})+")
+        self._image_token = image_token
+        self._kept = kept
+
+    def _shorten(self, text: str) -> str:
+        width = len(self._image_token)
+        return self._run.sub(lambda run: self._image_token * self._kept(len(run.group(0)) // width), text)
+
+    def __call__(self, text=None, *args, **kwargs):
+        if isinstance(text, list) and all(isinstance(item, str) for item in text):
+            text[:] = [self._shorten(item) for item in text]
+        elif isinstance(text, str):
+            text = self._shorten(text)
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+    def __deepcopy__(self, memo: dict):
+        raise TypeError(PROCESSOR_COPY_REFUSED)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(PROCESSOR_COPY_REFUSED)
+
+
+def _processor_count_overrides_4x(processor, budget: MergedGridBudget) -> dict[str, object]:
+    """transformers 4.57: the tokenizer sees every placeholder run shortened to the image's kept count."""
+    return {"tokenizer": PlaceholderRuns(processor.tokenizer, processor.image_token, budget.kept_tokens)}
 
 
 __all__ = ["QWEN_METHODS", "QwenVLAdapter", "expand_image_runs", "moved_visual_positions"]
