@@ -157,12 +157,15 @@ def build_arch(
 
     Returns:
         ``(model, processor)``: a ``LlavaForConditionalGeneration`` in eval mode and a
-        ``LlavaProcessor`` for 336 px images (576 placeholders per image). For a spec with
+        ``LlavaProcessor`` for 336 px images (576 placeholders per image); for a `QwenVLArchSpec`
+        a ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` and the real
+        processor class with the released pixel limits (`pitome_mllm.zoo.tiny_qwen`). For a spec with
         ``build_language_model=False`` the language model and LM head stay on ``meta``.
 
     Memory: parameters x bytes per value (`count_parameters` on the config gives the
     count): ``llava-1.5-7b`` ~7.1e9 (14 GB in fp16), ``clip-l-336+1b`` ~1.2e9 (4.8 GB in
-    fp32), ``clip-l-336`` ~0.32e9.
+    fp32), ``clip-l-336`` ~0.32e9, ``qwen2.5-vl-7b`` ~8.29e9 (``-vision``: 0.68e9, 2.7 GB in
+    fp32), ``qwen3-vl-8b`` ~8.77e9 (``-vision``: 0.58e9).
     """
     from transformers import GenerationConfig
 

@@ -169,6 +169,9 @@ def qwen_image_processor(family: str, min_pixels: int, max_pixels: int):
     patch_size = _PATCH_SIZE[_check_family(family)]
     return _image_processor_class("Qwen2VLImageProcessor")(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        # transformers 4.57's constructor replaces ``size`` by its defaults and reads the limits from these only.
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         patch_size=patch_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         merge_size=MERGE_SIZE,
