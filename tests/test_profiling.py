@@ -334,7 +334,16 @@ def test_parameter_counts_of_the_real_shapes():
     one_b = get_arch("clip-l-336+1b").text
     assert (one_b.hidden_size, one_b.num_layers, one_b.num_heads, one_b.num_kv_heads) == (2048, 16, 16, 8)
     assert 0.8e9 < count_parameters("clip-l-336+1b")["language_model"] < 1.0e9
-    assert set(ARCHITECTURES) == {"llava-1.5-7b", "llava-1.5-13b", "clip-l-336+1b", "clip-l-336"}
+    assert set(ARCHITECTURES) == {
+        "llava-1.5-7b",
+        "llava-1.5-13b",
+        "clip-l-336+1b",
+        "clip-l-336",
+        "qwen2.5-vl-7b",
+        "qwen2.5-vl-7b-vision",
+        "qwen3-vl-8b",
+        "qwen3-vl-8b-vision",
+    }
 
 
 def test_vision_only_arch_builds_on_meta_without_a_language_model():

@@ -1,4 +1,4 @@
-"""The named real-size LLaVA shapes, as plain data (no torch: the command line lists them).
+"""The named real-size LLaVA and Qwen-VL shapes, as plain data (no torch: the command line lists them).
 
 `pitome_mllm.zoo.architectures` builds models of these shapes with random weights.
 
@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ARCHITECTURES", "LLAVA_VOCAB_SIZE", "ArchSpec", "TextShape", "VisionShape", "get_arch"]
+__all__ = [
+    "ARCHITECTURES",
+    "LLAVA_VOCAB_SIZE",
+    "ArchSpec",
+    "QwenTextShape",
+    "QwenVLArchSpec",
+    "QwenVisionShape",
+    "TextShape",
+    "VisionShape",
+    "get_arch",
+]
 
 # Vocabulary of the llava-1.5 checkpoints: Llama-2's 32000 tokens plus added ones, padded to 32064.
 LLAVA_VOCAB_SIZE = 32064
@@ -72,13 +82,110 @@ class ArchSpec:
     build_language_model: bool = True
 
 
+@dataclass(frozen=True)
+class QwenVisionShape:
+    """A Qwen-VL vision tower's shape (defaults: Qwen2.5-VL-7B-Instruct's).
+
+    Conv3d patches of ``temporal_patch_size x patch_size x patch_size`` px, 2-D rotary positions, no class token;
+    the merger turns each ``spatial_merge_size``-square block of patches into one token of ``out_hidden_size``.
+    Qwen2.5-VL: window attention (``window_size`` px) in every block but ``fullatt_block_indexes``. Qwen3-VL:
+    learned positions (``num_position_embeddings``, a square grid) and DeepStack mergers after
+    ``deepstack_visual_indexes``; ``window_size`` and ``fullatt_block_indexes`` are unused there.
+    """
+
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "silu"
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    num_position_embeddings: int = 2304
+
+
+@dataclass(frozen=True)
+class QwenTextShape:
+    """A Qwen2 / Qwen3 decoder's shape with M-RoPE (defaults: Qwen2.5-VL-7B-Instruct's Qwen2-7B).
+
+    ``mrope_section`` splits the rotary half-dimension (``head_dim // 2``) into (t, h, w) parts; Qwen3-VL
+    interleaves them (``mrope_interleaved``).
+    """
+
+    hidden_size: int = 3584
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    intermediate_size: int = 18944
+    vocab_size: int = 152064
+    head_dim: int = 128
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    mrope_interleaved: bool = False
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 128000
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class QwenVLArchSpec:
+    """A named Qwen-VL architecture (``family``: ``"qwen2.5-vl"`` or ``"qwen3-vl"``).
+
+    ``build_language_model=False`` leaves the language model and LM head on ``meta`` (vision tower + merger only),
+    as `ArchSpec` does.
+    """
+
+    name: str
+    description: str
+    family: str
+    vision: QwenVisionShape
+    text: QwenTextShape
+    build_language_model: bool = True
+
+
+# Qwen2.5-VL-7B-Instruct's config.json; the vision shape equals transformers' Qwen2_5_VLVisionConfig defaults
+# except hidden_size (1280 in the checkpoint, 3584 in the class default).
+QWEN25_VL_7B_VISION = QwenVisionShape()
+QWEN25_VL_7B_TEXT = QwenTextShape()
+# Qwen3-VL-8B-Instruct's config.json: the tower is transformers' Qwen3VLVisionConfig default (27 layers, 1152 wide,
+# 16 px patches, 48 x 48 learned positions, DeepStack after layers 8, 16, 24) with out_hidden_size = the LLM's width;
+# the LLM is Qwen3-8B's shape (36 layers, 4096 wide, GQA 32/8, head 128) with interleaved M-RoPE (24, 20, 20).
+QWEN3_VL_8B_VISION = QwenVisionShape(
+    hidden_size=1152,
+    num_layers=27,
+    num_heads=16,
+    intermediate_size=4304,
+    out_hidden_size=4096,
+    patch_size=16,
+    hidden_act="gelu_pytorch_tanh",
+    fullatt_block_indexes=(),
+    deepstack_visual_indexes=(8, 16, 24),
+    num_position_embeddings=2304,
+)
+QWEN3_VL_8B_TEXT = QwenTextShape(
+    hidden_size=4096,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=12288,
+    vocab_size=151936,
+    head_dim=128,
+    mrope_section=(24, 20, 20),
+    mrope_interleaved=True,
+    rope_theta=5_000_000.0,
+    max_position_embeddings=262144,
+)
+
 LLAMA2_7B = TextShape()
 LLAMA2_13B = TextShape(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824)
 # A ~1B Llama (TinyLlama-like widths, grouped-query attention) that fits a CPU in fp32.
 LLAMA_1B = TextShape(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=5632)
 CLIP_L_336 = VisionShape()
 
-ARCHITECTURES: dict[str, ArchSpec] = {
+ARCHITECTURES: dict[str, ArchSpec | QwenVLArchSpec] = {
     spec.name: spec
     for spec in (
         ArchSpec("llava-1.5-7b", "CLIP ViT-L/14-336 + Llama-2-7B shape (LLaVA-1.5-7B)", CLIP_L_336, LLAMA2_7B),
@@ -93,11 +200,41 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             LLAMA2_7B,
             build_language_model=False,
         ),
+        QwenVLArchSpec(
+            "qwen2.5-vl-7b",
+            "Qwen2.5-VL-7B shape (32-layer window-attention ViT/14 + Qwen2-7B, M-RoPE)",
+            "qwen2.5-vl",
+            QWEN25_VL_7B_VISION,
+            QWEN25_VL_7B_TEXT,
+        ),
+        QwenVLArchSpec(
+            "qwen2.5-vl-7b-vision",
+            "Qwen2.5-VL-7B vision tower + patch merger only (no language model)",
+            "qwen2.5-vl",
+            QWEN25_VL_7B_VISION,
+            QWEN25_VL_7B_TEXT,
+            build_language_model=False,
+        ),
+        QwenVLArchSpec(
+            "qwen3-vl-8b",
+            "Qwen3-VL-8B shape (27-layer ViT/16 with DeepStack + Qwen3-8B, interleaved M-RoPE)",
+            "qwen3-vl",
+            QWEN3_VL_8B_VISION,
+            QWEN3_VL_8B_TEXT,
+        ),
+        QwenVLArchSpec(
+            "qwen3-vl-8b-vision",
+            "Qwen3-VL-8B vision tower + patch merger and DeepStack mergers only (no language model)",
+            "qwen3-vl",
+            QWEN3_VL_8B_VISION,
+            QWEN3_VL_8B_TEXT,
+            build_language_model=False,
+        ),
     )
 }
 
 
-def get_arch(name: str) -> ArchSpec:
+def get_arch(name: str) -> ArchSpec | QwenVLArchSpec:
     """The `ArchSpec` called ``name``.
 
     Raises:

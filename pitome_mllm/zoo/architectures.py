@@ -1,4 +1,4 @@
-"""Real-size LLaVA shapes with random weights, built without any download.
+"""Real-size LLaVA and Qwen-VL shapes with random weights, built without any download.
 
 Profiling asks what merging saves on the models people run (CLIP ViT-L/14-336 in front of
 a 7B or 13B Llama), but checkpoints cannot always be fetched. The cost of a forward pass
@@ -17,7 +17,9 @@ latency and memory of the real one, and this module builds such models quickly:
 
 Inputs come from the offline tiny processor (`build_tiny_processor(336, 14)`): its
 ~500-token tokenizer ids all fit the 32064-token vocabulary, and its image geometry is
-CLIP-L/14-336's (577 tokens in the tower, 576 placeholders per image).
+CLIP-L/14-336's (577 tokens in the tower, 576 placeholders per image). Qwen-VL shapes (`QwenVLArchSpec`) get
+the real processor class with the offline Qwen tokenizer and the released checkpoints' pixel limits
+(`pitome_mllm.zoo.tiny_qwen`): a 336 x 336 image is 24 x 24 patches, 144 tokens after the 2 x 2 merger.
 
 >>> spec = ARCHITECTURES["llava-1.5-7b"]
 >>> spec.text.hidden_size, spec.vision.num_layers
@@ -38,6 +40,7 @@ from .architecture_specs import (  # noqa: F401  (re-exported: the shapes belong
     LLAMA_1B,
     LLAVA_VOCAB_SIZE,
     ArchSpec,
+    QwenVLArchSpec,
     TextShape,
     VisionShape,
     get_arch,
@@ -46,6 +49,7 @@ from .architecture_specs import (  # noqa: F401  (re-exported: the shapes belong
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
+    "QwenVLArchSpec",
     "TextShape",
     "VisionShape",
     "arch_config",
@@ -59,19 +63,22 @@ INIT_STD = 0.02
 _NOISE_BLOCK_LEN = 1_048_573
 
 
-def arch_config(spec: ArchSpec | str, tokenizer=None):
-    """The ``LlavaConfig`` of ``spec`` (nothing is allocated).
+def arch_config(spec: ArchSpec | QwenVLArchSpec | str, tokenizer=None):
+    """The ``LlavaConfig`` (``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` for a `QwenVLArchSpec`) of ``spec``
+    (nothing is allocated).
 
     Args:
-        spec: an `ArchSpec` or its name.
+        spec: an `ArchSpec`, a `QwenVLArchSpec` or its name.
         tokenizer: supplies the image-token, pad, BOS and EOS ids (default: the tiny
-            offline tokenizer's: image 4, pad 3, BOS 1, EOS 2).
+            offline tokenizer's: image 4, pad 3, BOS 1, EOS 2; for Qwen-VL the offline Qwen tokenizer's).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     from .tiny import tower_shape
 
     spec = get_arch(spec) if isinstance(spec, str) else spec
+    if isinstance(spec, QwenVLArchSpec):
+        return _qwen_arch_config(spec, tokenizer)
     ids = _special_ids(tokenizer)
     vision, text = spec.vision, spec.text
     shape = tower_shape(
@@ -117,6 +124,16 @@ def arch_config(spec: ArchSpec | str, tokenizer=None):
     return config
 
 
+def _qwen_arch_config(spec: QwenVLArchSpec, tokenizer=None):
+    from .tiny_qwen import build_qwen_tokenizer, qwen_vl_config
+
+    tokenizer = tokenizer or build_qwen_tokenizer()
+    config = qwen_vl_config(spec.family, spec.vision, spec.text, tokenizer, vocab_size=spec.text.vocab_size)
+    for sub in (config, config.vision_config, config.text_config):
+        sub._attn_implementation = "sdpa"
+    return config
+
+
 def _special_ids(tokenizer) -> dict[str, int]:
     if tokenizer is None:
         from .tiny import build_tiny_tokenizer
@@ -131,7 +148,7 @@ def _special_ids(tokenizer) -> dict[str, int]:
 
 
 def build_arch(
-    spec: ArchSpec | str,
+    spec: ArchSpec | QwenVLArchSpec | str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -140,26 +157,26 @@ def build_arch(
 
     Returns:
         ``(model, processor)``: a ``LlavaForConditionalGeneration`` in eval mode and a
-        ``LlavaProcessor`` for 336 px images (576 placeholders per image). For a spec with
+        ``LlavaProcessor`` for 336 px images (576 placeholders per image); for a `QwenVLArchSpec`
+        a ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` and the real
+        processor class with the released pixel limits (`pitome_mllm.zoo.tiny_qwen`). For a spec with
         ``build_language_model=False`` the language model and LM head stay on ``meta``.
 
     Memory: parameters x bytes per value (`count_parameters` on the config gives the
     count): ``llava-1.5-7b`` ~7.1e9 (14 GB in fp16), ``clip-l-336+1b`` ~1.2e9 (4.8 GB in
-    fp32), ``clip-l-336`` ~0.32e9.
+    fp32), ``clip-l-336`` ~0.32e9, ``qwen2.5-vl-7b`` ~8.29e9 (``-vision``: 0.68e9, 2.7 GB in
+    fp32), ``qwen3-vl-8b`` ~8.77e9 (``-vision``: 0.58e9).
     """
-    from transformers import GenerationConfig, LlavaForConditionalGeneration
-
-    from .tiny import build_tiny_processor
+    from transformers import GenerationConfig
 
     spec = get_arch(spec) if isinstance(spec, str) else spec
     device = torch.device(device)
-    processor = build_tiny_processor(spec.vision.image_size, spec.vision.patch_size)
+    processor = _arch_processor(spec)
     tokenizer = processor.tokenizer
     config = arch_config(spec, tokenizer)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    core = model.model
-    parts = [core.vision_tower, core.multi_modal_projector]
+        model = _arch_model_class(spec)._from_config(config, dtype=dtype)
+    parts = _vision_parts(model)
     if spec.build_language_model:
         parts = [model]
     for part in parts:
@@ -174,6 +191,35 @@ def build_arch(
         do_sample=False,
     )
     return model, processor
+
+
+def _arch_processor(spec: ArchSpec | QwenVLArchSpec):
+    if isinstance(spec, QwenVLArchSpec):
+        from .tiny_qwen import REAL_QWEN_PIXELS, build_tiny_qwen_processor
+
+        return build_tiny_qwen_processor(spec.family, REAL_QWEN_PIXELS[spec.family])
+    from .tiny import build_tiny_processor
+
+    return build_tiny_processor(spec.vision.image_size, spec.vision.patch_size)
+
+
+def _arch_model_class(spec: ArchSpec | QwenVLArchSpec) -> type:
+    if isinstance(spec, QwenVLArchSpec):
+        from .tiny_qwen import qwen_vl_model_class
+
+        return qwen_vl_model_class(spec.family)
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def _vision_parts(model: nn.Module) -> list[nn.Module]:
+    """The modules that turn pixels into LLM tokens: the tower and projector (LLaVA), or the tower with its
+    merger and DeepStack mergers inside (Qwen-VL's ``visual``)."""
+    core = model.model
+    if hasattr(core, "visual"):
+        return [core.visual]
+    return [core.vision_tower, core.multi_modal_projector]
 
 
 def _noise_block(seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -235,33 +281,46 @@ def _recompute_buffers(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _recompute_buffers_4x(module: nn.Module) -> None:
-    """transformers 4.57's ``_init_weights`` leaves non-persistent buffers alone: recompute the two kinds a
-    LLaVA has (CLIP's position ids, Llama's rotary frequencies); 5.x's ``_init_weights`` computes them."""
+    """transformers 4.57's ``_init_weights`` leaves non-persistent buffers alone: recompute the kinds a LLaVA or
+    Qwen-VL has (CLIP's position ids, the language models' rotary frequencies, the Qwen-VL towers' 2-D rotary
+    frequencies); 5.x's ``_init_weights`` computes them."""
     position_ids = getattr(module, "position_ids", None)
     if isinstance(position_ids, torch.Tensor):
         position_ids.copy_(torch.arange(position_ids.shape[-1], device=position_ids.device).expand_as(position_ids))
+    if not isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+        return
     rope_init_fn = getattr(module, "rope_init_fn", None)
-    if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and rope_init_fn is not None:
+    if rope_init_fn is not None:
         inv_freq, _ = rope_init_fn(module.config, module.inv_freq.device)
         module.inv_freq.copy_(inv_freq)
         module.original_inv_freq = module.inv_freq
+    else:  # Qwen-VL's VisionRotaryEmbedding(dim, theta=10000): inv_freq has dim / 2 entries, no config
+        fresh = type(module)(2 * module.inv_freq.numel())
+        module.inv_freq.copy_(fresh.inv_freq)
 
 
-def count_parameters(spec: ArchSpec | str) -> dict[str, int]:
-    """Parameter counts of ``spec`` by part, from a ``meta``-device build (no memory used)."""
-    from transformers import LlavaForConditionalGeneration
+def count_parameters(spec: ArchSpec | QwenVLArchSpec | str) -> dict[str, int]:
+    """Parameter counts of ``spec`` by part, from a ``meta``-device build (no memory used).
 
+    For Qwen-VL, ``projector`` counts the patch merger and the DeepStack mergers, ``vision_tower`` the rest of
+    ``visual``."""
     spec = get_arch(spec) if isinstance(spec, str) else spec
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration._from_config(arch_config(spec))
+        model = _arch_model_class(spec)._from_config(arch_config(spec))
     core = model.model
 
     def count(module: nn.Module) -> int:
         return sum(parameter.numel() for parameter in module.parameters())
 
+    if hasattr(core, "visual"):  # Qwen-VL: the merger (and DeepStack mergers) live inside the tower
+        mergers = [core.visual.merger, *getattr(core.visual, "deepstack_merger_list", [])]
+        projector = sum(count(merger) for merger in mergers)
+        vision_tower = count(core.visual) - projector
+    else:
+        vision_tower, projector = count(core.vision_tower), count(core.multi_modal_projector)
     counts = {
-        "vision_tower": count(core.vision_tower),
-        "projector": count(core.multi_modal_projector),
+        "vision_tower": vision_tower,
+        "projector": projector,
         "language_model": count(core.language_model) + count(model.lm_head),
     }
     counts["total"] = sum(counts.values())

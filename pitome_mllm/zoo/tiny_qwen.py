@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils import is_torchvision_available
 
 from ..models.compat import transformers_version
+from .architecture_specs import QwenTextShape, QwenVisionShape
 from .tiny import _TRAINING_CORPUS, TOKENIZER_VOCAB_SIZE, _image_processor_class, _instantiate
 
 __all__ = [
@@ -43,9 +44,11 @@ __all__ = [
     "TINY_QWEN_PIXELS",
     "TinyQwenSpec",
     "build_qwen_tokenizer",
+    "build_tiny_qwen_processor",
     "load_qwen_vl_processor",
     "qwen_image_processor",
     "qwen_vl_config",
+    "qwen_vl_model_class",
     "qwen_vl_processor",
     "save_qwen_vl_processor",
     "save_tiny_qwen_vl",
@@ -166,6 +169,9 @@ def qwen_image_processor(family: str, min_pixels: int, max_pixels: int):
     patch_size = _PATCH_SIZE[_check_family(family)]
     return _image_processor_class("Qwen2VLImageProcessor")(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        # transformers 4.57's constructor replaces ``size`` by its defaults and reads the limits from these only.
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
         patch_size=patch_size,
         temporal_patch_size=TEMPORAL_PATCH_SIZE,
         merge_size=MERGE_SIZE,
@@ -366,6 +372,38 @@ class TinyQwenSpec:
     def patch_size(self) -> int:
         return _PATCH_SIZE[self.family]
 
+    def vision_shape(self) -> QwenVisionShape:
+        return QwenVisionShape(
+            hidden_size=self.vision_hidden,
+            num_layers=self.vision_layers,
+            num_heads=self.vision_heads,
+            intermediate_size=self.vision_intermediate,
+            out_hidden_size=self.text_hidden,
+            patch_size=self.patch_size,
+            temporal_patch_size=TEMPORAL_PATCH_SIZE,
+            spatial_merge_size=MERGE_SIZE,
+            hidden_act="silu" if self.family == "qwen2.5-vl" else "gelu_pytorch_tanh",
+            window_size=self.window_size,
+            fullatt_block_indexes=self.fullatt_block_indexes,
+            deepstack_visual_indexes=self.deepstack_visual_indexes,
+            num_position_embeddings=self.num_position_embeddings,
+        )
+
+    def text_shape(self) -> QwenTextShape:
+        qwen3 = self.family == "qwen3-vl"
+        return QwenTextShape(
+            hidden_size=self.text_hidden,
+            num_layers=self.text_layers,
+            num_heads=self.text_heads,
+            num_kv_heads=self.text_kv_heads,
+            intermediate_size=self.text_intermediate,
+            head_dim=self.text_head_dim if qwen3 else self.text_hidden // self.text_heads,
+            mrope_section=self.mrope_section,
+            mrope_interleaved=qwen3,
+            rope_theta=5_000_000.0 if qwen3 else 1_000_000.0,
+            max_position_embeddings=4096,
+        )
+
 
 def tiny_qwen_spec(family: str = "qwen2.5-vl", **overrides) -> TinyQwenSpec:
     """The default `TinyQwenSpec` of ``family`` with ``overrides`` (field names of `TinyQwenSpec`).
@@ -378,68 +416,70 @@ def tiny_qwen_spec(family: str = "qwen2.5-vl", **overrides) -> TinyQwenSpec:
     return dataclasses.replace(TinyQwenSpec(**defaults), **overrides)
 
 
-def qwen_vl_config(spec: TinyQwenSpec, tokenizer, vocab_size: int | None = None):
-    """The ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` of ``spec``, token ids taken from ``tokenizer``."""
+def qwen_vl_config(family: str, vision: QwenVisionShape, text: QwenTextShape, tokenizer, vocab_size: int | None = None):
+    """The ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` of these shapes (nothing is allocated).
+
+    Token ids (image, video, vision start / end, pad, EOS) come from ``tokenizer``; the vocabulary is
+    ``vocab_size`` (default: the tokenizer's length, for tiny models). Raises ``ValueError`` on an
+    ``mrope_section`` that does not fill half the head size.
+    """
     import transformers
 
-    family = _check_family(spec.family)
-    text = {
+    family = _check_family(family)
+    if text.head_dim != 2 * sum(text.mrope_section):
+        raise ValueError(f"mrope_section {text.mrope_section} must sum to half the head size {text.head_dim}")
+    rope = {"rope_type": "default", "mrope_section": list(text.mrope_section)}
+    if text.mrope_interleaved:
+        rope["mrope_interleaved"] = True
+    text_config = {
         "vocab_size": vocab_size or len(tokenizer),
-        "hidden_size": spec.text_hidden,
-        "intermediate_size": spec.text_intermediate,
-        "num_hidden_layers": spec.text_layers,
-        "num_attention_heads": spec.text_heads,
-        "num_key_value_heads": spec.text_kv_heads,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
+        "hidden_size": text.hidden_size,
+        "intermediate_size": text.intermediate_size,
+        "num_hidden_layers": text.num_layers,
+        "num_attention_heads": text.num_heads,
+        "num_key_value_heads": text.num_kv_heads,
+        "max_position_embeddings": text.max_position_embeddings,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_theta": text.rope_theta,
+        # transformers 4.57 reads M-RoPE from rope_scaling; 5.x converts it to rope_parameters.
+        "rope_scaling": rope,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": None,  # like Qwen's tokenizer, the tiny one adds no BOS
         "eos_token_id": tokenizer.eos_token_id,
     }
-    vision = {
-        "depth": spec.vision_layers,
-        "hidden_size": spec.vision_hidden,
-        "intermediate_size": spec.vision_intermediate,
-        "num_heads": spec.vision_heads,
-        "out_hidden_size": spec.text_hidden,
-        "patch_size": spec.patch_size,
-        "spatial_merge_size": MERGE_SIZE,
-        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+    vision_config = {
+        "depth": vision.num_layers,
+        "hidden_size": vision.hidden_size,
+        "intermediate_size": vision.intermediate_size,
+        "num_heads": vision.num_heads,
+        "out_hidden_size": vision.out_hidden_size,
+        "patch_size": vision.patch_size,
+        "spatial_merge_size": vision.spatial_merge_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "hidden_act": vision.hidden_act,
     }
     if family == "qwen2.5-vl":
-        if spec.text_hidden // spec.text_heads != 2 * sum(spec.mrope_section):
+        if text.hidden_size != text.num_heads * text.head_dim:
             raise ValueError(
-                f"mrope_section {spec.mrope_section} must sum to half the head size "
-                f"({spec.text_hidden} / {spec.text_heads} / 2)"
+                f"Qwen2.5-VL's head size is hidden_size / num_heads = {text.hidden_size} / {text.num_heads}, "
+                f"not head_dim {text.head_dim}"
             )
-        text["rope_theta"] = 1_000_000.0
-        text["rope_scaling"] = {"type": "mrope", "mrope_section": list(spec.mrope_section)}
-        vision.update(
-            hidden_act="silu",
-            window_size=spec.window_size,
-            fullatt_block_indexes=list(spec.fullatt_block_indexes),
+        vision_config.update(
+            window_size=vision.window_size,
+            fullatt_block_indexes=list(vision.fullatt_block_indexes),
             tokens_per_second=2,
         )
         config_class = transformers.Qwen2_5_VLConfig
     else:
-        if spec.text_head_dim != 2 * sum(spec.mrope_section):
-            raise ValueError(f"mrope_section {spec.mrope_section} must sum to half of text_head_dim {spec.text_head_dim}")
-        text["head_dim"] = spec.text_head_dim
-        text["rope_theta"] = 5_000_000.0
-        text["rope_scaling"] = {
-            "rope_type": "default",
-            "mrope_section": list(spec.mrope_section),
-            "mrope_interleaved": True,
-        }
-        vision.update(
-            hidden_act="gelu_pytorch_tanh",
-            deepstack_visual_indexes=list(spec.deepstack_visual_indexes),
-            num_position_embeddings=spec.num_position_embeddings,
+        text_config["head_dim"] = text.head_dim
+        vision_config.update(
+            deepstack_visual_indexes=list(vision.deepstack_visual_indexes),
+            num_position_embeddings=vision.num_position_embeddings,
         )
         config_class = transformers.Qwen3VLConfig
     config = config_class(
-        text_config=text,
-        vision_config=vision,
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=tokenizer.image_token_id,
         video_token_id=tokenizer.video_token_id,
         vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
@@ -451,7 +491,8 @@ def qwen_vl_config(spec: TinyQwenSpec, tokenizer, vocab_size: int | None = None)
     return config
 
 
-def _model_class(family: str) -> type:
+def qwen_vl_model_class(family: str) -> type:
+    """``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration``."""
     import transformers
 
     if _check_family(family) == "qwen2.5-vl":
@@ -478,8 +519,8 @@ def tiny_qwen_vl(family: str = "qwen2.5-vl", dtype: torch.dtype = torch.float32,
     if processor is None:
         processor = build_tiny_qwen_processor(family)
     tokenizer = processor.tokenizer
-    config = qwen_vl_config(spec, tokenizer)
-    model = _instantiate(_model_class(family), config, spec.seed, tokenizer, dtype)
+    config = qwen_vl_config(family, spec.vision_shape(), spec.text_shape(), tokenizer)
+    model = _instantiate(qwen_vl_model_class(family), config, spec.seed, tokenizer, dtype)
     return model, processor
 
 
