@@ -41,6 +41,7 @@ __all__ = [
     "QWEN_CHAT_TEMPLATE",
     "QWEN_FAMILIES",
     "QWEN_SPECIAL_TOKENS",
+    "REAL_QWEN_PIXELS",
     "TINY_QWEN_PIXELS",
     "TinyQwenSpec",
     "build_qwen_tokenizer",
