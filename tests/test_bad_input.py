@@ -1,0 +1,109 @@
+"""Bad and unusual input through every entry point: one clear line naming the setting, before the work starts.
+
+Each case used to be silently wrong (run unpatched, print a plan for a nonsense size) or end in a
+traceback; the message names the setting or flag, and never repeats more than a few hundred characters
+of what was given.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+
+from pitome_mllm.cli import main
+from pitome_mllm.config import PiToMeConfig
+
+pytestmark = pytest.mark.model_facing
+
+STATS_LINE = re.compile(r"\[(\d+) visual tokens")
+
+
+def one_line_error(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def refusal_of(**settings) -> str:
+    with pytest.raises(ValueError) as error:
+        PiToMeConfig(**settings)
+    return str(error.value)
+
+
+# ----------------------------------------------------------------------------------- chat
+@pytest.mark.parametrize(
+    ("flags", "settings"),
+    [
+        (["--method", "random"], {"method": "random"}),
+        (["--preset", "mllm"], {"preset": "mllm"}),
+        (["--method", "fastervlm", "--keep-order"], {"method": "fastervlm", "keep_order": True}),
+    ],
+)
+def test_chat_refuses_what_patch_refuses_before_loading(flags, settings, monkeypatch, capsys):
+    """Merge flags without a budget used to run the unpatched model with 576 tokens and exit 0."""
+    import pitome_mllm.cli.chat as chat
+
+    monkeypatch.setattr(chat, "_load", lambda args: pytest.fail("the model was loaded before the refusal"))
+    argv = ["chat", "--model", "tiny", "--image", "astronaut", *flags, "--prompt", "hi"]
+    assert main(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert refusal_of(**settings) in line
+
+
+def test_chat_method_none_runs_patched(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Describe the image.\n"))
+    argv = ["chat", "--model", "tiny-test", "--image", "astronaut", "--method", "none", "--max-new-tokens", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "PatchHandle(" in captured.err and "method='none'" in captured.err
+    assert [int(count) for count in STATS_LINE.findall(captured.out)] == [64]
+
+
+def test_chat_without_merge_flags_stays_unpatched():
+    from pitome_mllm.cli import build_parser
+    from pitome_mllm.cli.chat import patch_config
+
+    arguments = build_parser().parse_args(["chat", "--model", "tiny", "--image", "astronaut"])
+    assert patch_config(arguments) is None
+
+
+# ------------------------------------------------------------------------------- schedule
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--image-size", "0"], "--image-size must be >= 1, got 0"),
+        (["--image-size", "-336"], "--image-size must be >= 1, got -336"),
+        (["--patch-size", "0"], "--patch-size must be >= 1, got 0"),
+        (["--patch-size", "1000"], "--patch-size 1000 is larger than --image-size 336"),
+        (["--layers", "0"], "--layers must be >= 1, got 0"),
+        (["--feature-layer", "100"], "--feature-layer must name a layer's output of the 24-layer tower"),
+        (["--feature-layer", "0"], "got 0"),
+        (["--layers", "4", "--feature-layer", "-5"], "in [1, 4] or [-4, -1]"),
+        (["--keep-ratio", "0.3"], "--keep-ratio: keep_ratio must be in (0.5, 1.0], got 0.3"),
+    ],
+)
+def test_schedule_refuses_impossible_geometry(flags, fragment, capsys):
+    assert main(["schedule", *flags]) == 2
+    assert fragment in one_line_error(capsys.readouterr().err)
+
+
+def test_schedule_reads_the_last_layer(capsys):
+    assert main(["schedule", "--layers", "4", "--feature-layer", "-1"]) == 0
+    assert re.search(r"reading layer\s+3\b", capsys.readouterr().out)
+
+
+# -------------------------------------------------------------------------------- profile
+def test_profile_refuses_a_budget_above_the_native_count(capsys):
+    """``--budgets 65`` on a 64-token model used to profile the unpatched model under that name."""
+    argv = ["profile", "--model", "tiny-test", "--budgets", "65", "--repeats", "1", "--warmup", "0", "--vision-only"]
+    assert main(argv) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and "--budgets must be in [1, 64]" in error_lines[0]
+
+
+def test_profile_refuses_a_budget_below_one(capsys):
+    assert main(["profile", "--model", "tiny-test", "--budgets", "0"]) == 2
+    assert "--budgets must be >= 1" in one_line_error(capsys.readouterr().err)
