@@ -12,6 +12,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from pitome_mllm.cli import main
 from pitome_mllm.config import PiToMeConfig
@@ -107,3 +108,54 @@ def test_profile_refuses_a_budget_above_the_native_count(capsys):
 def test_profile_refuses_a_budget_below_one(capsys):
     assert main(["profile", "--model", "tiny-test", "--budgets", "0"]) == 2
     assert "--budgets must be >= 1" in one_line_error(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------ gradients
+PROJECTOR_STAGE_METHODS = ("random", "pool", "dominant", "visionzip", "fastervlm", "divprune", "mllm")
+
+
+def tower_parameters_with_gradient(model, inputs, tower) -> tuple[int, torch.Tensor]:
+    """``(tower parameters reached by the gradient of the logits' sum, logits)`` of one training forward."""
+    model.zero_grad(set_to_none=True)
+    logits = model(**inputs).logits
+    logits.float().sum().backward()
+    reached = sum(
+        parameter.grad is not None and bool(parameter.grad.abs().sum() > 0) for parameter in tower.parameters()
+    )
+    model.zero_grad(set_to_none=True)
+    return reached, logits.detach()
+
+
+@pytest.mark.parametrize("method", PROJECTOR_STAGE_METHODS)
+def test_projector_stage_methods_pass_gradients_to_the_tower(method, tiny_llava, images):
+    """The selection used to run on detached features: no gradient reached the tower (0 of its parameters)."""
+    import pitome_mllm
+    from pitome_mllm.testing.llava import encode, logits_of
+
+    model, processor = tiny_llava
+    with pitome_mllm.patched(model, processor, method=method, target_tokens=16) as handle:
+        inputs = encode(processor, images["chelsea"])
+        tower = handle.parts.tower
+        reached, logits = tower_parameters_with_gradient(model, inputs, tower)
+        assert torch.equal(logits, logits_of(model, inputs))  # the gradient path changes no value
+    unpatched_reached, _ = tower_parameters_with_gradient(model, encode(processor, images["chelsea"]), tower)
+    assert reached == unpatched_reached > 0
+
+
+def test_group_mean_gradient_is_the_mean_of_the_held_patches():
+    from pitome_mllm.merge.select import group_means, with_group_mean_gradient
+
+    features = torch.randn(2, 6, 3, requires_grad=True)
+    token_map = torch.tensor([[0, 1, 1, -1, 2, 2], [2, 2, 2, 0, 1, -1]])
+    with torch.no_grad():
+        tokens = group_means(features.clamp(min=-100), token_map.clamp(min=0), 3)
+    merged = with_group_mean_gradient(tokens, features, token_map)
+    assert torch.equal(merged, tokens)
+    weights = torch.randn(2, 3, 3)
+    (merged * weights).sum().backward()
+    expected = torch.zeros(2, 6, 3)
+    for batch in range(2):
+        for patch, token in enumerate(token_map[batch].tolist()):
+            if token >= 0:
+                expected[batch, patch] = weights[batch, token] / int((token_map[batch] == token).sum())
+    torch.testing.assert_close(features.grad, expected)
