@@ -30,6 +30,7 @@ from .process import (
 from .schema import (
     SuiteError,
     check_batch_size,
+    check_limit,
     inside,
     open_for_writing,
     refuse_link,
@@ -378,6 +379,7 @@ def run_suite(
     output = prepare_output(output)
     launcher = list(launcher) if launcher else [sys.executable, "-m", "lmms_eval"]
     batch_size = check_batch_size("--batch-size", batch_size) if batch_size is not None else suite.batch_size
+    limit = check_limit("--limit", limit)
     runs = planned_runs(suite, only, extra_model_args or {})
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     with SweepLock(output) as lock, sigterm_as_interrupt():
