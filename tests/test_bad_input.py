@@ -159,3 +159,118 @@ def test_group_mean_gradient_is_the_mean_of_the_held_patches():
             if token >= 0:
                 expected[batch, patch] = weights[batch, token] / int((token_map[batch] == token).sum())
     torch.testing.assert_close(features.grad, expected)
+
+
+# --------------------------------------------------------------------------------- suites
+TASKS = 'tasks: {taska: "exact_match,none"}\n'
+ALIAS_BOMB = """\
+a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+tasks: *h
+"""
+
+
+def sweep_error(tmp_path, suite_text: str, *flags: str, capsys) -> str:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(suite_text)
+    argv = ["sweep", "--suite", str(suite), "--model", "m", "--output", str(tmp_path / "out"), *flags]
+    assert main(argv) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert len(line) < 1000 and not (tmp_path / "out").exists()
+    return line
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path, capsys):
+    line = sweep_error(tmp_path, ALIAS_BOMB, capsys=capsys)
+    assert "aliases (*name) are not allowed in a suite" in line and "line 2" in line
+
+
+@pytest.mark.parametrize(
+    ("suite_text", "fragment"),
+    [
+        (TASKS + "runs: {a: {method: none, batch_size: 4}}\n", "may not set ['batch_size']; the sweep sets them"),
+        (TASKS + "runs: {a: {method: none}}\nbaseline: [a]\n", "baseline ['a'] must name one of the runs ['a']"),
+        (TASKS + "runs: {}\n", "got an empty mapping"),
+        (TASKS + "runs: {a: {method: none, dtype: float8}}\n", "dtype must be one of"),
+        (TASKS + "runs: {a: {method: none, prompt_format: vicuna}}\n", "prompt_format must be one of"),
+        (TASKS + "runs: {a: {method: none, loglikelihood: bits}}\n", "loglikelihood must be one of"),
+        (TASKS + "runs: {a: {method: none, max_new_tokens: [16, -5]}}\n", "max_new_tokens must be >= 1, got -5"),
+        (TASKS + "runs: {a: {method: none, use_cache: maybe}}\n", "use_cache must be true or false"),
+        (TASKS + "runs: {a: {method: none, load_in_4bit: true, load_in_8bit: true}}\n", "exclude each other"),
+        (TASKS + "runs: {a: {method: random, target_tokens: 8, seed: 1180591620717411303424}}\n", "seed must be"),
+        (TASKS + "runs: {a: {method: tome, keep_ratio: 0.9, margin_span: 1.0e+308}}\n", "margin_span must be in"),
+        (TASKS + "runs: {a: {method: pool, target_tokens: 16, metric: keys}}\n", "does not read metric"),
+    ],
+)
+def test_suite_checks_cover_every_model_argument(tmp_path, capsys, suite_text, fragment):
+    assert fragment in sweep_error(tmp_path, suite_text, capsys=capsys)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--batch-size", "0"], "--batch-size is 0"),
+        (["--limit", "-1"], "--limit is -1.0; it must be a whole number >= 1 or a fraction in (0, 1)"),
+        (["--limit", "0"], "--limit is 0.0"),
+        (["--limit", "2.5"], "it must be a whole number"),
+        (["--model-args", "keep_ratio=0.9,keep_ratio=0.95"], "--model-args gives 'keep_ratio' twice"),
+        (["--model-args", "max_new_tokens=-5"], "max_new_tokens must be >= 1, got -5"),
+    ],
+)
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_dry_run_checks_what_a_run_checks(tmp_path, capsys, flags, fragment, dry_run):
+    suite_text = TASKS + "runs: {a: {method: pitome, keep_ratio: 0.9}}\n"
+    extra = ["--dry-run"] if dry_run else []
+    assert fragment in sweep_error(tmp_path, suite_text, *flags, *extra, capsys=capsys)
+
+
+def test_dry_run_takes_a_fraction_limit(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(TASKS + "runs: {a: {method: pitome, keep_ratio: 0.9}}\n")
+    assert main(["sweep", "--suite", str(suite), "--model", "m", "--limit", "0.5", "--dry-run"]) == 0
+    assert "--limit 0.5" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ lmms-eval model arguments
+@pytest.mark.parametrize(
+    ("arguments", "fragment"),
+    [
+        ({"max_new_tokens": -5}, "max_new_tokens must be >= 1, got -5"),
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"batch_size": "0"}, "batch_size must be >= 1, got 0"),
+        ({"loglikelihood": "bits"}, "loglikelihood must be one of"),
+        ({"seed": 2**70, "method": "random", "target_tokens": 8}, "seed must be an integer in [0, 2**63 - 1]"),
+        ({"alpha": 1e308, "method": "pitome", "keep_ratio": 0.9}, "alpha must be in [0, 100]"),
+    ],
+)
+def test_plugin_refuses_before_loading(tmp_path, arguments, fragment):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    from pitome_mllm.integrations.lmms_eval.llava_hf import PiToMeLlavaHF
+
+    settings = {"method": "none", **arguments}
+    # The folder does not exist: reaching the loader would raise another error.
+    with pytest.raises(ValueError) as error:
+        PiToMeLlavaHF(pretrained=str(tmp_path / "missing"), **settings)
+    assert fragment in str(error.value)
+
+
+def test_plugin_refuses_a_record_path_that_is_a_folder_before_loading(tmp_path):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    from pitome_mllm.integrations.lmms_eval.llava_hf import PiToMeLlavaHF
+
+    with pytest.raises(ValueError, match="is a folder; give the path of a JSON file"):
+        PiToMeLlavaHF(pretrained=str(tmp_path / "missing"), method="none", record=str(tmp_path))
+
+
+def test_a_task_asking_for_negative_new_tokens_is_refused():
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    from pitome_mllm.integrations.lmms_eval.base import generation_settings
+
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got -5"):
+        generation_settings({"max_new_tokens": -5}, 16)

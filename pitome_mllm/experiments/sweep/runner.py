@@ -376,11 +376,11 @@ def run_suite(
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [...]}`` of run keys.
     """
-    output = prepare_output(output)
     launcher = list(launcher) if launcher else [sys.executable, "-m", "lmms_eval"]
     batch_size = check_batch_size("--batch-size", batch_size) if batch_size is not None else suite.batch_size
     limit = check_limit("--limit", limit)
     runs = planned_runs(suite, only, extra_model_args or {})
+    output = prepare_output(output)  # after every check: a refused sweep leaves no folder behind
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     with SweepLock(output) as lock, sigterm_as_interrupt():
         write_json_atomically(
