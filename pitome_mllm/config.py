@@ -387,25 +387,7 @@ class PiToMeConfig:
             FileNotFoundError: a path that does not exist.
             ValueError: text that is not a JSON object of config fields, or a bad value.
         """
-        is_text = str(text_or_path).lstrip().startswith("{")
-        where = "config JSON" if is_text else f"config file {shown(str(text_or_path))}"
-        if is_text:
-            text = str(text_or_path)
-        else:
-            path = Path(text_or_path)
-            if not path.is_file():
-                raise FileNotFoundError(f"{where} does not exist (give a JSON file or JSON text starting with '{{')")
-            try:
-                text = path.read_text()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ValueError(f"{where} cannot be read: {error}") from None
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON ({error})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{where} must hold a JSON object of config fields, got {shown(values)}")
-        return cls.from_dict(values)
+        return cls.from_dict(read_config_fields(text_or_path))
 
     def replace(self, **overrides: Any) -> PiToMeConfig:
         """A new validated config with some fields changed."""
@@ -439,3 +421,31 @@ class PiToMeConfig:
         if "preset" in overrides and overrides["preset"] != self.preset:
             return {"method": PRESET_ALIAS_METHOD}
         return {}
+
+
+def read_config_fields(text_or_path: str | Path) -> dict[str, Any]:
+    """The JSON object of config fields in ``text_or_path`` (JSON text starting with ``{``, or a file), unvalidated.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: text that is not a JSON object; the message names the file or says it was text.
+    """
+    is_text = str(text_or_path).lstrip().startswith("{")
+    where = "config JSON" if is_text else f"config file {shown(str(text_or_path))}"
+    if is_text:
+        text = str(text_or_path)
+    else:
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where} does not exist (give a JSON file or JSON text starting with '{{')")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where} cannot be read: {error}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must hold a JSON object of config fields, got {shown(values)}")
+    return values

@@ -274,3 +274,36 @@ def test_a_task_asking_for_negative_new_tokens_is_refused():
 
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got -5"):
         generation_settings({"max_new_tokens": -5}, 16)
+
+
+# ---------------------------------------------------------------------------------- serve
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ("/missing/pitome.json", "--config: config file '/missing/pitome.json' does not exist"),
+        ("{not json", "--config: config JSON is not valid JSON"),
+    ],
+)
+def test_serve_config_errors_name_the_flag(config, fragment):
+    from pitome_mllm.cli import build_parser
+    from pitome_mllm.cli.serve import pitome_fields
+
+    arguments = build_parser(["serve"]).parse_args(["serve", "m", "--target-tokens", "64", "--config", config])
+    with pytest.raises(ValueError) as error:
+        pitome_fields(arguments)
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"method": "random", "target_tokens": 16, "seed": 2**70}, "seed must be an integer in [0, 2**63 - 1]"),
+        ({"keep_ratio": 0.9, "margin_span": 1e308}, "margin_span must be in [-2, 2]"),
+    ],
+)
+def test_serve_checks_the_ranges(settings, fragment):
+    from pitome_mllm.cli.serve import check_settings
+
+    with pytest.raises(ValueError) as error:
+        check_settings(settings)
+    assert fragment in str(error.value)
