@@ -307,3 +307,57 @@ def test_serve_checks_the_ranges(settings, fragment):
     with pytest.raises(ValueError) as error:
         check_settings(settings)
     assert fragment in str(error.value)
+
+
+# ------------------------------------------------------------------------- former tracebacks
+def test_visualize_refuses_a_file_that_is_not_an_image_before_the_model(tmp_path, monkeypatch, capsys):
+    import pitome_mllm.cli.visualize as visualize
+
+    monkeypatch.setattr(visualize, "load_model", lambda *args: pytest.fail("the model was built before the refusal"))
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    assert main(["visualize", "--model", "tiny-test", "--image", str(text), "--output", str(tmp_path / "out")]) == 2
+    assert "--image: cannot read image file" in one_line_error(capsys.readouterr().err)
+
+
+def test_demo_refuses_a_json_folder_before_the_demo_runs(tmp_path, monkeypatch, capsys):
+    import pitome_mllm.cli.demo as demo
+
+    monkeypatch.setattr(demo, "_run_demo", lambda args: pytest.fail("the demo ran before the refusal"))
+    assert main(["demo", "--spec", "test", "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--trials", "0"], "--trials must be >= 1, got 0"),
+        (["--dim", "0"], "--dim must be >= 1, got 0"),
+        (["--steps", "-1"], "--steps must be >= 1, got -1"),
+        (["--cluster-sizes", "0"], "--cluster-sizes must be whole numbers >= 1"),
+        (["--noise", "nan"], "--noise must be finite numbers >= 0"),
+        (["--margin", "1e308"], "--margin must be in [-2, 2]"),
+        (["--keep-ratio", "0.2"], "--keep-ratio: keep_ratio must be in (0.5, 1.0]"),
+    ],
+)
+def test_spectral_synthetic_refuses_empty_studies(tmp_path, flags, fragment, capsys):
+    assert main(["spectral", "--synthetic", *flags, "--output", str(tmp_path)]) == 2
+    assert fragment in one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_aggregate_of_results_the_sweep_did_not_write(tmp_path, capsys, caplog):
+    folder = tmp_path / "runs" / "task" / "run"
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text('{"score": 0.5}')
+    assert main(["sweep", "--aggregate", str(tmp_path)]) == 2
+    assert "is a usable result" in one_line_error(capsys.readouterr().err)
+    assert "names no 'task' or 'run'" in caplog.text
+
+
+def test_a_sweep_lock_that_is_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "out" / ".sweep.lock").mkdir(parents=True)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(TASKS + "runs: {a: {method: none}}\n")
+    assert main(["sweep", "--suite", str(suite), "--model", "m", "--output", str(tmp_path / "out")]) == 2
+    assert "cannot open the sweep lock" in one_line_error(capsys.readouterr().err)
