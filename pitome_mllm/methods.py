@@ -131,15 +131,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         ),
         _selection("random", frozenset({"seed"})),
         _selection("pool", merges_patches=True, pools_grid=True),
-        # VisionZip's dominant + contextual tokens: the contextual means differ from the patches even at keep-all.
-        _selection("dominant", needs_class_attention=True, merges_patches=True, exact_at_keep_all=False),
-        _selection(
-            "visionzip",
-            implementation="dominant",
-            needs_class_attention=True,
-            merges_patches=True,
-            exact_at_keep_all=False,
-        ),
+        # VisionZip's dominant + contextual tokens (at keep-all every patch, in raster order).
+        _selection("dominant", needs_class_attention=True, merges_patches=True),
+        _selection("visionzip", implementation="dominant", needs_class_attention=True, merges_patches=True),
         _selection("fastervlm", needs_class_attention=True),
         _selection("divprune", after_projector=True),
         _selection("cdpruner", after_projector=True, needs_prompt=True),

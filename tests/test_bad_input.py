@@ -361,3 +361,31 @@ def test_a_sweep_lock_that_is_a_folder_is_one_line(tmp_path, capsys):
     suite.write_text(TASKS + "runs: {a: {method: none}}\n")
     assert main(["sweep", "--suite", str(suite), "--model", "m", "--output", str(tmp_path / "out")]) == 2
     assert "cannot open the sweep lock" in one_line_error(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------- model settings
+@pytest.mark.parametrize("method_settings", [{"keep_ratio": 0.9}, {"method": "fastervlm", "target_tokens": 16}])
+def test_a_one_element_feature_layer_list_is_that_layer(images, method_settings):
+    """``vision_feature_layer=[-2]`` runs in transformers (it reads hidden_states[-2]); it was refused as several."""
+    import pitome_mllm
+    from pitome_mllm.testing.llava import encode, logits_of
+    from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
+
+    model, processor = build_tiny_llava(TEST_SPEC)
+    with pitome_mllm.patched(model, processor, **method_settings) as handle:
+        inputs = encode(processor, images["coffee"])
+        expected, tokens = logits_of(model, inputs), handle.num_visual_tokens
+    model.config.vision_feature_layer = [-2]
+    with pitome_mllm.patched(model, processor, **method_settings) as handle:
+        assert handle.num_visual_tokens == tokens
+        assert torch.equal(logits_of(model, encode(processor, images["coffee"])), expected)
+
+
+def test_image_sizes_that_are_not_positive_integers_are_refused(tiny_llava):
+    import pitome_mllm
+
+    model, processor = tiny_llava
+    with pitome_mllm.patched(model, processor, keep_ratio=0.9) as handle:
+        for size in ((-14, 112), (True, 112), (112, 0), (112.0, 112)):
+            with pytest.raises(ValueError, match="must be a positive integer number of pixels"):
+                handle.visual_tokens_for_image(*size)

@@ -300,9 +300,12 @@ def dominant_and_contextual(
     Returns:
         ``([B, K, C], [B, N])``: the ``D`` dominant patches in raster order followed by the
         ``K - D`` contextual tokens (ordered by their centre's position), and the source map
-        (every patch is held by exactly one output token).
+        (every patch is held by exactly one output token). ``K == N`` returns the features unchanged.
     """
     batch, num_patches, _ = features.shape
+    if num_tokens >= num_patches:
+        # Keep-all: every contextual group would hold one patch, so only the order would change; keep raster order.
+        return features, torch.arange(num_patches, device=features.device).expand(batch, -1).clone()
     num_dominant, num_contextual = dominant_split(num_tokens)
     dominant = top_indices(patch_attention, num_dominant)
     token_map = kept_token_map(dominant, num_patches)

@@ -23,7 +23,13 @@ from ..hooks.base import (
     restore_forward,
 )
 from ..hooks.llm_attention import LLMPropAttention
-from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer, tower_config_geometry
+from .clip_tower import (
+    ClipTowerAdapter,
+    clip_encoder_layers,
+    last_encoder_layer,
+    single_feature_layer,
+    tower_config_geometry,
+)
 from .compat import cache_mask_sizes, transformers_version
 from .protocol import DecoderShape, ModelParts
 
@@ -395,7 +401,7 @@ def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = Fa
         allowed = ", ".join(FEATURE_SELECT_STRATEGIES)
         raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: {allowed}")
     layers = clip_encoder_layers(llava.vision_tower)
-    feature_layer = llava.config.vision_feature_layer
+    feature_layer = single_feature_layer(llava.config.vision_feature_layer)
     if several_layers and isinstance(feature_layer, (list, tuple)):
         last_layer = len(layers) - 1
     else:
