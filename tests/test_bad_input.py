@@ -389,3 +389,19 @@ def test_image_sizes_that_are_not_positive_integers_are_refused(tiny_llava):
         for size in ((-14, 112), (True, 112), (112, 0), (112.0, 112)):
             with pytest.raises(ValueError, match="must be a positive integer number of pixels"):
                 handle.visual_tokens_for_image(*size)
+
+
+def test_changing_the_feature_layer_after_patching_is_refused(images):
+    import pitome_mllm
+    from pitome_mllm.testing.llava import encode, logits_of
+    from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
+
+    model, processor = build_tiny_llava(TEST_SPEC)
+    with pitome_mllm.patched(model, processor, method="fastervlm", target_tokens=16):
+        inputs = encode(processor, images["coffee"])
+        logits_of(model, inputs)
+        model.config.vision_feature_layer = -1
+        with pytest.raises(ValueError, match=r"changed from \(-2, 'default'\) to \(-1, 'default'\) after patching"):
+            logits_of(model, inputs)
+        model.config.vision_feature_layer = [-2]  # the same layer
+        logits_of(model, inputs)

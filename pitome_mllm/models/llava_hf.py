@@ -232,7 +232,22 @@ class PlaceholderCheck(Hook):
         self.core = core
         self.image_token_id = image_token_id
         self.num_visual_tokens = num_visual_tokens
+        # The feature selection the patch was planned for: a change after patching would be silently ignored.
+        self.planned_selection = self._feature_selection()
         self._installed = False
+
+    def _feature_selection(self) -> tuple:
+        config = self.core.config
+        return single_feature_layer(config.vision_feature_layer), config.vision_feature_select_strategy
+
+    def _check_feature_selection(self) -> None:
+        selection = self._feature_selection()
+        if selection != self.planned_selection:
+            raise ValueError(
+                f"(vision_feature_layer, vision_feature_select_strategy) changed from {self.planned_selection} to "
+                f"{selection} after patching; the patch is planned for the first: call handle.unpatch() and patch "
+                "again after changing them"
+            )
 
     def install(self) -> None:
         override_forward(self.core, self._make_forward)
@@ -269,6 +284,7 @@ class PlaceholderCheck(Hook):
     def _make_forward(self, original_forward):
         @functools.wraps(original_forward)
         def forward(*args, **kwargs):
+            self._check_feature_selection()
             self._check_encoded(args, kwargs)
             try:
                 return original_forward(*args, **kwargs)
