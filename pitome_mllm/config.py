@@ -81,7 +81,7 @@ SEED_RANGE = (0, 2**63 - 1)
 # How much of a user's value an error message shows: a message is one line, never the whole input.
 SHOWN_CHARACTERS = 200
 # Settings every method takes (what it is, its budget) or that carry checks of their own.
-_ALWAYS_TAKEN = frozenset({"method", "preset", "target_tokens", "keep_ratio", "energy_share", "llm_prop_attn"})
+_ALWAYS_TAKEN = frozenset({"method", "preset", "target_tokens", "keep_ratio", "energy_share"})
 
 
 def shown(value: Any, limit: int = SHOWN_CHARACTERS) -> str:

@@ -102,11 +102,13 @@ class MethodSpec:
 
 
 def _selection(name: str, reads: frozenset[str] = frozenset(), **capabilities) -> MethodSpec:
+    # Proportional attention in the LLM weighs tokens by the patches they hold: all 1 without merging.
+    common = _COMMON if capabilities.get("merges_patches") else _COMMON - {"llm_prop_attn"}
     return MethodSpec(
         name,
         SELECTION,
         PROJECTOR,
-        _COMMON | reads,
+        common | reads,
         implementation=capabilities.pop("implementation", name),
         **capabilities,
     )
@@ -127,7 +129,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         ),
         # Without target_tokens nothing runs: the model is the unpatched one.
         MethodSpec(
-            "none", NO_REDUCTION, TOWER, _COMMON | _PROJECTOR_STEP, merges_patches=True, reads_without_target=_COMMON
+            "none",
+            NO_REDUCTION,
+            TOWER,
+            _COMMON | _PROJECTOR_STEP,
+            merges_patches=True,
+            reads_without_target=_COMMON - {"llm_prop_attn"},
         ),
         _selection("random", frozenset({"seed"})),
         _selection("pool", merges_patches=True, pools_grid=True),

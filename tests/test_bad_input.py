@@ -405,3 +405,15 @@ def test_changing_the_feature_layer_after_patching_is_refused(images):
             logits_of(model, inputs)
         model.config.vision_feature_layer = [-2]  # the same layer
         logits_of(model, inputs)
+
+
+def test_patch_argument_errors_cut_the_value(tiny_llava):
+    import pitome_mllm
+
+    model, _ = tiny_llava
+    with pytest.raises(TypeError) as error:
+        pitome_mllm.patch(model, "x" * 100_000)
+    assert len(str(error.value)) < 600
+    with pytest.raises(TypeError) as error:
+        pitome_mllm.patch(model, None, "y" * 100_000)
+    assert len(str(error.value)) < 600

@@ -223,6 +223,10 @@ def test_range_ends_are_accepted():
         ({"method": "pool", "target_tokens": 64, "reduce": "size_weighted"}, "reduce"),
         ({"method": "pitome", "keep_ratio": 0.9, "seed": 3}, "seed"),
         ({"method": "mllm", "target_tokens": 64, "keep_order": True}, "keep_order"),
+        # Every token of these holds one patch: proportional attention in the LLM adds log(1) = 0.
+        ({"method": "random", "target_tokens": 64, "llm_prop_attn": True}, "llm_prop_attn"),
+        ({"method": "fastervlm", "target_tokens": 64, "llm_prop_attn": True}, "llm_prop_attn"),
+        ({"method": "none", "llm_prop_attn": True}, "llm_prop_attn"),
     ],
 )
 def test_a_setting_the_method_ignores_is_refused_naming_it(kwargs, name):
