@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import PiToMeConfig
+from .config import PiToMeConfig, shown
 from .hooks.base import COPY_REFUSED, is_overridden
 from .hooks.observers import Observer, ObserverHandle
 from .models import ModelParts, find_adapter
@@ -29,16 +29,17 @@ def _check_arguments(model, processor, config) -> None:
     if isinstance(processor, (numbers.Number, str, dict, PiToMeConfig)):
         raise TypeError(
             f"{SIGNATURE}: processor must be the model's processor or None, got {type(processor).__name__} "
-            f"{processor!r}; pass settings by keyword (keep_ratio=0.9) or as config="
+            f"{shown(processor)}; pass settings by keyword (keep_ratio=0.9) or as config="
         )
     if config is not None and not isinstance(config, (PiToMeConfig, dict)):
         hint = ""
         if isinstance(config, numbers.Real) and not isinstance(config, bool):
-            hint = f"; for a keep ratio write keep_ratio={config!r}"
+            hint = f"; for a keep ratio write keep_ratio={shown(config)}"
         elif isinstance(config, str):
-            hint = f"; for a method or preset write method={config!r} or preset={config!r}"
+            hint = f"; for a method or preset write method={shown(config, 60)} or preset={shown(config, 60)}"
         raise TypeError(
-            f"{SIGNATURE}: config must be a PiToMeConfig, a dict or None, got {type(config).__name__} {config!r}{hint}"
+            f"{SIGNATURE}: config must be a PiToMeConfig, a dict or None, "
+            f"got {type(config).__name__} {shown(config)}{hint}"
         )
 
 

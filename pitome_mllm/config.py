@@ -15,6 +15,7 @@ from .methods import (
     METHOD_NAMES,
     SELECTION,
     TOWER,
+    fields_read,
     method_label,
     method_of_preset,
     method_spec,
@@ -68,11 +69,61 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Finite ranges of the numeric settings. Margins are compared with cosine similarities in [-1, 1], so
+# a margin schedule outside [-2, 2] changes nothing but can overflow; alpha scales an ELU; the seed
+# seeds a torch.Generator (a signed 64-bit integer).
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "margin_start": (-2.0, 2.0),
+    "margin_span": (-2.0, 2.0),
+    "alpha": (0.0, 100.0),
+}
+SEED_RANGE = (0, 2**63 - 1)
+# How much of a user's value an error message shows: a message is one line, never the whole input.
+SHOWN_CHARACTERS = 200
+# Settings every method takes (what it is, its budget) or that carry checks of their own.
+_ALWAYS_TAKEN = frozenset({"method", "preset", "target_tokens", "keep_ratio", "energy_share"})
+
+
+def shown(value: Any, limit: int = SHOWN_CHARACTERS) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (a user's value may be huge).
+
+    Large containers are not rendered whole: only their type and length are shown.
+    """
+    if isinstance(value, (dict, list, tuple, set, frozenset)) and len(value) > 20:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    try:
+        text = repr(value) if not isinstance(value, (dict, list, tuple, set, frozenset)) else _short_repr(value, limit)
+    except (RecursionError, ValueError, MemoryError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    """``repr`` of a small container whose items may themselves be large (each item cut to ``limit``)."""
+    if isinstance(value, dict):
+        items = (f"{shown(key, limit)}: {shown(item, limit)}" for key, item in value.items())
+        opening, closing = "{", "}"
+    else:
+        items = (shown(item, limit) for item in value)
+        opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")") if isinstance(value, tuple) else "{}"
+    text = ""
+    for item in items:
+        text += (", " if text else "") + item
+        if len(text) > limit:
+            break
+    return f"{opening}{text}{closing}"
+
+
+def _same_setting(value: Any, default: Any) -> bool:
+    """``value == default``, where True is not 1 (a bool is never a number's default)."""
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
+
+
 def check_keep_ratio(keep_ratio: float) -> float:
     """``keep_ratio`` as a float, or a ValueError naming the allowed range."""
     # numbers.Real admits numpy scalars (np.float32 is not a float subclass, np.float64 is).
     if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real):
-        raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {keep_ratio!r}")
+        raise ValueError(f"keep_ratio must be a number in (0.5, 1.0], got {shown(keep_ratio)}")
     if not (0.5 < keep_ratio <= 1.0):
         raise ValueError(
             f"keep_ratio must be in (0.5, 1.0], got {keep_ratio} (a step can remove at most half of the tokens)"
@@ -164,7 +215,7 @@ class PiToMeConfig:
             if optional and value is None:
                 return
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise ValueError(f"{name} must be one of {allowed}, got {shown(value)}")
 
         choice("method", ALL_METHODS)
         choice("preset", PRESETS)
@@ -176,7 +227,7 @@ class PiToMeConfig:
             self.keep_ratio = check_keep_ratio(self.keep_ratio)
         if self.target_tokens is not None:
             if isinstance(self.target_tokens, bool) or not isinstance(self.target_tokens, numbers.Integral):
-                raise ValueError(f"target_tokens must be a positive integer, got {self.target_tokens!r}")
+                raise ValueError(f"target_tokens must be a positive integer, got {shown(self.target_tokens)}")
             self.target_tokens = int(self.target_tokens)  # numpy integers too; JSON needs a plain int
             if self.target_tokens < 0:
                 raise ValueError(f"target_tokens must be >= 1, got {self.target_tokens}")
@@ -192,24 +243,50 @@ class PiToMeConfig:
             )
         self._validate_projector_method()
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise ValueError(f"seed must be an integer, got {shown(self.seed)}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {shown(self.seed)}")
         self.seed = int(self.seed)
         if self.keep_ratio is None and self.target_tokens is None and self.method != "none":
             raise ValueError(f"method={self.method!r} needs keep_ratio (in (0.5, 1.0]) or target_tokens")
         for name in ("prop_attn", "keep_order"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+                raise ValueError(f"{name} must be True or False, got {shown(value)}")
         # Not preset-derived, so None (unset) is not allowed either.
         if not isinstance(self.llm_prop_attn, bool):
-            raise ValueError(f"llm_prop_attn must be True or False, got {self.llm_prop_attn!r}")
-        for name in ("margin_start", "margin_span", "alpha"):
+            raise ValueError(f"llm_prop_attn must be True or False, got {shown(self.llm_prop_attn)}")
+        for name, (low, high) in NUMBER_RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {shown(value)}")
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value}")
             setattr(self, name, float(value) if not isinstance(value, int) else value)
-        if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        self._refuse_ignored_settings()
+
+    def _refuse_ignored_settings(self) -> None:
+        """One rule for every setting a method does not read: left at its default, or refused with the reason.
+
+        The default of a field is its dataclass default or, for the preset-derived fields, the
+        preset's value (a saved config carries those, whatever its method).
+        """
+        read = fields_read(self.method, self.target_tokens is not None)
+        label = method_label(self.method, self.preset)
+        for field in dataclasses.fields(self):
+            name = field.name
+            if name in read or name in _ALWAYS_TAKEN:
+                continue
+            value = getattr(self, name)
+            defaults = (field.default, PRESET_DEFAULTS[self.preset].get(name))
+            if value is None or any(_same_setting(value, default) for default in defaults):
+                continue
+            readers = methods_reading(name)
+            if method_spec(self.method).stage == TOWER and self.target_tokens is None and self.method in readers:
+                reason = "it is read only by the PiToMe step that lands on target_tokens; set target_tokens or drop it"
+            else:
+                reason = f"drop it, or choose a method that reads it ({', '.join(readers)})"
+            raise ValueError(f"{label} does not read {name}, so {name}={shown(value)} would be ignored; {reason}")
 
     def _resolve_preset_spelling(self) -> None:
         """``preset="mllm"`` is a spelling of ``method="mllm"``: both end as ``method="mllm", preset="mllm"``."""
@@ -237,7 +314,7 @@ class PiToMeConfig:
         if self.energy_share is not None:
             value = self.energy_share
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"energy_share must be a number in [0, 1], got {value!r}")
+                raise ValueError(f"energy_share must be a number in [0, 1], got {shown(value)}")
             if "energy_share" not in spec.reads:
                 readers = methods_reading("energy_share")
                 presets = tuple(method_spec(name).own_preset for name in readers)
@@ -304,11 +381,13 @@ class PiToMeConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PiToMeConfig:
-        path = Path(text_or_path)
-        text = (
-            path.read_text() if not str(text_or_path).lstrip().startswith("{") and path.exists() else str(text_or_path)
-        )
-        return cls.from_dict(json.loads(text))
+        """A config from JSON text (starting with ``{``) or a JSON file; errors name the file or the text.
+
+        Raises:
+            FileNotFoundError: a path that does not exist.
+            ValueError: text that is not a JSON object of config fields, or a bad value.
+        """
+        return cls.from_dict(read_config_fields(text_or_path))
 
     def replace(self, **overrides: Any) -> PiToMeConfig:
         """A new validated config with some fields changed."""
@@ -342,3 +421,31 @@ class PiToMeConfig:
         if "preset" in overrides and overrides["preset"] != self.preset:
             return {"method": PRESET_ALIAS_METHOD}
         return {}
+
+
+def read_config_fields(text_or_path: str | Path) -> dict[str, Any]:
+    """The JSON object of config fields in ``text_or_path`` (JSON text starting with ``{``, or a file), unvalidated.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: text that is not a JSON object; the message names the file or says it was text.
+    """
+    is_text = str(text_or_path).lstrip().startswith("{")
+    where = "config JSON" if is_text else f"config file {shown(str(text_or_path))}"
+    if is_text:
+        text = str(text_or_path)
+    else:
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{where} does not exist (give a JSON file or JSON text starting with '{{')")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"{where} cannot be read: {error}") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must hold a JSON object of config fields, got {shown(values)}")
+    return values

@@ -31,6 +31,8 @@ _COMMON = frozenset({"method", "target_tokens", "llm_prop_attn"})
 _PROJECTOR_STEP = frozenset({"keep_order", "reduce", "margin_start", "margin_span", "alpha", "energy", "preset"})
 # Fields of the schedule inside the tower.
 _TOWER_SCHEDULE = frozenset({"keep_ratio", "metric", "prop_attn"})
+# Fields of PiToMe's energy: a PiToMe step reads them, ToMe's bipartite matching does not.
+_ENERGY = frozenset({"margin_start", "margin_span", "alpha", "energy"})
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class MethodSpec:
             rectangular patch grid and a budget that factors into one.
         own_preset: the preset whose defaults the method brings (its fields' defaults); the
             preset name alone is accepted as a spelling of the method (``preset="mllm"``).
+        reads_without_target: what a tower-planned method reads when ``target_tokens`` is unset
+            (no projector-stage PiToMe step runs); None: `reads` (see `fields_read`).
     """
 
     name: str
@@ -71,6 +75,7 @@ class MethodSpec:
     merges_patches: bool = False
     pools_grid: bool = False
     own_preset: str | None = None
+    reads_without_target: frozenset[str] | None = None
 
     @property
     def needs_class_token(self) -> bool:
@@ -97,11 +102,13 @@ class MethodSpec:
 
 
 def _selection(name: str, reads: frozenset[str] = frozenset(), **capabilities) -> MethodSpec:
+    # Proportional attention in the LLM weighs tokens by the patches they hold: all 1 without merging.
+    common = _COMMON if capabilities.get("merges_patches") else _COMMON - {"llm_prop_attn"}
     return MethodSpec(
         name,
         SELECTION,
         PROJECTOR,
-        _COMMON | reads,
+        common | reads,
         implementation=capabilities.pop("implementation", name),
         **capabilities,
     )
@@ -112,19 +119,28 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("pitome", MERGE, TOWER, _COMMON | _PROJECTOR_STEP | _TOWER_SCHEDULE, merges_patches=True),
-        MethodSpec("tome", MERGE, TOWER, _COMMON | _PROJECTOR_STEP | _TOWER_SCHEDULE, merges_patches=True),
-        MethodSpec("none", NO_REDUCTION, TOWER, _COMMON | _PROJECTOR_STEP, merges_patches=True),
+        MethodSpec(
+            "tome",
+            MERGE,
+            TOWER,
+            _COMMON | _PROJECTOR_STEP | _TOWER_SCHEDULE,
+            merges_patches=True,
+            reads_without_target=(_COMMON | _PROJECTOR_STEP | _TOWER_SCHEDULE) - _ENERGY,
+        ),
+        # Without target_tokens nothing runs: the model is the unpatched one.
+        MethodSpec(
+            "none",
+            NO_REDUCTION,
+            TOWER,
+            _COMMON | _PROJECTOR_STEP,
+            merges_patches=True,
+            reads_without_target=_COMMON - {"llm_prop_attn"},
+        ),
         _selection("random", frozenset({"seed"})),
         _selection("pool", merges_patches=True, pools_grid=True),
-        # VisionZip's dominant + contextual tokens: the contextual means differ from the patches even at keep-all.
-        _selection("dominant", needs_class_attention=True, merges_patches=True, exact_at_keep_all=False),
-        _selection(
-            "visionzip",
-            implementation="dominant",
-            needs_class_attention=True,
-            merges_patches=True,
-            exact_at_keep_all=False,
-        ),
+        # VisionZip's dominant + contextual tokens (at keep-all every patch, in raster order).
+        _selection("dominant", needs_class_attention=True, merges_patches=True),
+        _selection("visionzip", implementation="dominant", needs_class_attention=True, merges_patches=True),
         _selection("fastervlm", needs_class_attention=True),
         _selection("divprune", after_projector=True),
         _selection("cdpruner", after_projector=True, needs_prompt=True),
@@ -148,7 +164,7 @@ def method_spec(method: str) -> MethodSpec:
     try:
         return METHOD_SPECS[method]
     except (KeyError, TypeError):
-        raise ValueError(f"method must be one of {METHOD_NAMES}, got {method!r}") from None
+        raise ValueError(f"method must be one of {METHOD_NAMES}, got {repr(method)[:200]}") from None
 
 
 def methods_where(**capabilities: object) -> tuple[str, ...]:
@@ -174,6 +190,22 @@ def methods_reading(field: str) -> tuple[str, ...]:
     ('mllm',)
     """
     return tuple(name for name, spec in METHOD_SPECS.items() if field in spec.reads)
+
+
+def fields_read(method: str, with_target_tokens: bool) -> frozenset[str]:
+    """The config fields ``method`` reads when ``target_tokens`` is (or is not) set.
+
+    `MethodSpec.reads` is what a method can read; a tower-planned method reads the fields of the
+    projector-stage PiToMe step only when that step runs (``target_tokens`` set): ``tome`` alone
+    has no energy, and ``none`` alone changes nothing.
+
+    >>> sorted(fields_read("tome", False) & {"alpha", "metric"})
+    ['metric']
+    """
+    spec = method_spec(method)
+    if with_target_tokens or spec.reads_without_target is None:
+        return spec.reads
+    return spec.reads_without_target
 
 
 def method_of_preset(preset: str) -> str | None:
@@ -221,6 +253,7 @@ __all__ = [
     "TOWER",
     "MethodSpec",
     "capability_error",
+    "fields_read",
     "method_label",
     "method_of_preset",
     "method_spec",

@@ -88,8 +88,9 @@ def test_integer_keep_ratio_becomes_float():
         PiToMeConfig(keep_ratio=0.9),
         PiToMeConfig(keep_ratio=0.925, preset="paper", energy="gaussian"),
         PiToMeConfig(preset="pure", target_tokens=128, keep_order=True, alpha=0.5),
-        PiToMeConfig(method="tome", keep_ratio=0.95, margin_start=0.75, margin_span=0.4),
-        PiToMeConfig(method="none", target_tokens=64, metric="keys_mean"),
+        # The margins reach ToMe through the PiToMe step that lands on target_tokens.
+        PiToMeConfig(method="tome", keep_ratio=0.95, target_tokens=64, margin_start=0.75, margin_span=0.4),
+        PiToMeConfig(method="none", target_tokens=64, keep_order=True),
         PiToMeConfig(keep_ratio=0.9, llm_prop_attn=True),
     ],
     ids=["reference", "paper", "pure-budget", "tome", "none", "llm_prop_attn"],
@@ -180,3 +181,101 @@ def test_replace_validates():
         PiToMeConfig(keep_ratio=0.9).replace(keep_ratio=0.3)
     with pytest.raises(ValueError, match="ratio"):
         PiToMeConfig(keep_ratio=0.9).replace(ratio=0.95)
+
+
+# ------------------------------------------------------------- finite ranges
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"margin_span": 1e308}, "margin_span must be in [-2, 2], got 1e+308"),
+        ({"margin_start": -3}, "margin_start must be in [-2, 2], got -3"),
+        ({"alpha": 1e308}, "alpha must be in [0, 100], got 1e+308"),
+        ({"seed": 2**70}, "seed must be an integer in [0, 2**63 - 1]"),
+        ({"seed": -1}, "seed must be an integer in [0, 2**63 - 1], got -1"),
+    ],
+)
+def test_numbers_have_finite_ranges(kwargs, shown):
+    arguments = {"method": "random", "target_tokens": 64} if "seed" in kwargs else {"keep_ratio": 0.9}
+    with pytest.raises(ValueError) as error:
+        PiToMeConfig(**arguments, **kwargs)
+    assert shown in str(error.value)
+
+
+def test_range_ends_are_accepted():
+    config = PiToMeConfig(keep_ratio=0.9, margin_start=2, margin_span=-2.0, alpha=100)
+    assert (config.margin_start, config.margin_span, config.alpha) == (2, -2.0, 100)
+    assert PiToMeConfig(method="random", target_tokens=8, seed=2**63 - 1).seed == 2**63 - 1
+
+
+# --------------------------------------------------------- ignored settings
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"method": "none", "prop_attn": True}, "prop_attn"),
+        ({"method": "none", "keep_order": True}, "keep_order"),
+        ({"method": "none", "target_tokens": 64, "metric": "keys"}, "metric"),
+        ({"method": "random", "target_tokens": 64, "prop_attn": True}, "prop_attn"),
+        ({"method": "fastervlm", "target_tokens": 64, "keep_order": True}, "keep_order"),
+        ({"method": "tome", "keep_ratio": 0.9, "energy": "elu"}, "energy"),
+        ({"method": "tome", "keep_ratio": 0.9, "margin_start": 0.5}, "margin_start"),
+        ({"method": "tome", "keep_ratio": 0.9, "alpha": 2.0}, "alpha"),
+        ({"method": "pool", "target_tokens": 64, "metric": "keys"}, "metric"),
+        ({"method": "pool", "target_tokens": 64, "reduce": "size_weighted"}, "reduce"),
+        ({"method": "pitome", "keep_ratio": 0.9, "seed": 3}, "seed"),
+        ({"method": "mllm", "target_tokens": 64, "keep_order": True}, "keep_order"),
+        # Every token of these holds one patch: proportional attention in the LLM adds log(1) = 0.
+        ({"method": "random", "target_tokens": 64, "llm_prop_attn": True}, "llm_prop_attn"),
+        ({"method": "fastervlm", "target_tokens": 64, "llm_prop_attn": True}, "llm_prop_attn"),
+        ({"method": "none", "llm_prop_attn": True}, "llm_prop_attn"),
+    ],
+)
+def test_a_setting_the_method_ignores_is_refused_naming_it(kwargs, name):
+    with pytest.raises(ValueError, match=rf"does not read {name}, so {name}=.* would be ignored") as error:
+        PiToMeConfig(**kwargs)
+    assert f"method={kwargs['method']!r}" in str(error.value)
+
+
+def test_tome_takes_the_energy_settings_with_a_budget():
+    # target_tokens adds a PiToMe step after the tower: it reads the energy and the margins.
+    config = PiToMeConfig(method="tome", keep_ratio=0.9, target_tokens=64, energy="gaussian", margin_start=0.5)
+    assert (config.energy, config.margin_start) == ("gaussian", 0.5)
+    with pytest.raises(ValueError, match="read only by the PiToMe step that lands on target_tokens"):
+        PiToMeConfig(method="tome", keep_ratio=0.9, energy="gaussian")
+
+
+@pytest.mark.parametrize("method", ["none", "random", "pool", "fastervlm", "divprune", "mllm", "tome"])
+def test_defaults_and_preset_values_are_not_settings(method):
+    """A saved config carries every field; values equal to the defaults or the preset's are not "set"."""
+    budget = {"keep_ratio": 0.9} if method == "tome" else {"target_tokens": 64}
+    config = PiToMeConfig(method=method, **budget)
+    assert PiToMeConfig.from_dict(config.to_dict()) == config
+    pure = {"preset": "pure"} if method != "mllm" else {}
+    assert PiToMeConfig(method=method, **budget, **pure).method == method  # prop_attn=True is pure's own
+
+
+def test_values_in_messages_are_cut():
+    with pytest.raises(ValueError) as error:
+        PiToMeConfig(method="x" * 100_000, keep_ratio=0.9)
+    assert len(str(error.value)) < 500
+
+
+@pytest.mark.parametrize(
+    ("text", "error_type", "message"),
+    [
+        ("/missing/config.json", FileNotFoundError, "config file '/missing/config.json' does not exist"),
+        ("{not json", ValueError, "config JSON is not valid JSON"),
+    ],
+)
+def test_from_json_errors_say_what_was_read(text, error_type, message):
+    with pytest.raises(error_type, match=message):
+        PiToMeConfig.from_json(text)
+
+
+def test_from_json_of_a_file_that_is_not_an_object(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"config file .*config.json' must hold a JSON object"):
+        PiToMeConfig.from_json(path)
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match=r"config.json' is not valid JSON"):
+        PiToMeConfig.from_json(path)

@@ -102,10 +102,14 @@ def test_method_none_refuses_a_keep_ratio_it_would_ignore(tiny_llava):
 
 def test_numpy_scalars_are_accepted_as_their_python_values(tiny_llava):
     model, processor = tiny_llava
-    config = PiToMeConfig(keep_ratio=np.float32(0.9), target_tokens=np.int64(32), seed=np.int32(3))
-    assert type(config.target_tokens) is int and type(config.seed) is int and type(config.keep_ratio) is float
+    config = PiToMeConfig(keep_ratio=np.float32(0.9), target_tokens=np.int64(32))
+    assert type(config.target_tokens) is int and type(config.keep_ratio) is float
     assert config.target_tokens == 32 and config.keep_ratio == pytest.approx(0.9)
     assert PiToMeConfig.from_json(config.to_json()) == config
+    # The seed is read by method="random" only (any other method refuses it as ignored).
+    seeded = PiToMeConfig(method="random", target_tokens=np.int64(32), seed=np.int32(3))
+    assert type(seeded.seed) is int and seeded.seed == 3
+    assert PiToMeConfig.from_json(seeded.to_json()) == seeded
     with pitome_mllm.patched(model, processor, keep_ratio=np.float32(0.9)) as handle:
         from_numpy = handle.num_visual_tokens
     with pitome_mllm.patched(model, processor, keep_ratio=float(np.float32(0.9))) as handle:

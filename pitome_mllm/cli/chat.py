@@ -81,8 +81,14 @@ def answer_questions(session, args: argparse.Namespace) -> None:
 
 
 def patch_config(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The ``patch()`` keywords the arguments ask for; None when no merging was requested."""
-    if args.keep_ratio is None and args.target_tokens is None:
+    """The ``patch()`` keywords the arguments ask for; None when no merge flag was given at all.
+
+    Any merge flag (``--method``, ``--preset``, ``--keep-order``, a budget) asks for a patch, so a
+    setting that ``patch()`` refuses (``--method random`` without ``--target-tokens``) is refused
+    here too, never run unpatched.
+    """
+    merge_flags = (args.keep_ratio, args.target_tokens, args.keep_order or None)
+    if all(flag is None for flag in merge_flags) and (args.method, args.preset) == ("pitome", "reference"):
         return None
     config: dict[str, Any] = {"method": args.method, "preset": args.preset, "keep_order": args.keep_order}
     if args.keep_ratio is not None:

@@ -126,6 +126,13 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.json is not None:
+        # Before the demo runs: a path that cannot be written must not cost the measurements.
+        if args.json.is_dir():
+            raise ValueError(f"--json {args.json} is a folder; give the path of a file, e.g. {args.json / 'demo.json'}")
+        from ..common.files import checked_output_folder
+
+        checked_output_folder("--json's folder", args.json.parent)
 
 
 # ----------------------------------------------------------------------------------- measuring

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"--methods must be drawn from {METHODS}, got {unknown}")
+    if any(budget < 1 for budget in args.budgets or ()):
+        raise ValueError(f"--budgets must be >= 1, got {args.budgets}")
     if args.output:  # before the model is built: a bad output path must not cost a profiling run
         output = checked_output_folder("--output", args.output)
         checked_output_stem("--stem", args.stem, "--output", output, REPORT_SUFFIXES)
@@ -149,8 +151,12 @@ def _profile(args: argparse.Namespace) -> int:
     console.print(f"building {args.arch or args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
     model, processor, source, vision_only = load_model_for_profiling(args, device, dtype)
     settings.vision_only = settings.vision_only or vision_only
+    native_tokens = native_visual_tokens(model)
+    if args.budgets is not None and max(args.budgets) > native_tokens:
+        # The native count means unpatched; a larger budget is a mistake, not another unpatched run.
+        raise ValueError(f"--budgets must be in [1, {native_tokens}] for this model ({source}), got {args.budgets}")
     budgets = args.budgets if args.budgets is not None else ([] if args.keep_ratios else [64, 128, 192, 576])
-    runs = plan_runs(args.methods, budgets, args.keep_ratios, native_visual_tokens(model), args.preset)
+    runs = plan_runs(args.methods, budgets, args.keep_ratios, native_tokens, args.preset)
     report = profile(model, processor, runs, settings, source=source)
     print_table(report)
     if args.output:

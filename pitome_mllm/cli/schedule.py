@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import METHODS, PRESETS
+from ..config import METHODS, PRESETS, check_keep_ratio
 from ..runtime.terminal import add_list_argument
 from ..schedule import plan_layers
 
@@ -22,12 +22,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-layer", action="store_true", help="show every layer's step")
 
 
+def checked_geometry(args: argparse.Namespace) -> tuple[int, int]:
+    """``(tokens entering the tower, last layer read)`` of the flags, or a ValueError naming the flag."""
+    for flag, value in (
+        ("--image-size", args.image_size),
+        ("--patch-size", args.patch_size),
+        ("--layers", args.layers),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.patch_size > args.image_size:
+        raise ValueError(
+            f"--patch-size {args.patch_size} is larger than --image-size {args.image_size}: the image holds no patch"
+        )
+    # hidden_states holds the embeddings and then one entry per layer; a layer's output is entries 1..L.
+    if not (1 <= args.feature_layer <= args.layers or -args.layers <= args.feature_layer <= -1):
+        raise ValueError(
+            f"--feature-layer must name a layer's output of the {args.layers}-layer tower: in [1, {args.layers}] "
+            f"or [-{args.layers}, -1] (a hidden-states index), got {args.feature_layer}"
+        )
+    num_tokens = (args.image_size // args.patch_size) ** 2 + 1
+    last_layer = args.feature_layer % (args.layers + 1) - 1
+    return num_tokens, last_layer
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    num_tokens = (args.image_size // args.patch_size) ** 2 + 1
-    last_layer = args.feature_layer % (args.layers + 1) - 1
+    num_tokens, last_layer = checked_geometry(args)
+    for keep_ratio in args.keep_ratio:
+        try:
+            check_keep_ratio(keep_ratio)
+        except ValueError as error:
+            raise ValueError(f"--keep-ratio: {error}") from None
     console = Console()
     summary = Table(
         title=f"{args.method} / {args.preset}: {num_tokens} tokens in, {args.layers} layers, reading layer {last_layer}"

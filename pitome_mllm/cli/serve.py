@@ -51,11 +51,12 @@ def pitome_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The PiToMeConfig fields the flags and ``--config`` give (only those set, so presets fill the rest)."""
     fields: dict[str, Any] = {}
     if args.config:
-        text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
-        loaded = json.loads(text)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config must be a JSON object of PiToMeConfig fields, got {loaded!r}")
-        fields.update(loaded)
+        from ..config import read_config_fields
+
+        try:
+            fields.update(read_config_fields(args.config))
+        except (ValueError, FileNotFoundError) as error:
+            raise ValueError(f"--config: {error}") from None
     fields["method"] = args.method
     fields["preset"] = args.preset
     if args.keep_ratio is not None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.files import checked_output_folder
+from ..config import check_keep_ratio
 from ..runtime.terminal import add_list_argument
 from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_stem
 
@@ -424,11 +426,31 @@ def plot_report(report: dict, path: Path) -> Path:
     return plot_curves(panels, path, title=title, caption=caption)
 
 
+def check_synthetic_arguments(args: argparse.Namespace) -> None:
+    """The synthetic study's sizes, or a ValueError naming the flag (each must leave something to measure)."""
+    for flag, value in (("--trials", args.trials), ("--dim", args.dim), ("--steps", args.steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.cluster_sizes or min(args.cluster_sizes) < 1:
+        raise ValueError(f"--cluster-sizes must be whole numbers >= 1, got {args.cluster_sizes}")
+    if not args.noise or any(not math.isfinite(noise) or noise < 0 for noise in args.noise):
+        raise ValueError(f"--noise must be finite numbers >= 0, got {args.noise}")
+    if args.margin is not None and not -2 <= args.margin <= 2:
+        raise ValueError(f"--margin must be in [-2, 2] (compared with cosine similarities), got {args.margin}")
+    if args.keep_ratio is not None:
+        try:
+            check_keep_ratio(args.keep_ratio)
+        except ValueError as error:
+            raise ValueError(f"--keep-ratio: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     known = {"pitome", "tome"} | ({"random"} if args.synthetic else set())
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {sorted(known)}")
+    if args.synthetic:
+        check_synthetic_arguments(args)
     # Before the work: a bad output path must not cost it.
     args.output = checked_output_folder("--output", args.output)
     checked_output_stem("--name", args.name, "--output", args.output, (".json", ".png"))

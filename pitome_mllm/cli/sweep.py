@@ -20,6 +20,7 @@ from ..experiments.sweep import (
     run_dir,
     run_suite,
 )
+from ..experiments.sweep.schema import check_batch_size, check_limit
 
 HELP = "run an lmms-eval suite (one run per task x method x budget), resume it, or aggregate its results"
 
@@ -53,10 +54,14 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"sweep needs {', '.join(missing)} (or --aggregate DIR)")
     suite = load_suite(args.suite)
-    limit = int(args.limit) if args.limit is not None and float(args.limit).is_integer() else args.limit
+    # A dry run checks what a real run checks before it starts anything.
+    limit = check_limit("--limit", args.limit)
+    batch_size = check_batch_size("--batch-size", args.batch_size) if args.batch_size is not None else None
     launcher = shlex.split(args.launcher) if args.launcher else None
     extra = parse_model_args(args.model_args)
     if args.dry_run:
+        if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output} is a file, not a folder")
         for planned in planned_runs(suite, args.only, extra):
             directory = run_dir(Path(args.output or "sweep"), planned)
             command = lmms_eval_command(
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                 args.model,
                 directory,
                 launcher=launcher or [sys.executable, "-m", "lmms_eval"],
-                batch_size=args.batch_size or suite.batch_size,
+                batch_size=batch_size or suite.batch_size,
                 limit=limit,
                 include_path=suite.include_path,
             )
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             limit=limit,
             only=args.only,
             launcher=launcher,
-            batch_size=args.batch_size,
+            batch_size=batch_size,
             extra_model_args=extra,
         )
     except SweepLocked as error:

@@ -69,18 +69,13 @@ def load_model(name: str, device: str | None = None) -> LoadedModel:
 
 
 def load_input_image(spec: str):
-    """A bundled image by name, or an image file."""
-    from PIL import Image
+    """A bundled image by name, or an image file (a file PIL cannot read is a ValueError naming ``--image``)."""
+    from ..runtime.loading import load_image_arg
 
-    from ..assets import list_images, load_image
-
-    if spec in list_images():
-        return load_image(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"--image {spec!r} is neither a bundled image ({', '.join(list_images())}) nor a file")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        return load_image_arg(spec)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"--image: {error}") from None
 
 
 def default_layers(last_layer: int) -> list[int]:
@@ -97,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     # Before the model is built: a bad output path must not cost the work.
     args.output = checked_output_folder("--output", args.output)
     checked_output_stem("--name", args.name, "--output", args.output, (".png", ".json"))
-    loaded = load_model(args.model, args.device)
     image = load_input_image(args.image)
+    loaded = load_model(args.model, args.device)
     layers = args.layers
     if layers is None:
         layers = default_layers(last_vision_layer(loaded.model))

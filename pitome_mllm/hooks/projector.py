@@ -26,7 +26,7 @@ from torch import nn
 from ..merge.budget import StepParams, merge_to_budget_with
 from ..merge.plan import to_raster_order
 from ..merge.reducers import ReductionInputs, reduce_to_budget
-from ..merge.select import cls_attention
+from ..merge.select import cls_attention, with_group_mean_gradient
 from ..methods import MethodSpec, method_spec
 from .base import Hook, remove_hooks, undone_on_error
 from .state import MergeTrace, PatchState
@@ -222,8 +222,12 @@ class SelectionStage(Hook):
     def _on_input(self, module: nn.Module, args: tuple) -> tuple | None:
         if not self._follows_tower(args):
             return None  # no tower forward ran since the last projector call (e.g. a user calling it alone)
+        features = args[0]
         with torch.no_grad():
-            selected, token_map = reduce_to_budget(self.spec.implementation, self._inputs(args[0].detach()))
+            selected, token_map = reduce_to_budget(self.spec.implementation, self._inputs(features.detach()))
+        if torch.is_grad_enabled() and features.requires_grad:
+            # Decided without gradient; the kept values carry the gradient of the patches they hold.
+            selected = with_group_mean_gradient(selected, features, token_map)
         self._record(token_map, selected.shape[1])
         return (selected, *args[1:])
 

@@ -262,6 +262,30 @@ def group_means(
     return (sums / totals.unsqueeze(-1)).to(features.dtype)
 
 
+def with_group_mean_gradient(tokens: torch.Tensor, features: torch.Tensor, token_map: torch.Tensor) -> torch.Tensor:
+    """``tokens`` unchanged in value, with the gradient of each token as the mean of the patches it holds.
+
+    The projector-stage methods decide without gradient (which patches, which groups); what they
+    return is, for every method, each output token the plain mean of the patches ``token_map``
+    gives it (one patch for a selection). Rebuilding those means from ``features`` lets the
+    gradient reach the tower, and adding them as ``means - means.detach()`` (exactly zero) keeps
+    the forward values bit for bit.
+
+    Args:
+        tokens: ``[B, K, C]`` what the method returned (no gradient).
+        features: ``[B, N, C]`` the patch features it chose from (with gradient).
+        token_map: ``[B, N]`` the output token holding each patch, ``-1`` for a dropped one.
+    """
+    held = (token_map >= 0).to(features.dtype)
+    groups = token_map.clamp(min=0)
+    batch, num_tokens, channels = tokens.shape
+    sums = features.new_zeros(batch, num_tokens, channels)
+    sums = sums.scatter_add(1, groups.unsqueeze(-1).expand(-1, -1, channels), features * held.unsqueeze(-1))
+    counts = features.new_zeros(batch, num_tokens).scatter_add(1, groups, held).clamp(min=1)
+    means = sums / counts.unsqueeze(-1)
+    return tokens + (means - means.detach())
+
+
 def dominant_and_contextual(
     features: torch.Tensor, patch_attention: torch.Tensor, metric: torch.Tensor, num_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,9 +300,12 @@ def dominant_and_contextual(
     Returns:
         ``([B, K, C], [B, N])``: the ``D`` dominant patches in raster order followed by the
         ``K - D`` contextual tokens (ordered by their centre's position), and the source map
-        (every patch is held by exactly one output token).
+        (every patch is held by exactly one output token). ``K == N`` returns the features unchanged.
     """
     batch, num_patches, _ = features.shape
+    if num_tokens >= num_patches:
+        # Keep-all: every contextual group would hold one patch, so only the order would change; keep raster order.
+        return features, torch.arange(num_patches, device=features.device).expand(batch, -1).clone()
     num_dominant, num_contextual = dominant_split(num_tokens)
     dominant = top_indices(patch_attention, num_dominant)
     token_map = kept_token_map(dominant, num_patches)

@@ -35,6 +35,17 @@ def clip_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
 
 
+def single_feature_layer(feature_layer):
+    """``feature_layer`` as one integer where it names one layer (``-2``, or a one-element list ``[-2]``).
+
+    transformers concatenates the hidden states a list names, so a one-element list reads exactly
+    what its integer reads; longer lists (and anything else) are returned as they are.
+    """
+    if isinstance(feature_layer, (list, tuple)) and len(feature_layer) == 1:
+        return feature_layer[0]
+    return feature_layer
+
+
 def last_encoder_layer(feature_layer: int, num_layers: int, supported: str = "one integer") -> int:
     """The encoder layer whose output ``hidden_states[feature_layer]`` is.
 
@@ -46,8 +57,11 @@ def last_encoder_layer(feature_layer: int, num_layers: int, supported: str = "on
             (the message names ``supported``), or selects the embedding output (no encoder
             layer to merge in).
     """
-    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+    feature_layer = single_feature_layer(feature_layer)
+    if isinstance(feature_layer, (list, tuple)):
         raise ValueError(f"the vision feature layer {feature_layer!r} selects several layers; supported: {supported}")
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise ValueError(f"the vision feature layer must be an integer, got {feature_layer!r}; supported: {supported}")
     if not -(num_layers + 1) <= feature_layer <= num_layers:
         raise ValueError(
             f"vision feature layer {feature_layer} is out of range for a tower of {num_layers} layers; "

@@ -23,7 +23,13 @@ from ..hooks.base import (
     restore_forward,
 )
 from ..hooks.llm_attention import LLMPropAttention
-from .clip_tower import ClipTowerAdapter, clip_encoder_layers, last_encoder_layer, tower_config_geometry
+from .clip_tower import (
+    ClipTowerAdapter,
+    clip_encoder_layers,
+    last_encoder_layer,
+    single_feature_layer,
+    tower_config_geometry,
+)
 from .compat import cache_mask_sizes, transformers_version
 from .protocol import DecoderShape, ModelParts
 
@@ -226,7 +232,22 @@ class PlaceholderCheck(Hook):
         self.core = core
         self.image_token_id = image_token_id
         self.num_visual_tokens = num_visual_tokens
+        # The feature selection the patch was planned for: a change after patching would be silently ignored.
+        self.planned_selection = self._feature_selection()
         self._installed = False
+
+    def _feature_selection(self) -> tuple:
+        config = self.core.config
+        return single_feature_layer(config.vision_feature_layer), config.vision_feature_select_strategy
+
+    def _check_feature_selection(self) -> None:
+        selection = self._feature_selection()
+        if selection != self.planned_selection:
+            raise ValueError(
+                f"(vision_feature_layer, vision_feature_select_strategy) changed from {self.planned_selection} to "
+                f"{selection} after patching; the patch is planned for the first: call handle.unpatch() and patch "
+                "again after changing them"
+            )
 
     def install(self) -> None:
         override_forward(self.core, self._make_forward)
@@ -263,6 +284,7 @@ class PlaceholderCheck(Hook):
     def _make_forward(self, original_forward):
         @functools.wraps(original_forward)
         def forward(*args, **kwargs):
+            self._check_feature_selection()
             self._check_encoded(args, kwargs)
             try:
                 return original_forward(*args, **kwargs)
@@ -395,7 +417,7 @@ def llava_parts(model: nn.Module, supported: str = "", several_layers: bool = Fa
         allowed = ", ".join(FEATURE_SELECT_STRATEGIES)
         raise ValueError(f"unsupported vision_feature_select_strategy={strategy!r}; supported: {allowed}")
     layers = clip_encoder_layers(llava.vision_tower)
-    feature_layer = llava.config.vision_feature_layer
+    feature_layer = single_feature_layer(llava.config.vision_feature_layer)
     if several_layers and isinstance(feature_layer, (list, tuple)):
         last_layer = len(layers) - 1
     else:

@@ -47,12 +47,19 @@ def load_results(output: str | Path) -> list[dict[str, Any]]:
 
     Raises:
         FileNotFoundError: there is none.
+        ValueError: none is usable (no finite score, or not written by the sweep).
     """
     paths = sorted(Path(output).glob(f"runs/*/*/{RESULT_FILE}"))
     if not paths:
         raise FileNotFoundError(f"no {RESULT_FILE} under {str(Path(output) / 'runs')!r}; run the sweep first")
-    results = [read_stored_result(path, move_aside=False) for path in paths]
-    return [result for result in results if result is not None]
+    stored = (read_stored_result(path, move_aside=False) for path in paths)
+    results = [result for result in stored if result is not None]
+    if not results:
+        raise ValueError(
+            f"none of the {len(paths)} {RESULT_FILE} under {str(Path(output) / 'runs')!r} is a usable result "
+            "(each is named in a warning above)"
+        )
+    return results
 
 
 def _relative_pct(score: float, baseline: float | None) -> float | None:

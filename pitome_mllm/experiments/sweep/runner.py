@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ...common.files import checked_output_folder, write_json_atomically
-from ...config import PiToMeConfig
+from ...config import PiToMeConfig, shown
 from .process import (
     REPEATED_FAILURES,
     SweepInterrupted,
@@ -30,6 +30,7 @@ from .process import (
 from .schema import (
     SuiteError,
     check_batch_size,
+    check_limit,
     inside,
     open_for_writing,
     refuse_link,
@@ -167,6 +168,10 @@ def _identity(model: str, run: Run, limit: float | None, batch_size: int) -> dic
     return {"model": model, "model_args": run.model_args, "limit": limit, "batch_size": batch_size}
 
 
+# What names a stored result's row: the task and the run id, both strings in every result the sweep writes.
+RESULT_NAMES = ("task", "run")
+
+
 def read_stored_result(result_path: Path, move_aside: bool = True) -> dict[str, Any] | None:
     """A run's ``result.json``, or None (with a warning naming it) when it is not a usable result.
 
@@ -177,7 +182,10 @@ def read_stored_result(result_path: Path, move_aside: bool = True) -> dict[str, 
         stored = json.loads(result_path.read_text())
         problem = None if isinstance(stored, dict) else f"holds {type(stored).__name__}, not a result object"
         if problem is None and not is_finite_number(stored.get("score")):
-            problem = f"has no numeric 'score' ({stored.get('score')!r} is not a finite number)"
+            problem = f"has no numeric 'score' ({shown(stored.get('score'))} is not a finite number)"
+        if problem is None:
+            missing = [key for key in RESULT_NAMES if not isinstance(stored.get(key), str)]
+            problem = f"names no {' or '.join(map(repr, missing))} (not a result the sweep wrote)" if missing else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         problem = f"is not readable JSON ({error})"
     if problem is None:
@@ -375,10 +383,11 @@ def run_suite(
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [...]}`` of run keys.
     """
-    output = prepare_output(output)
     launcher = list(launcher) if launcher else [sys.executable, "-m", "lmms_eval"]
     batch_size = check_batch_size("--batch-size", batch_size) if batch_size is not None else suite.batch_size
+    limit = check_limit("--limit", limit)
     runs = planned_runs(suite, only, extra_model_args or {})
+    output = prepare_output(output)  # after every check: a refused sweep leaves no folder behind
     outcome: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
     with SweepLock(output) as lock, sigterm_as_interrupt():
         write_json_atomically(

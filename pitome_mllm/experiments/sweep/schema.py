@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ...config import SHOWN_CHARACTERS, shown
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,119}")
 SAFE_NAME_HELP = "letters, digits and _ . + - (starting with a letter or digit, at most 120)"
 SUITE_KEYS = {"name", "description", "tasks", "model_args", "runs", "baseline", "batch_size", "include_path", "notes"}
@@ -34,8 +36,13 @@ LOADER_ARGS = {
     "record",
     "max_batch_size",
 }
-# Keys a suite may not set: the sweep sets them for every run.
-RESERVED_MODEL_ARGS = {"pretrained", "record"}
+# Keys a suite may not set: the sweep sets them for every run (lmms-eval hands its --batch_size to the
+# model too, so a batch_size model argument would be given twice).
+RESERVED_MODEL_ARGS = {"pretrained", "record", "batch_size"}
+# Where a suite sets what a reserved key would.
+RESERVED_HINTS = {"batch_size": " (set the suite's top-level batch_size, or --batch-size)"}
+# A suite is a small hand-written file; anything larger is refused before it is parsed.
+MAX_SUITE_BYTES = 1 << 20
 SCALARS = (str, int, float, bool, type(None))
 
 
@@ -44,6 +51,8 @@ class SuiteError(ValueError):
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, (dict, list)) and not value:
+        return "an empty mapping" if isinstance(value, dict) else "an empty list"
     names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "empty"}
     return names.get(type(value), f"a {type(value).__name__}")
 
@@ -60,10 +69,17 @@ def _unique_key_loader():
                 key = self.construct_object(key_node, deep=deep)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice", key_node.start_mark
+                        None, None, f"key {shown(key)} is given twice", key_node.start_mark
                     )
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
+
+        def compose_node(self, parent, index):
+            # An alias repeats a whole subtree: a few hundred bytes can expand to gigabytes.
+            if self.check_event(yaml.events.AliasEvent):
+                problem = "aliases (*name) are not allowed in a suite; write the values out"
+                raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+            return super().compose_node(parent, index)
 
     return UniqueKeyLoader
 
@@ -73,11 +89,14 @@ def read_yaml(path: Path) -> Any:
     import yaml
 
     try:
+        size = path.stat().st_size
+        if size > MAX_SUITE_BYTES:
+            raise SuiteError(f"{path}: {size} bytes is not a suite file (at most {MAX_SUITE_BYTES} bytes)")
         return yaml.load(path.read_text(), Loader=_unique_key_loader())  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = str(getattr(error, "problem", None) or str(error).splitlines()[0])[:SHOWN_CHARACTERS]
         raise SuiteError(f"{path}: {where}not valid suite YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise SuiteError(f"{path}: cannot read it ({error})") from None
@@ -86,7 +105,7 @@ def read_yaml(path: Path) -> Any:
 def check_name(path: Path, key: str, name: Any) -> str:
     """``name`` as a folder name, or a `SuiteError` (no separators, no ``..``, no hidden files)."""
     if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-        raise SuiteError(f"{path}: {key} {name!r} is not a valid name; use {SAFE_NAME_HELP}")
+        raise SuiteError(f"{path}: {key} {shown(name)} is not a valid name; use {SAFE_NAME_HELP}")
     return name
 
 
@@ -129,7 +148,7 @@ def check_tasks(path: Path, tasks: Any) -> dict[str, str]:
         # lmms-eval keys its results "<metric>,<filter>"; anything else can never be read back.
         if not isinstance(metric, str) or "," not in metric or not all(part.strip() for part in metric.split(",", 1)):
             raise SuiteError(
-                f"{path}: tasks.{task} is {metric!r}; it must name the metric as '<metric>,<filter>', "
+                f"{path}: tasks.{task} is {shown(metric)}; it must name the metric as '<metric>,<filter>', "
                 "e.g. exact_match,none"
             )
         checked[task] = metric
@@ -147,7 +166,8 @@ def check_model_args(where: str, arguments: Any, known: set[str], *, sweepable: 
         raise SuiteError(f"{where} must be a mapping of model arguments, e.g. {{method: none}}; got {_kind(arguments)}")
     reserved = sorted(RESERVED_MODEL_ARGS & set(arguments))
     if reserved:
-        raise SuiteError(f"{where} may not set {reserved}; the sweep sets them")
+        hints = "".join(RESERVED_HINTS.get(name, "") for name in reserved)
+        raise SuiteError(f"{where} may not set {reserved}; the sweep sets them{hints}")
     unknown = sorted(set(map(str, arguments)) - known)
     if unknown:
         allowed = sorted(known - RESERVED_MODEL_ARGS)
@@ -159,10 +179,10 @@ def check_model_args(where: str, arguments: Any, known: set[str], *, sweepable: 
         for item in values:
             if not isinstance(item, SCALARS):
                 allowed = "a value or a list of values" if sweepable else "a value (lists only inside runs)"
-                raise SuiteError(f"{where}.{name} is {_kind(item)} ({item!r}); it must be {allowed}")
+                raise SuiteError(f"{where}.{name} is {_kind(item)} ({shown(item)}); it must be {allowed}")
             # lmms-eval splits model_args on ',' and '='; such characters would silently corrupt a run.
             if "," in str(item) or "=" in str(item):
-                raise SuiteError(f"{where}.{name}={str(item)!r} may not contain ',' or '='")
+                raise SuiteError(f"{where}.{name}={shown(str(item))} may not contain ',' or '='")
     return {str(name): value for name, value in arguments.items()}
 
 
@@ -179,8 +199,21 @@ def check_runs(path: Path, runs: Any, known: set[str]) -> dict[str, dict[str, An
 
 def check_batch_size(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SuiteError(f"{where} is {value!r}; it must be a whole number >= 1")
+        raise SuiteError(f"{where} is {shown(value)}; it must be a whole number >= 1")
     return value
+
+
+def check_limit(where: str, value: Any) -> int | float | None:
+    """lmms-eval's ``--limit``: documents per task (a whole number >= 1) or a fraction in (0, 1); None: all."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < 1 or value >= 1):
+        raise SuiteError(f"{where} is {shown(value)}; it must be a whole number >= 1 or a fraction in (0, 1)")
+    if value >= 1:
+        if not float(value).is_integer():
+            raise SuiteError(f"{where} is {value}; above 1 it counts documents, so it must be a whole number")
+        return int(value)
+    return float(value)
 
 
 def check_include_path(path: Path, value: Any) -> Path | None:
@@ -188,10 +221,12 @@ def check_include_path(path: Path, value: Any) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise SuiteError(f"{path}: include_path is {value!r}; it must be a folder path (relative to the suite file)")
+        raise SuiteError(
+            f"{path}: include_path is {shown(value)}; it must be a folder path (relative to the suite file)"
+        )
     folder = (path.parent / value).resolve()
     if not folder.is_dir():
-        raise SuiteError(f"{path}: include_path {value!r} is not a folder (looked for {folder})")
+        raise SuiteError(f"{path}: include_path {shown(value)} is not a folder (looked for {folder})")
     return folder
 
 

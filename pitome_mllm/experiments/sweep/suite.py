@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ...config import PiToMeConfig
+from ...config import PiToMeConfig, shown
 from .schema import (
     LOADER_ARGS,
     SUITE_KEYS,
@@ -110,7 +110,7 @@ def load_suite(path: str | Path) -> Suite:
         raise FileNotFoundError(f"suite file {str(path)!r} does not exist")
     data = read_yaml(path)
     if not isinstance(data, dict):
-        raise SuiteError(f"{path}: a suite is a mapping with 'tasks' and 'runs', got {data!r:.60}")
+        raise SuiteError(f"{path}: a suite is a mapping with 'tasks' and 'runs', got {shown(data, 60)}")
     unknown = sorted(set(map(str, data)) - SUITE_KEYS)
     if unknown:
         raise SuiteError(f"{path}: unknown keys {unknown}; allowed: {sorted(SUITE_KEYS)}")
@@ -119,11 +119,11 @@ def load_suite(path: str | Path) -> Suite:
     runs = check_runs(path, data.get("runs"), known_args)
     model_args = check_model_args(f"{path}: model_args", data.get("model_args"), known_args, sweepable=False)
     baseline = data.get("baseline")
-    if baseline is not None and baseline not in runs:
-        raise SuiteError(f"{path}: baseline {baseline!r} is not one of the runs {sorted(runs)}")
+    if baseline is not None and (not isinstance(baseline, str) or baseline not in runs):
+        raise SuiteError(f"{path}: baseline {shown(baseline)} must name one of the runs {sorted(runs)}")
     name = data.get("name") or path.stem
     if not isinstance(name, str):
-        raise SuiteError(f"{path}: name is {name!r}; it must be a string")
+        raise SuiteError(f"{path}: name is {shown(name)}; it must be a string")
     suite = Suite(
         name=name,
         tasks=tasks,
@@ -151,6 +151,17 @@ def check_runs_expand(suite: Suite) -> None:
             PiToMeConfig(**run.patch_args())
         except (TypeError, ValueError) as error:
             raise SuiteError(f"{path}: run {run.run_id} has an invalid patch config: {error}") from None
+        check_plugin_arguments(f"{path}: run {run.run_id}", run)
+
+
+def check_plugin_arguments(where: str, run: Run) -> None:
+    """The run's loading and generation arguments, checked as the plugin checks them when the run starts."""
+    from ...integrations.lmms_eval.arguments import check_loader_arguments
+
+    try:
+        check_loader_arguments(run.model_args)
+    except ValueError as error:
+        raise SuiteError(f"{where} has an invalid model argument: {error}") from None
 
 
 def scalar_from_text(text: str) -> Any:
@@ -173,8 +184,10 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
     parsed = {}
     for item in text.split(","):
         if "=" not in item:
-            raise ValueError(f"--model-args takes k=v pairs separated by commas, got {item!r}")
+            raise ValueError(f"--model-args takes k=v pairs separated by commas, got {shown(item)}")
         key, value = item.split("=", 1)
+        if key.strip() in parsed:
+            raise ValueError(f"--model-args gives {shown(key.strip())} twice; give each argument once")
         parsed[key.strip()] = scalar_from_text(value.strip())
     return check_model_args("--model-args", parsed, PATCH_FIELDS | LOADER_ARGS, sweepable=False)
 
@@ -197,4 +210,5 @@ def planned_runs(suite: Suite, only: Sequence[str], overrides: dict[str, Any]) -
             PiToMeConfig(**run.patch_args())
         except (TypeError, ValueError) as error:
             raise SuiteError(f"--model-args: run {run.key} gets an invalid patch config: {error}") from None
+        check_plugin_arguments(f"--model-args: run {run.key}", run)
     return runs

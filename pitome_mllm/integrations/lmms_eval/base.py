@@ -10,7 +10,6 @@ and how to turn ``(context, images)`` into the keywords of its ``generate`` and 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -32,52 +31,26 @@ from tqdm import tqdm
 from ...common.files import write_json_atomically
 from ...config import PiToMeConfig
 from ...runtime.loading import StageTimer
+from .arguments import (
+    LOGLIKELIHOOD_VALUES,
+    check_loader_arguments,
+    is_unset,
+    parse_bool,
+    parse_float,
+    parse_int,
+    parse_positive_int,
+)
 
 logger = logging.getLogger("pitome_mllm")
 
-LOGLIKELIHOOD_VALUES = ("loss", "logprob")
 PATCH_ARGS = tuple(field.name for field in dataclasses.fields(PiToMeConfig))
 # Multi-round tasks end themselves through doc_to_text; this only stops a task that never does.
 MAX_ROUNDS = 16
-_NONE_WORDS = ("none", "null", "")
 
 
 # ------------------------------------------------------------------------------ model_args parsing
-def _is_unset(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
-
-
-def parse_bool(name: str, value: Any) -> bool:
-    """``True`` / ``False`` from lmms-eval's model_args (already bools, or strings / 0 / 1)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
-
-
-def parse_int(name: str, value: Any) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return _parse_number(name, value, int, (int,), "an integer")
-
-
-def parse_float(name: str, value: Any) -> float:
-    return _parse_number(name, value, float, (int, float), "a number")
-
-
-def _parse_number(name: str, value: Any, convert: Callable[[Any], Any], accepted: tuple[type, ...], kind: str):
-    """``convert(value)`` for a value of an ``accepted`` type (never a bool) or a string that converts."""
-    if isinstance(value, accepted) and not isinstance(value, bool):
-        return convert(value)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return convert(value.strip())
-    raise ValueError(f"{name} must be {kind}, got {value!r}")
+# The parsing and the checks of the loading arguments live in `arguments` (shared with the sweep's suite check).
+_is_unset = is_unset
 
 
 def parse_patch_args(raw: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +111,10 @@ def generation_settings(gen_kwargs: dict[str, Any], default_max_new_tokens: int)
         raise ValueError(f"generation_kwargs 'until' must be a string or a list of strings, got {until!r}")
     temperature = float(gen_kwargs.get("temperature") or 0.0)
     kwargs: dict[str, Any] = {
-        "max_new_tokens": parse_int("max_new_tokens", gen_kwargs.get("max_new_tokens", default_max_new_tokens)),
-        "num_beams": parse_int("num_beams", gen_kwargs.get("num_beams") or 1),
+        "max_new_tokens": parse_positive_int(
+            "max_new_tokens", gen_kwargs.get("max_new_tokens", default_max_new_tokens)
+        ),
+        "num_beams": parse_positive_int("num_beams", gen_kwargs.get("num_beams") or 1),
         "do_sample": temperature > 0,
     }
     if temperature > 0:
@@ -257,14 +232,21 @@ class PiToMeLmmsModel(lmms):
     ) -> None:
         super().__init__()
         self.patch_args = parse_patch_args(patch_args)
-        if loglikelihood not in LOGLIKELIHOOD_VALUES:
-            raise ValueError(f"loglikelihood must be one of {LOGLIKELIHOOD_VALUES}, got {loglikelihood!r}")
-        if str(batch_size).startswith("auto"):
-            raise ValueError(f"batch_size 'auto' is not supported by {self.model_id}; pass an integer")
-        self.batch_size_per_device = parse_int("batch_size", batch_size)
-        if self.batch_size_per_device < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size_per_device}")
-        self.default_max_new_tokens = parse_int("max_new_tokens", max_new_tokens)
+        # Every loading and generation value, checked before a multi-GB checkpoint loads (the sweep checks the same).
+        check_loader_arguments(
+            {
+                "dtype": dtype,
+                "load_in_4bit": load_in_4bit,
+                "load_in_8bit": load_in_8bit,
+                "batch_size": batch_size,
+                "max_new_tokens": max_new_tokens,
+                "use_cache": use_cache,
+                "loglikelihood": loglikelihood,
+                "record": record,
+            }
+        )
+        self.batch_size_per_device = parse_positive_int("batch_size", batch_size)
+        self.default_max_new_tokens = parse_positive_int("max_new_tokens", max_new_tokens)
         self.use_cache = parse_bool("use_cache", use_cache)
         self.loglikelihood_value = loglikelihood
         self.pretrained = str(pretrained)
