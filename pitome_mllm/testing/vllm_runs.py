@@ -75,6 +75,64 @@ def engine_kwargs(
     return kwargs
 
 
+def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2.5-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
+    serves and the plugin does not merge in. Weights and config only (no tokenizer): the plugin refuses a
+    ``pitome`` key when vLLM resolves the architecture, before any tokenizer is read.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text |= {"num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 1024, "rope_parameters": rope}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision | {"window_size": 56},
+        image_token_id=500,
+        video_token_id=501,
+        vision_start_token_id=502,
+        vision_end_token_id=503,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    return Path(folder)
+
+
+def model_config_error(model_dir: str | Path, settings: dict[str, Any] | None) -> str | None:
+    """The error vLLM's engine start gives when it resolves ``model_dir``'s architecture (None: it resolves).
+
+    This is the first step of `vllm.LLM` (``EngineArgs.create_model_config``), where the plugin's
+    architecture guard runs; nothing is loaded or allocated.
+    """
+    single_process_environment()
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = engine_kwargs(model_dir, settings, skip_tokenizer_init=True)
+    kwargs.pop("limit_mm_per_prompt")
+    try:
+        EngineArgs(**kwargs).create_model_config()
+    except Exception as error:  # noqa: BLE001  (the caller asserts on the message)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def engine_start_error(model_dir: str | Path, settings: dict[str, Any] | None) -> str | None:
+    """The error `vllm.LLM` raises when started on ``model_dir`` with ``settings`` (None: it started)."""
+    single_process_environment()
+    from vllm import LLM
+
+    try:
+        LLM(**engine_kwargs(model_dir, settings, skip_tokenizer_init=True))
+    except Exception as error:  # noqa: BLE001  (the caller asserts on the message)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def single_process_environment() -> None:
     """Run vLLM's engine core in this process with a small KV cache (unless the caller chose otherwise)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

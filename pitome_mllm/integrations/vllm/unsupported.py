@@ -14,18 +14,13 @@ from vllm.model_executor.models.llava_next import LlavaNextForConditionalGenerat
 from vllm.model_executor.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
-from . import CONFIG_KEY, pitome_settings
+from . import anyres_refusal, pitome_settings
 
 
 def refuse_pitome_settings(hf_config, family: str) -> None:
     """Raise when ``hf_config`` asks for PiToMe on a family the plugin does not merge in."""
     if pitome_settings(hf_config) is not None:
-        raise ValueError(
-            f"hf_overrides['{CONFIG_KEY}'] is not supported for {family} in vLLM yet: its anyres packing "
-            "(crops, unpadding, newlines) runs in vLLM's own class, where the plugin does not merge. Serve "
-            "LLaVA-1.5 (LlavaForConditionalGeneration) through vLLM, or patch this model in transformers "
-            "(pitome_mllm.patch applies the anyres budget of docs/anyres.md)"
-        )
+        raise ValueError(anyres_refusal(family))
 
 
 class PitomeRefusingLlavaNext(LlavaNextForConditionalGeneration):
