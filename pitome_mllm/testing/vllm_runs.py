@@ -140,8 +140,29 @@ def single_process_environment() -> None:
 
 
 def drop_last_embedding(model) -> None:
-    """Make the projector hand on one token too few per image: a merge gone wrong, for the count check's test."""
+    """Hand on one token too few per image: a merge gone wrong, for the count check's test.
+
+    LLaVA-1.5: the projector's output; LLaVA-NeXT: each packed (and merged) image, since the
+    projector's output must keep whole crops for the packing.
+    """
+    if hasattr(model, "_merge_image_patch_embeddings"):
+        pack = model._merge_image_patch_embeddings
+        model._merge_image_patch_embeddings = lambda *args, **kwargs: pack(*args, **kwargs)[:-1]
+        return
     model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :-1])
+
+
+def save_tiny_llava_next(folder: str | Path, spec=None) -> Path:
+    """A tiny random LLaVA-NeXT (`pitome_mllm.zoo.tiny.build_tiny_llava_next`, 112 px crops and LLaVA-NeXT's
+    crop grids, head size 32 for vLLM's CPU attention) with its processor, saved as vLLM loads it."""
+    from ..zoo.tiny import VLLM_TEST_SPEC, build_tiny_llava_next, rename_tower_weights_to_hub_layout
+
+    folder = Path(folder)
+    model, processor = build_tiny_llava_next(spec or VLLM_TEST_SPEC)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    rename_tower_weights_to_hub_layout(folder / "model.safetensors")
+    return folder
 
 
 def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_counts: bool = False) -> dict[str, Any]:

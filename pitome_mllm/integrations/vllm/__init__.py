@@ -25,10 +25,11 @@ from ...config import PiToMeConfig
 CONFIG_KEY = "pitome"
 ARCHITECTURE = "LlavaForConditionalGeneration"
 MODEL_CLASS = "pitome_mllm.integrations.vllm.model:PitomeLlavaForConditionalGeneration"
-# vLLM's anyres LLaVA classes, which refuse a `pitome` key rather than ignore it (`unsupported.py`);
-# kept here as names so that registering imports no vLLM model code.
+NEXT_ARCHITECTURE = "LlavaNextForConditionalGeneration"
+NEXT_MODEL_CLASS = "pitome_mllm.integrations.vllm.llava_next:PitomeLlavaNextForConditionalGeneration"
+# vLLM's anyres LLaVA classes the plugin does not merge in, which refuse a `pitome` key rather than ignore it
+# (`unsupported.py`); kept here as names so that registering imports no vLLM model code.
 REFUSING_CLASSES = {
-    "LlavaNextForConditionalGeneration": "PitomeRefusingLlavaNext",
     "LlavaNextVideoForConditionalGeneration": "PitomeRefusingLlavaNextVideo",
     "LlavaOnevisionForConditionalGeneration": "PitomeRefusingLlavaOnevision",
 }
@@ -44,12 +45,14 @@ TESTED_VLLM = ", ".join(
     for major, (low, high) in TESTED_VLLM_MINORS.items()
 )
 ANYRES_FAMILIES = {
-    "LlavaNextForConditionalGeneration": "LLaVA-NeXT",
     "LlavaNextVideoForConditionalGeneration": "LLaVA-NeXT-Video",
     "LlavaOnevisionForConditionalGeneration": "LLaVA-OneVision",
 }
 # What the plugin merges in, by the architecture vLLM resolves a checkpoint to.
-SUPPORTED_ARCHITECTURES = {ARCHITECTURE: "LLaVA-1.5 with a CLIP or SigLIP tower"}
+SUPPORTED_ARCHITECTURES = {
+    ARCHITECTURE: "LLaVA-1.5 with a CLIP or SigLIP tower",
+    NEXT_ARCHITECTURE: "LLaVA-NeXT, merged after packing to the anyres budget",
+}
 # vLLM's logger, so the line appears in vLLM's own log.
 logger = logging.getLogger("vllm.pitome_mllm")
 
@@ -160,6 +163,7 @@ def register() -> None:
         logger.warning(untested_vllm_error(version))
         return
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(NEXT_ARCHITECTURE, NEXT_MODEL_CLASS)
     for architecture, class_name in REFUSING_CLASSES.items():
         ModelRegistry.register_model(architecture, f"pitome_mllm.integrations.vllm.unsupported:{class_name}")
 
@@ -204,6 +208,8 @@ __all__ = [
     "ARCHITECTURE",
     "CONFIG_KEY",
     "MODEL_CLASS",
+    "NEXT_ARCHITECTURE",
+    "NEXT_MODEL_CLASS",
     "REFUSING_CLASSES",
     "SUPPORTED_ARCHITECTURES",
     "TESTED_VLLM",

@@ -10,7 +10,6 @@ the engine refuses to start when there is one.
 
 from __future__ import annotations
 
-from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.model_executor.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
@@ -21,12 +20,6 @@ def refuse_pitome_settings(hf_config, family: str) -> None:
     """Raise when ``hf_config`` asks for PiToMe on a family the plugin does not merge in."""
     if pitome_settings(hf_config) is not None:
         raise ValueError(anyres_refusal(family))
-
-
-class PitomeRefusingLlavaNext(LlavaNextForConditionalGeneration):
-    def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        refuse_pitome_settings(vllm_config.model_config.hf_config, "LLaVA-NeXT")
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
 
 class PitomeRefusingLlavaNextVideo(LlavaNextVideoForConditionalGeneration):
