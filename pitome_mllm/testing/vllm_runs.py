@@ -18,16 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..zoo.tiny import IMAGE_TOKEN
+from ..zoo.tiny import IMAGE_TOKEN, load_image
 
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: ``text`` holds one `IMAGE_TOKEN` per name in ``images`` (bundled photographs)."""
+    """One prompt: ``text`` holds one `IMAGE_TOKEN` per name in ``images`` (bundled photographs).
+
+    ``sizes``: each image resized to ``(width, height)`` first (empty: as bundled), for models whose
+    count depends on the image size (anyres).
+    """
 
     name: str
     text: str
     images: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def load_images(self) -> list:
+        images = [load_image(name) for name in self.images]
+        if self.sizes:
+            images = [image.resize(size) for image, size in zip(images, self.sizes, strict=True)]
+        return images
 
 
 REQUESTS: tuple[Request, ...] = (
@@ -37,6 +48,20 @@ REQUESTS: tuple[Request, ...] = (
     Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",)),
     Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",)),
 )
+# LLaVA-NeXT: sizes that pick different crop grids (2x2, 2x1, 1x3) and a small image, two images in one prompt.
+ANYRES_REQUESTS: tuple[Request, ...] = (
+    Request("single", f"USER: {IMAGE_TOKEN}\nDescribe this photo. ASSISTANT:", ("astronaut",), ((336, 336),)),
+    Request(
+        "two_images",
+        f"USER: {IMAGE_TOKEN}\n{IMAGE_TOKEN}\nWhat differs? ASSISTANT:",
+        ("chelsea", "coffee"),
+        ((200, 300), (400, 150)),
+    ),
+    Request("batch_0", f"USER: {IMAGE_TOKEN}\nWho is this? ASSISTANT:", ("astronaut",), ((150, 90),)),
+    Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",), ((200, 300),)),
+    Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",), ((400, 150),)),
+)
+REQUEST_SETS = {"llava": REQUESTS, "anyres": ANYRES_REQUESTS}
 TOP_LOGPROBS = 5
 MAX_NEW_TOKENS = 4
 
@@ -165,8 +190,13 @@ def save_tiny_llava_next(folder: str | Path, spec=None) -> Path:
     return folder
 
 
-def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_counts: bool = False) -> dict[str, Any]:
-    """Start an engine, send every request of `REQUESTS` in one batch, return what came back.
+def run_requests(
+    model_dir: str | Path,
+    settings: dict[str, Any] | None,
+    break_counts: bool = False,
+    requests: tuple[Request, ...] = REQUESTS,
+) -> dict[str, Any]:
+    """Start an engine, send every request of ``requests`` in one batch, return what came back.
 
     ``break_counts``: `drop_last_embedding` first (the run must then fail with the plugin's count error).
 
@@ -177,21 +207,16 @@ def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_c
     single_process_environment()
     from vllm import LLM, SamplingParams
 
-    from ..zoo.tiny import load_image
-
     started = time.perf_counter()
     llm = LLM(**engine_kwargs(model_dir, settings))
     startup_s = time.perf_counter() - started
     if break_counts:
         llm.apply_model(drop_last_embedding)
-    prompts = [
-        {"prompt": request.text, "multi_modal_data": {"image": [load_image(name) for name in request.images]}}
-        for request in REQUESTS
-    ]
+    prompts = [{"prompt": request.text, "multi_modal_data": {"image": request.load_images()}} for request in requests]
     sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
     outputs = llm.generate(prompts, sampling, use_tqdm=False)
     results = {}
-    for request, output in zip(REQUESTS, outputs, strict=True):
+    for request, output in zip(requests, outputs, strict=True):
         completion = output.outputs[0]
         results[request.name] = {
             "prompt_token_ids": list(output.prompt_token_ids),
@@ -207,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="JSON file to write")
     parser.add_argument("--settings", default="null", help="the hf_overrides['pitome'] value, as JSON (null: none)")
     parser.add_argument("--break-counts", action="store_true", help="drop one embedding per image (must fail)")
+    parser.add_argument("--requests", choices=sorted(REQUEST_SETS), default="llava", help="which prompts to send")
     args = parser.parse_args(argv)
-    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts)
+    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts, REQUEST_SETS[args.requests])
     Path(args.output).write_text(json.dumps(result, indent=1))
 
 
