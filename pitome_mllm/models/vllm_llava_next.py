@@ -81,6 +81,10 @@ class AnyresPlan:
         base_tokens = geometry.grid_for_pixels(crop, crop).patches
         return anyres_layout(height, width, [list(p) for p in self.pinpoints], crop, geometry.patch_size, base_tokens)
 
+    def max_unmerged_tokens(self) -> int:
+        """The most tokens vLLM's own LLaVA-NeXT gives one image (at a pinpoint, as its profiling picks)."""
+        return max(self.layout_for_image(height, width).unmerged_tokens for height, width in self.pinpoints)
+
     def visual_tokens_for_image(self, height: int, width: int) -> int:
         """Placeholders for an original ``height x width`` image: its budget, or the unpatched count."""
         check_image_size(height, width)

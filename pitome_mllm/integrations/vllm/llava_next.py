@@ -26,7 +26,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ...models.vllm_llava import check_embedding_counts
+from ...models.vllm_llava import check_embedding_counts, images_per_tower_call
 from ...models.vllm_llava_next import AnyresPlan
 from . import pitome_settings
 
@@ -68,13 +68,20 @@ class PitomeLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration)
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pitome_plan = config_plan(self.config)
+        self.images_per_tower_call = None
         if self.pitome_plan is not None:
+            scheduler = vllm_config.scheduler_config
+            budget = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
+            # vLLM plans encoder calls by merged tokens; the tower still sees every crop of every image.
+            self.images_per_tower_call = images_per_tower_call(budget, self.pitome_plan.max_unmerged_tokens())
             crop = self.pitome_plan.crop_geometry.image_size
             logger.info(
-                "PiToMe in vLLM: LLaVA-NeXT images merged after packing, %d visual tokens for a %dx%d image",
+                "PiToMe in vLLM: LLaVA-NeXT images merged after packing, %d visual tokens for a %dx%d image, "
+                "at most %d images per tower call",
                 self.pitome_plan.visual_tokens_for_image(crop, crop),
                 crop,
                 crop,
+                self.images_per_tower_call,
             )
 
     def _merge_image_patch_embeddings(
@@ -87,11 +94,18 @@ class PitomeLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration)
         return self.pitome_plan.merge_packed(packed, height, width)
 
     def embed_multimodal(self, **kwargs: object):
-        embeddings = super().embed_multimodal(**kwargs)
-        image_sizes = kwargs.get("image_sizes")
-        if self.pitome_plan is not None and kwargs.get("pixel_values") is not None and image_sizes is not None:
-            expected = [self.pitome_plan.visual_tokens_for_image(int(h), int(w)) for h, w in image_sizes.tolist()]
-            check_embedding_counts(embeddings, expected)
+        plan = self.pitome_plan
+        pixel_values, image_sizes = kwargs.get("pixel_values"), kwargs.get("image_sizes")
+        if plan is None or pixel_values is None or image_sizes is None:
+            return super().embed_multimodal(**kwargs)
+        per_call = self.images_per_tower_call
+        embeddings = []
+        for start in range(0, len(pixel_values), per_call):
+            chunk = slice(start, start + per_call)
+            chunk_kwargs = {**kwargs, "pixel_values": pixel_values[chunk], "image_sizes": image_sizes[chunk]}
+            embeddings.extend(super().embed_multimodal(**chunk_kwargs))
+        expected = [plan.visual_tokens_for_image(int(h), int(w)) for h, w in image_sizes.tolist()]
+        check_embedding_counts(embeddings, expected)
         return embeddings
 
 

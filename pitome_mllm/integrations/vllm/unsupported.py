@@ -1,11 +1,12 @@
-"""vLLM's anyres LLaVA models, refusing ``hf_overrides={"pitome": ...}`` instead of ignoring it.
+"""vLLM's anyres LLaVA models the plugin does not merge in, refusing ``hf_overrides={"pitome": ...}``.
 
-The plugin merges in vLLM's LLaVA-1.5 only. vLLM's LLaVA-NeXT, LLaVA-NeXT-Video and
-LLaVA-OneVision pack crops, newlines and unpadding in classes of their own, and the anyres
-budget rule of ``docs/anyres.md`` is not yet wired into them. Without these classes, a ``pitome``
-key on such a model would be dropped without a word and the user would be served full-length
-images while believing otherwise. With them, the model is vLLM's own when there is no key, and
-the engine refuses to start when there is one.
+The plugin merges in vLLM's LLaVA-1.5 and LLaVA-NeXT. vLLM's LLaVA-NeXT-Video and LLaVA-OneVision
+pack crops, newlines, unpadding (and OneVision's downsampling and multi-image base crops) in classes
+of their own, where the anyres budget of ``docs/anyres.md`` is not wired in. Without these classes, a
+``pitome`` key on such a model would be dropped without a word and the user would be served
+full-length images while believing otherwise. With them, the model is vLLM's own when there is no
+key, and the engine refuses to start when there is one (the architecture guard of `register` says
+so earlier still, when vLLM resolves the architecture).
 """
 
 from __future__ import annotations
