@@ -5,6 +5,7 @@ None of this needs vLLM: the engine tests (test_vllm_engine.py) run where it is 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,7 @@ from pitome_mllm.models.vllm_llava import (
     is_vllm_llava,
     planned_budget,
 )
-from pitome_mllm.zoo.tiny import DEMO_SPEC, VLLM_TEST_SPEC, build_tiny_llava
+from pitome_mllm.zoo.tiny import DEMO_SPEC, VLLM_TEST_SPEC, build_tiny_llava, load_image
 
 pytestmark = pytest.mark.vllm
 
@@ -273,3 +274,60 @@ def test_tower_calls_are_capped_at_the_unmerged_peak():
     images = list(pixel_values)
     per_image = embed_in_chunks(lambda pixel_values: list(pixel_values), images, 2)
     assert len(per_image) == 7 and all(a is b for a, b in zip(per_image, images, strict=True))
+
+
+NEXT_SETTINGS = [
+    {"target_tokens": 8},
+    {"target_tokens": 16},
+    {"target_tokens": 400},
+    {"keep_ratio": 0.9},
+    {"keep_ratio": 0.9, "preset": "paper"},
+    {"method": "tome", "target_tokens": 16},
+    {"method": "none", "target_tokens": 24},
+    {"keep_ratio": 1.0},
+]
+# (height, width): square, portrait, wide, small, very tall, large.
+NEXT_SIZES = [(336, 336), (300, 200), (150, 400), (90, 150), (600, 120), (1000, 1400)]
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    from pitome_mllm.zoo.tiny import build_tiny_llava_next
+
+    return build_tiny_llava_next(VLLM_TEST_SPEC)
+
+
+@pytest.mark.parametrize("settings", NEXT_SETTINGS, ids=[str(s) for s in NEXT_SETTINGS])
+def test_llava_next_counts_from_the_config_alone_are_the_counts_patch_gives(tiny_next, settings):
+    from pitome_mllm.models.vllm_llava_next import AnyresPlan
+
+    model, processor = tiny_next
+    plan = AnyresPlan.from_config(model.config, PiToMeConfig.from_dict(settings))
+    with pitome_mllm.patched(model, processor, **settings) as handle:
+        for height, width in NEXT_SIZES:
+            assert plan.visual_tokens_for_image(height, width) == handle.visual_tokens_for_image(height, width)
+
+
+def test_llava_next_plan_knows_the_unmerged_counts_and_the_largest(tiny_next):
+    from pitome_mllm.models.vllm_llava_next import AnyresPlan
+
+    model, processor = tiny_next
+    plan = AnyresPlan.from_config(model.config, PiToMeConfig.from_dict({"keep_ratio": 1.0}))
+    inputs = processor(images=[load_image("chelsea").resize((200, 300))], text=["<image>"], return_tensors="pt")
+    placeholders = (inputs["input_ids"] == model.config.image_token_id).sum().item()
+    assert plan.visual_tokens_for_image(300, 200) == placeholders  # the unpatched processor's count
+    # 2x2 crops of 112 px: 64 base tokens + a 16 x 16 grid + 16 newlines, the most any image gets.
+    assert plan.max_unmerged_tokens() == 64 + 256 + 16
+
+
+def test_llava_next_settings_vllm_cannot_run_are_refused_with_the_patch_messages(tiny_next):
+    from pitome_mllm.models.vllm_llava_next import AnyresPlan
+
+    model, processor = tiny_next
+    for settings in ({"keep_ratio": 0.9, "target_tokens": 16}, {"target_tokens": 2}, {"method": "pool"}):
+        with pytest.raises(ValueError) as refused:
+            pitome_mllm.patch(model, processor, **settings)
+        with pytest.raises(ValueError, match=re.escape(str(refused.value))):
+            AnyresPlan.from_config(model.config, PiToMeConfig.from_dict(settings))
+    with pytest.raises(ValueError, match="llm_prop_attn=True is not supported in vLLM"):
+        AnyresPlan.from_config(model.config, PiToMeConfig.from_dict({"keep_ratio": 0.9, "llm_prop_attn": True}))

@@ -217,6 +217,57 @@ def images_in_prompt(batch_num_images, image_idx: int) -> int:
     return 1
 
 
+def check_packed_budget_settings(config: PiToMeConfig) -> None:
+    """Refuse settings that do not give one budget per image (the anyres rule of ``docs/anyres.md``)."""
+    if config.keep_ratio is not None and config.target_tokens is not None:
+        raise ValueError(
+            "LLaVA-NeXT merges once, after packing, to one budget per image: give keep_ratio "
+            f"({config.keep_ratio}) or target_tokens ({config.target_tokens}), not both"
+        )
+    if config.target_tokens is not None and config.target_tokens < 2 + KEPT_NEWLINES:
+        raise ValueError(
+            f"target_tokens={config.target_tokens} is too small for LLaVA-NeXT: at least one base token, "
+            "one grid token and the closing newline (>= 3)"
+        )
+
+
+def crop_keep_fraction(crop_geometry: TowerGeometry, config: PiToMeConfig, feature_layer) -> float | None:
+    """The fraction of one crop's tokens the LLaVA-1.5 tower schedule keeps at ``keep_ratio`` (None: not used).
+
+    ``c / side^2`` of ``docs/anyres.md``, with ``c`` the tokens one native-size crop keeps.
+
+    Raises:
+        ValueError: ``keep_ratio`` with several feature layers (the schedule reads one).
+    """
+    if config.keep_ratio is None or config.method == "none" or config.keep_ratio >= 1.0:
+        return None
+    if not (isinstance(feature_layer, int) and not isinstance(feature_layer, bool)):
+        raise ValueError(
+            f"keep_ratio on LLaVA-NeXT follows the tower schedule of one feature layer, but "
+            f"vision_feature_layer={feature_layer!r}; use target_tokens"
+        )
+    default_num_tokens = crop_geometry.default_num_tokens
+    kept = TowerBudget(crop_geometry, config).tower_output_tokens(default_num_tokens)
+    return kept / (default_num_tokens - int(crop_geometry.class_token))
+
+
+def packed_budget(layout: AnyresLayout, target_tokens: int | None, keep_fraction: float | None) -> int | None:
+    """Tokens the LLM receives for ``layout``; None leaves the image unmerged.
+
+    ``target_tokens`` gives the budget directly; otherwise ``keep_fraction`` (`crop_keep_fraction`) of
+    ``B + U`` plus the closing newline; neither: unmerged.
+    """
+    if target_tokens is not None:
+        requested = target_tokens
+    elif keep_fraction is not None:
+        requested = round(keep_fraction * (layout.base_tokens + layout.grid_tokens)) + KEPT_NEWLINES
+    else:
+        return None
+    if requested >= layout.unmerged_tokens:
+        return None
+    return max(min(requested, layout.max_merged_tokens), 2 + KEPT_NEWLINES)
+
+
 # ------------------------------------------------------------------------------------------ merging
 
 
@@ -229,6 +280,21 @@ class PackedMergeSettings:
 
     step: StepParams
     keep_order: bool
+
+
+def packed_merge_settings(config: PiToMeConfig, num_layers: int) -> PackedMergeSettings:
+    """The packed merge's steps for ``config`` on a tower of ``num_layers`` layers."""
+    return PackedMergeSettings(
+        step=StepParams(
+            # The packed merge uses the method's own algorithm; "none" trims with PiToMe.
+            method=config.method if method_spec(config.method).merges_in_tower else "pitome",
+            margin=projector_margin(num_layers, config.margin_start, config.margin_span),
+            alpha=config.alpha,
+            energy=config.resolved_energy,
+            reduce=config.reduce,
+        ),
+        keep_order=config.keep_order,
+    )
 
 
 def merge_to(features: torch.Tensor, keep: int, settings: PackedMergeSettings) -> torch.Tensor:
@@ -294,16 +360,7 @@ class LlavaNextAdapter(ModelAdapter):
         super().__init__(model, processor, config)
         self.llava = llava_core(model)
         llava_config = self.llava.config
-        if config.keep_ratio is not None and config.target_tokens is not None:
-            raise ValueError(
-                "LLaVA-NeXT merges once, after packing, to one budget per image: give keep_ratio "
-                f"({config.keep_ratio}) or target_tokens ({config.target_tokens}), not both"
-            )
-        if config.target_tokens is not None and config.target_tokens < 2 + KEPT_NEWLINES:
-            raise ValueError(
-                f"target_tokens={config.target_tokens} is too small for LLaVA-NeXT: at least one base token, "
-                "one grid token and the closing newline (>= 3)"
-            )
+        check_packed_budget_settings(config)
         parts = self.parts(model)
         strategy = llava_config.vision_feature_select_strategy
         self.vision_tower = parts.tower
@@ -325,25 +382,13 @@ class LlavaNextAdapter(ModelAdapter):
         self.default_num_tokens = self.crop_geometry.default_num_tokens
         # The grid reshape in pack_image_features needs exactly side x side tokens per crop.
         self.base_tokens = self.crop_geometry.grid_for_pixels(self.crop_size, self.crop_size).patches
-        feature_layer = parts.feature_layer
-        single_layer = isinstance(feature_layer, int) and not isinstance(feature_layer, bool)
         self.last_layer = parts.last_layer
         self.class_token = class_token
         # The tower is not merged (the grid logic needs whole crops): its schedule is all "none".
         self.tower_keep_ratio = 1.0
         self.state = PatchState()
-        self.per_crop_tokens = self._per_crop_tokens(single_layer)
-        self.merge_settings = PackedMergeSettings(
-            step=StepParams(
-                # The packed merge uses the method's own algorithm; "none" trims with PiToMe.
-                method=config.method if method_spec(config.method).merges_in_tower else "pitome",
-                margin=projector_margin(self.num_layers, config.margin_start, config.margin_span),
-                alpha=config.alpha,
-                energy=config.resolved_energy,
-                reduce=config.reduce,
-            ),
-            keep_order=config.keep_order,
-        )
+        self.keep_fraction = crop_keep_fraction(self.crop_geometry, config, parts.feature_layer)
+        self.merge_settings = packed_merge_settings(config, self.num_layers)
         if processor is not None and is_onevision(model) and not hasattr(processor, "replace_image_token"):
             # transformers 4.57's LlavaOnevisionProcessor counts a multi-image prompt's images from its
             # num_image_tokens attribute, which its video path also reads: there is no per-image count to set.
@@ -359,18 +404,6 @@ class LlavaNextAdapter(ModelAdapter):
         self.placeholder_check = PlaceholderCheck(self.llava, llava_config.image_token_id, self.num_visual_tokens)
 
     # -------------------------------------------------------------- budgets
-    def _per_crop_tokens(self, single_layer: bool) -> int | None:
-        """Tokens the LLaVA-1.5 tower schedule leaves of one crop at ``keep_ratio`` (None: not used)."""
-        config = self.config
-        if config.keep_ratio is None or config.method == "none" or config.keep_ratio >= 1.0:
-            return None
-        if not single_layer:
-            raise ValueError(
-                f"keep_ratio on LLaVA-NeXT follows the tower schedule of one feature layer, but "
-                f"vision_feature_layer={self.llava.config.vision_feature_layer!r}; use target_tokens"
-            )
-        return TowerBudget(self.crop_geometry, config).tower_output_tokens(self.default_num_tokens)
-
     def plan(self, num_tokens: int) -> list[LayerStep]:
         """The tower's schedule: no merge on any layer (merging happens after packing)."""
         return plan_layers(num_tokens, self.num_layers, 1.0, class_token=self.class_token, last_layer=self.last_layer)
@@ -395,16 +428,7 @@ class LlavaNextAdapter(ModelAdapter):
 
     def budget_for(self, layout: AnyresLayout) -> int | None:
         """Tokens the LLM receives for ``layout``; None leaves the image unmerged."""
-        if self.config.target_tokens is not None:
-            requested = self.config.target_tokens
-        elif self.per_crop_tokens is not None:
-            ratio = self.per_crop_tokens / (self.default_num_tokens - int(self.class_token))
-            requested = round(ratio * (layout.base_tokens + layout.grid_tokens)) + KEPT_NEWLINES
-        else:
-            return None
-        if requested >= layout.unmerged_tokens:
-            return None
-        return max(min(requested, layout.max_merged_tokens), 2 + KEPT_NEWLINES)
+        return packed_budget(layout, self.config.target_tokens, self.keep_fraction)
 
     def visual_tokens_for_image(self, height: int, width: int, cropped: bool = True) -> int:
         """Placeholders for an original (unprocessed) image of ``height x width`` pixels.

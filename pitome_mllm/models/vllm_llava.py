@@ -146,21 +146,23 @@ def vllm_parts(model: nn.Module) -> ModelParts:
     )
 
 
-def check_embedding_counts(embeddings, expected: int) -> None:
+def check_embedding_counts(embeddings, expected: int | list[int]) -> None:
     """Raise unless every image's embeddings number ``expected`` (the placeholders its prompt holds).
 
     Args:
         embeddings: ``[num_images, K, D]`` or a sequence of ``[K_i, D]``.
-        expected: the placeholders per image that prompt processing emitted.
+        expected: the placeholders per image that prompt processing emitted: one count for every
+            image, or one per image (anyres budgets depend on the image size).
 
     Raises:
         RuntimeError: naming the image, both counts, and why it matters.
     """
-    for index, image_embeddings in enumerate(embeddings):
+    expected_counts = [expected] * len(embeddings) if isinstance(expected, int) else list(expected)
+    for index, (image_embeddings, placeholders) in enumerate(zip(embeddings, expected_counts, strict=True)):
         count = image_embeddings.shape[0]
-        if count != expected:
+        if count != placeholders:
             raise RuntimeError(
-                f"pitome_mllm: image {index} produced {count} visual embeddings, but its prompt holds {expected} "
+                f"pitome_mllm: image {index} produced {count} visual embeddings, but its prompt holds {placeholders} "
                 "placeholders; vLLM would drop the surplus (or fail on too few), so the answer would not see the "
                 "image it was given. The merge schedule and the prompt count disagree: report this with the "
                 "hf_overrides used"

@@ -18,16 +18,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..zoo.tiny import IMAGE_TOKEN
+from ..zoo.tiny import IMAGE_TOKEN, load_image
 
 
 @dataclass(frozen=True)
 class Request:
-    """One prompt: ``text`` holds one `IMAGE_TOKEN` per name in ``images`` (bundled photographs)."""
+    """One prompt: ``text`` holds one `IMAGE_TOKEN` per name in ``images`` (bundled photographs).
+
+    ``sizes``: each image resized to ``(width, height)`` first (empty: as bundled), for models whose
+    count depends on the image size (anyres).
+    """
 
     name: str
     text: str
     images: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def load_images(self) -> list:
+        images = [load_image(name) for name in self.images]
+        if self.sizes:
+            images = [image.resize(size) for image, size in zip(images, self.sizes, strict=True)]
+        return images
 
 
 REQUESTS: tuple[Request, ...] = (
@@ -37,6 +48,20 @@ REQUESTS: tuple[Request, ...] = (
     Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",)),
     Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",)),
 )
+# LLaVA-NeXT: sizes that pick different crop grids (2x2, 2x1, 1x3) and a small image, two images in one prompt.
+ANYRES_REQUESTS: tuple[Request, ...] = (
+    Request("single", f"USER: {IMAGE_TOKEN}\nDescribe this photo. ASSISTANT:", ("astronaut",), ((336, 336),)),
+    Request(
+        "two_images",
+        f"USER: {IMAGE_TOKEN}\n{IMAGE_TOKEN}\nWhat differs? ASSISTANT:",
+        ("chelsea", "coffee"),
+        ((200, 300), (400, 150)),
+    ),
+    Request("batch_0", f"USER: {IMAGE_TOKEN}\nWho is this? ASSISTANT:", ("astronaut",), ((150, 90),)),
+    Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",), ((200, 300),)),
+    Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",), ((400, 150),)),
+)
+REQUEST_SETS = {"llava": REQUESTS, "anyres": ANYRES_REQUESTS}
 TOP_LOGPROBS = 5
 MAX_NEW_TOKENS = 4
 
@@ -75,6 +100,64 @@ def engine_kwargs(
     return kwargs
 
 
+def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2.5-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
+    serves and the plugin does not merge in. Weights and config only (no tokenizer): the plugin refuses a
+    ``pitome`` key when vLLM resolves the architecture, before any tokenizer is read.
+    """
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text |= {"num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 1024, "rope_parameters": rope}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
+    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision | {"window_size": 56},
+        image_token_id=500,
+        video_token_id=501,
+        vision_start_token_id=502,
+        vision_end_token_id=503,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    return Path(folder)
+
+
+def model_config_error(model_dir: str | Path, settings: dict[str, Any] | None) -> str | None:
+    """The error vLLM's engine start gives when it resolves ``model_dir``'s architecture (None: it resolves).
+
+    This is the first step of `vllm.LLM` (``EngineArgs.create_model_config``), where the plugin's
+    architecture guard runs; nothing is loaded or allocated.
+    """
+    single_process_environment()
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = engine_kwargs(model_dir, settings, skip_tokenizer_init=True)
+    kwargs.pop("limit_mm_per_prompt")
+    try:
+        EngineArgs(**kwargs).create_model_config()
+    except Exception as error:  # noqa: BLE001  (the caller asserts on the message)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def engine_start_error(model_dir: str | Path, settings: dict[str, Any] | None) -> str | None:
+    """The error `vllm.LLM` raises when started on ``model_dir`` with ``settings`` (None: it started)."""
+    single_process_environment()
+    from vllm import LLM
+
+    try:
+        LLM(**engine_kwargs(model_dir, settings, skip_tokenizer_init=True))
+    except Exception as error:  # noqa: BLE001  (the caller asserts on the message)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def single_process_environment() -> None:
     """Run vLLM's engine core in this process with a small KV cache (unless the caller chose otherwise)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -82,12 +165,38 @@ def single_process_environment() -> None:
 
 
 def drop_last_embedding(model) -> None:
-    """Make the projector hand on one token too few per image: a merge gone wrong, for the count check's test."""
+    """Hand on one token too few per image: a merge gone wrong, for the count check's test.
+
+    LLaVA-1.5: the projector's output; LLaVA-NeXT: each packed (and merged) image, since the
+    projector's output must keep whole crops for the packing.
+    """
+    if hasattr(model, "_merge_image_patch_embeddings"):
+        pack = model._merge_image_patch_embeddings
+        model._merge_image_patch_embeddings = lambda *args, **kwargs: pack(*args, **kwargs)[:-1]
+        return
     model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :-1])
 
 
-def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_counts: bool = False) -> dict[str, Any]:
-    """Start an engine, send every request of `REQUESTS` in one batch, return what came back.
+def save_tiny_llava_next(folder: str | Path, spec=None) -> Path:
+    """A tiny random LLaVA-NeXT (`pitome_mllm.zoo.tiny.build_tiny_llava_next`, 112 px crops and LLaVA-NeXT's
+    crop grids, head size 32 for vLLM's CPU attention) with its processor, saved as vLLM loads it."""
+    from ..zoo.tiny import VLLM_TEST_SPEC, build_tiny_llava_next, rename_tower_weights_to_hub_layout
+
+    folder = Path(folder)
+    model, processor = build_tiny_llava_next(spec or VLLM_TEST_SPEC)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    rename_tower_weights_to_hub_layout(folder / "model.safetensors")
+    return folder
+
+
+def run_requests(
+    model_dir: str | Path,
+    settings: dict[str, Any] | None,
+    break_counts: bool = False,
+    requests: tuple[Request, ...] = REQUESTS,
+) -> dict[str, Any]:
+    """Start an engine, send every request of ``requests`` in one batch, return what came back.
 
     ``break_counts``: `drop_last_embedding` first (the run must then fail with the plugin's count error).
 
@@ -98,21 +207,16 @@ def run_requests(model_dir: str | Path, settings: dict[str, Any] | None, break_c
     single_process_environment()
     from vllm import LLM, SamplingParams
 
-    from ..zoo.tiny import load_image
-
     started = time.perf_counter()
     llm = LLM(**engine_kwargs(model_dir, settings))
     startup_s = time.perf_counter() - started
     if break_counts:
         llm.apply_model(drop_last_embedding)
-    prompts = [
-        {"prompt": request.text, "multi_modal_data": {"image": [load_image(name) for name in request.images]}}
-        for request in REQUESTS
-    ]
+    prompts = [{"prompt": request.text, "multi_modal_data": {"image": request.load_images()}} for request in requests]
     sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
     outputs = llm.generate(prompts, sampling, use_tqdm=False)
     results = {}
-    for request, output in zip(REQUESTS, outputs, strict=True):
+    for request, output in zip(requests, outputs, strict=True):
         completion = output.outputs[0]
         results[request.name] = {
             "prompt_token_ids": list(output.prompt_token_ids),
@@ -128,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="JSON file to write")
     parser.add_argument("--settings", default="null", help="the hf_overrides['pitome'] value, as JSON (null: none)")
     parser.add_argument("--break-counts", action="store_true", help="drop one embedding per image (must fail)")
+    parser.add_argument("--requests", choices=sorted(REQUEST_SETS), default="llava", help="which prompts to send")
     args = parser.parse_args(argv)
-    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts)
+    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts, REQUEST_SETS[args.requests])
     Path(args.output).write_text(json.dumps(result, indent=1))
 
 
