@@ -23,6 +23,9 @@ README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PROGRAM = "pitome-mllm"
 
+# The Python example builds and runs a tiny LLaVA: in every environment of the transformers matrix.
+pytestmark = pytest.mark.model_facing
+
 # What the command table's placeholders stand for, so that its rows parse as commands.
 PLACEHOLDER_VALUES = {
     "PATH_OR_ID": "tiny",
@@ -211,3 +214,43 @@ def test_the_command_table_names_every_extra_a_command_needs():
             assert extra.name in row, f"README: {command} needs {extra.name}, its row says {row!r}"
         if not extras:
             assert row == "–", f"README: {command} runs on the light install, its row says {row!r}"
+
+
+# ------------------------------------------------------------------------------ the Python examples
+def readme_python_blocks() -> list[str]:
+    return fenced_blocks(README.read_text(), ("python",))
+
+
+def test_readme_has_python_examples():
+    assert len(readme_python_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(readme_python_blocks())))
+def test_every_python_block_of_the_readme_runs_as_written(index, tmp_path, monkeypatch, capsys):
+    # Offline, in a fresh cache folder: the tiny checkpoint is built by the example itself.
+    monkeypatch.setenv("PITOME_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    source = readme_python_blocks()[index]
+    exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out.split()
+    if "patch(model, processor" in source:
+        # The counts the comments promise.
+        assert printed == ["54", "64"]
+
+
+def test_tiny_checkpoint_is_built_once_and_never_over_a_folder_of_other_files(tmp_path):
+    from pitome_mllm.zoo.tiny import TEST_SPEC, tiny_llava_checkpoint
+
+    folder = tiny_llava_checkpoint(tmp_path / "tiny", TEST_SPEC)
+    weights = folder / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert tiny_llava_checkpoint(folder, TEST_SPEC) == folder
+    assert weights.stat().st_mtime_ns == built
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".partial")]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        tiny_llava_checkpoint(other, TEST_SPEC)
+    assert (other / "notes.txt").read_text() == "mine"
