@@ -370,6 +370,11 @@ def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
     return LlavaConfig(vision_config=vision_config, text_config=text_config, **_llava_config_kwargs(spec, tokenizer))
 
 
+def tiny_llava_config(spec: TinyLlavaSpec = DEMO_SPEC) -> LlavaConfig:
+    """The ``LlavaConfig`` a tiny model of ``spec`` is built with, without building or saving the model."""
+    return _build_config(spec, build_tiny_tokenizer())
+
+
 def _check_processor_matches(processor: LlavaProcessor, spec: TinyLlavaSpec) -> None:
     """Fail early on a processor whose placeholder count would not match the tower's feature count.
 
