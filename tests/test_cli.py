@@ -103,9 +103,10 @@ def test_demo_reports_the_merge_trajectory(demo_report):
     merges = demo_report["merges"]
     counts = merges["tokens_after_layer"]
     assert merges["config"]["keep_ratio"] == 0.9
-    assert counts[0] == TEST_SPEC.num_vision_tokens
+    assert merges["counts"] == "visual tokens, class token excluded"
+    assert counts[0] == TEST_SPEC.num_vision_tokens - 1 == TEST_SPEC.num_patches
     assert counts == sorted(counts, reverse=True)
-    assert counts[-1] - 1 == merges["num_visual_tokens"] == demo_report["rows"][1]["visual_tokens"]
+    assert counts[-1] == merges["num_visual_tokens"] == demo_report["rows"][1]["visual_tokens"]
     step = merges["last_pitome_step"]
     assert step["protected"] + 2 * step["merged_away"] == step["tokens_in"]
     assert step["tokens_out"] == step["tokens_in"] - step["merged_away"]
@@ -118,7 +119,7 @@ def test_demo_prints_table_and_note(capsys):
     out = capsys.readouterr().out
     assert "pitome keep=0.9" in out and "tome keep=0.9" in out
     assert "gibberish by design" in out
-    assert "Tokens after each vision layer" in out and "protected" in out
+    assert "Visual tokens after each vision layer" in out and "class token excluded" in out and "protected" in out
 
 
 # -------------------------------------------------------------------------------------- chat
@@ -192,7 +193,24 @@ def test_missing_model_folder_exits_2(tmp_path, capsys):
 
 def test_schedule_prints_54_for_keep_ratio_0_9(capsys):
     assert main(["schedule", "--keep-ratio", "0.9"]) == 0
-    assert re.search(r"\b0\.9\b.*\b54\b", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\b0\.9\b.*\b54\b", out)
+    assert "class token excluded" in " ".join(out.split())  # the count's convention is stated
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--preset", "mllm", "--keep-ratio", "0.9"], "preset='mllm' needs target_tokens"),
+        (["--method", "none", "--keep-ratio", "0.9"], "keep_ratio=0.9 would be ignored"),
+        (["--keep-ratio", "0.9", "0.3"], "keep_ratio"),
+    ],
+)
+def test_schedule_refuses_what_the_api_refuses(capsys, argv, fragment):
+    assert main(["schedule", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any table prints
+    assert_one_line_error(captured.err, fragment)
 
 
 # ----------------------------------------------------------------------------------- loading

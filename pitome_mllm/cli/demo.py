@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS
+from ..geometry import VISUAL_TOKENS_NOTE
 from ..runtime.terminal import add_list_argument, add_threads_argument, plural
 
 HELP = "compare unpatched vs. PiToMe / ToMe on an offline tiny LLaVA (no download): visual tokens and latency"
@@ -220,9 +221,11 @@ def inspect_merges(model, processor, image, config: dict[str, Any]) -> dict[str,
         trace = handle.trace
         steps = handle.schedule
         num_input_tokens = steps[0].tokens_in
+        # One convention wherever counts print: visual tokens, CLIP's class token excluded (LLaVA drops it).
         summary: dict[str, Any] = {
             "config": config,
-            "tokens_after_layer": [num_input_tokens, *trace.token_counts],
+            "counts": VISUAL_TOKENS_NOTE,
+            "tokens_after_layer": [count - 1 for count in (num_input_tokens, *trace.token_counts)],
             "methods": [step.method for step in steps],
             "num_visual_tokens": handle.num_visual_tokens,
         }
@@ -290,7 +293,7 @@ def describe_merges(summary: dict[str, Any]) -> list[str]:
     counts = summary["tokens_after_layer"]
     label = f"{config['method']} keep={config['keep_ratio']:g}, preset {config.get('preset', 'reference')}"
     lines = [
-        f"Tokens after each vision layer ({label}, class token included): "
+        f"Visual tokens after each vision layer ({label}; {VISUAL_TOKENS_NOTE}): "
         + " -> ".join(str(count) for count in counts)
         + f"; the LLM receives {summary['num_visual_tokens']}."
     ]

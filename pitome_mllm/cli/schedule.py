@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import METHODS, PRESETS
+from ..config import METHODS, PRESETS, PiToMeConfig
 from ..runtime.terminal import add_list_argument
 from ..schedule import plan_layers
 
@@ -26,11 +26,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    num_tokens = (args.image_size // args.patch_size) ** 2 + 1
+    # The settings the API would refuse are refused here too, with its message, before anything prints.
+    for keep_ratio in args.keep_ratio:
+        PiToMeConfig.from_dict({"method": args.method, "preset": args.preset, "keep_ratio": keep_ratio})
+    num_patches = (args.image_size // args.patch_size) ** 2
+    num_tokens = num_patches + 1  # CLIP's class token rides along in the tower
     last_layer = args.feature_layer % (args.layers + 1) - 1
     console = Console()
     summary = Table(
-        title=f"{args.method} / {args.preset}: {num_tokens} tokens in, {args.layers} layers, reading layer {last_layer}"
+        title=f"{args.method} / {args.preset}: {num_patches} patches + class token in, {args.layers} layers, "
+        f"reading layer {last_layer}",
+        caption="visual tokens: class token excluded (LLaVA drops it before the projector)",
     )
     summary.add_column("keep ratio", justify="right")
     summary.add_column("merging layers", justify="right")
@@ -42,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         merging = sum(step.method != "none" for step in steps)
         summary.add_row(f"{keep_ratio:g}", str(merging), str(steps[-1].tokens_out - 1))
         if args.per_layer:
-            table = Table(title=f"keep_ratio={keep_ratio:g}")
-            for column in ("layer", "method", "r", "margin", "tokens in", "tokens out"):
+            table = Table(title=f"keep_ratio={keep_ratio:g}", caption="tower tokens: class token included")
+            for column in ("layer", "method", "r", "margin", "tower tokens in", "tower tokens out"):
                 table.add_column(column, justify="right")
             for step in steps:
                 table.add_row(
