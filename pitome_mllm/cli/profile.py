@@ -110,6 +110,49 @@ def load_model_for_profiling(args: argparse.Namespace, device, dtype):
     return model, processor, args.model, False
 
 
+def gigabytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB"
+
+
+def check_memory(arch: str, dtype, batch_size: int, available: int | None, device) -> None:
+    """Refuse an ``--arch`` run whose estimated memory exceeds what ``device`` has available.
+
+    Raises:
+        ValueError: naming the estimate, what is available, and the ways out (a smaller dtype, a
+            smaller ``--arch`` that fits).
+    """
+    from ..zoo.architecture_specs import ARCHITECTURES, estimate_memory
+
+    if available is None:
+        return
+    dtype_bytes = dtype.itemsize
+    need = estimate_memory(ARCHITECTURES[arch], dtype_bytes, batch_size)
+    if need.total_bytes <= available:
+        return
+    dtype_name = str(dtype).replace("torch.", "")
+    ways_out = []
+    if dtype_bytes > 2:
+        half = estimate_memory(ARCHITECTURES[arch], 2, batch_size).total_bytes
+        if half <= available:
+            ways_out.append(f"--dtype bfloat16 or float16 (about {gigabytes(half)})")
+    smaller = [
+        f"{name} ({gigabytes(estimate_memory(spec, dtype_bytes, batch_size).total_bytes)})"
+        for name, spec in ARCHITECTURES.items()
+        if name != arch and estimate_memory(spec, dtype_bytes, batch_size).total_bytes <= available
+    ]
+    if smaller:
+        ways_out.append(f"a smaller --arch: {', '.join(smaller)} in {dtype_name}")
+    if batch_size > 1:
+        ways_out.append("a smaller --batch-size")
+    ways_out.append("a machine with more memory")
+    raise ValueError(
+        f"--arch {arch} in {dtype_name} needs about {gigabytes(need.total_bytes)} "
+        f"({need.parameters / 1e9:.2f} B parameters x {dtype_bytes} bytes = {gigabytes(need.weight_bytes)}, "
+        f"activations {gigabytes(need.activation_bytes)}), more than the {gigabytes(available)} available on "
+        f"{device}; use {'; or '.join(ways_out)}"
+    )
+
+
 def native_visual_tokens(model) -> int:
     from ..models import model_geometry
 
@@ -125,6 +168,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output:  # before the model is built: a bad output path must not cost a profiling run
         output = checked_output_folder("--output", args.output)
         checked_output_stem("--stem", args.stem, "--output", output, REPORT_SUFFIXES)
+    if args.arch:  # before the model is built: a run that cannot fit must not end in the kernel's OOM killer
+        from ..tools.profiling.machine import available_memory_bytes
+
+        device = resolve_device(args.device)
+        check_memory(
+            args.arch, resolve_dtype(args.dtype, device), args.batch_size, available_memory_bytes(device), device
+        )
     with torch_threads(args.threads):
         return _profile(args)
 
