@@ -301,7 +301,11 @@ def test_cli_profile_on_the_tiny_model(tmp_path, capsys):
     argv = ["profile", "--model", "tiny-test", "--methods", "pitome", "--budgets", "32,64", "--repeats", "1"]
     argv += ["--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--output", str(tmp_path), "--stem", "cli"]
     assert main(argv) == 0
-    assert "pitome k=32" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "pitome k=32" in captured.out
+    # Not a terminal (as when piped into a file): no carriage-return progress bar; the load beside the table.
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "measured with load average" in captured.err
     data = json.loads((tmp_path / "cli.json").read_text())
     assert [run["label"] for run in data["runs"]] == ["unpatched", "pitome k=32"]
     assert data["runs"][1]["visual_tokens"] == 32

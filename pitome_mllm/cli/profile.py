@@ -12,12 +12,13 @@ folder or hub id (``tiny`` / ``tiny-test``: the offline tiny model).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..common.files import checked_output_folder
-from ..config import METHODS, PRESETS
+from ..config import METHODS
 from ..runtime.terminal import add_list_argument, add_threads_argument
 from ..zoo.architecture_specs import ARCHITECTURES
-from .arguments import checked_output_stem
+from .arguments import add_preset_argument, checked_output_stem
 
 # What `write_report` adds to --stem (kept torch-free here: the check runs before the heavy imports).
 REPORT_SUFFIXES = (".json", ".csv", "_latency.png", "_memory.png")
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unless --keep-ratios is given)",
     )
     add_list_argument(parser, "--keep-ratios", float, default=[], help="e.g. 0.9 0.95")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
+    add_preset_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per pass (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=5, help="measured passes per config")
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ..runtime.terminal import load_average_note, warn_if_busy
     from ..tools.profiling import DEFAULT_PROMPT, ProfileSettings, plan_runs, print_table, profile, write_report
 
     device = resolve_device(args.device)
@@ -194,6 +196,8 @@ def _profile(args: argparse.Namespace) -> int:
         vision_only=args.vision_only,
         prompt=args.prompt or DEFAULT_PROMPT,
         image=args.image,
+        # A progress bar redraws one line with carriage returns: only on a terminal, never into a log file.
+        progress=sys.stderr.isatty(),
     )
     console = Console(stderr=True)
     console.print(f"building {args.arch or args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
@@ -201,8 +205,10 @@ def _profile(args: argparse.Namespace) -> int:
     settings.vision_only = settings.vision_only or vision_only
     budgets = args.budgets if args.budgets is not None else ([] if args.keep_ratios else [64, 128, 192, 576])
     runs = plan_runs(args.methods, budgets, args.keep_ratios, native_visual_tokens(model), args.preset)
+    warn_if_busy()
     report = profile(model, processor, runs, settings, source=source)
     print_table(report)
+    console.print(f"measured with {load_average_note()}")
     if args.output:
         paths = write_report(report, args.output, args.stem)
         console.print("wrote " + ", ".join(str(path) for path in paths.values()))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import METHODS, PRESETS, PiToMeConfig
+from ..config import METHODS, PiToMeConfig
 from ..runtime.terminal import add_list_argument
 from ..schedule import plan_layers
+from .arguments import add_preset_argument
 
 HELP = "print the per-layer merge plan and the visual tokens that reach the LLM (no model needed)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_list_argument(parser, "--keep-ratio", float, default=[0.9], help="one or more keep ratios")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
-    parser.add_argument("--method", choices=METHODS, default="pitome")
+    add_preset_argument(parser)
+    parser.add_argument(
+        "--method", choices=METHODS, default="pitome", help="merging in the tower: pitome (default), tome or none"
+    )
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--layers", type=int, default=24, help="vision encoder depth")

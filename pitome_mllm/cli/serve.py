@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ALL_METHODS
-from .arguments import add_budget_arguments, add_preset_argument
+from .arguments import add_budget_arguments, add_method_argument, add_preset_argument
 
 HELP = "serve a LLaVA model through vLLM's OpenAI-compatible server with PiToMe merging"
 TINY = "tiny"
@@ -34,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Arguments after -- go to `vllm serve` unchanged, e.g. -- --port 8000 --max-model-len 4096."
     add_budget_arguments(parser)
     add_preset_argument(parser)
-    parser.add_argument("--method", choices=ALL_METHODS, default="pitome")
+    add_method_argument(parser)
     parser.add_argument(
         "--config",
         help='more PiToMeConfig fields as JSON (or a JSON file), e.g. \'{"metric": "keys"}\'; flags win',
