@@ -12,6 +12,9 @@ import pytest
 from pitome_mllm.cli import build_parser, main, split_passthrough
 from pitome_mllm.cli.serve import check_settings, pitome_fields, vllm_serve_command
 
+# The pre-flight reads the tiny model's config.json through transformers: every release CI tests.
+pytestmark = pytest.mark.model_facing
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser(["serve"]).parse_args(argv)
