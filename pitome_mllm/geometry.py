@@ -38,6 +38,10 @@ from typing import Protocol
 from .config import PiToMeConfig
 from .schedule import LayerStep, plan_layers, solve_keep_ratio
 
+# How every printed count of visual tokens counts (tables, JSON, figure titles, the demo): the tokens the
+# language model receives per image, so a CLIP tower's class token (dropped before the projector) is not one.
+VISUAL_TOKENS_NOTE = "visual tokens, class token excluded"
+
 
 def check_image_size(height: int, width: int) -> tuple[int, int]:
     """``(height, width)`` of an image in pixels, checked.

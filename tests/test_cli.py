@@ -99,13 +99,29 @@ def test_demo_times_and_decodes_every_row(demo_report):
         assert len(row["runs"]) == 1
 
 
+def test_speed_up_is_within_noise_when_the_runs_overlap():
+    from pitome_mllm.cli.demo import Row, speed_up_text
+
+    def row(*prefill_ms: float) -> Row:
+        runs = [{"vision_ms": 0.0, "prefill_ms": ms, "total_ms": ms} for ms in prefill_ms]
+        median = sorted(prefill_ms)[len(prefill_ms) // 2]
+        return Row("s", None, 1, 1, 0.0, median, median, 1, runs)
+
+    baseline = row(90.0, 100.0, 110.0)
+    assert speed_up_text(baseline, baseline) == "1.00x"
+    assert speed_up_text(baseline, row(40.0, 50.0, 60.0)) == "2.00x"
+    assert speed_up_text(baseline, row(60.0, 80.0, 95.0)) == "within noise"  # 90-110 and 60-95 overlap
+    assert speed_up_text(baseline, row(100.0, 600.0, 1300.0)) == "within noise"  # slower but noisy: not a 0.17x
+
+
 def test_demo_reports_the_merge_trajectory(demo_report):
     merges = demo_report["merges"]
     counts = merges["tokens_after_layer"]
     assert merges["config"]["keep_ratio"] == 0.9
-    assert counts[0] == TEST_SPEC.num_vision_tokens
+    assert merges["counts"] == "visual tokens, class token excluded"
+    assert counts[0] == TEST_SPEC.num_vision_tokens - 1 == TEST_SPEC.num_patches
     assert counts == sorted(counts, reverse=True)
-    assert counts[-1] - 1 == merges["num_visual_tokens"] == demo_report["rows"][1]["visual_tokens"]
+    assert counts[-1] == merges["num_visual_tokens"] == demo_report["rows"][1]["visual_tokens"]
     step = merges["last_pitome_step"]
     assert step["protected"] + 2 * step["merged_away"] == step["tokens_in"]
     assert step["tokens_out"] == step["tokens_in"] - step["merged_away"]
@@ -117,8 +133,9 @@ def test_demo_prints_table_and_note(capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "pitome keep=0.9" in out and "tome keep=0.9" in out
-    assert "gibberish by design" in out
-    assert "Tokens after each vision layer" in out and "protected" in out
+    assert "TTFT ms" in out and "speed-up" in out and "Measured with load average" in out
+    assert "answer" not in out  # the demo prints no answers, so no note about them
+    assert "Visual tokens after each vision layer" in out and "class token excluded" in out and "protected" in out
 
 
 # -------------------------------------------------------------------------------------- chat
@@ -192,7 +209,24 @@ def test_missing_model_folder_exits_2(tmp_path, capsys):
 
 def test_schedule_prints_54_for_keep_ratio_0_9(capsys):
     assert main(["schedule", "--keep-ratio", "0.9"]) == 0
-    assert re.search(r"\b0\.9\b.*\b54\b", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.search(r"\b0\.9\b.*\b54\b", out)
+    assert "class token excluded" in " ".join(out.split())  # the count's convention is stated
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--preset", "mllm", "--keep-ratio", "0.9"], "preset='mllm' needs target_tokens"),
+        (["--method", "none", "--keep-ratio", "0.9"], "keep_ratio=0.9 would be ignored"),
+        (["--keep-ratio", "0.9", "0.3"], "keep_ratio"),
+    ],
+)
+def test_schedule_refuses_what_the_api_refuses(capsys, argv, fragment):
+    assert main(["schedule", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before any table prints
+    assert_one_line_error(captured.err, fragment)
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -62,12 +62,13 @@ def test_merge_map_counts_tokens_as_the_schedule_does(tmp_path, saved_figures):
             "--output", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     titles = [axis.get_title() for axis in saved_figures[-1].axes if axis.get_title().startswith("after layer")]
-    # The tiny model has CLIP-L/14-336 geometry: 577 tokens into 24 layers.
+    # The tiny model has CLIP-L/14-336 geometry: 577 tokens into 24 layers. The titles count visual tokens
+    # (class token excluded), as every other printed count does; the schedule counts the tower's tokens.
     schedule = token_counts(577, 24, 0.9, preset="reference")
     assert len(titles) == 4
     for title in titles:
         layer, count = title.removeprefix("after layer ").split(": ")
-        assert int(count.removesuffix(" tokens")) == schedule[int(layer)], title
+        assert int(count.removesuffix(" tokens")) == schedule[int(layer)] - 1, title
 
 
 def test_profile_plots_keep_each_methods_colour(tmp_path, saved_figures):

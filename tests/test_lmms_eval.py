@@ -430,3 +430,61 @@ def test_lmms_eval_cli_runs_the_smoke_task(saved_tiny_llava_dir, tmp_path):
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == 2
     assert all(sample["token_counts"][0]["visual_tokens"] == 16 for sample in samples)
+
+
+# ------------------------------------------------------------------------------ data parallel (accelerate)
+def lmms_eval_run(launcher: list[str], model_dir, output) -> tuple[subprocess.CompletedProcess, dict[int, str]]:
+    """The smoke task through ``launcher`` (`-m lmms_eval` follows): the process and each doc's response."""
+    command = [
+        *launcher,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "pitome_llava_hf",
+        "--model_args",
+        f"pretrained={model_dir},method=tome,target_tokens=16",
+        "--tasks",
+        "pitome_smoke",
+        "--include_path",
+        str(TASKS_DIR),
+        "--limit",
+        "4",
+        "--batch_size",
+        "1",
+        "--output_path",
+        str(output),
+        "--log_samples",
+        "--verbosity",
+        "DEBUG",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (samples_file,) = output.rglob("*_samples_pitome_smoke.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert all(sample["token_counts"][0]["visual_tokens"] == 16 for sample in samples)
+    return completed, {sample["doc_id"]: (sample["filtered_resps"], sample["exact_match"]) for sample in samples}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_through_accelerate_answer_as_one_does(saved_tiny_llava_dir, tmp_path):
+    """docs/evaluation.md's data-parallel command, on CPU: ``python -m accelerate.commands.launch`` (the
+    ``accelerate`` script imports timm, which needs the torchvision a CPU environment lacks) with
+    ``--multi_gpu`` (torchrun; the processes talk over gloo without a GPU)."""
+    pytest.importorskip("accelerate")
+    _, one = lmms_eval_run([sys.executable], saved_tiny_llava_dir, tmp_path / "one")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", str(free_port())]
+    completed, two = lmms_eval_run(launcher, saved_tiny_llava_dir, tmp_path / "two")
+    log = completed.stdout + completed.stderr
+    assert "world_size2" in log  # really two processes, each with its share
+    for rank in (0, 1):
+        assert f"pitome_llava_hf rank {rank} of 2: 2 samples, visual tokens per image [16]" in log
+    assert two == one and len(one) == 4

@@ -301,7 +301,11 @@ def test_cli_profile_on_the_tiny_model(tmp_path, capsys):
     argv = ["profile", "--model", "tiny-test", "--methods", "pitome", "--budgets", "32,64", "--repeats", "1"]
     argv += ["--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--output", str(tmp_path), "--stem", "cli"]
     assert main(argv) == 0
-    assert "pitome k=32" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "pitome k=32" in captured.out
+    # Not a terminal (as when piped into a file): no carriage-return progress bar; the load beside the table.
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "measured with load average" in captured.err
     data = json.loads((tmp_path / "cli.json").read_text())
     assert [run["label"] for run in data["runs"]] == ["unpatched", "pitome k=32"]
     assert data["runs"][1]["visual_tokens"] == 32
@@ -382,3 +386,62 @@ def test_small_arch_is_materialised_with_sane_weights_and_buffers():
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="known: llava-1.5-7b"):
         get_arch("gpt-5")
+
+
+# ------------------------------------------------------------------------------ memory before loading
+SMALL_ARCH = ArchSpec(
+    "small",
+    "a small LLaVA-1.5 shape",
+    VisionShape(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, patch_size=14, image_size=56),
+    TextShape(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96, vocab_size=500),
+)
+
+
+@pytest.mark.parametrize("build_language_model", [True, False])
+def test_the_parameter_count_is_what_build_arch_builds(build_language_model):
+    from dataclasses import replace
+
+    from pitome_mllm.zoo.architecture_specs import parameter_count
+
+    spec = replace(SMALL_ARCH, build_language_model=build_language_model)
+    model, _ = build_arch(spec)
+    built = sum(p.numel() for p in model.parameters() if p.device.type != "meta")
+    assert parameter_count(spec) == built
+
+
+def test_the_llava_7b_estimate_is_its_known_size():
+    from pitome_mllm.zoo.architecture_specs import ARCHITECTURES, estimate_memory
+
+    fp32 = estimate_memory(ARCHITECTURES["llava-1.5-7b"], 4)
+    assert 7.0e9 < fp32.parameters < 7.1e9  # LLaVA-1.5-7B: 7.06 B parameters
+    assert fp32.weight_bytes == 4 * fp32.parameters and 0 < fp32.activation_bytes < fp32.weight_bytes / 10
+    assert estimate_memory(ARCHITECTURES["llava-1.5-7b"], 2).total_bytes < fp32.total_bytes / 1.9
+
+
+def test_profile_refuses_an_arch_that_does_not_fit_before_building_it(monkeypatch, capsys):
+    import pitome_mllm.tools.profiling.machine as machine
+    import pitome_mllm.zoo.architectures as architectures
+    from pitome_mllm.cli import main
+
+    monkeypatch.setattr(machine, "available_memory_bytes", lambda device: 16 * 10**9)  # a 16 GB machine
+    monkeypatch.setattr(architectures, "build_arch", lambda *a, **k: pytest.fail("built a model that cannot fit"))
+    assert main(["profile", "--arch", "llava-1.5-7b", "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        "pitome-mllm profile: error: --arch llava-1.5-7b in float32 needs about 29.4 GB (7.06 B parameters x 4 bytes"
+    )
+    assert "more than the 16.0 GB available on cpu" in lines[0]
+    assert "--dtype bfloat16 or float16 (about 14.8 GB)" in lines[0]
+    assert "a smaller --arch: clip-l-336+1b (5.1 GB), clip-l-336 (1.4 GB) in float32" in lines[0]
+    # Where even half precision does not fit, it is not offered.
+    monkeypatch.setattr(machine, "available_memory_bytes", lambda device: 2 * 10**9)
+    assert main(["profile", "--arch", "llava-1.5-7b", "--device", "cpu"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "--dtype" not in line and "clip-l-336 (1.4 GB)" in line and "clip-l-336+1b" not in line
+
+
+def test_available_memory_is_read_on_this_machine():
+    from pitome_mllm.tools.profiling.machine import available_memory_bytes
+
+    assert available_memory_bytes("cpu") > 0

@@ -231,7 +231,7 @@ def test_spectral_cli_synthetic_writes_table_json_and_plot(tmp_path, capsys):
         assert image.size == curves_size_px(1)
 
 
-def test_spectral_cli_on_tiny_model_compares_equal_token_counts(tmp_path):
+def test_spectral_cli_on_tiny_model_compares_equal_token_counts(tmp_path, recwarn):
     code = main(
         [
             "spectral",
@@ -254,6 +254,8 @@ def test_spectral_cli_on_tiny_model_compares_equal_token_counts(tmp_path):
     methods = budget["methods"]
     assert set(methods) == {"tome", "pitome", "random"}
     assert methods["pitome"]["keep_ratio"] == 0.9
+    assert report["counts"] == "visual tokens, class token excluded"
+    assert not [str(w.message) for w in recwarn if "without its processor" in str(w.message)]
     # Equal counts where the LLM reads, whatever keep ratio it took.
     assert methods["tome"]["tokens_after_layer"][-1] == methods["pitome"]["tokens_after_layer"][-1] == budget["tokens"]
     for data in methods.values():

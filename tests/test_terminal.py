@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from pitome_mllm import cli
-from pitome_mllm.runtime.terminal import busy_machine_warning, column_blocks, render_table, torch_threads
+from pitome_mllm.runtime.terminal import (
+    busy_machine_warning,
+    column_blocks,
+    render_table,
+    torch_threads,
+    warn_if_busy,
+)
 
 WIDE_COLUMNS = ["run", "visual tokens", "keep ratio", "tower", "merge share", "projector", "LLM prefill", "TTFT",
                 "decode / token", "total", "tower speed-up meas / FLOPs"]  # fmt: skip
@@ -101,15 +107,23 @@ def test_busy_machine_warning_compares_idle_cores_with_threads():
     assert "or pass --threads" not in busy_machine_warning(1, load_average=2.3, cpus=2)
 
 
-def test_torch_threads_sets_restores_and_warns_when_busy(monkeypatch, caplog):
+def test_torch_threads_sets_restores_and_warn_if_busy_warns_when_busy(monkeypatch, caplog):
     before = torch.get_num_threads()
     monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))
     with caplog.at_level(logging.WARNING, logger="pitome_mllm"), torch_threads(1) as threads:
         assert threads == 1 and torch.get_num_threads() == 1
+        assert caplog.text == ""  # not on entry: only where the timing starts
+        warn_if_busy()
     assert torch.get_num_threads() == before
     assert "the machine is busy (load average 64.0" in caplog.text
     with pytest.raises(ValueError, match="--threads must be >= 1"), torch_threads(0):
         pass
+
+
+def test_an_idle_machine_is_not_called_busy():
+    # The shell and the kernel keep the load average a little above 0 on an idle machine.
+    assert busy_machine_warning(2, load_average=0.1, cpus=2) is None
+    assert busy_machine_warning(2, load_average=0.6, cpus=2) is not None
 
 
 def test_chat_takes_threads():

@@ -26,6 +26,7 @@ from pitome_mllm.tools.viz import (
     pixel_values_for,
     plot_curves,
     plot_merge_maps,
+    record_row,
     render_merge_map,
     trace_merges,
     vision_hidden_states,
@@ -139,7 +140,7 @@ def test_energy_map_covers_the_patch_grid(tiny_llava):
     assert energies.shape == (8, 8) and torch.isfinite(energies).all()
 
 
-def test_visualize_cli_writes_png_and_json(tmp_path):
+def test_visualize_cli_writes_png_and_json(tmp_path, capsys, recwarn):
     code = main(
         [
             "visualize",
@@ -166,9 +167,24 @@ def test_visualize_cli_writes_png_and_json(tmp_path):
     assert summary["layers"] == [0, 2, 4] and summary["random_weights"] is True
     assert set(summary["tokens_after_layer"]) == {"tome", "pitome"}
     assert summary["tokens_after_layer"]["pitome"][-1] == summary["num_visual_tokens"]["pitome"]
+    # One counting convention, stated; where both files went; no warning meant for generation.
+    assert summary["counts"] == "visual tokens, class token excluded"
+    out = capsys.readouterr().out.splitlines()
+    assert f"wrote {tmp_path / 'merge_map.png'}" in out
+    assert f"wrote {tmp_path / 'merge_map.json'} (the counts of the table)" in out
+    assert not [str(w.message) for w in recwarn if "without its processor" in str(w.message)]
 
 
 def test_visualize_cli_rejects_a_layer_the_model_does_not_read(tmp_path, capsys):
     code = main(["visualize", "--model", "tiny-test", "--layers", "0,5", "--output", str(tmp_path)])
     assert code == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_figure_titles_count_visual_tokens_without_the_class_token(tiny_llava):
+    model, processor = tiny_llava
+    from pitome_mllm.assets import load_image
+
+    record = trace_merges(model, pixel_values_for(processor, load_image("chelsea")), method="pitome", keep_ratio=0.9)
+    row = record_row(record, [record.last_layer], (8, 8))
+    assert row.titles == [f"after layer {record.last_layer}: {record.num_visual_tokens} tokens"]

@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+from .extras import MissingExtra, check_extras
+
 # subcommand -> module implementing it
 COMMANDS: dict[str, str] = {
     "schedule": "pitome_mllm.cli.schedule",
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        # A missing optional package is named before the command writes or loads anything.
+        check_extras(args.command, args)
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input: one clear line, not a traceback.
+    except (ValueError, FileNotFoundError, MissingExtra) as error:
+        # Bad input or a missing extra: one clear line, not a traceback.
         print(f"pitome-mllm {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -20,8 +20,14 @@ def add_preset_argument(parser: argparse.ArgumentParser, help: str = PRESET_HELP
     parser.add_argument("--preset", choices=PRESETS, default="reference", help=help)
 
 
-def add_method_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=ALL_METHODS, default="pitome")
+METHOD_HELP = (
+    "how tokens are reduced: pitome (default), tome, none, or a selection method at the projector "
+    "(random, pool, dominant, ...; docs/methods.md)"
+)
+
+
+def add_method_argument(parser: argparse.ArgumentParser, choices=ALL_METHODS) -> None:
+    parser.add_argument("--method", choices=choices, default="pitome", help=METHOD_HELP)
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:

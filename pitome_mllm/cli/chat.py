@@ -173,7 +173,7 @@ def run_chat(
         new_session: ``(bundle, image) -> session`` that `answer_questions` talks to.
     """
     from ..runtime.loading import load_image_arg
-    from ..runtime.terminal import torch_threads
+    from ..runtime.terminal import torch_threads, warn_if_busy
 
     with torch_threads(args.threads):
         config = checked_patch_config(args)
@@ -186,6 +186,7 @@ def run_chat(
         description, undo = install(bundle, config)
         try:
             print(f"{args.model}: {description}", file=sys.stderr)
+            warn_if_busy()  # the answers print their timings
             answer_questions(new_session(bundle, image), args)
         finally:
             undo()

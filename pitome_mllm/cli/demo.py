@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS
+from ..geometry import VISUAL_TOKENS_NOTE
 from ..runtime.terminal import add_list_argument, add_threads_argument, plural
 
 HELP = "compare unpatched vs. PiToMe / ToMe on an offline tiny LLaVA (no download): visual tokens and latency"
@@ -227,9 +229,11 @@ def inspect_merges(model, processor, image, config: dict[str, Any]) -> dict[str,
         trace = handle.trace
         steps = handle.schedule
         num_input_tokens = steps[0].tokens_in
+        # One convention wherever counts print: visual tokens, CLIP's class token excluded (LLaVA drops it).
         summary: dict[str, Any] = {
             "config": config,
-            "tokens_after_layer": [num_input_tokens, *trace.token_counts],
+            "counts": VISUAL_TOKENS_NOTE,
+            "tokens_after_layer": [count - 1 for count in (num_input_tokens, *trace.token_counts)],
             "methods": [step.method for step in steps],
             "num_visual_tokens": handle.num_visual_tokens,
         }
@@ -268,15 +272,31 @@ def _spread(runs: list[dict[str, float]], key: str) -> float:
     return (max(values) - min(values)) / 2 if values else 0.0
 
 
+WITHIN_NOISE = "within noise"
+
+
+def speed_up_text(baseline: Row, row: Row, key: str = "prefill_ms") -> str:
+    """``baseline``'s ``key`` over ``row``'s as ``2.04x``, or "within noise" when the ranges of their timed
+    runs overlap (then the runs cannot tell the two settings apart, whatever the medians say)."""
+    if row is baseline:
+        return "1.00x"
+    base = [run[key] for run in baseline.runs] or [getattr(baseline, key)]
+    this = [run[key] for run in row.runs] or [getattr(row, key)]
+    if min(base) <= max(this) and min(this) <= max(base):
+        return WITHIN_NOISE
+    return f"{getattr(baseline, key) / getattr(row, key):.2f}x" if getattr(row, key) > 0 else "n/a"
+
+
 def table_text(rows: list[Row], width: int | None = None) -> str:
-    """The demo table: medians ± half the range of the timed runs, and the prefill speed-up."""
+    """The demo table: medians ± half the range of the timed runs, and the TTFT speed-up (or "within noise").
+
+    ``prefill_ms`` is the time to the first token (vision included): the column says TTFT.
+    """
     from ..runtime.terminal import render_table
 
-    columns = ["setting", "visual tokens", "vision ms", "prefill ms", "total ms", "output tokens", "prefill speed-up"]
-    baseline_prefill = rows[0].prefill_ms if rows else 0.0
+    columns = ["setting", "visual tokens", "vision ms", "TTFT ms", "total ms", "output tokens", "TTFT speed-up"]
     cells = []
     for row in rows:
-        speed_up = baseline_prefill / row.prefill_ms if row.prefill_ms > 0 else float("nan")
         cells.append(
             [
                 row.setting,
@@ -286,7 +306,7 @@ def table_text(rows: list[Row], width: int | None = None) -> str:
                     for key in ("vision_ms", "prefill_ms", "total_ms")
                 ),
                 str(row.output_tokens),
-                f"{speed_up:.2f}x",
+                speed_up_text(rows[0], row),
             ]
         )
     return render_table(columns, cells, width=width)
@@ -297,7 +317,7 @@ def describe_merges(summary: dict[str, Any]) -> list[str]:
     counts = summary["tokens_after_layer"]
     label = f"{config['method']} keep={config['keep_ratio']:g}, preset {config.get('preset', 'reference')}"
     lines = [
-        f"Tokens after each vision layer ({label}, class token included): "
+        f"Visual tokens after each vision layer ({label}; {VISUAL_TOKENS_NOTE}): "
         + " -> ".join(str(count) for count in counts)
         + f"; the LLM receives {summary['num_visual_tokens']}."
     ]
@@ -333,7 +353,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from ..models import model_parts
     from ..runtime.loading import build_prompt, load_image_arg, resolve_device, tiny_demo_model
-    from ..runtime.terminal import output_width
+    from ..runtime.terminal import load_average_note, output_width, warn_if_busy
 
     settings = demo_settings(args.methods, args.keep_ratios, args.budgets, args.preset)
     check_configs(settings)
@@ -347,6 +367,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         model.to(device)
         check_settings(model, processor, settings)
     prompt = build_prompt(processor, args.prompt)
+    warn_if_busy()  # after every check, right before the timing starts
 
     rows: list[Row] = []
     progress = Progress(
@@ -373,9 +394,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     )
     print(table_text(rows, output_width()))
     console.print(
-        "[dim]Weights are random, so the answers are gibberish by design; what the table shows is the token "
-        f"counts and their cost. Every run decodes exactly {args.max_new_tokens} tokens so the rows compare; "
-        "vision = CLIP tower + projector (merges included), prefill = time to the first token.[/dim]"
+        f"Measured with {load_average_note()}. {VISUAL_TOKENS_NOTE.capitalize()}; vision = CLIP tower + projector "
+        "(merges included); TTFT = time to the first token (vision and prefill); every run decodes exactly "
+        f"{plural(args.max_new_tokens, 'token')}, so the rows compare. '{WITHIN_NOISE}': the timed runs of the "
+        "setting and of the unpatched model overlap, so they do not tell the two apart. Weights are random: "
+        "the table is about token counts and their cost."
     )
     for line in describe_merges(merges):
         console.print(line)
@@ -391,6 +414,9 @@ def _run_demo(args: argparse.Namespace) -> int:
                 "threads": torch.get_num_threads(),
                 "repeats": args.repeats,
                 "max_new_tokens": args.max_new_tokens,
+                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+                "timings": "prefill_ms is the time to the first token (vision included); medians of the runs",
+                "counts": VISUAL_TOKENS_NOTE,
                 "rows": [asdict(row) for row in rows],
                 "merges": merges,
             },

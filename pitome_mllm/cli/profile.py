@@ -12,12 +12,13 @@ folder or hub id (``tiny`` / ``tiny-test``: the offline tiny model).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..common.files import checked_output_folder
-from ..config import METHODS, PRESETS
+from ..config import METHODS
 from ..runtime.terminal import add_list_argument, add_threads_argument
 from ..zoo.architecture_specs import ARCHITECTURES
-from .arguments import checked_output_stem
+from .arguments import add_preset_argument, checked_output_stem
 
 # What `write_report` adds to --stem (kept torch-free here: the check runs before the heavy imports).
 REPORT_SUFFIXES = (".json", ".csv", "_latency.png", "_memory.png")
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unless --keep-ratios is given)",
     )
     add_list_argument(parser, "--keep-ratios", float, default=[], help="e.g. 0.9 0.95")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
+    add_preset_argument(parser)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=8, help="tokens generated per pass (EOS ignored)")
     parser.add_argument("--repeats", type=int, default=5, help="measured passes per config")
@@ -110,6 +111,49 @@ def load_model_for_profiling(args: argparse.Namespace, device, dtype):
     return model, processor, args.model, False
 
 
+def gigabytes(count: int) -> str:
+    return f"{count / 1e9:.1f} GB"
+
+
+def check_memory(arch: str, dtype, batch_size: int, available: int | None, device) -> None:
+    """Refuse an ``--arch`` run whose estimated memory exceeds what ``device`` has available.
+
+    Raises:
+        ValueError: naming the estimate, what is available, and the ways out (a smaller dtype, a
+            smaller ``--arch`` that fits).
+    """
+    from ..zoo.architecture_specs import ARCHITECTURES, estimate_memory
+
+    if available is None:
+        return
+    dtype_bytes = dtype.itemsize
+    need = estimate_memory(ARCHITECTURES[arch], dtype_bytes, batch_size)
+    if need.total_bytes <= available:
+        return
+    dtype_name = str(dtype).replace("torch.", "")
+    ways_out = []
+    if dtype_bytes > 2:
+        half = estimate_memory(ARCHITECTURES[arch], 2, batch_size).total_bytes
+        if half <= available:
+            ways_out.append(f"--dtype bfloat16 or float16 (about {gigabytes(half)})")
+    smaller = [
+        f"{name} ({gigabytes(estimate_memory(spec, dtype_bytes, batch_size).total_bytes)})"
+        for name, spec in ARCHITECTURES.items()
+        if name != arch and estimate_memory(spec, dtype_bytes, batch_size).total_bytes <= available
+    ]
+    if smaller:
+        ways_out.append(f"a smaller --arch: {', '.join(smaller)} in {dtype_name}")
+    if batch_size > 1:
+        ways_out.append("a smaller --batch-size")
+    ways_out.append("a machine with more memory")
+    raise ValueError(
+        f"--arch {arch} in {dtype_name} needs about {gigabytes(need.total_bytes)} "
+        f"({need.parameters / 1e9:.2f} B parameters x {dtype_bytes} bytes = {gigabytes(need.weight_bytes)}, "
+        f"activations {gigabytes(need.activation_bytes)}), more than the {gigabytes(available)} available on "
+        f"{device}; use {'; or '.join(ways_out)}"
+    )
+
+
 def native_visual_tokens(model) -> int:
     from ..models import model_geometry
 
@@ -127,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output:  # before the model is built: a bad output path must not cost a profiling run
         output = checked_output_folder("--output", args.output)
         checked_output_stem("--stem", args.stem, "--output", output, REPORT_SUFFIXES)
+    if args.arch:  # before the model is built: a run that cannot fit must not end in the kernel's OOM killer
+        from ..tools.profiling.machine import available_memory_bytes
+
+        device = resolve_device(args.device)
+        check_memory(
+            args.arch, resolve_dtype(args.dtype, device), args.batch_size, available_memory_bytes(device), device
+        )
     with torch_threads(args.threads):
         return _profile(args)
 
@@ -134,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
 def _profile(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from ..runtime.terminal import load_average_note, warn_if_busy
     from ..tools.profiling import DEFAULT_PROMPT, ProfileSettings, plan_runs, print_table, profile, write_report
 
     device = resolve_device(args.device)
@@ -146,6 +198,8 @@ def _profile(args: argparse.Namespace) -> int:
         vision_only=args.vision_only,
         prompt=args.prompt or DEFAULT_PROMPT,
         image=args.image,
+        # A progress bar redraws one line with carriage returns: only on a terminal, never into a log file.
+        progress=sys.stderr.isatty(),
     )
     console = Console(stderr=True)
     console.print(f"building {args.arch or args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
@@ -157,8 +211,10 @@ def _profile(args: argparse.Namespace) -> int:
         raise ValueError(f"--budgets must be in [1, {native_tokens}] for this model ({source}), got {args.budgets}")
     budgets = args.budgets if args.budgets is not None else ([] if args.keep_ratios else [64, 128, 192, 576])
     runs = plan_runs(args.methods, budgets, args.keep_ratios, native_tokens, args.preset)
+    warn_if_busy()
     report = profile(model, processor, runs, settings, source=source)
     print_table(report)
+    console.print(f"measured with {load_average_note()}")
     if args.output:
         paths = write_report(report, args.output, args.stem)
         console.print("wrote " + ", ".join(str(path) for path in paths.values()))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import METHODS, PRESETS, check_keep_ratio
+from ..config import METHODS, PiToMeConfig, check_keep_ratio
 from ..runtime.terminal import add_list_argument
 from ..schedule import plan_layers
+from .arguments import add_preset_argument
 
 HELP = "print the per-layer merge plan and the visual tokens that reach the LLM (no model needed)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_list_argument(parser, "--keep-ratio", float, default=[0.9], help="one or more keep ratios")
-    parser.add_argument("--preset", choices=PRESETS, default="reference")
-    parser.add_argument("--method", choices=METHODS, default="pitome")
+    add_preset_argument(parser)
+    parser.add_argument(
+        "--method", choices=METHODS, default="pitome", help="merging in the tower: pitome (default), tome or none"
+    )
     parser.add_argument("--image-size", type=int, default=336)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--layers", type=int, default=24, help="vision encoder depth")
@@ -51,14 +54,19 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     num_tokens, last_layer = checked_geometry(args)
+    num_patches = num_tokens - 1  # CLIP's class token rides along in the tower
     for keep_ratio in args.keep_ratio:
         try:
             check_keep_ratio(keep_ratio)
         except ValueError as error:
             raise ValueError(f"--keep-ratio: {error}") from None
+        # The settings the API would refuse are refused here too, with its message, before anything prints.
+        PiToMeConfig.from_dict({"method": args.method, "preset": args.preset, "keep_ratio": keep_ratio})
     console = Console()
     summary = Table(
-        title=f"{args.method} / {args.preset}: {num_tokens} tokens in, {args.layers} layers, reading layer {last_layer}"
+        title=f"{args.method} / {args.preset}: {num_patches} patches + class token in, {args.layers} layers, "
+        f"reading layer {last_layer}",
+        caption="visual tokens: class token excluded (LLaVA drops it before the projector)",
     )
     summary.add_column("keep ratio", justify="right")
     summary.add_column("merging layers", justify="right")
@@ -70,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         merging = sum(step.method != "none" for step in steps)
         summary.add_row(f"{keep_ratio:g}", str(merging), str(steps[-1].tokens_out - 1))
         if args.per_layer:
-            table = Table(title=f"keep_ratio={keep_ratio:g}")
-            for column in ("layer", "method", "r", "margin", "tokens in", "tokens out"):
+            table = Table(title=f"keep_ratio={keep_ratio:g}", caption="tower tokens: class token included")
+            for column in ("layer", "method", "r", "margin", "tower tokens in", "tower tokens out"):
                 table.add_column(column, justify="right")
             for step in steps:
                 table.add_row(

@@ -21,16 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import ALL_METHODS
-from .arguments import add_budget_arguments, add_preset_argument
+from .arguments import add_budget_arguments, add_method_argument, add_preset_argument
 
 HELP = "serve a LLaVA model through vLLM's OpenAI-compatible server with PiToMe merging"
 TINY = "tiny"
 TINY_CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-VLLM_MISSING = (
-    "vLLM is not installed in this environment ({python}); `bash scripts/install.sh --vllm` makes .venv-vllm "
-    "with vLLM (its CPU build on a machine without a GPU) and pitome-mllm"
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Arguments after -- go to `vllm serve` unchanged, e.g. -- --port 8000 --max-model-len 4096."
     add_budget_arguments(parser)
     add_preset_argument(parser)
-    parser.add_argument("--method", choices=ALL_METHODS, default="pitome")
+    add_method_argument(parser)
     parser.add_argument(
         "--config",
         help='more PiToMeConfig fields as JSON (or a JSON file), e.g. \'{"metric": "keys"}\'; flags win',
@@ -48,7 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pitome_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The PiToMeConfig fields the flags and ``--config`` give (only those set, so presets fill the rest)."""
+    """The PiToMeConfig fields the flags and ``--config`` give (only those set, so presets fill the rest).
+
+    Raises:
+        ValueError: naming ``--config`` when it is neither a JSON object nor a file holding one.
+    """
     fields: dict[str, Any] = {}
     if args.config:
         from ..config import read_config_fields
@@ -74,13 +73,16 @@ def vllm_serve_command(model: str, overrides: dict | None, vllm_args: list[str])
     return command + vllm_args
 
 
-def tiny_model_folder() -> Path:
-    """A tiny LLaVA-1.5 for vLLM, saved once under the cache folder (``$PITOME_CACHE``)."""
+def tiny_model_folder(create: bool = True) -> Path:
+    """A tiny LLaVA-1.5 for vLLM, saved once under the cache folder (``$PITOME_CACHE``).
+
+    ``create=False`` gives the folder's path only, writing nothing (``--dry-run``).
+    """
     from ..common.files import cache_dir
     from ..zoo.tiny import VLLM_DEMO_SPEC, save_tiny_llava
 
-    folder = cache_dir() / "vllm_tiny_llava"
-    if not (folder / "model.safetensors").is_file():
+    folder = cache_dir(create=create) / "vllm_tiny_llava"
+    if create and not (folder / "model.safetensors").is_file():
         save_tiny_llava(folder, VLLM_DEMO_SPEC, hub_layout=True)
     return folder
 
@@ -96,16 +98,77 @@ def check_settings(fields: dict[str, Any]) -> dict:
     return overrides
 
 
-def run(args: argparse.Namespace) -> int:
-    import importlib.util
+def model_config(model: str):
+    """The transformers config of ``model`` (``tiny``, a folder or a hub name), without loading weights.
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ValueError(VLLM_MISSING.format(python=sys.executable))
-    vllm_args = list(getattr(args, "passthrough", []))  # everything after `--`
-    overrides = None if args.no_pitome else check_settings(pitome_fields(args))
-    model = args.model
+    None when a hub model's config.json is neither cached nor reachable (vLLM then checks it when it starts).
+
+    Raises:
+        ValueError: a folder without a readable config.json.
+    """
+    from transformers import AutoConfig
+
     if model == TINY:
-        model = str(tiny_model_folder())
+        from ..zoo.tiny import VLLM_DEMO_SPEC, tiny_llava_config
+
+        return tiny_llava_config(VLLM_DEMO_SPEC)
+    if Path(model).is_dir():
+        try:
+            return AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"MODEL {model}: cannot read its config.json ({error})") from None
+    for local_only in (True, False):
+        try:
+            return AutoConfig.from_pretrained(model, local_files_only=local_only)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def preflight(model: str, fields: dict[str, Any] | None) -> str:
+    """Check ``fields`` against ``model``'s config.json before vLLM starts; one line saying what was checked.
+
+    Raises:
+        ValueError: a budget the model's tower cannot reach, or a geometry the plugin does not support
+            (the messages `pitome_mllm.patch` gives).
+    """
+    from ..config import PiToMeConfig
+    from ..models.vllm_llava import planned_budget
+
+    hf_config = model_config(model)
+    if hf_config is None:
+        return f"pre-flight: config.json of {model} is not here (offline?); vLLM checks the settings when it starts"
+    model_type = getattr(hf_config, "model_type", None)
+    if fields is None:
+        return f"pre-flight: {model} ({model_type}) served unpatched"
+    if model_type != "llava":
+        return f"pre-flight: {model} is a {model_type!r} model; vLLM checks the settings against it when it starts"
+    budget = planned_budget(hf_config, PiToMeConfig.from_dict(fields))
+    geometry = budget.geometry
+    counted = (
+        "class token excluded" if geometry.drops_class_token or not geometry.class_token else "class token included"
+    )
+    return (
+        f"pre-flight: {budget.num_visual_tokens} of {geometry.native_visual_tokens} visual tokens per image "
+        f"({counted}), checked against the model's config.json"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from .extras import VLLM, MissingExtra, missing_extra_message, module_available
+
+    vllm_args = list(getattr(args, "passthrough", []))  # everything after `--`
+    fields = None if args.no_pitome else pitome_fields(args)
+    overrides = None if fields is None else check_settings(fields)
+    # Everything that can be checked without vLLM, before it starts (it takes seconds to minutes to fail).
+    print(preflight(args.model, fields), flush=True)
+    if not module_available("vllm"):
+        raise MissingExtra(missing_extra_message("serve", [("vllm", VLLM)]))
+    model = args.model
+    environment: dict[str, str] = {}  # set for vLLM where not set already
+    if model == TINY:
+        # --dry-run writes nothing: the path the tiny model would be saved to.
+        model = str(tiny_model_folder(create=not args.dry_run))
         # A toy model: no graph compilation (minutes on a CPU) and a short context, unless asked otherwise.
         for option, value in (("--served-model-name", TINY), ("--max-model-len", "2048"), ("--enforce-eager", None)):
             if option not in vllm_args:
@@ -113,13 +176,15 @@ def run(args: argparse.Namespace) -> int:
         if shutil.which("nvidia-smi") is None:
             # vLLM's CPU build otherwise reserves 92% of the machine's memory (and refuses to start when other
             # programs hold some) and spawns an engine process (a minute more to start).
-            for name, value in TINY_CPU_ENVIRONMENT.items():
-                os.environ.setdefault(name, value)
+            environment = {name: value for name, value in TINY_CPU_ENVIRONMENT.items() if name not in os.environ}
             if "--distributed-executor-backend" not in vllm_args:
                 vllm_args += ["--distributed-executor-backend", "uni"]
     command = vllm_serve_command(model, overrides, vllm_args)
-    print("running:", shlex.join(command), flush=True)
+    shown = " ".join([*(f"{name}={value}" for name, value in environment.items()), shlex.join(command)])
     if args.dry_run:
+        print("would run:", shown, flush=True)
         return 0
+    print("running:", shown, flush=True)
+    os.environ.update(environment)
     os.execv(command[0], command)
     return 0  # not reached: vLLM replaced this process

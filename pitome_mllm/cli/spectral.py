@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..common.files import checked_output_folder
 from ..config import check_keep_ratio
+from ..geometry import VISUAL_TOKENS_NOTE
 from ..runtime.terminal import add_list_argument
 from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_stem
 
@@ -114,7 +115,7 @@ def keep_ratio_for_tokens(model, method: str, num_tokens: int, preset: str, tole
 
 def matched_keep_ratios(args, model) -> list[dict[str, float]]:
     """Per budget, the keep ratio of every method giving that budget."""
-    from ..api import patched
+    from ..tools.viz import patched_tower
 
     methods = list(args.methods)
     if args.budgets is not None:
@@ -126,7 +127,7 @@ def matched_keep_ratios(args, model) -> list[dict[str, float]]:
     # could still change the per-layer counts); the others are solved to match its count.
     anchor = "pitome" if "pitome" in methods else methods[0]
     keep_ratio = 0.9 if args.keep_ratio is None else args.keep_ratio
-    with patched(model, None, method=anchor, keep_ratio=keep_ratio, preset=args.preset) as handle:
+    with patched_tower(model, method=anchor, keep_ratio=keep_ratio, preset=args.preset) as handle:
         budget = handle.num_visual_tokens
     ratios = {m: keep_ratio if m == anchor else keep_ratio_for_tokens(model, m, budget, args.preset) for m in methods}
     return [{"tokens": budget, **ratios}]
@@ -227,6 +228,7 @@ def run_model(args) -> dict:
 
     return {
         "mode": "model",
+        "counts": VISUAL_TOKENS_NOTE,
         "model": args.model,
         "random_weights": loaded.random_weights,
         "preset": args.preset,
@@ -316,7 +318,7 @@ def summarize_report(report: dict) -> list[dict]:
     groups = report["budgets"] if report["mode"] == "model" else report["levels"]
     for group in groups:
         if report["mode"] == "model":
-            setting = f"{group['tokens']} tokens"
+            setting = f"{group['tokens']} visual tokens"
             finals = {m: {k: v[-1] for k, v in d["per_image"].items()} for m, d in group["methods"].items()}
             ratios = {m: d["keep_ratio"] for m, d in group["methods"].items()}
         else:
@@ -399,7 +401,10 @@ def plot_report(report: dict, path: Path) -> Path:
                 )
             panels.append(CurvePanel(f"{group['tokens']} visual tokens to the LLM", curves, "vision layer", ylabel))
         title = f"Spectral distance vs layer: model '{report['model']}', {len(report['images'])} images"
-        caption = f"mean, band = min-max over images; reference graph: {REFERENCE_SHORT[report['reference']]}"
+        caption = (
+            f"mean, band = min-max over images; reference graph: {REFERENCE_SHORT[report['reference']]}; "
+            f"{VISUAL_TOKENS_NOTE}"
+        )
         if report["random_weights"]:
             caption += "\n" + RANDOM_WEIGHTS_NOTE
     else:

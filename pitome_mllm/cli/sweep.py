@@ -42,17 +42,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregate", metavar="DIR", help="only build summary.csv / .md / .png of a sweep folder")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse a sweep without its required flags (``--aggregate DIR`` alone needs none).
+
+    Raises:
+        ValueError: naming the missing flags.
+    """
+    if args.aggregate:
+        return
+    missing = [flag for flag, value in (("--suite", args.suite), ("--model", args.model)) if not value]
+    if not args.output and not args.dry_run:
+        missing.append("--output")
+    if missing:
+        raise ValueError(f"sweep needs {', '.join(missing)} (or --aggregate DIR)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.aggregate:
         paths = aggregate(args.aggregate)
         print(Path(paths["markdown"]).read_text())
         print("wrote " + ", ".join(str(path) for path in paths.values()))
         return 0
-    missing = [flag for flag, value in (("--suite", args.suite), ("--model", args.model)) if not value]
-    if not args.output and not args.dry_run:
-        missing.append("--output")
-    if missing:
-        raise ValueError(f"sweep needs {', '.join(missing)} (or --aggregate DIR)")
+    check_arguments(args)
     suite = load_suite(args.suite)
     # A dry run checks what a real run checks before it starts anything.
     limit = check_limit("--limit", args.limit)

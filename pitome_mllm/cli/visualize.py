@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..common.files import checked_output_folder
+from ..geometry import VISUAL_TOKENS_NOTE
 from ..runtime.terminal import add_list_argument
 from .arguments import add_preset_argument, add_tiny_model_arguments, checked_output_stem
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset,
         colour=args.colour,
         energy=not args.no_energy,
-        title=f"Merge groups: {loaded.name}, image '{image_name}', {args.preset} preset",
+        title=f"Merge groups: {loaded.name}, image '{image_name}', {args.preset} preset ({VISUAL_TOKENS_NOTE})",
         caption=RANDOM_WEIGHTS_NOTE if loaded.random_weights else "",
         panel_px=args.panel_px,
     )
@@ -119,11 +120,13 @@ def run(args: argparse.Namespace) -> int:
         "image": args.image,
         "preset": args.preset,
         "random_weights": loaded.random_weights,
+        "counts": VISUAL_TOKENS_NOTE,
         **result.to_dict(),
     }
-    (args.output / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path = args.output / f"{args.name}.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
-    table = Table(title=f"visual tokens after each shown layer ({image_name})")
+    table = Table(title=f"visual tokens after each shown layer ({image_name}; {VISUAL_TOKENS_NOTE})")
     table.add_column("method")
     table.add_column("keep ratio", justify="right")
     for layer_idx in result.layers:
@@ -134,5 +137,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(method, f"{result.keep_ratio[method]:.4g}", *counts, str(result.num_visual_tokens[method]))
     console = Console()
     console.print(table)
-    console.print(f"wrote {output}")
+    # Plain print: a path must not be wrapped at the terminal's width.
+    print(f"wrote {output}")
+    print(f"wrote {summary_path} (the counts of the table)")
     return 0

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_dir() -> Path:
-    """``$PITOME_CACHE`` or ``~/.cache/pitome_mllm`` (created)."""
+def cache_dir(create: bool = True) -> Path:
+    """``$PITOME_CACHE`` or ``~/.cache/pitome_mllm`` (created unless ``create=False``: a dry run writes nothing)."""
     folder = Path(os.environ.get("PITOME_CACHE", Path.home() / ".cache" / "pitome_mllm"))
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

@@ -146,7 +146,9 @@ def busy_machine_warning(threads: int, load_average: float | None = None, cpus: 
             return None
     cpus = cpus or os.cpu_count() or 1
     idle = cpus - load_average
-    if idle >= threads:
+    # Busy: other processes want at least half a core of those this run uses (a load of 0.1 on an
+    # otherwise idle machine is the shell and the kernel, not competition).
+    if idle >= threads - 0.5:
         return None
     advice = "wait for an idle machine" + (f" or pass --threads {max(1, int(idle))}" if threads > 1 else "")
     return (
@@ -162,10 +164,33 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def warn_if_busy() -> None:
+    """Log `busy_machine_warning` for torch's thread count, if the machine is busy.
+
+    Called right before the timed work starts (after the model is built and the settings are
+    checked), so the warning never comes before an error that has nothing to do with timing.
+    """
+    import torch
+
+    warning = busy_machine_warning(torch.get_num_threads())
+    if warning:
+        logger.warning("%s", warning)
+
+
+def load_average_note() -> str:
+    """``load average 2.3 on 2 cores (1 min)``: printed beside timings, so a reader can weigh them."""
+    try:
+        load_average = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return "load average unknown"
+    return f"load average {load_average:.1f} on {plural(os.cpu_count() or 1, 'core')} (1 min)"
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[int]:
     """Run the block with ``threads`` torch threads (None: torch's choice), restored afterwards
-    (callers of ``main()``, such as tests, keep their setting); warns when the machine is busy."""
+    (callers of ``main()``, such as tests, keep their setting). `warn_if_busy` says when the machine
+    is busy; the block calls it where its timing starts."""
     import torch
 
     if threads is not None and threads < 1:
@@ -173,9 +198,6 @@ def torch_threads(threads: int | None) -> Iterator[int]:
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        warning = busy_machine_warning(torch.get_num_threads())
-        if warning:
-            logger.warning("%s", warning)
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

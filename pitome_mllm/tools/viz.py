@@ -16,8 +16,10 @@ through `pitome_mllm.patch` and the model's own image encoding (its adapter's `M
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -572,20 +574,31 @@ class MergeRecord:
             raise ValueError(f"layer {layer_idx} is out of range: the model reads vision layers 0..{self.last_layer}")
 
 
-def last_vision_layer(model: torch.nn.Module) -> int:
-    """Index of the last vision layer the model reads (from the patch plan; nothing runs)."""
+@contextlib.contextmanager
+def patched_tower(model: torch.nn.Module, **config) -> Iterator:
+    """`pitome_mllm.patched` without the processor, for runs of the vision tower on pixel values.
+
+    No prompt is built, so the processor's placeholder count does not matter here, and patch()'s
+    warning about patching without the processor (meant for generation) would only be noise.
+    """
     from ..api import patched
 
-    with patched(model, None, method="none") as handle:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"patched \S+ without its processor", category=UserWarning)
+        with patched(model, None, **config) as handle:
+            yield handle
+
+
+def last_vision_layer(model: torch.nn.Module) -> int:
+    """Index of the last vision layer the model reads (from the patch plan; nothing runs)."""
+    with patched_tower(model, method="none") as handle:
         return handle.schedule[-1].layer_idx
 
 
 def trace_merges(model: torch.nn.Module, pixel_values: torch.Tensor, **config) -> MergeRecord:
     """Patch ``model`` with ``config`` (keyword arguments of `pitome_mllm.patch`), run the
     vision tower once with merge recording, unpatch, and return what was merged."""
-    from ..api import patched
-
-    with patched(model, None, **config) as handle:
+    with patched_tower(model, **config) as handle:
         handle.record_merges(True)
         hidden_states = vision_hidden_states(model, pixel_values)
         trace = handle.trace
@@ -690,10 +703,10 @@ def visualize(
 
 
 def record_row(record: MergeRecord, layers: Sequence[int], grid: tuple[int, int]) -> MergeMapRow:
-    """The figure row of one traced method: maps of the patch tokens; the titles count tokens with
-    the class token, as ``pitome-mllm schedule`` and ``demo`` do."""
+    """The figure row of one traced method: maps of the patch tokens; the titles count visual tokens,
+    class token excluded, as ``pitome-mllm schedule``, ``demo`` and ``visualize``'s table do."""
     maps = [record.patch_labels_after(layer_idx)[0].view(*grid) for layer_idx in layers]
-    titles = [f"after layer {layer_idx}: {record.tokens_after(layer_idx)} tokens" for layer_idx in layers]
+    titles = [f"after layer {layer_idx}: {record.tokens_after(layer_idx) - 1} tokens" for layer_idx in layers]
     label = (
         f"{record.method}\nkeep ratio {record.keep_ratio:.4g}\n{record.num_visual_tokens} tokens to LLM\n\n"
         + record.schedule_summary().replace(", ", "\n")
@@ -717,6 +730,7 @@ __all__ = [
     "last_vision_layer",
     "merge_maps_from_tokens",
     "patch_grid",
+    "patched_tower",
     "record_row",
     "pixel_values_for",
     "plot_curves",

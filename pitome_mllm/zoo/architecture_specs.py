@@ -15,12 +15,15 @@ __all__ = [
     "ARCHITECTURES",
     "LLAVA_VOCAB_SIZE",
     "ArchSpec",
+    "MemoryEstimate",
     "QwenTextShape",
     "QwenVLArchSpec",
     "QwenVisionShape",
     "TextShape",
     "VisionShape",
+    "estimate_memory",
     "get_arch",
+    "parameter_count",
 ]
 
 # Vocabulary of the llava-1.5 checkpoints: Llama-2's 32000 tokens plus added ones, padded to 32064.
@@ -243,3 +246,67 @@ def get_arch(name: str) -> ArchSpec | QwenVLArchSpec:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[name]
+
+
+# ------------------------------------------------------------------------------ memory a run needs
+def vision_parameters(vision: VisionShape) -> int:
+    """Parameters of a CLIP vision tower: patch and position embeddings, layers, the two layer norms."""
+    width, mlp = vision.hidden_size, vision.intermediate_size
+    embeddings = 3 * vision.patch_size**2 * width + width + vision.num_tokens * width
+    layer = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 2 * 2 * width
+    return embeddings + vision.num_layers * layer + 2 * 2 * width
+
+
+def projector_parameters(vision: VisionShape, text: TextShape) -> int:
+    """LLaVA-1.5's two-layer MLP projector."""
+    return vision.hidden_size * text.hidden_size + text.hidden_size + text.hidden_size**2 + text.hidden_size
+
+
+def text_parameters(text: TextShape) -> int:
+    """Parameters of a Llama decoder with its embedding and (untied) LM head."""
+    width, kv_width = text.hidden_size, text.num_kv_heads * text.head_dim
+    layer = 2 * width * width + 2 * width * kv_width + 3 * width * text.intermediate_size + 2 * width
+    return 2 * text.vocab_size * width + text.num_layers * layer + width
+
+
+def parameter_count(spec: ArchSpec) -> int:
+    """Parameters ``--arch`` builds (the language model only when ``spec.build_language_model``)."""
+    count = vision_parameters(spec.vision) + projector_parameters(spec.vision, spec.text)
+    return count + (text_parameters(spec.text) if spec.build_language_model else 0)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a profiling run of an architecture needs: its weights, and the largest activations on top."""
+
+    parameters: int
+    weight_bytes: int
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def estimate_memory(spec: ArchSpec, dtype_bytes: int, batch_size: int = 1, text_tokens: int = 64) -> MemoryEstimate:
+    """What an unpatched run of ``spec`` needs at most (merging only lowers it), before anything is built.
+
+    Weights: parameters x ``dtype_bytes``. Activations: the largest working set of one step, which is
+    the vision tower's attention scores ``[B, heads, N, N]`` with a few ``[B, N, mlp]`` buffers, or the
+    language model's prefill over ``576 + text_tokens`` positions (attention scores, MLP buffers, the
+    logits ``[B, L, vocab]`` in fp32, and the KV cache of every layer), plus a quarter for the allocator.
+    """
+    vision, text = spec.vision, spec.text
+    tokens = vision.num_tokens
+    vision_step = batch_size * (vision.num_heads * tokens * tokens + 4 * tokens * vision.intermediate_size)
+    activation_elements = vision_step
+    activation_bytes = activation_elements * dtype_bytes
+    if spec.build_language_model:
+        length = tokens - 1 + text_tokens
+        prefill_step = batch_size * (text.num_heads * length * length + 4 * length * text.intermediate_size)
+        kv_cache = 2 * text.num_layers * batch_size * length * text.num_kv_heads * text.head_dim
+        logits_bytes = batch_size * length * text.vocab_size * 4
+        activation_bytes = max(activation_bytes, (prefill_step + kv_cache) * dtype_bytes + logits_bytes)
+    activation_bytes += activation_bytes // 4
+    parameters = parameter_count(spec)
+    return MemoryEstimate(parameters, parameters * dtype_bytes, activation_bytes)

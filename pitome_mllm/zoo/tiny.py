@@ -29,6 +29,8 @@ Bundled demo photographs (public domain / CC0) are reachable through :func:`list
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -368,6 +370,11 @@ def _build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Ll
     return LlavaConfig(vision_config=vision_config, text_config=text_config, **_llava_config_kwargs(spec, tokenizer))
 
 
+def tiny_llava_config(spec: TinyLlavaSpec = DEMO_SPEC) -> LlavaConfig:
+    """The ``LlavaConfig`` a tiny model of ``spec`` is built with, without building or saving the model."""
+    return _build_config(spec, build_tiny_tokenizer())
+
+
 def _check_processor_matches(processor: LlavaProcessor, spec: TinyLlavaSpec) -> None:
     """Fail early on a processor whose placeholder count would not match the tower's feature count.
 
@@ -450,6 +457,42 @@ def save_tiny_llava(folder: str | Path, spec: TinyLlavaSpec = TEST_SPEC, hub_lay
     processor.save_pretrained(folder)
     if hub_layout:
         rename_tower_weights_to_hub_layout(folder / "model.safetensors")
+    return folder
+
+
+TINY_CHECKPOINT_FOLDER = "tiny_llava"  # under the cache folder (``$PITOME_CACHE``)
+
+
+def tiny_llava_checkpoint(folder: str | Path | None = None, spec: TinyLlavaSpec = DEMO_SPEC) -> Path:
+    """A local tiny LLaVA-1.5 checkpoint, built offline once and reused: the folder to ``from_pretrained``.
+
+    ``LlavaForConditionalGeneration.from_pretrained(path)`` and ``AutoProcessor.from_pretrained(path)``
+    load it with no network access. The default :data:`DEMO_SPEC` has LLaVA-1.5-7B's vision geometry
+    (CLIP ViT-L/14 at 336 px, 24 layers, 576 visual tokens) at tiny widths and random weights: its
+    answers are noise, its token counts and merge plans are those of the real model.
+
+    Args:
+        folder: where to save it (default ``$PITOME_CACHE/tiny_llava``, or ``~/.cache/pitome_mllm/...``).
+        spec: the sizes; a folder already holding a checkpoint is reused as it is.
+    """
+    from ..common.files import cache_dir
+
+    folder = Path(folder) if folder is not None else cache_dir() / TINY_CHECKPOINT_FOLDER
+    if (folder / "model.safetensors").is_file():
+        return folder
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} holds files but no model.safetensors: give a new or empty folder")
+    # Built beside the folder and renamed into place, so a reader never sees a half-written checkpoint.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_tiny_llava(partial, spec)
+    try:
+        os.replace(partial, folder)  # onto a missing or empty folder
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (folder / "model.safetensors").is_file():  # else another process saved it first
+            raise
     return folder
 
 

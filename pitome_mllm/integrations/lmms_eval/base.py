@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from loguru import logger as eval_logger
 from PIL import Image
 from tqdm import tqdm
 
@@ -571,6 +572,13 @@ class PiToMeLmmsModel(lmms):
             avg_speed=tokens / seconds if seconds > 0 else 0.0,
             additional_metrics=additional,
         )
+        if self.world_size > 1:
+            # Data parallel: each rank says what its own share of the documents cost in visual tokens.
+            counts = sorted({c.visual_tokens for c in self._sample_costs if c.visual_tokens is not None})
+            eval_logger.info(
+                f"{self.model_id} rank {self.rank} of {self.world_size}: {summary['samples']} samples, "
+                f"visual tokens per image {counts}"
+            )
         if self.record_path is not None:
             write_json_atomically(self.record_path, summary)
 

@@ -28,6 +28,25 @@ def _mem_total_bytes() -> int | None:
     return None
 
 
+def available_memory_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Memory a new allocation can take now on ``device``: free GPU memory, or the system's available
+    memory (psutil, else ``MemAvailable`` of /proc/meminfo); None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """The machine a figure was measured on: CPU, threads, memory, GPU, library versions,
     load average (other processes competing for the CPU make CPU timings slower)."""
