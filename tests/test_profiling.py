@@ -409,6 +409,19 @@ def test_the_parameter_count_is_what_build_arch_builds(build_language_model):
     assert parameter_count(spec) == built
 
 
+@pytest.mark.parametrize("arch", ["qwen2.5-vl-7b", "qwen2.5-vl-7b-vision", "qwen3-vl-8b", "qwen3-vl-8b-vision"])
+def test_the_qwen_parameter_count_is_what_the_model_class_builds(arch):
+    """The torch-free count (what profile's memory check uses) equals a meta-device build of the real class."""
+    from pitome_mllm.zoo.architecture_specs import estimate_memory, get_arch, parameter_count
+    from pitome_mllm.zoo.architectures import count_parameters
+
+    spec = get_arch(arch)
+    counts = count_parameters(spec)
+    expected = counts["total"] if spec.build_language_model else counts["vision_tower"] + counts["projector"]
+    assert parameter_count(spec) == expected
+    assert estimate_memory(spec, 2).weight_bytes == 2 * expected
+
+
 def test_the_llava_7b_estimate_is_its_known_size():
     from pitome_mllm.zoo.architecture_specs import ARCHITECTURES, estimate_memory
 

@@ -139,7 +139,9 @@ def check_memory(arch: str, dtype, batch_size: int, available: int | None, devic
     smaller = [
         f"{name} ({gigabytes(estimate_memory(spec, dtype_bytes, batch_size).total_bytes)})"
         for name, spec in ARCHITECTURES.items()
-        if name != arch and estimate_memory(spec, dtype_bytes, batch_size).total_bytes <= available
+        if name != arch
+        and getattr(spec, "family", None) == getattr(ARCHITECTURES[arch], "family", None)  # the same family only
+        and estimate_memory(spec, dtype_bytes, batch_size).total_bytes <= available
     ]
     if smaller:
         ways_out.append(f"a smaller --arch: {', '.join(smaller)} in {dtype_name}")

@@ -269,8 +269,39 @@ def text_parameters(text: TextShape) -> int:
     return 2 * text.vocab_size * width + text.num_layers * layer + width
 
 
-def parameter_count(spec: ArchSpec) -> int:
+def qwen_vision_parameters(family: str, vision: QwenVisionShape, out_width: int) -> int:
+    """A Qwen-VL tower's parameters with its patch merger (and Qwen3-VL's DeepStack mergers)."""
+    width, mlp, merged = vision.hidden_size, vision.intermediate_size, 4 * vision.hidden_size
+    qwen3 = family == "qwen3-vl"
+    patch_embed = 3 * vision.temporal_patch_size * vision.patch_size**2 * width + (width if qwen3 else 0)
+    # Qwen3-VL: LayerNorms (weight and bias), a plain two-layer MLP, learned positions; Qwen2.5-VL: RMSNorms and a
+    # gated MLP.
+    norms = 4 * width if qwen3 else 2 * width
+    block_mlp = 2 * width * mlp + mlp + width if qwen3 else 3 * width * mlp + 2 * mlp + width
+    block = norms + 4 * width * width + 4 * width + block_mlp
+    merger_mlp = merged * merged + merged + merged * out_width + out_width
+    merger = (2 * width if qwen3 else width) + merger_mlp
+    deepstack = len(vision.deepstack_visual_indexes) * (2 * merged + merger_mlp)
+    positions = vision.num_position_embeddings * width if qwen3 else 0
+    return patch_embed + positions + vision.num_layers * block + merger + deepstack
+
+
+def qwen_text_parameters(family: str, text: QwenTextShape) -> int:
+    """A Qwen2 / Qwen3 decoder's parameters, embeddings and (untied) LM head included."""
+    width, heads, kv_width = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    if family == "qwen3-vl":  # no projection biases; per-head query and key norms
+        attention = 2 * width * heads + 2 * width * kv_width + 2 * text.head_dim
+    else:  # Qwen2: biases on the query, key and value projections
+        attention = 2 * width * heads + heads + 2 * (width * kv_width + kv_width)
+    layer = attention + 3 * width * text.intermediate_size + 2 * width
+    return 2 * text.vocab_size * width + text.num_layers * layer + width
+
+
+def parameter_count(spec: ArchSpec | QwenVLArchSpec) -> int:
     """Parameters ``--arch`` builds (the language model only when ``spec.build_language_model``)."""
+    if isinstance(spec, QwenVLArchSpec):
+        count = qwen_vision_parameters(spec.family, spec.vision, spec.text.hidden_size)
+        return count + (qwen_text_parameters(spec.family, spec.text) if spec.build_language_model else 0)
     count = vision_parameters(spec.vision) + projector_parameters(spec.vision, spec.text)
     return count + (text_parameters(spec.text) if spec.build_language_model else 0)
 
@@ -297,12 +328,18 @@ def estimate_memory(spec: ArchSpec, dtype_bytes: int, batch_size: int = 1, text_
     logits ``[B, L, vocab]`` in fp32, and the KV cache of every layer), plus a quarter for the allocator.
     """
     vision, text = spec.vision, spec.text
-    tokens = vision.num_tokens
+    if isinstance(spec, QwenVLArchSpec):
+        # The patches of a 448 x 448 image (a Qwen-VL grid depends on the image); the LLM sees a quarter of them.
+        tokens = (448 // vision.patch_size) ** 2
+        visual_tokens = tokens // vision.spatial_merge_size**2
+    else:
+        tokens = vision.num_tokens
+        visual_tokens = tokens - 1
     vision_step = batch_size * (vision.num_heads * tokens * tokens + 4 * tokens * vision.intermediate_size)
     activation_elements = vision_step
     activation_bytes = activation_elements * dtype_bytes
     if spec.build_language_model:
-        length = tokens - 1 + text_tokens
+        length = visual_tokens + text_tokens
         prefill_step = batch_size * (text.num_heads * length * length + 4 * length * text.intermediate_size)
         kv_cache = 2 * text.num_layers * batch_size * length * text.num_kv_heads * text.head_dim
         logits_bytes = batch_size * length * text.vocab_size * 4
