@@ -8,20 +8,28 @@ eager one gives, with the same counts and source maps.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import pitome_mllm
+from pitome_mllm.hooks.observers import Observer
 from pitome_mllm.methods import METHOD_SPECS, PROJECTOR
-from pitome_mllm.testing.llava import encode, pitome_leftovers
+from pitome_mllm.testing.llava import encode, pitome_leftovers, prefill_features
+from pitome_mllm.tools.profiling import PassClock, Stopwatch
+from pitome_mllm.tools.profiling.runner import MergeTimer
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_llava
 
 pytestmark = pytest.mark.model_facing
 
 TARGET_TOKENS = 16
-# Methods that condition on the prompt cannot run from pixel values alone (get_image_features).
+# Methods that condition on the prompt cannot run from pixel values alone (get_image_features): they are
+# compiled inside a forward that hands the prompt over.
 PIXEL_ONLY_METHODS = [name for name, spec in METHOD_SPECS.items() if not spec.needs_prompt]
+PROMPT_METHODS = [name for name, spec in METHOD_SPECS.items() if spec.needs_prompt]
+PROMPTS = ("USER: <image>\nWhat is this? ASSISTANT:", "USER: <image>\nWhat colour is the cup on the table? ASSISTANT:")
 
 
 def method_config(method: str) -> dict:
@@ -91,9 +99,11 @@ def unpatched_breaks(tiny_llava, pixel_values) -> int:
     return compiled_features(tiny_llava[0], pixel_values)[1]
 
 
-def test_every_pixel_only_method_is_covered():
+def test_every_method_is_covered():
     assert set(PIXEL_ONLY_METHODS) <= set(CONFIGS)
     assert {"pitome", "tome", "none"} <= set(PIXEL_ONLY_METHODS)
+    assert set(PIXEL_ONLY_METHODS) | set(PROMPT_METHODS) == set(METHOD_SPECS)
+    assert "cdpruner" in PROMPT_METHODS
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -169,3 +179,120 @@ def test_inductor_matches_eager(tiny_llava, pixel_values):
         assert torch.equal(handle.final_token_map, eager_map)
     assert compiled.shape == eager.shape
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ methods reading the prompt
+@contextlib.contextmanager
+def compiled_image_path(model, backend: str = "eager"):
+    """Inside the block, the model's forward encodes its images with a compiled ``get_image_features``."""
+    core = model.model
+    assert "get_image_features" not in core.__dict__
+    core.get_image_features = torch.compile(core.get_image_features, backend=backend)
+    try:
+        yield
+    finally:
+        del core.get_image_features
+
+
+def compiled_forward_features(model, inputs) -> tuple[torch.Tensor, int]:
+    """The image features two forwards of ``inputs`` hand the language model, with the image path compiled
+    (the second runs the cached graphs; both must agree), and the graph breaks dynamo met compiling it."""
+    torch._dynamo.reset()
+    counters.clear()
+    with compiled_image_path(model):
+        first = prefill_features(model, inputs)
+        assert torch.equal(prefill_features(model, inputs), first)
+    return first, sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("method", PROMPT_METHODS)
+def test_prompt_conditioned_image_path_compiles_without_graph_breaks_of_ours(tiny_llava, images, method):
+    """The prompt's text tokens are chosen on the host when the prompt comes with its images, before
+    they are encoded: the image path that reads them (tower, projector stage) adds no graph break."""
+    model, processor = tiny_llava
+    pair = [images["astronaut"], images["chelsea"]]
+    unpatched_inputs = encode(processor, pair, PROMPTS)
+    prefill_features(model, unpatched_inputs)  # transformers' first-forward hooks, as in `pixel_values`
+    unpatched_breaks = compiled_forward_features(model, unpatched_inputs)[1]
+    with pitome_mllm.patched(model, processor, method=method, target_tokens=TARGET_TOKENS) as handle:
+        inputs = encode(processor, pair, PROMPTS)
+        eager = prefill_features(model, inputs)
+        eager_map = handle.final_token_map.clone()
+        compiled, breaks = compiled_forward_features(model, inputs)
+        assert breaks <= unpatched_breaks, dict(counters["graph_break"])
+        assert torch.equal(compiled, eager)
+        assert torch.equal(handle.final_token_map, eager_map)
+        assert eager.shape[0] == len(pair) * handle.num_visual_tokens == len(pair) * TARGET_TOKENS
+        # generate hands the prompt over before it encodes the images (transformers 5.19 on) or in its
+        # first forward: the same selection either way.
+        with compiled_image_path(model), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        assert torch.equal(handle.final_token_map, eager_map)
+        # Images without a prompt are still refused under compile.
+        with compiled_image_path(model), pytest.raises(ValueError, match=r"came without one \(pixel values only"):
+            image_features(model.model.get_image_features, inputs["pixel_values"])
+    assert pitome_leftovers(model) == []
+
+
+# ------------------------------------------------------------------------------------------------ observers
+class StageLog(Observer):
+    """Python bookkeeping only: every stage and merge it is told about, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def stage_started(self, stage, layer_idx) -> None:
+        self.events.append(("started", stage, layer_idx))
+
+    def stage_finished(self, stage, layer_idx) -> None:
+        self.events.append(("finished", stage, layer_idx))
+
+    def merged(self, layer_idx, step) -> None:
+        self.events.append(("merged", layer_idx, step.num_output_tokens))
+
+
+def test_observers_keeping_python_records_compile_without_graph_breaks(tiny_llava, pixel_values, unpatched_breaks):
+    model, processor = tiny_llava
+    with pitome_mllm.patched(model, processor, method="pitome", keep_ratio=0.9) as handle:
+        log = StageLog()
+        with handle.add_observer(log):
+            eager = image_features(model.model.get_image_features, pixel_values)
+            eager_events = list(log.events)
+            log.events.clear()
+            compiled, breaks = compiled_features(model, pixel_values)  # two calls
+        assert breaks <= unpatched_breaks, dict(counters["graph_break"])
+        assert torch.equal(compiled, eager)
+        merged = [event for event in eager_events if event[0] == "merged"]
+        assert len(merged) == len(handle.trace.token_counts) > 0
+        assert ("started", "projector", None) in eager_events
+        assert log.events == eager_events * 2  # told at every compiled call, as eagerly
+
+
+def test_merge_timing_and_recording_refuse_a_compiled_forward_in_one_line(tiny_llava, pixel_values):
+    model, processor = tiny_llava
+    with pitome_mllm.patched(model, processor, method="pitome", keep_ratio=0.9) as handle:
+        timer = MergeTimer()
+        with handle.add_observer(timer):
+            # No clock: the timer does nothing, and compiles (the compile-cost benchmark's compiled passes).
+            compiled_features(model, pixel_values)
+            timer.clock = PassClock(Stopwatch(torch.device("cpu")))
+            with pytest.raises(
+                RuntimeError,
+                match=r"^MergeTimer times the merge stages on the host, which runs "
+                r"eagerly only: time the model without torch\.compile[^\n]*$",
+            ):
+                compiled_features(model, pixel_values)
+            image_features(model.model.get_image_features, pixel_values)  # eagerly it times
+            assert len(timer.clock.merge_intervals["decide"]) == len(handle.trace.token_counts) > 0
+        handle.record_merges(True)
+        with pytest.raises(
+            RuntimeError,
+            match=r"^handle\.record_merges\(True\) keeps every merge step of a "
+            r"forward, which runs eagerly only[^\n]*$",
+        ):
+            compiled_features(model, pixel_values)
+        image_features(model.model.get_image_features, pixel_values)
+        assert len(handle.trace.merges) > 0
+        handle.record_merges(False)
+        merged, breaks = compiled_features(model, pixel_values)
+        assert torch.equal(merged, image_features(model.model.get_image_features, pixel_values))

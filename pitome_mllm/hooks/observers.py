@@ -13,6 +13,12 @@ Stages, in the order one image meets them:
 * ``"projector"`` - the projector stage merges to the budget (``layer_idx`` None).
 
 With no observer attached a stage costs one truth test.
+
+Under ``torch.compile`` the observers' methods are traced into the graph: Python bookkeeping
+(counting, appending to a list) compiles without a graph break and is replayed at every call,
+but what needs the host between stages cannot be captured. Those observers (timing the stages on
+a host clock, keeping every step's `Merge`) run eagerly only and call `eager_only`, which stops a
+compiled call with one line that says so, rather than breaking the graph around every stage.
 """
 
 from __future__ import annotations
@@ -20,13 +26,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..merge import Merge
 
 STAGES = ("decide", "apply", "trace", "projector")
 
 
+@torch.compiler.disable(reason="pitome_mllm's merge timing and merge recording run eagerly only")
+def _refuse_compiled(message: str) -> None:
+    # Disabled for dynamo, so the compiled code calls it when it runs (inside the trace, a raise
+    # would only make dynamo run the frame eagerly, and the check would pass there).
+    raise RuntimeError(message)
+
+
+def eager_only(message: str) -> None:
+    """Raise ``RuntimeError(message)`` when called from code ``torch.compile`` is capturing; else nothing.
+
+    With ``fullgraph=True`` dynamo refuses at compile time instead, naming merge timing and recording.
+    """
+    if torch.compiler.is_compiling():
+        _refuse_compiled(message)
+
+
 class Observer:
-    """Base class of observers; override what you need (every method is a no-op here)."""
+    """Base class of observers; override what you need (every method is a no-op here).
+
+    Under ``torch.compile`` the methods are traced with the stages they watch (module docstring):
+    an observer that needs the host between stages calls `eager_only` first.
+    """
 
     def stage_started(self, stage: str, layer_idx: int | None) -> None:
         """``stage`` (one of `STAGES`) is about to run."""
@@ -99,4 +127,4 @@ class Observers:
             observer.merged(layer_idx, step)
 
 
-__all__ = ["STAGES", "Observer", "ObserverHandle", "Observers"]
+__all__ = ["STAGES", "Observer", "ObserverHandle", "Observers", "eager_only"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..merge import Merge
-from .observers import Observers
+from .observers import Observers, eager_only
 
 
 @dataclass
@@ -26,7 +26,8 @@ class MergeTrace:
         size: ``[B, n, 1]`` how many original tokens each current token holds (fp32).
         token_counts: tokens after each layer's merge (class token included).
         merges: ``(layer_idx, Merge)`` of every step, kept only when ``record_merges``
-            (visualisation needs them; normal runs do not pay for them).
+            (visualisation needs them; normal runs do not pay for them). Eager only: a
+            compiled forward that records refuses (`pitome_mllm.hooks.observers.eager_only`).
     """
 
     token_map: torch.Tensor
@@ -50,6 +51,10 @@ class MergeTrace:
         self.size = step(self.size, reduce="sum")
         self.token_counts.append(step.num_output_tokens)
         if self.record_merges:
+            eager_only(
+                "handle.record_merges(True) keeps every merge step of a forward, which runs eagerly only: call the "
+                "model without torch.compile, or record_merges(False) first"
+            )
             self.merges.append((layer_idx, step))
 
 

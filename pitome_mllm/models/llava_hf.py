@@ -9,6 +9,7 @@ Tested against transformers 5.24.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -296,6 +297,22 @@ class PlaceholderCheck(Hook):
         return forward
 
 
+@dataclass(frozen=True)
+class PromptText:
+    """The text of a prompt batch, read once when the prompt is recorded.
+
+    Attributes:
+        placeholders: image placeholders in the whole batch.
+        images_per_row: images each row of the batch holds (its placeholders over the per-image count).
+        text: one tensor ``[T_r, D]`` per row: the input embeddings of the row's text tokens (``T_r``
+            may be 0).
+    """
+
+    placeholders: int
+    images_per_row: tuple[int, ...]
+    text: tuple[torch.Tensor, ...]
+
+
 class PromptInstructions(Hook):
     """The prompt text of every image, for instruction-conditioned selection (``cdpruner``).
 
@@ -305,6 +322,10 @@ class PromptInstructions(Hook):
     before the images are encoded: a forward pre-hook on the core model (a plain forward) and an
     override of ``generate`` (which encodes the images before its first forward, transformers
     5.19 on); it is cleared after each, so a later pixel-only call cannot pick up a stale prompt.
+
+    Choosing the text tokens depends on the values of the prompt (how many, in which row), work
+    for the host: it is done when a prompt comes with images, before they are encoded, so the
+    image path (tower, projector stage) runs without a host round trip and compiles whole.
 
     Args:
         model: the whole model (its ``generate`` is wrapped).
@@ -318,6 +339,7 @@ class PromptInstructions(Hook):
         self.num_visual_tokens = num_visual_tokens
         self.image_token_id = core.config.image_token_id
         self._prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._text: PromptText | None = None  # of ``_prompt``, once read
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._model_overrides = InstanceOverrides(model)
 
@@ -330,11 +352,11 @@ class PromptInstructions(Hook):
             @functools.wraps(original_generate)
             def generate(*args, **kwargs):
                 input_ids = kwargs.get("input_ids", args[0] if args else None)
-                self._set(input_ids, kwargs.get("attention_mask"))
+                self._set(input_ids, kwargs.get("attention_mask"), kwargs.get("pixel_values") is not None)
                 try:
                     return original_generate(*args, **kwargs)
                 finally:
-                    self._prompt = None
+                    self._clear()
 
             self._model_overrides.set("generate", generate)
 
@@ -343,17 +365,27 @@ class PromptInstructions(Hook):
             hook.remove()
         self._hooks.clear()
         self._model_overrides.restore()
-        self._prompt = None
+        self._clear()
 
-    def _set(self, input_ids, attention_mask) -> None:
+    def _set(self, input_ids, attention_mask, with_images: bool) -> None:
+        """Record a prompt; read its text now when ``with_images`` (its images are encoded next)."""
         if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             self._prompt = (input_ids, attention_mask if isinstance(attention_mask, torch.Tensor) else None)
+            self._text = None
+        if with_images and self._prompt is not None and self._text is None:
+            self._text = self._read_text(*self._prompt)
+
+    def _clear(self) -> None:
+        self._prompt = None
+        self._text = None
 
     def _record_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._set(kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pixel_values = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        self._set(input_ids, kwargs.get("attention_mask"), pixel_values is not None)
 
     def _clear_after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        self._prompt = None
+        self._clear()
 
     def _special_ids(self) -> set[int]:
         ids = {self.image_token_id}
@@ -362,6 +394,19 @@ class PromptInstructions(Hook):
                 value = getattr(config, name, None)
                 ids.update(value if isinstance(value, (list, tuple)) else [value] if isinstance(value, int) else [])
         return ids
+
+    def _read_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> PromptText:
+        """The `PromptText` of ``input_ids`` ``[R, L]`` (``attention_mask`` ``[R, L]`` or None)."""
+        placeholders = (input_ids == self.image_token_id).sum(dim=1)
+        images_per_row = torch.div(placeholders, max(1, self.num_visual_tokens), rounding_mode="floor")
+        special = torch.tensor(sorted(self._special_ids()), device=input_ids.device)
+        is_text = ~torch.isin(input_ids, special)
+        if attention_mask is not None:
+            is_text &= attention_mask.bool()
+        embeddings = self.core.get_input_embeddings()
+        with torch.no_grad():
+            text = tuple(embeddings(input_ids[row][is_text[row]]).detach() for row in range(input_ids.shape[0]))
+        return PromptText(int(placeholders.sum()), tuple(images_per_row.tolist()), text)
 
     def __call__(self, num_images: int) -> list[torch.Tensor]:
         """``num_images`` tensors ``[T_b, D]``: the prompt embeddings of each image, in placeholder order.
@@ -376,23 +421,16 @@ class PromptInstructions(Hook):
                 "without one (pixel values only, e.g. get_image_features or encode_images); call the model's "
                 "forward or generate with input_ids"
             )
-        input_ids, attention_mask = self._prompt
-        placeholders = (input_ids == self.image_token_id).sum(dim=1)
-        images_per_row = torch.div(placeholders, max(1, self.num_visual_tokens), rounding_mode="floor")
-        if int(images_per_row.sum()) != num_images:
+        if self._text is None:  # images encoded by a call that did not name its pixel values
+            self._text = self._read_text(*self._prompt)
+        prompt = self._text
+        if sum(prompt.images_per_row) != num_images:
             raise ValueError(
-                f"method='cdpruner' needs each image's prompt: the prompts hold {int(placeholders.sum())} image "
+                f"method='cdpruner' needs each image's prompt: the prompts hold {prompt.placeholders} image "
                 f"placeholders ({self.num_visual_tokens} per image), not {num_images} images"
             )
-        special = torch.tensor(sorted(self._special_ids()), device=input_ids.device)
-        is_text = ~torch.isin(input_ids, special)
-        if attention_mask is not None:
-            is_text &= attention_mask.bool()
-        embeddings = self.core.get_input_embeddings()
         instructions = []
-        for row, count in enumerate(images_per_row.tolist()):
-            with torch.no_grad():
-                text = embeddings(input_ids[row][is_text[row]]).detach()
+        for text, count in zip(prompt.text, prompt.images_per_row, strict=True):
             if text.shape[0] == 0:
                 raise ValueError("method='cdpruner' found a prompt with no text token to condition on")
             instructions.extend([text] * count)

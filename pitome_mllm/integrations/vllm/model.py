@@ -16,7 +16,6 @@ Imported by vLLM through the class path `pitome_mllm.integrations.vllm.register`
 from __future__ import annotations
 
 import logging
-from functools import cached_property
 
 from transformers import LlavaConfig
 from vllm.model_executor.models.llava import (
@@ -30,6 +29,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ... import api
 from ...geometry import TowerBudget
+from ...merge.plan import cached_property  # functools' without its lock (3.11), which dynamo cannot trace
 from ...models.vllm_llava import (
     check_embedding_counts,
     config_geometry,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ...hooks.base import remove_hooks
-from ...hooks.observers import Observer
+from ...hooks.observers import Observer, eager_only
 from ...models import ModelParts, model_geometry, model_parts
 from . import flops
 from .clock import (
@@ -58,6 +58,10 @@ class MergeTimer(Observer):
 
     The stages (``decide``, ``apply``, ``trace`` of the tower steps, ``projector``) are the
     kinds of `PassClock.merge_intervals`. Attach with ``handle.add_observer(timer)``.
+
+    Eager only while a clock is set: its stamps read the host between merge stages, which a compiled
+    graph fuses, so a compiled forward refuses (`pitome_mllm.hooks.observers.eager_only`); with no
+    clock it does nothing and compiles away.
     """
 
     def __init__(self) -> None:
@@ -66,6 +70,10 @@ class MergeTimer(Observer):
 
     def stage_started(self, stage: str, layer_idx: int | None) -> None:
         if self.clock is not None:
+            eager_only(
+                "MergeTimer times the merge stages on the host, which runs eagerly only: time the model without "
+                "torch.compile, or set the timer's clock to None for compiled passes"
+            )
             self._starts.append(self.clock.stopwatch.stamp())
 
     def stage_finished(self, stage: str, layer_idx: int | None) -> None:
