@@ -26,7 +26,9 @@ HELP = "run an lmms-eval suite (one run per task x method x budget), resume it, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", help="suite file, e.g. eval/suites/token_budgets.yaml")
-    parser.add_argument("--model", help="hub id or folder of a transformers LLaVA checkpoint")
+    parser.add_argument(
+        "--model", help="hub id or folder of the checkpoint (a transformers LLaVA, or the suite's lmms_model family)"
+    )
     parser.add_argument("--output", help="sweep folder (runs are resumed from what it holds)")
     parser.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit); default all")
     parser.add_argument("--only", action="append", default=[], metavar="GLOB", help="run only TASK/RUN matching GLOB")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     limit = int(args.limit) if args.limit is not None and float(args.limit).is_integer() else args.limit
     launcher = shlex.split(args.launcher) if args.launcher else None
-    extra = parse_model_args(args.model_args)
+    extra = parse_model_args(args.model_args, suite.lmms_model)
     if args.dry_run:
         for planned in planned_runs(suite, args.only, extra):
             directory = run_dir(Path(args.output or "sweep"), planned)

@@ -15,9 +15,21 @@ from typing import Any
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,119}")
 SAFE_NAME_HELP = "letters, digits and _ . + - (starting with a letter or digit, at most 120)"
-SUITE_KEYS = {"name", "description", "tasks", "model_args", "runs", "baseline", "batch_size", "include_path", "notes"}
-# Arguments of the plugin's model (pitome_llava_hf) besides the PiToMeConfig fields; a test keeps
-# this in step with PiToMeLlavaHF.__init__ (importing the plugin here would import torch and lmms-eval).
+SUITE_KEYS = {
+    "name",
+    "description",
+    "lmms_model",
+    "tasks",
+    "model_args",
+    "runs",
+    "baseline",
+    "batch_size",
+    "include_path",
+    "notes",
+}
+# Arguments of the plugin's models besides the PiToMeConfig fields; a test keeps these in step with
+# the classes' __init__ (importing the plugin here would import torch and lmms-eval).
+# pitome_llava_hf (PiToMeLlavaHF):
 LOADER_ARGS = {
     "pretrained",
     "device",
@@ -33,6 +45,14 @@ LOADER_ARGS = {
     "loglikelihood",
     "record",
     "max_batch_size",
+}
+# pitome_qwen2_5_vl and pitome_qwen3_vl (PiToMeQwenVL): no prompt_format; the processor's pixel bounds.
+QWEN_LOADER_ARGS = (LOADER_ARGS - {"prompt_format"}) | {"min_pixels", "max_pixels", "system_prompt"}
+# The lmms-eval models a suite may run (its ``lmms_model``, default the first) and the arguments each takes.
+MODEL_LOADER_ARGS = {
+    "pitome_llava_hf": LOADER_ARGS,
+    "pitome_qwen2_5_vl": QWEN_LOADER_ARGS,
+    "pitome_qwen3_vl": QWEN_LOADER_ARGS,
 }
 # Keys a suite may not set: the sweep sets them for every run.
 RESERVED_MODEL_ARGS = {"pretrained", "record"}
@@ -175,6 +195,13 @@ def check_runs(path: Path, runs: Any, known: set[str]) -> dict[str, dict[str, An
         check_name(path, "run", name): check_model_args(f"{path}: runs.{name}", arguments or {}, known, sweepable=True)
         for name, arguments in runs.items()
     }
+
+
+def check_lmms_model(path: Path, value: Any) -> str:
+    """The suite's lmms-eval model name (``lmms_model``), one of `MODEL_LOADER_ARGS`."""
+    if value not in MODEL_LOADER_ARGS:
+        raise SuiteError(f"{path}: lmms_model is {value!r}; it must be one of {sorted(MODEL_LOADER_ARGS)}")
+    return value
 
 
 def check_batch_size(where: str, value: Any) -> int:
