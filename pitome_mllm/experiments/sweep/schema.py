@@ -28,8 +28,8 @@ SUITE_KEYS = {
     "notes",
 }
 # Arguments of the plugin's models besides the PiToMeConfig fields; a test keeps these in step with
-# the classes' __init__ (importing the plugin here would import torch and lmms-eval).
-# pitome_llava_hf (PiToMeLlavaHF):
+# the classes' __init__ (importing the plugin here would import torch and lmms-eval); pitome_llava_hf's
+# (PiToMeLlavaHF), then the Qwen-VL models' at the end of this file:
 LOADER_ARGS = {
     "pretrained",
     "device",
@@ -45,14 +45,6 @@ LOADER_ARGS = {
     "loglikelihood",
     "record",
     "max_batch_size",
-}
-# pitome_qwen2_5_vl and pitome_qwen3_vl (PiToMeQwenVL): no prompt_format; the processor's pixel bounds.
-QWEN_LOADER_ARGS = (LOADER_ARGS - {"prompt_format"}) | {"min_pixels", "max_pixels", "system_prompt"}
-# The lmms-eval models a suite may run (its ``lmms_model``, default the first) and the arguments each takes.
-MODEL_LOADER_ARGS = {
-    "pitome_llava_hf": LOADER_ARGS,
-    "pitome_qwen2_5_vl": QWEN_LOADER_ARGS,
-    "pitome_qwen3_vl": QWEN_LOADER_ARGS,
 }
 # Keys a suite may not set: the sweep sets them for every run.
 RESERVED_MODEL_ARGS = {"pretrained", "record"}
@@ -197,13 +189,6 @@ def check_runs(path: Path, runs: Any, known: set[str]) -> dict[str, dict[str, An
     }
 
 
-def check_lmms_model(path: Path, value: Any) -> str:
-    """The suite's lmms-eval model name (``lmms_model``), one of `MODEL_LOADER_ARGS`."""
-    if value not in MODEL_LOADER_ARGS:
-        raise SuiteError(f"{path}: lmms_model is {value!r}; it must be one of {sorted(MODEL_LOADER_ARGS)}")
-    return value
-
-
 def check_batch_size(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SuiteError(f"{where} is {value!r}; it must be a whole number >= 1")
@@ -231,3 +216,20 @@ def check_unique_run_ids(path: Path, run_ids: list[tuple[str, str]]) -> None:
                 f"{path}: runs {owner[run_id]!r} and {name!r} both expand to run id {run_id!r}; rename one of them"
             )
         owner[run_id] = name
+
+
+# pitome_qwen2_5_vl and pitome_qwen3_vl (PiToMeQwenVL): no prompt_format; the processor's pixel bounds.
+QWEN_LOADER_ARGS = (LOADER_ARGS - {"prompt_format"}) | {"min_pixels", "max_pixels", "system_prompt"}
+# The lmms-eval models a suite may run (its ``lmms_model``, default the first) and the arguments each takes.
+MODEL_LOADER_ARGS = {
+    "pitome_llava_hf": LOADER_ARGS,
+    "pitome_qwen2_5_vl": QWEN_LOADER_ARGS,
+    "pitome_qwen3_vl": QWEN_LOADER_ARGS,
+}
+
+
+def check_lmms_model(path: Path, value: Any) -> str:
+    """The suite's lmms-eval model name (``lmms_model``), one of `MODEL_LOADER_ARGS`."""
+    if value not in MODEL_LOADER_ARGS:
+        raise SuiteError(f"{path}: lmms_model is {value!r}; it must be one of {sorted(MODEL_LOADER_ARGS)}")
+    return value
