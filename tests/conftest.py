@@ -48,6 +48,22 @@ def saved_tiny_llava_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def saved_tiny_qwen_dir(tmp_path_factory):
+    """``family -> folder`` of a saved tiny Qwen-VL model and processor (``"qwen2.5-vl"``, ``"qwen3-vl"``;
+    built on first use, read-only for tests)."""
+    from pitome_mllm.zoo.tiny_qwen import save_tiny_qwen_vl
+
+    folders: dict[str, Path] = {}
+
+    def folder(family: str = "qwen2.5-vl") -> Path:
+        if family not in folders:
+            folders[family] = save_tiny_qwen_vl(tmp_path_factory.mktemp(f"saved_tiny_{family}"), family)
+        return folders[family]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
 def images():
     """The bundled photos by name."""
     return {name: load_image(name) for name in ("astronaut", "chelsea", "coffee")}

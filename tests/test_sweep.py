@@ -98,6 +98,52 @@ def test_a_suite_may_name_mllm_as_a_method_or_as_the_preset(tmp_path):
     assert all(config.method == "mllm" for config in configs["as_method"].values())
 
 
+@pytest.mark.parametrize("path", sorted(SUITES.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_suite_passes_the_checker(path):
+    suite = load_suite(path)
+    assert suite.expand() and suite.lmms_model in ("pitome_llava_hf", "pitome_qwen2_5_vl", "pitome_qwen3_vl")
+
+
+def test_qwen_budget_suite_caps_every_image_at_a_fraction_of_its_native_tokens():
+    suite = load_suite(SUITES / "qwen_budgets.yaml")
+    assert suite.lmms_model == "pitome_qwen2_5_vl" and suite.baseline == "none"
+    ocr = {"textvqa_val", "docvqa_val", "chartqa", "ocrbench"}
+    paper = {"vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "mme", "pope", "mmbench_en_dev"}
+    assert set(suite.tasks) == ocr | paper
+    # 448 * 448 pixels: 256 native tokens for a square image; the caps are 1/2 ... 1/16 of that.
+    assert suite.model_args["max_pixels"] == suite.model_args["min_pixels"] == 448 * 448
+    native = (448 // 28) ** 2
+    runs = {run.run_id: run for run in suite.expand() if run.task == "ocrbench"}
+    fractions = (2, 4, 8, 16)
+    methods = ("pitome", "tome", "random", "divprune")
+    assert set(runs) == {"none"} | {f"{m}-target_tokens{native // f}" for m in methods for f in fractions}
+    assert all(run.lmms_model == "pitome_qwen2_5_vl" for run in runs.values())
+    assert runs["pitome-target_tokens16"].model_args == {
+        "dtype": "bfloat16",
+        "min_pixels": 200704,
+        "max_pixels": 200704,
+        "method": "pitome",
+        "target_tokens": 16,
+    }
+
+
+def test_the_suite_names_the_lmms_eval_model_and_its_arguments(tmp_path, capsys):
+    qwen = 'lmms_model: pitome_qwen3_vl\ntasks: {gqa: "exact_match,none"}\nruns: {a: {method: none, max_pixels: 50176}}'
+    suite = load_suite(write_suite(tmp_path, qwen))
+    assert [run.lmms_model for run in suite.expand()] == ["pitome_qwen3_vl"]
+    assert cli.main(["sweep", "--suite", str(suite.path), "--model", "m", "--dry-run",
+                     "--model-args", "min_pixels=3136"]) == 0  # fmt: skip
+    (command,) = capsys.readouterr().out.strip().splitlines()
+    assert " --model pitome_qwen3_vl " in command and "max_pixels=50176,min_pixels=3136," in command
+    llava_with_pixels = 'tasks: {gqa: "exact_match,none"}\nruns: {a: {method: none, max_pixels: 50176}}'
+    with pytest.raises(ValueError, match=r"unknown model arguments \['max_pixels'\]"):
+        load_suite(write_suite(tmp_path, llava_with_pixels))
+    with pytest.raises(ValueError, match="lmms_model is 'qwen2_5_vl'; it must be one of"):
+        load_suite(write_suite(tmp_path, qwen.replace("pitome_qwen3_vl", "qwen2_5_vl")))
+    with pytest.raises(ValueError, match=r"unknown model arguments \['prompt_format'\]"):
+        load_suite(write_suite(tmp_path, qwen.replace("max_pixels: 50176", "prompt_format: llava_v1")))
+
+
 def test_paper_table_suite_uses_the_paper_settings():
     suite = load_suite(SUITES / "paper_table3.yaml")
     assert list(suite.tasks) == ["vqav2_val", "gqa", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val", "mme"]
@@ -124,7 +170,7 @@ def test_suite_task_and_metric_names_exist_in_lmms_eval():
             if line.startswith("task:"):
                 name = yaml.safe_load(line)["task"]
                 metric_names_by_task[str(name)] = text
-    for suite_file in ("paper_table3.yaml", "token_budgets.yaml", "low_budget.yaml"):
+    for suite_file in ("paper_table3.yaml", "token_budgets.yaml", "low_budget.yaml", "qwen_budgets.yaml"):
         for task, metric in load_suite(SUITES / suite_file).tasks.items():
             assert task in metric_names_by_task, f"{suite_file}: no lmms-eval task {task!r}"
             metric_name = metric.split(",")[0]

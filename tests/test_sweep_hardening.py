@@ -26,7 +26,7 @@ from pitome_mllm import cli
 from pitome_mllm.experiments.sweep import RESULT_FILE, SweepStopped, aggregate, load_suite, run_dir, run_suite
 from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure, run_child
 from pitome_mllm.experiments.sweep.runner import EVALUATED_FILE
-from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, SuiteError
+from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, MODEL_LOADER_ARGS, SuiteError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SUITE = REPO / "eval" / "suites" / "smoke.yaml"
@@ -106,6 +106,21 @@ def test_loader_arguments_match_the_plugin():
         parameters = inspect.signature(init).parameters
         named |= {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
     assert LOADER_ARGS == named - {"self"}
+
+
+def test_qwen_loader_arguments_match_the_plugin():
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    import inspect
+
+    from pitome_mllm.integrations.lmms_eval.base import PiToMeLmmsModel
+    from pitome_mllm.integrations.lmms_eval.qwen_vl import PiToMeQwenVL
+
+    named = set()
+    for init in (PiToMeQwenVL.__init__, PiToMeLmmsModel.__init__):
+        parameters = inspect.signature(init).parameters
+        named |= {name for name, parameter in parameters.items() if parameter.kind is parameter.POSITIONAL_OR_KEYWORD}
+    assert MODEL_LOADER_ARGS["pitome_qwen2_5_vl"] == MODEL_LOADER_ARGS["pitome_qwen3_vl"] == named - {"self"}
+    assert MODEL_LOADER_ARGS["pitome_llava_hf"] == LOADER_ARGS
 
 
 def test_model_args_override_is_checked_like_the_suite(tmp_path, capsys):

@@ -27,7 +27,9 @@ HELP = "run an lmms-eval suite (one run per task x method x budget), resume it, 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", help="suite file, e.g. eval/suites/token_budgets.yaml")
-    parser.add_argument("--model", help="hub id or folder of a transformers LLaVA checkpoint")
+    parser.add_argument(
+        "--model", help="hub id or folder of the checkpoint (a transformers LLaVA, or the suite's lmms_model family)"
+    )
     parser.add_argument("--output", help="sweep folder (runs are resumed from what it holds)")
     parser.add_argument("--limit", type=float, help="documents per task (lmms-eval --limit); default all")
     parser.add_argument("--only", action="append", default=[], metavar="GLOB", help="run only TASK/RUN matching GLOB")
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     limit = check_limit("--limit", args.limit)
     batch_size = check_batch_size("--batch-size", args.batch_size) if args.batch_size is not None else None
     launcher = shlex.split(args.launcher) if args.launcher else None
-    extra = parse_model_args(args.model_args)
+    extra = parse_model_args(args.model_args, suite.lmms_model)
     if args.dry_run:
         if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a file, not a folder")

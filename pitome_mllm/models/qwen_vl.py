@@ -62,6 +62,8 @@ PLACEHOLDER_REMEDY = (
     "pitome_mllm.patch(model, processor, ...) after patching, or put handle.visual_tokens_for_image(h, w) "
     "placeholders per image into the prompt"
 )
+# Kept in full precision under bitsandbytes: the tower and patch merger decide the merges, the head scores.
+QUANTIZATION_SKIP_MODULES = ["model.visual", "lm_head"]
 VIDEO_REFUSED = (
     "pitome_mllm merges the images of a Qwen-VL model; video inputs (pixel_values_videos) are not supported "
     "while it is patched: call handle.unpatch() for videos, or pass frames as images"
@@ -101,6 +103,33 @@ def image_processor_resize(image_processor, factor: int) -> SmartResize:
             "size={'shortest_edge': min_pixels, 'longest_edge': max_pixels} or min_pixels / max_pixels"
         )
     return SmartResize(factor, int(min_pixels), int(max_pixels))
+
+
+def set_pixel_limits(image_processor, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Give the processor's ``smart_resize`` new bounds (None keeps a bound), where `image_processor_resize` reads them.
+
+    transformers 5.x reads ``size`` {shortest_edge, longest_edge}; 4.57 reads ``min_pixels`` / ``max_pixels``
+    (set on its processors, None on 5.x's).
+
+    Raises:
+        ValueError: a bound that is not a positive integer, or ``min_pixels > max_pixels``.
+    """
+    size = getattr(image_processor, "size", None) or {}
+    read = size.get if isinstance(size, dict) else lambda name: getattr(size, name, None)
+    current_min = read("shortest_edge") or getattr(image_processor, "min_pixels", None)
+    current_max = read("longest_edge") or getattr(image_processor, "max_pixels", None)
+    new_min = current_min if min_pixels is None else min_pixels
+    new_max = current_max if max_pixels is None else max_pixels
+    for name, value in (("min_pixels", new_min), ("max_pixels", new_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    if new_min > new_max:
+        raise ValueError(f"min_pixels ({new_min}) must not exceed max_pixels ({new_max})")
+    image_processor.size = {"shortest_edge": new_min, "longest_edge": new_max}
+    # Only where set already: 5.x deprecates call-time min/max_pixels and warns on every call when they are set.
+    for name, value in (("min_pixels", new_min), ("max_pixels", new_max)):
+        if getattr(image_processor, name, None) is not None:
+            setattr(image_processor, name, value)
 
 
 def default_resize(vision_config) -> SmartResize:
@@ -645,4 +674,11 @@ def _processor_count_overrides_4x(processor, budget: MergedGridBudget) -> dict[s
     return {"tokenizer": PlaceholderRuns(processor.tokenizer, processor.image_token, budget.kept_tokens)}
 
 
-__all__ = ["QWEN_METHODS", "QwenVLAdapter", "expand_image_runs", "moved_visual_positions"]
+__all__ = [
+    "QUANTIZATION_SKIP_MODULES",
+    "QWEN_METHODS",
+    "QwenVLAdapter",
+    "set_pixel_limits",
+    "expand_image_runs",
+    "moved_visual_positions",
+]

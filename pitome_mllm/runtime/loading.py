@@ -1,4 +1,4 @@
-"""Load LLaVA models and processors, build prompts, and time the stages of a ``generate`` call.
+"""Load LLaVA and Qwen-VL models and processors, build prompts, and time the stages of a ``generate`` call.
 
 Shared by the command line (``chat``, ``demo``), the lmms-eval plugin and the profiler, so
 that every entry point loads models the same way (dtype, device, 4/8-bit with the vision
@@ -107,6 +107,35 @@ def _check_source(model_id_or_path: str | Path) -> tuple[str, bool]:
     return source, False
 
 
+def _from_pretrained_kwargs(
+    torch_dtype: torch.dtype,
+    target_device: torch.device,
+    device_map: str | dict | None,
+    quantization,
+    attn_implementation: str | None,
+) -> tuple[dict[str, Any], str | dict | None]:
+    """``(from_pretrained keywords, device_map)``: quantised weights are placed at load time (they
+    cannot be moved with ``.to()`` afterwards), so quantising without a ``device_map`` puts the
+    whole model on ``target_device``."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        device_map = device_map if device_map is not None else {"": str(target_device)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs, device_map
+
+
+def _load_error(error: OSError, source: str, is_local: bool, what: str) -> ModelLoadError:
+    """The `ModelLoadError` for a checkpoint ``from_pretrained`` could not read."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if is_local:
+        return ModelLoadError(f"could not load {what} from folder {source!r}: {reason}")
+    return ModelLoadError(f"could not load {source!r} offline: pass a local folder holding the checkpoint ({reason})")
+
+
 def load_llava(
     model_id_or_path: str | Path,
     *,
@@ -142,27 +171,15 @@ def load_llava(
     source, is_local = _check_source(model_id_or_path)
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     quantization = quantization_config(load_in_4bit, load_in_8bit, torch_dtype)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
-        # Quantised weights are placed at load time; they cannot be moved with .to() afterwards.
-        device_map = device_map if device_map is not None else {"": str(target_device)}
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-
+    kwargs, device_map = _from_pretrained_kwargs(
+        torch_dtype, target_device, device_map, quantization, attn_implementation
+    )
     try:
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
         processor = AutoProcessor.from_pretrained(source)
     except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if is_local:
-            raise ModelLoadError(f"could not load a LLaVA model from folder {source!r}: {reason}") from error
-        raise ModelLoadError(
-            f"could not load {source!r} offline: pass a local folder holding the checkpoint ({reason})"
-        ) from error
+        raise _load_error(error, source, is_local, "a LLaVA model") from error
     from ..zoo.real_tower import restore_identity_pre_norm
 
     if restore_identity_pre_norm(model):
@@ -172,6 +189,112 @@ def load_llava(
     model.eval()
     logger.info("loaded %s (%s, %s)", source, torch_dtype, device_map or target_device)
     return model, processor
+
+
+# The model class of each Qwen-VL ``model_type`` (for configs saved without ``architectures``).
+QWEN_VL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+def qwen_vl_class_name(config) -> str:
+    """The ``*ForConditionalGeneration`` class a Qwen-VL config names (its ``architectures``, else its model type).
+
+    Raises:
+        ModelLoadError: the config is not a Qwen2.5-VL or Qwen3-VL one.
+    """
+    allowed = sorted(QWEN_VL_CLASSES.values())
+    for name in getattr(config, "architectures", None) or []:
+        if name in allowed:
+            return name
+    model_type = getattr(config, "model_type", None)
+    if model_type in QWEN_VL_CLASSES:
+        return QWEN_VL_CLASSES[model_type]
+    raise ModelLoadError(
+        f"the checkpoint is a {model_type!r} model (architectures {getattr(config, 'architectures', None)}); "
+        f"expected one of {allowed}"
+    )
+
+
+def load_qwen_vl(
+    model_id_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    device_map: str | dict | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    attn_implementation: str | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[nn.Module, Any]:
+    """Load a transformers Qwen2.5-VL or Qwen3-VL checkpoint and its processor.
+
+    The model class comes from the checkpoint's config (`qwen_vl_class_name`). Loading arguments
+    are those of `load_llava` (4/8-bit quantises the language model; tower, merger and head stay
+    in ``dtype``). ``min_pixels`` / ``max_pixels`` bound the processor's ``smart_resize`` (None
+    keeps the checkpoint's), so they fix each image's native token count.
+
+    The processor is ``AutoProcessor``'s. Without torchvision transformers cannot build these
+    processors (their video processor needs it); the image processor, tokenizer and chat template
+    are then joined by `pitome_mllm.zoo.tiny_qwen.load_qwen_vl_processor`, which handles images
+    and text but no videos.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+        ModelLoadError: the checkpoint could not be loaded, or is not a Qwen2.5-VL / Qwen3-VL one.
+        ImportError: quantisation without bitsandbytes.
+        ValueError: invalid pixel bounds.
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    from ..models.qwen_vl import QUANTIZATION_SKIP_MODULES as QWEN_SKIP_MODULES
+    from ..models.qwen_vl import set_pixel_limits
+
+    source, is_local = _check_source(model_id_or_path)
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    quantization = bitsandbytes_config(load_in_4bit, load_in_8bit, torch_dtype, QWEN_SKIP_MODULES)
+    kwargs, device_map = _from_pretrained_kwargs(
+        torch_dtype, target_device, device_map, quantization, attn_implementation
+    )
+    try:
+        config = AutoConfig.from_pretrained(source)
+        model_class = getattr(transformers, qwen_vl_class_name(config))
+        model = model_class.from_pretrained(source, **kwargs)
+        processor = _qwen_vl_processor(source, is_local)
+    except OSError as error:
+        raise _load_error(error, source, is_local, "a Qwen-VL model") from error
+    set_pixel_limits(processor.image_processor, min_pixels, max_pixels)
+    if device_map is None:
+        model.to(target_device)
+    model.eval()
+    logger.info("loaded %s (%s, %s, %s)", source, type(model).__name__, torch_dtype, device_map or target_device)
+    return model, processor
+
+
+def _qwen_vl_processor(source: str, is_local: bool):
+    """``AutoProcessor.from_pretrained(source)``, or the torchvision-free reload where that needs torchvision."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(source)
+    from ..zoo.tiny_qwen import load_qwen_vl_processor
+
+    folder = source
+    if not is_local:
+        from huggingface_hub import snapshot_download
+
+        # Only the processor's files: the weights are already where from_pretrained put them.
+        folder = snapshot_download(source, allow_patterns=["*.json", "*.jinja", "*.txt", "*.model"])
+    logger.info("torchvision is not installed: Qwen-VL processor built without its video processor (images only)")
+    return load_qwen_vl_processor(folder)
 
 
 def tiny_demo_model(spec_name: str = "demo") -> tuple[nn.Module, Any]:
@@ -390,8 +513,10 @@ __all__ = [
     "count_image_tokens",
     "load_image_arg",
     "load_llava",
+    "load_qwen_vl",
     "load_model",
     "quantization_config",
+    "qwen_vl_class_name",
     "resolve_device",
     "resolve_dtype",
     "tiny_demo_model",

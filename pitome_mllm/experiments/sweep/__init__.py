@@ -1,8 +1,9 @@
 """``pitome-mllm sweep``: run a suite of lmms-eval evaluations, resume it, and tabulate it.
 
 A suite file (``eval/suites/*.yaml``) names lmms-eval tasks (with the metric that stands for
-accuracy), the model arguments every run shares, and the runs: each run is a set of
-`pitome_llava_hf` model arguments, where a list value sweeps over its items::
+accuracy), the model arguments every run shares, and the runs: each run is a set of model
+arguments of the suite's ``lmms_model`` (``pitome_llava_hf`` unless it names ``pitome_qwen2_5_vl`` or
+``pitome_qwen3_vl``), where a list value sweeps over its items::
 
     name: token_budgets
     tasks: {gqa: "exact_match,none", mme: "mme_perception_score,none"}

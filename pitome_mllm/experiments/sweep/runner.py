@@ -37,7 +37,6 @@ from .schema import (
 )
 from .suite import (
     LOG_FILE,
-    MODEL_NAME,
     PATCH_CONFIG_FILE,
     RECORD_FILE,
     RESULT_FILE,
@@ -103,7 +102,7 @@ def lmms_eval_command(
     command = [
         *launcher,
         "--model",
-        MODEL_NAME,
+        run.lmms_model,
         "--model_args",
         _model_args_string(model_args),
         "--tasks",

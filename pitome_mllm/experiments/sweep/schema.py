@@ -17,9 +17,21 @@ from ...config import SHOWN_CHARACTERS, shown
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,119}")
 SAFE_NAME_HELP = "letters, digits and _ . + - (starting with a letter or digit, at most 120)"
-SUITE_KEYS = {"name", "description", "tasks", "model_args", "runs", "baseline", "batch_size", "include_path", "notes"}
-# Arguments of the plugin's model (pitome_llava_hf) besides the PiToMeConfig fields; a test keeps
-# this in step with PiToMeLlavaHF.__init__ (importing the plugin here would import torch and lmms-eval).
+SUITE_KEYS = {
+    "name",
+    "description",
+    "lmms_model",
+    "tasks",
+    "model_args",
+    "runs",
+    "baseline",
+    "batch_size",
+    "include_path",
+    "notes",
+}
+# Arguments of the plugin's models besides the PiToMeConfig fields; a test keeps these in step with
+# the classes' __init__ (importing the plugin here would import torch and lmms-eval); pitome_llava_hf's
+# (PiToMeLlavaHF), then the Qwen-VL models' at the end of this file:
 LOADER_ARGS = {
     "pretrained",
     "device",
@@ -239,3 +251,20 @@ def check_unique_run_ids(path: Path, run_ids: list[tuple[str, str]]) -> None:
                 f"{path}: runs {owner[run_id]!r} and {name!r} both expand to run id {run_id!r}; rename one of them"
             )
         owner[run_id] = name
+
+
+# pitome_qwen2_5_vl and pitome_qwen3_vl (PiToMeQwenVL): no prompt_format; the processor's pixel bounds.
+QWEN_LOADER_ARGS = (LOADER_ARGS - {"prompt_format"}) | {"min_pixels", "max_pixels", "system_prompt"}
+# The lmms-eval models a suite may run (its ``lmms_model``, default the first) and the arguments each takes.
+MODEL_LOADER_ARGS = {
+    "pitome_llava_hf": LOADER_ARGS,
+    "pitome_qwen2_5_vl": QWEN_LOADER_ARGS,
+    "pitome_qwen3_vl": QWEN_LOADER_ARGS,
+}
+
+
+def check_lmms_model(path: Path, value: Any) -> str:
+    """The suite's lmms-eval model name (``lmms_model``), one of `MODEL_LOADER_ARGS`."""
+    if value not in MODEL_LOADER_ARGS:
+        raise SuiteError(f"{path}: lmms_model is {value!r}; it must be one of {sorted(MODEL_LOADER_ARGS)}")
+    return value

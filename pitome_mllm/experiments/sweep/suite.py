@@ -12,11 +12,12 @@ from typing import Any
 
 from ...config import PiToMeConfig, shown
 from .schema import (
-    LOADER_ARGS,
+    MODEL_LOADER_ARGS,
     SUITE_KEYS,
     SuiteError,
     check_batch_size,
     check_include_path,
+    check_lmms_model,
     check_model_args,
     check_name,
     check_runs,
@@ -28,6 +29,7 @@ from .schema import (
 logger = logging.getLogger("pitome_mllm")
 
 
+# The lmms-eval model a suite runs unless its ``lmms_model`` names another.
 MODEL_NAME = "pitome_llava_hf"
 RESULT_FILE = "result.json"
 PATCH_CONFIG_FILE = "patch_config.json"
@@ -45,6 +47,7 @@ class Run:
     run_id: str  # e.g. "pitome-target_tokens64"
     name: str  # the suite's run name, e.g. "pitome"
     model_args: dict[str, Any]
+    lmms_model: str = MODEL_NAME  # the lmms-eval model, e.g. "pitome_qwen2_5_vl"
 
     @property
     def key(self) -> str:
@@ -68,6 +71,7 @@ class Suite:
     batch_size: int
     include_path: Path | None
     path: Path
+    lmms_model: str = MODEL_NAME
 
     def expand(self) -> list[Run]:
         """Every (task, run) with list-valued arguments expanded, tasks outermost."""
@@ -75,7 +79,8 @@ class Suite:
         for task, metric in self.tasks.items():
             for name, arguments in self.runs.items():
                 for run_id, run_args in _expand_run(name, arguments):
-                    expanded.append(Run(task, metric, run_id, name, {**self.model_args, **run_args}))
+                    arguments = {**self.model_args, **run_args}
+                    expanded.append(Run(task, metric, run_id, name, arguments, self.lmms_model))
         return expanded
 
 
@@ -114,7 +119,8 @@ def load_suite(path: str | Path) -> Suite:
     unknown = sorted(set(map(str, data)) - SUITE_KEYS)
     if unknown:
         raise SuiteError(f"{path}: unknown keys {unknown}; allowed: {sorted(SUITE_KEYS)}")
-    known_args = PATCH_FIELDS | LOADER_ARGS
+    lmms_model = check_lmms_model(path, data.get("lmms_model", MODEL_NAME))
+    known_args = PATCH_FIELDS | MODEL_LOADER_ARGS[lmms_model]
     tasks = check_tasks(path, data.get("tasks"))
     runs = check_runs(path, data.get("runs"), known_args)
     model_args = check_model_args(f"{path}: model_args", data.get("model_args"), known_args, sweepable=False)
@@ -133,6 +139,7 @@ def load_suite(path: str | Path) -> Suite:
         batch_size=check_batch_size(f"{path}: batch_size", data.get("batch_size", 1)),
         include_path=check_include_path(path, data.get("include_path")),
         path=path,
+        lmms_model=lmms_model,
     )
     check_runs_expand(suite)
     return suite
@@ -177,8 +184,9 @@ def scalar_from_text(text: str) -> Any:
     return value if isinstance(value, (str, int, float, bool)) else text
 
 
-def parse_model_args(text: str | None) -> dict[str, Any]:
-    """``"k=v,k2=v2"`` -> dict (the ``--model-args`` override), checked as a suite's ``model_args``."""
+def parse_model_args(text: str | None, lmms_model: str = MODEL_NAME) -> dict[str, Any]:
+    """``"k=v,k2=v2"`` -> dict (the ``--model-args`` override), checked as a ``model_args`` of a suite
+    running ``lmms_model``."""
     if not text:
         return {}
     parsed = {}
@@ -189,7 +197,7 @@ def parse_model_args(text: str | None) -> dict[str, Any]:
         if key.strip() in parsed:
             raise ValueError(f"--model-args gives {shown(key.strip())} twice; give each argument once")
         parsed[key.strip()] = scalar_from_text(value.strip())
-    return check_model_args("--model-args", parsed, PATCH_FIELDS | LOADER_ARGS, sweepable=False)
+    return check_model_args("--model-args", parsed, PATCH_FIELDS | MODEL_LOADER_ARGS[lmms_model], sweepable=False)
 
 
 def planned_runs(suite: Suite, only: Sequence[str], overrides: dict[str, Any]) -> list[Run]:

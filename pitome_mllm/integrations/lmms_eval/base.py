@@ -213,6 +213,8 @@ class PiToMeLmmsModel(lmms):
     model_id: ClassVar[str]
     # Whether ``device_map`` is a load setting (else the model sits on one device).
     accepts_device_map: ClassVar[bool] = False
+    # Stop strings of a task that this family does not stop at (as lmms-eval's own model of the family).
+    ignored_stop_strings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -353,6 +355,7 @@ class PiToMeLmmsModel(lmms):
     def _generate(self, items: list[tuple[str, list[Image.Image]]], gen_kwargs: dict[str, Any]):
         """Generate for ``(context, images)`` items in one batch; returns ``(texts, costs)``."""
         settings = generation_settings(gen_kwargs, self.default_max_new_tokens)
+        settings.stop_strings = [stop for stop in settings.stop_strings if stop not in self.ignored_stop_strings]
         call = self._generation_call(items)
         eos_token_id = self.eot_token_id
         with torch.inference_mode(), StageTimer(self.model) as timer:

@@ -42,28 +42,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from PIL import Image
-
-from ...common.prompts import IMAGE_TOKEN, LLAVA_V1_SYSTEM, PROMPT_FORMATS, build_prompt
+from ...common.prompts import LLAVA_V1_SYSTEM, PROMPT_FORMATS, build_prompt
 from ...lmms_eval_manifest import MODEL_ID
-from ...models.llava_hf import vision_dtype
 from ...runtime.loading import load_llava
-from .base import (
-    ModelCall,
-    PiToMeLmmsModel,
-    SampleCost,
-    generation_settings,
-    parse_patch_args,
-    truncate_at_stop,
-)
+from .base import SampleCost, generation_settings, parse_patch_args, truncate_at_stop
+from .transformers_model import PiToMeTransformersModel
 
 
-class PiToMeLlavaHF(PiToMeLmmsModel):
+class PiToMeLlavaHF(PiToMeTransformersModel):
     """A transformers LLaVA, optionally patched with `pitome_mllm.patch`, as an lmms-eval model."""
 
     model_id = MODEL_ID
-    accepts_device_map = True
 
     def __init__(self, pretrained: str, prompt_format: str = "chat_template", **arguments: Any) -> None:
         """``arguments``: the loading, generation and patch arguments of `PiToMeLmmsModel`."""
@@ -72,62 +61,11 @@ class PiToMeLlavaHF(PiToMeLmmsModel):
         self.prompt_format = prompt_format
         super().__init__(pretrained, **arguments)
 
-    # ------------------------------------------------------------------ setup
-    def _load(self) -> None:
-        model, processor = load_llava(self.pretrained, **self.load_settings)
-        # Batched generation with a decoder-only model continues from the right end of every row.
-        processor.tokenizer.padding_side = "left"
-        self._model = model
-        self.processor = processor
-        self._tokenizer = processor.tokenizer
-        self._config = model.config
-        self._device = model.device
-        self._image_token_id = self._find_image_token_id(processor)
+    def _load_checkpoint(self):
+        return load_llava(self.pretrained, **self.load_settings)
 
-    def _patch(self):
-        if not self._wants_patch():
-            return None
-        from ...api import patch
-
-        return patch(self._model, self.processor, self.patch_config)
-
-    @staticmethod
-    def _find_image_token_id(processor) -> int:
-        image_token_id = getattr(processor, "image_token_id", None)
-        if image_token_id is None:
-            image_token_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE_TOKEN))
-        return int(image_token_id)
-
-    # ------------------------------------------------------------------ inputs
-    def _encode(self, prompts: list[str], images: list[Image.Image]):
-        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
-        if images:
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype(self.model))
-        return inputs
-
-    def _visual_tokens(self, input_ids: torch.Tensor) -> list[int]:
-        """Image placeholders per row of ``input_ids`` ``[B, L]``: the processor emitted the merged count."""
-        return (input_ids == self._image_token_id).sum(dim=-1).tolist()
-
-    def _generation_call(self, items: list[tuple[str, list[Image.Image]]]) -> ModelCall:
-        prompts = [build_prompt(self.processor, context, len(images), self.prompt_format) for context, images in items]
-        inputs = self._encode(prompts, [image for _, images in items for image in images])
-        input_tokens = inputs["attention_mask"].sum(dim=-1).tolist()
-        counts = list(zip(input_tokens, self._visual_tokens(inputs["input_ids"]), strict=True))
-        return ModelCall(inputs=dict(inputs), prompt_length=inputs["input_ids"].shape[1], token_counts=lambda _: counts)
-
-    def _scoring_call(self, context: str, images: list[Image.Image], continuation_ids: torch.Tensor) -> ModelCall:
-        prompt = build_prompt(self.processor, context, len(images), self.prompt_format)
-        inputs = self._encode([prompt], images)
-        input_ids = torch.cat([inputs["input_ids"], continuation_ids.to(self.device)[None]], dim=1)
-        model_inputs = dict(inputs)
-        model_inputs["input_ids"] = input_ids
-        model_inputs["attention_mask"] = torch.ones_like(input_ids)
-        counts = [(int(input_ids.shape[1]), self._visual_tokens(inputs["input_ids"])[0])]
-        return ModelCall(inputs=model_inputs, prompt_length=input_ids.shape[1], token_counts=lambda _: counts)
+    def _prompt(self, context: str, num_images: int) -> str:
+        return build_prompt(self.processor, context, num_images, self.prompt_format)
 
 
 __all__ = [
