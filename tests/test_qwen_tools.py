@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -59,3 +60,33 @@ def test_stage_timer_counts_the_kept_tokens_of_a_qwen_image(qwen_dir):
             model.generate(**inputs, max_new_tokens=2)
     assert timer.visual_tokens == 6
     assert timer.vision_s > 0 and timer.prefill_s >= timer.vision_s
+
+
+# --------------------------------------------------------------------------------- visualize
+def test_visualize_draws_the_merge_map_of_each_method(qwen_dir, tmp_path, capsys):
+    argv = ["visualize", "--model", str(qwen_dir), "--image", "chelsea", "--methods", "pitome", "tome", "random"]
+    argv += ["--target-tokens", "10", "--output", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "merge_map.json").read_text())
+    assert (tmp_path / "merge_map.png").stat().st_size > 0
+    native, kept = native_and_kept(qwen_dir, "chelsea", target_tokens=10)
+    rows, cols = summary["grid"]
+    assert summary["native_tokens"] == native == rows * cols
+    assert summary["kept_tokens"] == {"pitome": kept, "tome": kept, "random": kept}
+    for method, labels in summary["merge_maps"].items():
+        cells = torch.tensor(labels).flatten()
+        held = cells[cells >= 0]
+        assert sorted(set(held.tolist())) == list(range(kept)), method
+        if method == "random":  # a selection keeps one cell per token and drops the rest
+            assert held.numel() == kept
+        else:  # a merge leaves no cell out
+            assert held.numel() == native
+        # Kept tokens are in raster order of the first cell they hold (their M-RoPE position).
+        first = [int((cells == token).nonzero()[0]) for token in range(kept)]
+        assert first == sorted(first)
+
+
+def test_visualize_refuses_vision_layers_on_qwen(qwen_dir, tmp_path, capsys):
+    argv = ["visualize", "--model", str(qwen_dir), "--layers", "0", "2", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--layers does not apply to a Qwen-VL model" in capsys.readouterr().err
