@@ -90,3 +90,43 @@ def test_visualize_refuses_vision_layers_on_qwen(qwen_dir, tmp_path, capsys):
     argv = ["visualize", "--model", str(qwen_dir), "--layers", "0", "2", "--output", str(tmp_path)]
     assert main(argv) == 2
     assert "--layers does not apply to a Qwen-VL model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- profile
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_profile_a_qwen_folder_at_its_kept_budgets(qwen_dir, tmp_path, batch_size):
+    argv = ["profile", "--model", str(qwen_dir), "--budgets", "8", "32", "--methods", "pitome", "tome"]
+    argv += ["--repeats", "1", "--new-tokens", "3", "--batch-size", str(batch_size), "--device", "cpu"]
+    argv += ["--threads", "1", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    # The profiled image is the 448 x 448 reference square: its count is the handle's num_visual_tokens.
+    model, processor = load_model(qwen_dir, device="cpu")
+    with pitome_mllm.patched(model, processor, keep_ratio=1.0) as handle:
+        assert handle.visual_tokens_for_image(448, 448) == handle.num_visual_tokens
+        native = handle.num_visual_tokens
+    runs = {run["label"]: run for run in report["runs"]}
+    assert sorted(runs) == ["pitome k=32", "pitome k=8", "tome k=32", "tome k=8", "unpatched"]
+    baseline = runs["unpatched"]
+    assert baseline["visual_tokens"] == baseline["visual_tokens_expected"] == native
+    for label, run in runs.items():
+        kept = native if label == "unpatched" else int(label.split("=")[1])
+        assert run["visual_tokens"] == run["visual_tokens_expected"] == kept, label
+        # One image per prompt: the prompt is shorter by exactly the tokens the stage removed.
+        assert run["sequence_length"] == baseline["sequence_length"] - (native - kept), label
+        timings = {stage: run["timings"][stage]["median"] for stage in ("vision_tower", "projector", "llm_prefill")}
+        assert all(value > 0 for value in timings.values()), label
+        assert sum(timings.values()) <= run["timings"]["ttft"]["median"] * (1 + 1e-9), label
+        merge = run["timings"]["merge_projector"]["median"]
+        assert (merge > 0) == (label != "unpatched") and merge <= timings["projector"], label
+        assert run["flops"]["llm_prefill_flops"] <= baseline["flops"]["llm_prefill_flops"]
+        assert run["kv_cache"]["sequence_length"] == run["sequence_length"]
+
+
+def test_profile_vision_only_on_a_qwen_folder(qwen_dir, tmp_path):
+    argv = ["profile", "--model", str(qwen_dir), "--budgets", "8", "--methods", "tome", "--vision-only"]
+    argv += ["--repeats", "1", "--device", "cpu", "--threads", "1", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    runs = {run["label"]: run for run in json.loads((tmp_path / "profile.json").read_text())["runs"]}
+    assert runs["tome k=8"]["visual_tokens"] == 8
+    assert runs["tome k=8"]["timings"]["merge_projector"]["median"] > 0

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .qwen_vl import REFERENCE_IMAGE_SIZE, _pieces, matches, qwen_core
+from ..geometry import PatchGrid
+from .qwen_vl import REFERENCE_IMAGE_SIZE, _pieces, default_resize, image_processor_resize, matches, qwen_core
 
 # ``model_type`` of the checkpoints the adapter patches (config.json).
 QWEN_VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
@@ -42,6 +43,19 @@ def reference_image_size(model: nn.Module) -> int | None:
     """The square image side whose count is ``handle.num_visual_tokens`` where the grid depends on the image
     (Qwen-VL: 448); None for towers that bring every image to one size."""
     return REFERENCE_IMAGE_SIZE if is_qwen_vl(model) else None
+
+
+def reference_grid(model: nn.Module, processor=None) -> PatchGrid | None:
+    """The patch grid of the `reference_image_size` square under the processor's pixel limits (Qwen-VL;
+    the released defaults without a processor); None for towers that bring every image to one size."""
+    if not is_qwen_vl(model):
+        return None
+    vision_config = qwen_core(model).config.vision_config
+    factor = vision_config.patch_size * vision_config.spatial_merge_size
+    image_processor = getattr(processor, "image_processor", None)
+    resize = image_processor_resize(image_processor, factor) if image_processor is not None else None
+    height, width = (resize or default_resize(vision_config))(REFERENCE_IMAGE_SIZE, REFERENCE_IMAGE_SIZE)
+    return PatchGrid(height // vision_config.patch_size, width // vision_config.patch_size)
 
 
 def image_encoding_kwargs(model: nn.Module, inputs: dict) -> dict:
@@ -77,6 +91,23 @@ def encoded_tokens_per_image(model: nn.Module, output) -> list[int] | None:
         return None
     features, _ = _pieces(output)
     return [int(feature.shape[0]) for feature in features]
+
+
+def decode_position_ids(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """``[3, B, 1]`` M-RoPE positions of the one new token of a hand-written cached decode step (Qwen-VL);
+    None for other families (their forward numbers the token itself).
+
+    ``generate`` slices the positions it computes; a plain ``model(input_ids=[B, 1], attention_mask=[B, L + 1],
+    cache=...)`` call must pass them: the text position after the prompt, ``L``, plus the ``rope_deltas`` the
+    prefill stored (the model's rule for rows without padding, on every supported transformers release).
+    """
+    if not is_qwen_vl(model):
+        return None
+    deltas = qwen_core(model).rope_deltas  # [B, 1]
+    if deltas is None:
+        raise ValueError("a Qwen-VL decode step needs the rope_deltas of a prefill forward; run the prompt first")
+    new_position = attention_mask.long().sum(dim=-1, keepdim=True) - 1  # [B, 1]
+    return (new_position + deltas.to(new_position.device)).unsqueeze(0).expand(3, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -122,11 +153,13 @@ __all__ = [
     "QWEN_VL_MODEL_TYPES",
     "ImageCells",
     "cell_pixels",
+    "decode_position_ids",
     "encoded_tokens_per_image",
     "image_encoding_kwargs",
     "is_qwen_vl",
     "is_qwen_vl_checkpoint",
     "last_image_cells",
+    "reference_grid",
     "reference_image_size",
     "spatial_merge_size",
 ]
