@@ -81,22 +81,3 @@ def test_a_bad_image_size_is_refused_by_the_parser(capsys):
 def test_llava_arch_takes_the_tower_shape(capsys):
     assert main(["schedule", "--arch", "llava-1.5-7b", "--keep-ratio", "0.9"]) == 0
     assert re.search(r"\b0\.9\b.*\b54\b", capsys.readouterr().out)
-
-
-def test_profile_cuts_the_language_model_of_an_arch_only():
-    from pitome_mllm.cli.profile import reduced_depth
-    from pitome_mllm.zoo.architecture_specs import get_arch
-
-    spec = get_arch("qwen2.5-vl-7b")
-    cut, source = reduced_depth(spec, 2)
-    assert cut.text.num_layers == 2 and cut.vision == spec.vision and cut.text.hidden_size == spec.text.hidden_size
-    assert "cut to 2 of 28 layers" in source
-    assert reduced_depth(spec, None) == (spec, "qwen2.5-vl-7b (random weights)")
-    for bad in (0, 29):
-        with pytest.raises(ValueError, match="--llm-layers must be between 1 and"):
-            reduced_depth(spec, bad)
-
-
-def test_llm_layers_needs_an_arch(capsys):
-    assert main(["profile", "--model", "tiny", "--llm-layers", "2"]) == 2
-    assert "--llm-layers" in capsys.readouterr().err

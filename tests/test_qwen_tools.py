@@ -130,3 +130,22 @@ def test_profile_vision_only_on_a_qwen_folder(qwen_dir, tmp_path):
     runs = {run["label"]: run for run in json.loads((tmp_path / "profile.json").read_text())["runs"]}
     assert runs["tome k=8"]["visual_tokens"] == 8
     assert runs["tome k=8"]["timings"]["merge_projector"]["median"] > 0
+
+
+def test_profile_cuts_the_language_model_of_an_arch_only():
+    from pitome_mllm.cli.profile import reduced_depth
+    from pitome_mllm.zoo.architecture_specs import get_arch
+
+    spec = get_arch("qwen2.5-vl-7b")
+    cut, source = reduced_depth(spec, 2)
+    assert cut.text.num_layers == 2 and cut.vision == spec.vision and cut.text.hidden_size == spec.text.hidden_size
+    assert "cut to 2 of 28 layers" in source
+    assert reduced_depth(spec, None) == (spec, "qwen2.5-vl-7b (random weights)")
+    for bad in (0, 29):
+        with pytest.raises(ValueError, match="--llm-layers must be between 1 and"):
+            reduced_depth(spec, bad)
+
+
+def test_llm_layers_needs_an_arch(capsys):
+    assert main(["profile", "--model", "tiny", "--llm-layers", "2"]) == 2
+    assert "--llm-layers" in capsys.readouterr().err
