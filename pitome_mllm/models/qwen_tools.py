@@ -58,6 +58,22 @@ def reference_grid(model: nn.Module, processor=None) -> PatchGrid | None:
     return PatchGrid(height // vision_config.patch_size, width // vision_config.patch_size)
 
 
+def vision_tower_sizes(model: nn.Module) -> dict[str, int] | None:
+    """``hidden``, ``intermediate``, ``layers``, ``heads`` and ``patch_size`` of a Qwen-VL tower (its config names
+    them ``depth`` / ``num_heads``, with no ``num_hidden_layers`` alias before transformers 5.2x); None for other
+    families."""
+    if not is_qwen_vl(model):
+        return None
+    vision_config = qwen_core(model).config.vision_config
+    return {
+        "hidden": vision_config.hidden_size,
+        "intermediate": vision_config.intermediate_size,
+        "layers": vision_config.depth,
+        "heads": vision_config.num_heads,
+        "patch_size": vision_config.patch_size,
+    }
+
+
 def image_encoding_kwargs(model: nn.Module, inputs: dict) -> dict:
     """The processor outputs besides ``pixel_values`` that the model's image encoding needs (Qwen-VL: the grids)."""
     if is_qwen_vl(model) and "image_grid_thw" in inputs:
@@ -162,4 +178,5 @@ __all__ = [
     "reference_grid",
     "reference_image_size",
     "spatial_merge_size",
+    "vision_tower_sizes",
 ]

@@ -25,6 +25,7 @@ from ...models.qwen_tools import (
     reference_grid,
     reference_image_size,
     spatial_merge_size,
+    vision_tower_sizes,
 )
 from . import flops
 from .clock import (
@@ -275,13 +276,16 @@ def model_shapes(model: nn.Module, processor=None) -> dict[str, Any]:
     vision = parts.tower.config
     geometry = model_geometry(model)
     grid = reference_grid(model, processor)
+    sizes = vision_tower_sizes(model) or {
+        "hidden": vision.hidden_size,
+        "intermediate": vision.intermediate_size,
+        "layers": vision.num_hidden_layers,
+        "heads": vision.num_attention_heads,
+        "patch_size": vision.patch_size,
+    }
     shapes = {
         "vision": {
-            "hidden": vision.hidden_size,
-            "intermediate": vision.intermediate_size,
-            "layers": vision.num_hidden_layers,
-            "heads": vision.num_attention_heads,
-            "patch_size": vision.patch_size,
+            **sizes,
             "image_size": geometry.image_size,
             "tokens": geometry.default_num_tokens if grid is None else grid.patches,
             # Patches per side that one language-model token takes (Qwen-VL's 2 x 2 patch merger; else 1).
