@@ -3,6 +3,12 @@
     pitome-mllm profile --arch clip-l-336+1b --budgets 64 128 576 --new-tokens 4 --output out/
     pitome-mllm profile --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16
     pitome-mllm profile --arch clip-l-336 --keep-ratios 0.9 0.95 --methods pitome
+    pitome-mllm profile --arch qwen2.5-vl-7b --budgets 64 128 --llm-layers 2 --device cpu
+
+A Qwen-VL ``--arch`` profiles a 448 x 448 image (the reference size of ``handle.num_visual_tokens``: 256
+tokens after the patch merger for Qwen2.5-VL); ``--llm-layers`` keeps only the first N decoder layers of
+an ``--arch`` language model, so the 7-8B shapes fit a CPU's memory (prefill and decode then cost about
+N / depth of the full model's, the tower and merge stage all of theirs).
 
 ``--arch`` builds a real-size model with random weights (no download; the cost of a
 fixed token budget does not depend on the weights). ``--model`` loads a checkpoint
@@ -62,6 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", default=None, help="write JSON, CSV and plots here")
     parser.add_argument("--stem", default="profile", help="file name stem of the outputs")
     parser.add_argument("--seed", type=int, default=0, help="weights seed for --arch")
+    parser.add_argument(
+        "--llm-layers",
+        type=int,
+        default=None,
+        help="--arch only: build only this many language-model layers (memory; the full depth by default)",
+    )
 
 
 def resolve_device(name: str):
@@ -88,9 +100,9 @@ def load_model_for_profiling(args: argparse.Namespace, device, dtype):
     if args.arch:
         from ..zoo.architectures import build_arch, get_arch
 
-        spec = get_arch(args.arch)
+        spec, source = reduced_depth(get_arch(args.arch), args.llm_layers)
         model, processor = build_arch(spec, device=device, dtype=dtype, seed=args.seed)
-        return model, processor, f"{spec.name} (random weights)", not spec.build_language_model
+        return model, processor, source, not spec.build_language_model
     if args.model in TINY_MODELS:
         from ..zoo.tiny import DEMO_SPEC, TEST_SPEC, build_tiny_llava
 
@@ -98,11 +110,11 @@ def load_model_for_profiling(args: argparse.Namespace, device, dtype):
         model, processor = build_tiny_llava(spec)
         return model.to(device=device, dtype=dtype), processor, f"{args.model} (random weights)", False
     try:
-        from ..runtime.loading import load_llava
+        from ..runtime.loading import load_checkpoint
     except ImportError:
-        load_llava = None
-    if load_llava is not None:
-        model, processor = load_llava(args.model, dtype=dtype, device=device)
+        load_checkpoint = None
+    if load_checkpoint is not None:  # a LLaVA, or a local Qwen-VL folder
+        model, processor = load_checkpoint(args.model, dtype=dtype, device=device)
     else:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -115,7 +127,9 @@ def gigabytes(count: int) -> str:
     return f"{count / 1e9:.1f} GB"
 
 
-def check_memory(arch: str, dtype, batch_size: int, available: int | None, device) -> None:
+def check_memory(
+    arch: str, dtype, batch_size: int, available: int | None, device, llm_layers: int | None = None
+) -> None:
     """Refuse an ``--arch`` run whose estimated memory exceeds what ``device`` has available.
 
     Raises:
@@ -127,15 +141,20 @@ def check_memory(arch: str, dtype, batch_size: int, available: int | None, devic
     if available is None:
         return
     dtype_bytes = dtype.itemsize
-    need = estimate_memory(ARCHITECTURES[arch], dtype_bytes, batch_size)
+    spec = reduced_depth(ARCHITECTURES[arch], llm_layers)[0]
+    need = estimate_memory(spec, dtype_bytes, batch_size)
     if need.total_bytes <= available:
         return
     dtype_name = str(dtype).replace("torch.", "")
     ways_out = []
     if dtype_bytes > 2:
-        half = estimate_memory(ARCHITECTURES[arch], 2, batch_size).total_bytes
+        half = estimate_memory(spec, 2, batch_size).total_bytes
         if half <= available:
             ways_out.append(f"--dtype bfloat16 or float16 (about {gigabytes(half)})")
+    if llm_layers is None and spec.build_language_model and spec.text.num_layers > 2:
+        shallow = estimate_memory(reduced_depth(spec, 2)[0], dtype_bytes, batch_size).total_bytes
+        if shallow <= available:
+            ways_out.append(f"--llm-layers 2 (the language model cut to 2 layers; about {gigabytes(shallow)})")
     smaller = [
         f"{name} ({gigabytes(estimate_memory(spec, dtype_bytes, batch_size).total_bytes)})"
         for name, spec in ARCHITECTURES.items()
@@ -156,10 +175,35 @@ def check_memory(arch: str, dtype, batch_size: int, available: int | None, devic
     )
 
 
-def native_visual_tokens(model) -> int:
-    from ..models import model_geometry
+def reduced_depth(spec, llm_layers: int | None):
+    """``(spec, source description)`` with the language model cut to its first ``llm_layers`` layers.
 
-    return model_geometry(model).native_visual_tokens
+    Raises:
+        ValueError: ``llm_layers`` outside 1..the architecture's depth.
+    """
+    import dataclasses
+
+    if llm_layers is None:
+        return spec, f"{spec.name} (random weights)"
+    depth = spec.text.num_layers
+    if not 1 <= llm_layers <= depth:
+        raise ValueError(f"--llm-layers must be between 1 and {spec.name}'s {depth} decoder layers, got {llm_layers}")
+    text = dataclasses.replace(spec.text, num_layers=llm_layers)
+    return (
+        dataclasses.replace(spec, text=text),
+        f"{spec.name} (random weights, language model cut to {llm_layers} of {depth} layers)",
+    )
+
+
+def native_visual_tokens(model, processor=None) -> int:
+    """Visual tokens per image of the unpatched model at its reference size (after any patch merger;
+    where the grid follows the image, under ``processor``'s pixel limits)."""
+    from ..models import model_geometry
+    from ..models.qwen_tools import reference_grid, spatial_merge_size
+
+    grid = reference_grid(model, processor)
+    tower_tokens = model_geometry(model).native_visual_tokens if grid is None else grid.patches
+    return tower_tokens // spatial_merge_size(model) ** 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,6 +214,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods must be drawn from {METHODS}, got {unknown}")
     if any(budget < 1 for budget in args.budgets or ()):
         raise ValueError(f"--budgets must be >= 1, got {args.budgets}")
+    if args.llm_layers is not None and not args.arch:
+        raise ValueError("--llm-layers builds a shallower --arch model; it does not apply to --model")
     if args.output:  # before the model is built: a bad output path must not cost a profiling run
         output = checked_output_folder("--output", args.output)
         checked_output_stem("--stem", args.stem, "--output", output, REPORT_SUFFIXES)
@@ -178,7 +224,12 @@ def run(args: argparse.Namespace) -> int:
 
         device = resolve_device(args.device)
         check_memory(
-            args.arch, resolve_dtype(args.dtype, device), args.batch_size, available_memory_bytes(device), device
+            args.arch,
+            resolve_dtype(args.dtype, device),
+            args.batch_size,
+            available_memory_bytes(device),
+            device,
+            args.llm_layers,
         )
     with torch_threads(args.threads):
         return _profile(args)
@@ -207,7 +258,7 @@ def _profile(args: argparse.Namespace) -> int:
     console.print(f"building {args.arch or args.model} on {device} ({str(dtype).replace('torch.', '')}) ...")
     model, processor, source, vision_only = load_model_for_profiling(args, device, dtype)
     settings.vision_only = settings.vision_only or vision_only
-    native_tokens = native_visual_tokens(model)
+    native_tokens = native_visual_tokens(model, processor)
     if args.budgets is not None and max(args.budgets) > native_tokens:
         # The native count means unpatched; a larger budget is a mistake, not another unpatched run.
         raise ValueError(f"--budgets must be in [1, {native_tokens}] for this model ({source}), got {args.budgets}")

@@ -15,6 +15,7 @@ from .arguments import add_preset_argument, add_tiny_model_arguments, checked_ou
 HELP = "draw which image patches share a token after chosen vision layers (merge maps) and the energy map"
 
 TINY_MODELS = ("tiny", "tiny-test")
+DEFAULT_KEEP_RATIO = 0.9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_tiny_model_arguments(parser)
     add_list_argument(parser, "--methods", default=["tome", "pitome"], help="e.g. tome pitome")
-    parser.add_argument("--keep-ratio", type=float, default=0.9, help="keep ratio of every merging layer")
+    parser.add_argument(
+        "--keep-ratio", type=float, default=None, help="keep ratio of every merging layer (default 0.9)"
+    )
+    parser.add_argument(
+        "--target-tokens",
+        type=int,
+        default=None,
+        help="Qwen-VL: tokens kept per image (alone, or with --keep-ratio: the smaller count)",
+    )
     add_preset_argument(parser)
     add_list_argument(
         parser,
@@ -63,6 +72,13 @@ def load_model(name: str, device: str | None = None) -> LoadedModel:
     path = Path(name)
     if not path.exists():
         raise FileNotFoundError(f"--model {name!r} is neither one of {TINY_MODELS} nor an existing folder")
+    from ..models.qwen_tools import is_qwen_vl_checkpoint
+
+    if is_qwen_vl_checkpoint(path):
+        from ..runtime.loading import load_qwen_vl
+
+        model, processor = load_qwen_vl(path, device=device)
+        return LoadedModel(model, processor, path.name, False)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto").to(device).eval()
@@ -95,6 +111,15 @@ def run(args: argparse.Namespace) -> int:
     checked_output_stem("--name", args.name, "--output", args.output, (".png", ".json"))
     image = load_input_image(args.image)
     loaded = load_model(args.model, args.device)
+    from ..models.qwen_tools import is_qwen_vl
+
+    if is_qwen_vl(loaded.model):
+        return run_merged_grid(args, loaded, image)
+    if args.target_tokens is not None:
+        raise ValueError(
+            "--target-tokens applies to Qwen-VL models (merge maps of the merged grid); "
+            "the merge maps of a LLaVA tower follow --keep-ratio"
+        )
     layers = args.layers
     if layers is None:
         layers = default_layers(last_vision_layer(loaded.model))
@@ -106,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         image,
         output,
         methods=args.methods,
-        keep_ratio=args.keep_ratio,
+        keep_ratio=DEFAULT_KEEP_RATIO if args.keep_ratio is None else args.keep_ratio,
         layers=layers,
         preset=args.preset,
         colour=args.colour,
@@ -140,4 +165,51 @@ def run(args: argparse.Namespace) -> int:
     # Plain print: a path must not be wrapped at the terminal's width.
     print(f"wrote {output}")
     print(f"wrote {summary_path} (the counts of the table)")
+    return 0
+
+
+def run_merged_grid(args: argparse.Namespace, loaded: LoadedModel, image) -> int:
+    """Merge maps of a Qwen-VL model: which merged-grid cells each kept token holds, one row per method."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..tools.viz import RANDOM_WEIGHTS_NOTE, visualize_merged_grid
+
+    if args.layers is not None:
+        raise ValueError(
+            "--layers does not apply to a Qwen-VL model: it merges each image's tokens after the patch merger, "
+            "not inside vision layers"
+        )
+    budget = {}
+    if args.keep_ratio is not None or args.target_tokens is None:
+        budget["keep_ratio"] = DEFAULT_KEEP_RATIO if args.keep_ratio is None else args.keep_ratio
+    if args.target_tokens is not None:
+        budget["target_tokens"] = args.target_tokens
+    output = args.output / f"{args.name}.png"
+    image_name = Path(args.image).stem
+    result = visualize_merged_grid(
+        loaded.model,
+        loaded.processor,
+        image,
+        output,
+        methods=args.methods,
+        budget=budget,
+        colour=args.colour,
+        title=f"Merged-grid tokens: {loaded.name}, image '{image_name}'",
+        caption=RANDOM_WEIGHTS_NOTE if loaded.random_weights else "",
+        panel_px=args.panel_px,
+    )
+    summary = {"model": args.model, "image": args.image, "random_weights": loaded.random_weights, **result.to_dict()}
+    (args.output / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    rows, cols = result.grid
+    table = Table(title=f"tokens of '{image_name}' after the patch merger ({rows}x{cols} cells)")
+    for column in ("method", "setting", "native", "to the LLM"):
+        table.add_column(column, justify="right" if column in ("native", "to the LLM") else "left")
+    setting = ", ".join(f"{name}={value}" for name, value in budget.items())
+    for method in args.methods:
+        table.add_row(method, setting, str(result.native_tokens), str(result.kept_tokens[method]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {output}")
     return 0

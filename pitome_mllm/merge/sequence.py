@@ -27,11 +27,14 @@ class ReducedImage:
         tokens: ``[K, D]`` in raster order of ``first_cells``.
         carried: each ``[K, D_i]``, the carried tensors reduced the same way, same order.
         first_cells: ``[K]`` the smallest original cell index each kept token holds (increasing).
+        cell_tokens: ``[N]`` the kept token (index into ``tokens``) holding each original cell, ``-1`` where
+            the cell was dropped (a merge map: which cells each kept token holds).
     """
 
     tokens: torch.Tensor
     carried: tuple[torch.Tensor, ...]
     first_cells: torch.Tensor
+    cell_tokens: torch.Tensor | None = None
 
 
 def first_cells(token_map: torch.Tensor, num_kept: int) -> torch.Tensor:
@@ -44,6 +47,13 @@ def first_cells(token_map: torch.Tensor, num_kept: int) -> torch.Tensor:
     first = torch.full((num_kept,), num_original, dtype=torch.long, device=token_map.device)
     original_index = torch.arange(num_original, device=token_map.device)
     return first.scatter_reduce(0, token_map[held], original_index[held], reduce="amin", include_self=True)
+
+
+def reordered_token_map(token_map: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``[N]`` map to the kept tokens once they are put in ``order`` (``[K]``: old index of each new one)."""
+    new_index = torch.empty_like(order)
+    new_index[order] = torch.arange(order.shape[0], device=order.device)
+    return torch.where(token_map >= 0, new_index[token_map.clamp_min(0)], -1)
 
 
 def reduce_image_tokens(
@@ -65,7 +75,8 @@ def reduce_image_tokens(
     """
     num_tokens = tokens.shape[0]
     if num_kept >= num_tokens or method == "none":
-        return ReducedImage(tokens, carried, torch.arange(num_tokens, device=tokens.device))
+        every_cell = torch.arange(num_tokens, device=tokens.device)
+        return ReducedImage(tokens, carried, every_cell, every_cell)
     spec = method_spec(method)
     if spec.implementation is None:
         return _merged(tokens, num_kept, replace(step, method=method), carried)
@@ -76,7 +87,12 @@ def reduce_image_tokens(
     cells = first_cells(token_map[0], kept.shape[1])
     order = cells.argsort()
     # A selection keeps rows: each kept token is the original token at its first (only) cell.
-    return ReducedImage(kept[0][order], tuple(tensor[cells[order]] for tensor in carried), cells[order])
+    return ReducedImage(
+        kept[0][order],
+        tuple(tensor[cells[order]] for tensor in carried),
+        cells[order],
+        reordered_token_map(token_map[0], order),
+    )
 
 
 def _merged(tokens: torch.Tensor, num_kept: int, step: StepParams, carried: tuple[torch.Tensor, ...]) -> ReducedImage:
@@ -89,7 +105,12 @@ def _merged(tokens: torch.Tensor, num_kept: int, step: StepParams, carried: tupl
     )
     cells = first_cells(token_map[0], merged.shape[1])
     order = cells.argsort()
-    return ReducedImage(merged[0][order], tuple(tensor[0][order] for tensor in merged_carried), cells[order])
+    return ReducedImage(
+        merged[0][order],
+        tuple(tensor[0][order] for tensor in merged_carried),
+        cells[order],
+        reordered_token_map(token_map[0], order),
+    )
 
 
-__all__ = ["ReducedImage", "first_cells", "reduce_image_tokens"]
+__all__ = ["ReducedImage", "first_cells", "reduce_image_tokens", "reordered_token_map"]

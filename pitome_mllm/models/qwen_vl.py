@@ -186,10 +186,13 @@ class PositionPlan:
     Attributes:
         grids: ``(t, h, w)`` merged grid of every image (patch grid divided by the merge size).
         first_cells: ``[K_i]`` the merged-grid cell (raster index) of every kept token of image ``i``.
+        cell_tokens: ``[t * h * w]`` per image, the kept token holding each merged-grid cell (``-1``: dropped);
+            the merge map the tools draw.
     """
 
     grids: list[tuple[int, int, int]]
     first_cells: list[torch.Tensor]
+    cell_tokens: list[torch.Tensor] | None = None
 
 
 def cell_offsets(grid: tuple[int, int, int], cells: torch.Tensor) -> torch.Tensor:
@@ -277,7 +280,7 @@ class QwenImageStage(Hook):
         if concatenated:  # transformers 4.57's Qwen3-VL: one [sum N_i, D] tensor per tapped layer
             sizes = [feature.shape[0] for feature in features]
             deepstack = [torch.split(layer, sizes) for layer in deepstack]
-        reduced_images, cells = [], []
+        reduced_images, cells, cell_tokens = [], [], []
         for index, (image, grid) in enumerate(zip(features, grids, strict=True)):
             _, kept = self.kept_for_grid(grid)
             carried = tuple(layer[index] for layer in deepstack) if deepstack else ()
@@ -286,7 +289,8 @@ class QwenImageStage(Hook):
             )
             reduced_images.append(reduced)
             cells.append(reduced.first_cells)
-        self.plan = self.last_plan = PositionPlan([self.merged_grid(grid) for grid in grids], cells)
+            cell_tokens.append(reduced.cell_tokens)
+        self.plan = self.last_plan = PositionPlan([self.merged_grid(grid) for grid in grids], cells, cell_tokens)
         new_features = tuple(image.tokens for image in reduced_images)
         new_deepstack = None
         if deepstack:

@@ -24,6 +24,7 @@ from ..config import DTYPES
 from ..hooks.base import InstanceOverrides, remove_hooks
 from ..models import model_parts
 from ..models.llava_hf import QUANTIZATION_SKIP_MODULES
+from ..models.qwen_tools import encoded_tokens_per_image, is_qwen_vl_checkpoint
 from .quantization import bitsandbytes_config
 
 logger = logging.getLogger("pitome_mllm")
@@ -297,6 +298,13 @@ def _qwen_vl_processor(source: str, is_local: bool):
     return load_qwen_vl_processor(folder)
 
 
+def load_checkpoint(model_id_or_path: str | Path, **load_kwargs: Any) -> tuple[nn.Module, Any]:
+    """`load_qwen_vl` for a local Qwen-VL folder, `load_llava` for anything else (same keyword arguments)."""
+    if is_qwen_vl_checkpoint(model_id_or_path):
+        return load_qwen_vl(model_id_or_path, **load_kwargs)
+    return load_llava(model_id_or_path, **load_kwargs)
+
+
 def tiny_demo_model(spec_name: str = "demo") -> tuple[nn.Module, Any]:
     """The offline tiny random LLaVA: ``"demo"`` has CLIP ViT-L/14-336 geometry (576 visual
     tokens, 24 layers), ``"test"`` is smaller (64 tokens, 6 layers). No download.
@@ -319,14 +327,15 @@ def load_model(
     device: str | torch.device = "auto",
     **load_kwargs: Any,
 ) -> tuple[nn.Module, Any]:
-    """`load_llava`, except that ``"tiny"`` / ``"tiny-test"`` give the offline tiny model.
+    """`load_checkpoint` (a local Qwen-VL folder or a LLaVA), except that ``"tiny"`` / ``"tiny-test"`` give the
+    offline tiny model.
 
     Raises:
         ValueError: quantisation asked for the tiny model (it has no checkpoint to quantise).
     """
     spec_name = TINY_MODEL_NAMES.get(str(name_or_path))
     if spec_name is None:
-        return load_llava(name_or_path, dtype=dtype, device=device, **load_kwargs)
+        return load_checkpoint(name_or_path, dtype=dtype, device=device, **load_kwargs)
     if load_kwargs.get("load_in_4bit") or load_kwargs.get("load_in_8bit"):
         raise ValueError(
             f"cannot quantise the built-in {name_or_path!r} model; save it with "
@@ -473,6 +482,9 @@ class StageTimer:
             output = original(*args, **kwargs)
             self._sync()
             self.vision_s += time.perf_counter() - began
+            per_image = encoded_tokens_per_image(self.model, output)
+            if per_image:  # images concatenated into one sequence: the projector's output does not say
+                self.visual_tokens = per_image[0]
             return output
 
         self._overrides.set(self._method, timed_image_encoding)
@@ -491,7 +503,8 @@ class StageTimer:
             self._first_forward_end = time.perf_counter()
 
     def _on_projector_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.visual_tokens = int(output.shape[1])
+        if output.dim() == 3:  # [B, K, D]; a flat [sum K_i, D] is counted per image after the encoding
+            self.visual_tokens = int(output.shape[1])
 
     def __exit__(self, *exc_info) -> None:
         self._sync()
@@ -511,6 +524,7 @@ __all__ = [
     "build_conversation_prompt",
     "build_prompt",
     "count_image_tokens",
+    "load_checkpoint",
     "load_image_arg",
     "load_llava",
     "load_qwen_vl",

@@ -32,6 +32,7 @@ from .spectral import SimStep, simulate_merges
 COLOUR_MODES = ("mean", "palette")
 BOUNDARY_RGB = (0.0, 0.0, 0.0)
 SINGLETON_RGB = (1.0, 0.84, 0.0)  # yellow outline: a token that still holds one patch
+DROPPED_RGB = (0.15, 0.15, 0.15)  # a cell no kept token holds (a selection method dropped it)
 RANDOM_WEIGHTS_NOTE = (
     "random-weight model: groups follow pixel statistics pushed through a random network, not semantics"
 )
@@ -116,13 +117,15 @@ def render_merge_map(image: np.ndarray, labels: torch.Tensor | np.ndarray, colou
 
     Args:
         image: ``[H, W, 3]`` floats in [0, 1]; ``H`` and ``W`` multiples of the grid.
-        labels: ``[rows, cols]`` token holding each patch (any integer labels).
+        labels: ``[rows, cols]`` token holding each patch (any integer labels; a negative
+            label marks a patch no token holds, e.g. dropped by a selection method).
         colour: ``"mean"`` (each group filled with the mean colour of its patches) or
             ``"palette"`` (a hashed colour per group, blended with the image).
 
     Returns:
         ``[H, W, 3]`` floats in [0, 1]: filled groups, black boundaries between patches
-        of different groups, a yellow outline around single-patch tokens.
+        of different groups, a yellow outline around single-patch tokens, dropped patches
+        dark grey (a quarter of the image showing through).
     """
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour must be one of {COLOUR_MODES}, got {colour!r}")
@@ -166,7 +169,9 @@ def render_merge_map(image: np.ndarray, labels: torch.Tensor | np.ndarray, colou
         | (col_in_cell < thickness)
         | (col_in_cell >= cell_w - thickness)
     )
-    canvas[single & on_cell_edge] = SINGLETON_RGB
+    dropped = np.repeat(np.repeat(labels < 0, cell_h, axis=0), cell_w, axis=1)
+    canvas[single & on_cell_edge & ~dropped] = SINGLETON_RGB
+    canvas[dropped] = 0.75 * np.asarray(DROPPED_RGB) + 0.25 * image[dropped]
     return np.clip(canvas, 0.0, 1.0)
 
 
@@ -714,6 +719,96 @@ def record_row(record: MergeRecord, layers: Sequence[int], grid: tuple[int, int]
     return MergeMapRow(label, maps, titles)
 
 
+# ------------------------------------------------------- merged-grid towers (Qwen-VL)
+@dataclass
+class MergedGridResult:
+    """What `visualize_merged_grid` drew: the PNG and, per method, the merge map of the image.
+
+    Attributes:
+        grid: ``(rows, cols)`` merged-grid cells of the image (one native language-model token each).
+        native_tokens: tokens the unpatched model gives the image (``rows * cols``).
+        kept_tokens: per method, the tokens the patched model gives it.
+        merge_maps: per method, ``[rows, cols]`` the kept token holding each cell (``-1``: dropped).
+        settings: per method, the `pitome_mllm.patch` keywords used.
+    """
+
+    path: Path
+    grid: tuple[int, int]
+    native_tokens: int
+    kept_tokens: dict[str, int]
+    merge_maps: dict[str, torch.Tensor]
+    settings: dict[str, dict]
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "grid": list(self.grid),
+            "native_tokens": self.native_tokens,
+            "kept_tokens": self.kept_tokens,
+            "settings": self.settings,
+            "merge_maps": {method: labels.tolist() for method, labels in self.merge_maps.items()},
+        }
+
+
+def encode_image_cells(model: torch.nn.Module, processor, image, **config):
+    """Patch ``model`` with ``config``, encode ``image`` once, unpatch; the image's
+    `pitome_mllm.models.qwen_tools.ImageCells` (its merge map on the merged grid)."""
+    from ..api import patched
+    from ..models import model_parts
+    from ..models.qwen_tools import image_encoding_kwargs, last_image_cells
+
+    device, dtype = _model_placement(model)
+    with patched(model, processor, **config) as handle:
+        inputs = processor.image_processor(images=[image], return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(device=device, dtype=dtype)
+        extra = {name: value.to(device) for name, value in image_encoding_kwargs(model, inputs).items()}
+        with torch.no_grad():
+            model_parts(model).encode_images(pixel_values, **extra)
+        return last_image_cells(handle)[0]
+
+
+def visualize_merged_grid(
+    model: torch.nn.Module,
+    processor,
+    image,
+    path: str | Path,
+    *,
+    methods: Sequence[str] = ("tome", "pitome"),
+    budget: dict | None = None,
+    colour: str = "mean",
+    title: str = "",
+    caption: str = "",
+    panel_px: int = 240,
+) -> MergedGridResult:
+    """Merge maps of ``image`` on a tower that reduces its merged grid (Qwen-VL), one row per method.
+
+    Each panel paints the cells (one native language-model token each: a ``merge_size``-square block of
+    patches) that share a kept token, on the image resized as the processor resizes it; the plan is the one
+    the patched model's image encoding makes (``budget``: ``keep_ratio`` and / or ``target_tokens``).
+    """
+    from PIL import Image
+
+    from ..models.qwen_tools import cell_pixels
+
+    budget = dict(budget or {"keep_ratio": 0.9})
+    side = cell_pixels(model)
+    rows, kept, maps, settings, native, grid = [], {}, {}, {}, 0, (0, 0)
+    for method in methods:
+        config = {"method": method, **budget}
+        cells = encode_image_cells(model, processor, image, **config)
+        frames, height, width = cells.grid
+        grid, native = (height, width), frames * height * width
+        labels = cells.cell_tokens[0]
+        maps[method], kept[method], settings[method] = labels, cells.kept_tokens, config
+        rows.append(MergeMapRow(f"{method}\n{cells.kept_tokens} of {native}\ntokens to LLM", [labels], [""]))
+    resized = image.convert("RGB").resize((grid[1] * side, grid[0] * side), Image.BICUBIC)
+    shown = np.asarray(resized, dtype=np.float64) / 255.0
+    for row in rows:
+        row.titles = [f"{grid[0]}x{grid[1]} cells of {side} px"]
+    path = plot_merge_maps(shown, rows, path, title=title, caption=caption, colour=colour, panel_px=panel_px)
+    return MergedGridResult(Path(path), grid, native, kept, maps, settings)
+
+
 __all__ = [
     "COLOUR_MODES",
     "Curve",
@@ -722,8 +817,10 @@ __all__ = [
     "FigureLayout",
     "MergeMapRow",
     "MergeRecord",
+    "MergedGridResult",
     "VisualizeResult",
     "displayable",
+    "encode_image_cells",
     "energy_map",
     "curves_size_px",
     "figure_size_px",
@@ -739,4 +836,5 @@ __all__ = [
     "trace_merges",
     "vision_hidden_states",
     "visualize",
+    "visualize_merged_grid",
 ]

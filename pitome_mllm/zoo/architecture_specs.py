@@ -19,6 +19,7 @@ __all__ = [
     "QwenTextShape",
     "QwenVLArchSpec",
     "QwenVisionShape",
+    "REAL_QWEN_PIXELS",
     "TextShape",
     "VisionShape",
     "estimate_memory",
@@ -148,6 +149,10 @@ class QwenVLArchSpec:
     text: QwenTextShape
     build_language_model: bool = True
 
+
+# The released checkpoints' preprocessor limits (min_pixels, max_pixels) per family (Qwen2.5-VL-7B-Instruct;
+# Qwen3-VL-8B-Instruct): ``smart_resize`` keeps an image's area between them.
+REAL_QWEN_PIXELS = {"qwen2.5-vl": (56 * 56, 28 * 28 * 1280), "qwen3-vl": (65536, 16777216)}
 
 # Qwen2.5-VL-7B-Instruct's config.json; the vision shape equals transformers' Qwen2_5_VLVisionConfig defaults
 # except hidden_size (1280 in the checkpoint, 3584 in the class default).

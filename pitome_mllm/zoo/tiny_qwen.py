@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils import is_torchvision_available
 
 from ..models.compat import transformers_version
-from .architecture_specs import QwenTextShape, QwenVisionShape
+from .architecture_specs import REAL_QWEN_PIXELS, QwenTextShape, QwenVisionShape  # noqa: F401 (re-exported)
 from .tiny import _TRAINING_CORPUS, TOKENIZER_VOCAB_SIZE, _image_processor_class, _instantiate
 
 __all__ = [
@@ -151,8 +151,6 @@ TEMPORAL_PATCH_SIZE = 2
 TINY_QWEN_PIXELS = {
     family: ((2 * MERGE_SIZE * patch) ** 2, (10 * MERGE_SIZE * patch) ** 2) for family, patch in _PATCH_SIZE.items()
 }
-# The released checkpoints' preprocessor limits (Qwen2.5-VL-7B-Instruct; Qwen3-VL-8B-Instruct).
-REAL_QWEN_PIXELS = {"qwen2.5-vl": (56 * 56, 28 * 28 * 1280), "qwen3-vl": (65536, 16777216)}
 
 
 def _check_family(family: str) -> str:

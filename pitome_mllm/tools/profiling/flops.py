@@ -68,6 +68,12 @@ def projector_macs(num_tokens: int, vision_hidden: int, text_hidden: int) -> int
     return num_tokens * (vision_hidden * text_hidden + text_hidden * text_hidden)
 
 
+def patch_merger_macs(num_tokens: int, block_width: int, text_hidden: int) -> int:
+    """MACs of a patch merger (Qwen-VL) making ``N`` tokens from blocks of ``block_width`` (``C x merge_size²``)
+    features: its MLP ``N x (C_b x C_b + C_b x D)``."""
+    return num_tokens * (block_width * block_width + block_width * text_hidden)
+
+
 # `DecoderShape` field -> `LLMShape` field where they differ (profile reports keep the short names).
 _DECODER_NAMES = {"hidden_size": "hidden", "intermediate_size": "intermediate"}
 

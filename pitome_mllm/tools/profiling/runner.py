@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -14,9 +15,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...hooks.base import remove_hooks
+from ...hooks.base import InstanceOverrides, remove_hooks
 from ...hooks.observers import Observer, eager_only
 from ...models import ModelParts, model_geometry, model_parts
+from ...models.qwen_tools import (
+    decode_position_ids,
+    encoded_tokens_per_image,
+    image_encoding_kwargs,
+    reference_grid,
+    reference_image_size,
+    spatial_merge_size,
+    vision_tower_sizes,
+)
 from . import flops
 from .clock import (
     PassClock,
@@ -250,6 +260,10 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
     from ...assets import load_image
 
     image = load_image(settings.image)
+    side = reference_image_size(model)
+    if side is not None:
+        # A tower whose grid follows the image (Qwen-VL): the reference square, whose count is the handle's.
+        image = image.convert("RGB").resize((side, side))
     prompt = _build_prompt(processor, settings.prompt)
     batch = settings.batch_size
     inputs = processor(images=[image] * batch, text=[prompt] * batch, return_tensors="pt", padding=True)
@@ -258,21 +272,33 @@ def _model_inputs(model: nn.Module, processor, settings: ProfileSettings, device
     return moved
 
 
-def model_shapes(model: nn.Module) -> dict[str, Any]:
-    """The vision and language-model shapes the FLOPs formulas use."""
+def model_shapes(model: nn.Module, processor=None) -> dict[str, Any]:
+    """The vision and language-model shapes the FLOPs formulas use.
+
+    ``tokens``: tokens entering the tower for the profiled image (where the grid follows the image, the
+    reference square under ``processor``'s pixel limits).
+    """
     parts = model_parts(model)
     if parts.decoder is None:
         raise ValueError(f"the {type(model).__name__} adapter does not report its language model's sizes")
     vision = parts.tower.config
+    geometry = model_geometry(model)
+    grid = reference_grid(model, processor)
+    sizes = vision_tower_sizes(model) or {
+        "hidden": vision.hidden_size,
+        "intermediate": vision.intermediate_size,
+        "layers": vision.num_hidden_layers,
+        "heads": vision.num_attention_heads,
+        "patch_size": vision.patch_size,
+    }
     shapes = {
         "vision": {
-            "hidden": vision.hidden_size,
-            "intermediate": vision.intermediate_size,
-            "layers": vision.num_hidden_layers,
-            "heads": vision.num_attention_heads,
-            "patch_size": vision.patch_size,
-            "image_size": vision.image_size,
-            "tokens": model_geometry(model).default_num_tokens,
+            **sizes,
+            "image_size": geometry.image_size,
+            "tokens": geometry.default_num_tokens if grid is None else grid.patches,
+            # Patches per side that one language-model token takes (Qwen-VL's 2 x 2 patch merger; else 1).
+            "merge_size": spatial_merge_size(model),
+            "class_token": geometry.class_token,
         },
         "llm": dataclasses.asdict(flops.LLMShape.from_decoder(parts.decoder)),
         "vision_feature_layer": parts.feature_layer,
@@ -296,28 +322,58 @@ class StageHooks:
     merge hook (forward hooks run in registration order).
     """
 
-    def __init__(self, parts: ModelParts) -> None:
+    def __init__(self, parts: ModelParts, model: nn.Module | None = None) -> None:
         self.parts = parts
+        self.model = model
         self.clock: PassClock | None = None
         self.memory: MemoryProbe | None = None
         self.visual_tokens: int | None = None
         self.layer_tokens: list[int] = []
         self.record_layer_tokens = False  # append each layer's input length to layer_tokens
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._encoding = InstanceOverrides(parts.image_feature_owner) if parts.image_feature_owner else None
+        self._flat_projector_output = False
 
     def install(self) -> None:
         tower, projector = self.parts.tower, self.parts.projector
+        # A projector inside the tower (Qwen-VL's patch merger): the tower stage ends where the projector starts,
+        # so the two intervals stay disjoint.
+        nested = any(module is projector for module in tower.modules())
         self._handles += [
             tower.register_forward_pre_hook(self._stage_start("vision_tower"), prepend=True),
-            tower.register_forward_hook(self._stage_end("vision_tower")),
             projector.register_forward_pre_hook(self._stage_start("projector"), prepend=True),
             projector.register_forward_hook(self._projector_end),
         ]
+        if nested:  # prepended after the projector's start, so it runs before it
+            self._handles.append(projector.register_forward_pre_hook(self._tower_end_at_projector, prepend=True))
+        else:
+            self._handles.append(tower.register_forward_hook(self._stage_end("vision_tower")))
         for layer in self.parts.encoder_layers:
             self._handles.append(layer.register_forward_pre_hook(self._count_layer_tokens, prepend=True))
+        if self._encoding is not None and self.model is not None:
+            method = self.parts.image_feature_method
+            self._encoding.set(method, self._stamped_encoding(getattr(self._encoding.target, method)))
 
     def remove(self) -> None:
         remove_hooks(self._handles)
+        if self._encoding is not None:
+            self._encoding.restore()
+
+    def _stamped_encoding(self, original: Callable) -> Callable:
+        """The model's image encoding; where the projector's output concatenates the images (Qwen-VL), the
+        projector stage (per-image reduction included) ends when the encoding returns."""
+
+        @functools.wraps(original)
+        def encode(*args, **kwargs):
+            output = original(*args, **kwargs)
+            per_image = encoded_tokens_per_image(self.model, output)
+            if per_image and self._flat_projector_output:
+                if self.clock is not None:
+                    self.clock.mark("projector_end")
+                self.visual_tokens = per_image[0]
+            return output
+
+        return encode
 
     def _stage_start(self, stage: str) -> Callable:
         def hook(module, args) -> None:
@@ -337,9 +393,15 @@ class StageHooks:
 
         return hook
 
+    def _tower_end_at_projector(self, module, args) -> None:
+        self._stage_end("vision_tower")(module, args, None)
+
     def _projector_end(self, module, args, output) -> None:
         self._stage_end("projector")(module, args, output)
-        self.visual_tokens = int(output.shape[1])
+        # [B, K, D]; a flat [sum K_i, D] (images concatenated) is reduced and counted after the projector.
+        self._flat_projector_output = output.dim() == 2
+        if not self._flat_projector_output:
+            self.visual_tokens = int(output.shape[1])
         if self.memory is not None:
             self.memory.begin("llm_prefill")
 
@@ -357,9 +419,9 @@ class _PassOutput:
     kv_sequence_length: int | None = None
 
 
-def _vision_pass(parts: ModelParts, inputs: dict, clock: PassClock) -> _PassOutput:
+def _vision_pass(parts: ModelParts, inputs: dict, clock: PassClock, extra: dict | None = None) -> _PassOutput:
     clock.mark("start")
-    parts.encode_images(inputs["pixel_values"])
+    parts.encode_images(inputs["pixel_values"], **(extra or {}))
     clock.mark("end")
     clock.stopwatch.synchronize()
     seconds = {
@@ -393,12 +455,14 @@ def _generation_pass(
         memory.begin("decode")
     for _ in range(new_tokens - 1):
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=1)
+        positions = decode_position_ids(model, attention_mask)
         output = model(
             input_ids=next_ids,
             attention_mask=attention_mask,
             use_cache=True,
             logits_to_keep=1,
             **{cache_keyword: cache},
+            **({} if positions is None else {"position_ids": positions}),
         )
         next_ids = output.logits[:, -1:].argmax(dim=-1)
         clock.decode_marks.append(clock.stopwatch.stamp())
@@ -460,7 +524,7 @@ class _Profiler:
         self.cache_keyword = _cache_keyword(model)
         self.merge_timer = MergeTimer()
         self.progress = progress
-        self.shapes = model_shapes(model)
+        self.shapes = model_shapes(model, processor)
         self.llm_shape = flops.LLMShape(**self.shapes["llm"])
 
     def run_all(self, specs: Sequence[RunSpec]) -> list[RunResult]:
@@ -487,7 +551,7 @@ class _Profiler:
         import pitome_mllm
 
         handle = pitome_mllm.patch(self.model, self.processor, **spec.overrides) if spec.patched else None
-        hooks = StageHooks(self.parts)
+        hooks = StageHooks(self.parts, self.model)
         try:
             if handle is not None:
                 handle.add_observer(self.merge_timer)
@@ -533,7 +597,7 @@ class _Profiler:
         try:
             with torch.inference_mode():
                 if self.settings.vision_only:
-                    result = _vision_pass(self.parts, inputs, clock)
+                    result = _vision_pass(self.parts, inputs, clock, image_encoding_kwargs(self.model, inputs))
                 else:
                     result = _generation_pass(
                         self.model, inputs, clock, self.settings.new_tokens, self.cache_keyword, probe
@@ -565,12 +629,14 @@ class _Profiler:
                 "visual_tokens_expected": self._unpatched_visual_tokens(),
             }
         steps = handle.schedule
+        # A patch that leaves the tower unmerged (Qwen-VL) plans no layer step: every layer sees every token.
+        tower_tokens_in = [step.tokens_in for step in steps] if steps else [vision["tokens"]] * vision["layers"]
         return observed | {
             "config": handle.config.to_dict(),
             "keep_ratio": handle.keep_ratio,
             "steps": steps,
             # Layers after the one LLaVA reads pass their input through: no cost.
-            "tower_tokens_in": [step.tokens_in for step in steps],
+            "tower_tokens_in": tower_tokens_in,
             "merge_token_counts": list(handle.trace.token_counts) if handle.trace is not None else [],
             "visual_tokens_expected": handle.num_visual_tokens,
         }
@@ -613,19 +679,24 @@ class _Profiler:
     def _unpatched_visual_tokens(self) -> int:
         vision = self.shapes["vision"]
         drop = 1 if self.shapes["vision_feature_select_strategy"] == "default" else 0
-        return vision["tokens"] - drop
+        return (vision["tokens"] - drop) // vision["merge_size"] ** 2
 
     def _flops(self, steps, tower_tokens_in: list[int], target: int | None, seq_len: int | None) -> dict[str, float]:
         vision, llm = self.shapes["vision"], self.llm_shape
         batch = self.settings.batch_size
-        num_patches = vision["tokens"] - 1
+        merge_size = vision["merge_size"]
+        num_patches = vision["tokens"] - 1 if merge_size == 1 else vision["tokens"]
         hidden = vision["hidden"]
         tower_layers = sum(flops.vision_layer_macs(n, hidden, vision["intermediate"]) for n in tower_tokens_in)
         embed = flops.patch_embedding_macs(num_patches, vision["hidden"], vision["patch_size"])
         tower_merges = flops.merge_macs(steps, vision["hidden"])
         drop = 1 if self.shapes["vision_feature_select_strategy"] == "default" else 0
         tower_out = (steps[-1].tokens_out if steps else vision["tokens"]) - drop
-        projector = flops.projector_macs(tower_out, vision["hidden"], llm.hidden)
+        if merge_size == 1:
+            projector = flops.projector_macs(tower_out, vision["hidden"], llm.hidden)
+        else:  # a patch merger: each merge_size-square block of patches becomes one token
+            tower_out //= merge_size**2
+            projector = flops.patch_merger_macs(tower_out, vision["hidden"] * merge_size**2, llm.hidden)
         projector_merges = flops.projector_merge_macs(tower_out, target, llm.hidden)
         macs = {
             "vision_tower": batch * (tower_layers + embed + tower_merges),
