@@ -113,6 +113,9 @@ def model_config(model: str):
 
         return tiny_llava_config(VLLM_DEMO_SPEC)
     if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            # Checked here: transformers 4.x guesses a model type from the folder's name instead (e.g. "empty" -> mpt).
+            raise ValueError(f"MODEL {model}: cannot read its config.json (the folder holds none)")
         try:
             return AutoConfig.from_pretrained(model)
         except (OSError, ValueError) as error:
