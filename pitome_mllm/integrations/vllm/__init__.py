@@ -27,6 +27,8 @@ ARCHITECTURE = "LlavaForConditionalGeneration"
 MODEL_CLASS = "pitome_mllm.integrations.vllm.model:PitomeLlavaForConditionalGeneration"
 NEXT_ARCHITECTURE = "LlavaNextForConditionalGeneration"
 NEXT_MODEL_CLASS = "pitome_mllm.integrations.vllm.llava_next:PitomeLlavaNextForConditionalGeneration"
+QWEN2_5_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+QWEN2_5_VL_MODEL_CLASS = "pitome_mllm.integrations.vllm.qwen_vl:PitomeQwen2_5_VLForConditionalGeneration"
 # vLLM's anyres LLaVA classes the plugin does not merge in, which refuse a `pitome` key rather than ignore it
 # (`unsupported.py`); kept here as names so that registering imports no vLLM model code.
 REFUSING_CLASSES = {
@@ -52,6 +54,7 @@ ANYRES_FAMILIES = {
 SUPPORTED_ARCHITECTURES = {
     ARCHITECTURE: "LLaVA-1.5 with a CLIP or SigLIP tower",
     NEXT_ARCHITECTURE: "LLaVA-NeXT, merged after packing to the anyres budget",
+    QWEN2_5_VL_ARCHITECTURE: "Qwen2.5-VL images, reduced after the patch merger (videos refused)",
 }
 # vLLM's logger, so the line appears in vLLM's own log.
 logger = logging.getLogger("vllm.pitome_mllm")
@@ -164,6 +167,7 @@ def register() -> None:
         return
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     ModelRegistry.register_model(NEXT_ARCHITECTURE, NEXT_MODEL_CLASS)
+    ModelRegistry.register_model(QWEN2_5_VL_ARCHITECTURE, QWEN2_5_VL_MODEL_CLASS)
     for architecture, class_name in REFUSING_CLASSES.items():
         ModelRegistry.register_model(architecture, f"pitome_mllm.integrations.vllm.unsupported:{class_name}")
 
@@ -210,6 +214,8 @@ __all__ = [
     "MODEL_CLASS",
     "NEXT_ARCHITECTURE",
     "NEXT_MODEL_CLASS",
+    "QWEN2_5_VL_ARCHITECTURE",
+    "QWEN2_5_VL_MODEL_CLASS",
     "REFUSING_CLASSES",
     "SUPPORTED_ARCHITECTURES",
     "TESTED_VLLM",
