@@ -165,8 +165,11 @@ class QwenVllmPlan:
         t, h, w = (int(value) for value in grid_thw)
         return t, h // self.merge_size, w // self.merge_size
 
-    def reduce(self, features: torch.Tensor, grid_thw) -> ReducedImage:
-        """One image's merger output ``[n, D]`` (raster order) reduced to its budget.
+    def reduce(self, features: torch.Tensor, grid_thw, main_channels: int | None = None) -> ReducedImage:
+        """One image's tower output ``[n, C]`` (raster order) reduced to its budget.
+
+        ``main_channels``: the merger's output width ``D``; channels after it (Qwen3-VL's DeepStack levels,
+        ``[n, C - D]``) are carried: merged with the same weights, or the same rows kept, as in transformers.
 
         Raises:
             RuntimeError: the tower gave another count than the image's grid has cells.
@@ -177,7 +180,10 @@ class QwenVllmPlan:
             raise RuntimeError(
                 f"vLLM's Qwen-VL tower gave {features.shape[0]} tokens for a merged grid {grid} of {native} cells"
             )
-        return reduce_image_tokens(features, self.kept_tokens(native), self.method, self.step, self.seed)
+        main, carried = features, ()
+        if main_channels is not None and main_channels < features.shape[1]:
+            main, carried = features[:, :main_channels], (features[:, main_channels:],)
+        return reduce_image_tokens(main, self.kept_tokens(native), self.method, self.step, self.seed, carried)
 
 
 def tower_calls(patches_per_image: list[int], budget_patches: int) -> list[slice]:

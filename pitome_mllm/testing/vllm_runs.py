@@ -119,22 +119,22 @@ def engine_kwargs(
     return kwargs
 
 
-def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2.5-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
+def save_tiny_qwen2_vl(folder: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
     serves and the plugin does not merge in. Weights and config only (no tokenizer): the plugin refuses a
     ``pitome`` key when vLLM resolves the architecture, before any tokenizer is read.
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
     text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
     text |= {"num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 1024, "rope_parameters": rope}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
-    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
-    config = Qwen2_5_VLConfig(
+    vision = {"depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
+    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    config = Qwen2VLConfig(
         text_config=text,
-        vision_config=vision | {"window_size": 56},
+        vision_config=vision,
         image_token_id=500,
         video_token_id=501,
         vision_start_token_id=502,
@@ -143,7 +143,7 @@ def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
         eos_token_id=None,
     )
     torch.manual_seed(seed)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
     return Path(folder)
 
 
@@ -205,6 +205,12 @@ def drop_last_embedding(model) -> None:
     model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :-1])
 
 
+def keep_first_cells_positions(model) -> None:
+    """Leave every kept Qwen-VL image token at its first-K numbering (positions gone wrong, for the tolerance's
+    test: the log-probabilities must then leave it)."""
+    model.pitome_move_positions = lambda *args, **kwargs: None
+
+
 def save_tiny_llava_next(folder: str | Path, spec=None) -> Path:
     """A tiny random LLaVA-NeXT (`pitome_mllm.zoo.tiny.build_tiny_llava_next`, 112 px crops and LLaVA-NeXT's
     crop grids, head size 32 for vLLM's CPU attention) with its processor, saved as vLLM loads it."""
@@ -224,11 +230,13 @@ def run_requests(
     break_counts: bool = False,
     requests: tuple[Request, ...] = REQUESTS,
     engine: dict[str, Any] | None = None,
+    break_positions: bool = False,
 ) -> dict[str, Any]:
     """Start an engine, send every request of ``requests`` in one batch, return what came back.
 
     ``break_counts``: `drop_last_embedding` first (the run must then fail with the plugin's count error).
     ``engine``: further `vllm.LLM` arguments (`engine_kwargs`'s overrides).
+    ``break_positions``: `keep_first_cells_positions` first (Qwen-VL).
 
     Returns:
         ``{"startup_s", "requests": {name: {"prompt_token_ids", "token_ids", "top_logprobs"}}}``;
@@ -242,6 +250,8 @@ def run_requests(
     startup_s = time.perf_counter() - started
     if break_counts:
         llm.apply_model(drop_last_embedding)
+    if break_positions:
+        llm.apply_model(keep_first_cells_positions)
     prompts = [{"prompt": request.text, "multi_modal_data": {"image": request.load_images()}} for request in requests]
     sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
     outputs = llm.generate(prompts, sampling, use_tqdm=False)
@@ -264,10 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--break-counts", action="store_true", help="drop one embedding per image (must fail)")
     parser.add_argument("--requests", choices=sorted(REQUEST_SETS), default="llava", help="which prompts to send")
     parser.add_argument("--engine", default="{}", help="further vllm.LLM arguments, as JSON")
+    parser.add_argument(
+        "--break-positions", action="store_true", help="leave Qwen-VL image tokens at their first-K positions"
+    )
     args = parser.parse_args(argv)
     engine = REQUEST_SET_ENGINE.get(args.requests, {}) | json.loads(args.engine)
     requests = REQUEST_SETS[args.requests]
-    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts, requests, engine)
+    settings = json.loads(args.settings)
+    result = run_requests(args.model_dir, settings, args.break_counts, requests, engine, args.break_positions)
     Path(args.output).write_text(json.dumps(result, indent=1))
 
 

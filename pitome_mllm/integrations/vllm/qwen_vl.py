@@ -29,6 +29,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.utils import copy_mm_embedding_modality
 
@@ -55,8 +61,8 @@ def config_plan(hf_config) -> QwenVllmPlan | None:
     return None if settings is None else QwenVllmPlan.from_config(hf_config, settings)
 
 
-class PitomeQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
-    """vLLM's Qwen2.5-VL prompt processing, counting each image's budget (profiling reads it too)."""
+class PitomeQwenProcessingInfo:
+    """vLLM's Qwen-VL prompt processing, counting each image's budget (profiling reads it too); a mixin."""
 
     @cached_property
     def pitome_plan(self) -> QwenVllmPlan | None:
@@ -68,8 +74,8 @@ class PitomeQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         return native if plan is None else plan.kept_tokens(native)
 
 
-class PitomeQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
-    """vLLM's Qwen2.5-VL prompt updates, each image's run of placeholders cut to its budget."""
+class PitomeQwenMultiModalProcessor:
+    """vLLM's Qwen-VL prompt updates, each image's run of placeholders cut to its budget; a mixin."""
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -94,23 +100,22 @@ def _kept_replacement(native_replacement, plan: QwenVllmPlan):
     return replacement
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PitomeQwen2_5_VLMultiModalProcessor,
-    info=PitomeQwen2_5_VLProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class PitomeQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """vLLM's Qwen2.5-VL; each image reduced to its budget when ``hf_config.pitome`` is set.
+class PitomeQwenVL:
+    """vLLM's Qwen-VL model; each image reduced to its budget when ``hf_config.pitome`` is set (a mixin
+    before vLLM's class).
 
     Attributes:
         pitome_plan: the `QwenVllmPlan`, or None (then the model is vLLM's own).
         tower_patches_per_call: the most patches one tower call takes (the encoder budget, in patches).
     """
 
+    family_name = "Qwen-VL"
+
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pitome_plan = config_plan(self.config)
         self.tower_patches_per_call = None
+        self._pitome_cells = None
         if self.pitome_plan is None:
             return
         if vllm_config.model_config.multimodal_config.get_limit_per_prompt("video") > 0:
@@ -122,8 +127,9 @@ class PitomeQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         # vLLM plans encoder calls by placeholders (merged); the tower sees merge_size**2 patches per native token.
         self.tower_patches_per_call = budget_tokens * self.pitome_plan.merge_size**2
         logger.info(
-            "PiToMe in vLLM: Qwen2.5-VL images reduced after the patch merger (%s, %d tokens for a %dx%d image), "
+            "PiToMe in vLLM: %s images reduced after the patch merger (%s, %d tokens for a %dx%d image), "
             "at most %d patches per tower call",
+            self.family_name,
             self.pitome_plan.method,
             self.pitome_plan.budget.num_visual_tokens,
             self.pitome_plan.budget.reference_size,
@@ -158,11 +164,15 @@ class PitomeQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         return super().embed_input_ids(input_ids, tokens, is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        cells, self._pitome_cells = getattr(self, "_pitome_cells", None), None
+        cells, self._pitome_cells = self._pitome_cells, None
         if cells is not None and inputs_embeds is not None:
             is_image, offsets = cells
-            move_to_cells(positions, is_image, offsets)
+            self.pitome_move_positions(positions, is_image, offsets)
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def pitome_move_positions(self, positions, is_image, offsets) -> None:
+        """Each image token of this forward to the cell it holds (`move_to_cells`, in place)."""
+        move_to_cells(positions, is_image, offsets)
 
     # ------------------------------------------------------------ embeddings
     def embed_multimodal(self, **kwargs: object):
@@ -181,16 +191,21 @@ class PitomeQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         reduced = [self.pitome_reduce(image, grid) for image, grid in zip(features, grids, strict=True)]
         check_embedding_counts([image.tokens for image in reduced], expected)
         return tuple(
-            append_cells(image.tokens, plan.merged_grid(grid), image.first_cells)
+            append_cells(torch.cat((image.tokens, *image.carried), dim=1), plan.merged_grid(grid), image.first_cells)
             for image, grid in zip(reduced, grids, strict=True)
         )
 
     def pitome_reduce(self, features: torch.Tensor, grid: list[int]):
-        """One image's merger output reduced to its budget (`QwenVllmPlan.reduce`)."""
-        return self.pitome_plan.reduce(features, grid)
+        """One image's tower output reduced to its budget (`QwenVllmPlan.reduce`); DeepStack channels carried."""
+        return self.pitome_plan.reduce(features, grid, self.pitome_main_channels)
+
+    @property
+    def pitome_main_channels(self) -> int:
+        """Channels of the merger's output; Qwen3-VL's tower appends its DeepStack levels after them."""
+        return self.config.vision_config.out_hidden_size
 
     def _tower_features(self, image_input, grids: list[list[int]]) -> list[torch.Tensor]:
-        """Every image's merger output ``[n_i, D]``, the tower run on at most the encoder budget's patches."""
+        """Every image's tower output ``[n_i, C]``, the tower run on at most the encoder budget's patches."""
         if image_input["type"] != "pixel_values":
             return list(self._process_image_input(image_input))
         patches = [t * h * w for t, h, w in grids]
@@ -204,9 +219,52 @@ class PitomeQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         return features
 
 
+class PitomeQwen2_5_VLProcessingInfo(PitomeQwenProcessingInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class PitomeQwen2_5_VLMultiModalProcessor(PitomeQwenMultiModalProcessor, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PitomeQwen2_5_VLMultiModalProcessor,
+    info=PitomeQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class PitomeQwen2_5_VLForConditionalGeneration(PitomeQwenVL, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with `PitomeQwenVL`."""
+
+    family_name = "Qwen2.5-VL"
+
+
+class PitomeQwen3VLProcessingInfo(PitomeQwenProcessingInfo, Qwen3VLProcessingInfo):
+    pass
+
+
+class PitomeQwen3VLMultiModalProcessor(PitomeQwenMultiModalProcessor, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PitomeQwen3VLMultiModalProcessor,
+    info=PitomeQwen3VLProcessingInfo,
+    dummy_inputs=Qwen3VLDummyInputsBuilder,
+)
+class PitomeQwen3VLForConditionalGeneration(PitomeQwenVL, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with `PitomeQwenVL`: the DeepStack levels vLLM's tower appends to each token's channels
+    follow the plan as carried features, as in transformers."""
+
+    family_name = "Qwen3-VL"
+
+
 __all__ = [
     "PitomeQwen2_5_VLForConditionalGeneration",
     "PitomeQwen2_5_VLMultiModalProcessor",
     "PitomeQwen2_5_VLProcessingInfo",
+    "PitomeQwen3VLForConditionalGeneration",
+    "PitomeQwen3VLMultiModalProcessor",
+    "PitomeQwen3VLProcessingInfo",
+    "PitomeQwenVL",
     "config_plan",
 ]
