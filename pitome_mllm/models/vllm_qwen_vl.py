@@ -135,6 +135,7 @@ class QwenVllmPlan:
         budget: each image's budget (`MergedGridBudget`; only its kept count of a native count is read).
         method, step, seed: how each image's merged-grid tokens are reduced (`image_stage_settings`).
         merge_size: the patch merger's block side.
+        main_channels: the merger's output width; vLLM's Qwen3-VL tower appends its DeepStack levels after them.
     """
 
     budget: MergedGridBudget
@@ -142,6 +143,7 @@ class QwenVllmPlan:
     step: StepParams
     seed: int
     merge_size: int
+    main_channels: int
 
     @classmethod
     def from_config(cls, hf_config, config: PiToMeConfig) -> QwenVllmPlan:
@@ -155,7 +157,8 @@ class QwenVllmPlan:
         vision_config = hf_config.vision_config
         method, step = image_stage_settings(config, vision_config.depth)
         budget = merged_grid_budget(vision_config, config)
-        return cls(budget, method, step, config.seed, vision_config.spatial_merge_size)
+        merge_size, main_channels = vision_config.spatial_merge_size, vision_config.out_hidden_size
+        return cls(budget, method, step, config.seed, merge_size, main_channels)
 
     def kept_tokens(self, native_tokens: int) -> int:
         return self.budget.kept_tokens(native_tokens)
@@ -165,11 +168,11 @@ class QwenVllmPlan:
         t, h, w = (int(value) for value in grid_thw)
         return t, h // self.merge_size, w // self.merge_size
 
-    def reduce(self, features: torch.Tensor, grid_thw, main_channels: int | None = None) -> ReducedImage:
+    def reduce(self, features: torch.Tensor, grid_thw) -> ReducedImage:
         """One image's tower output ``[n, C]`` (raster order) reduced to its budget.
 
-        ``main_channels``: the merger's output width ``D``; channels after it (Qwen3-VL's DeepStack levels,
-        ``[n, C - D]``) are carried: merged with the same weights, or the same rows kept, as in transformers.
+        Channels after ``main_channels`` (Qwen3-VL's DeepStack levels, ``[n, C - D]``) are carried: merged with
+        the same weights, or the same rows kept, as in transformers.
 
         Raises:
             RuntimeError: the tower gave another count than the image's grid has cells.
@@ -181,8 +184,8 @@ class QwenVllmPlan:
                 f"vLLM's Qwen-VL tower gave {features.shape[0]} tokens for a merged grid {grid} of {native} cells"
             )
         main, carried = features, ()
-        if main_channels is not None and main_channels < features.shape[1]:
-            main, carried = features[:, :main_channels], (features[:, main_channels:],)
+        if self.main_channels < features.shape[1]:
+            main, carried = features[:, : self.main_channels], (features[:, self.main_channels :],)
         return reduce_image_tokens(main, self.kept_tokens(native), self.method, self.step, self.seed, carried)
 
 

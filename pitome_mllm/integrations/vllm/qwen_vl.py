@@ -197,12 +197,7 @@ class PitomeQwenVL:
 
     def pitome_reduce(self, features: torch.Tensor, grid: list[int]):
         """One image's tower output reduced to its budget (`QwenVllmPlan.reduce`); DeepStack channels carried."""
-        return self.pitome_plan.reduce(features, grid, self.pitome_main_channels)
-
-    @property
-    def pitome_main_channels(self) -> int:
-        """Channels of the merger's output; Qwen3-VL's tower appends its DeepStack levels after them."""
-        return self.config.vision_config.out_hidden_size
+        return self.pitome_plan.reduce(features, grid)
 
     def _tower_features(self, image_input, grids: list[list[int]]) -> list[torch.Tensor]:
         """Every image's tower output ``[n_i, C]``, the tower run on at most the encoder budget's patches."""
