@@ -43,6 +43,12 @@ QWEN_VIDEO_REFUSED = (
     "set (their positions and counts would not follow the image plan). Start the engine with "
     "limit_mm_per_prompt={'image': N, 'video': 0}, or drop the 'pitome' key for videos"
 )
+FULL_CUDAGRAPH_REFUSED = (
+    "pitome_mllm's Qwen-VL plugin does not support full CUDA graphs (cudagraph_mode={mode}): the image tokens' "
+    "M-RoPE positions are moved in the model's forward, which a replayed full graph skips (vLLM runs a batch of "
+    "one-token steps, e.g. a one-token prefill chunk beside decodes, as a full graph). Start the engine with "
+    "compilation_config={{'cudagraph_mode': 'PIECEWISE'}} (or enforce_eager=True)"
+)
 PIPELINE_REFUSED = (
     "pitome_mllm's Qwen-VL plugin does not support pipeline parallelism: the image tokens' M-RoPE positions are "
     "moved to the cells they hold in the stage that embeds the images, and later stages would not see it. Use "
@@ -211,6 +217,7 @@ __all__ = [
     "QWEN_VIDEO_REFUSED",
     "QwenVllmPlan",
     "append_cells",
+    "FULL_CUDAGRAPH_REFUSED",
     "PIPELINE_REFUSED",
     "move_to_cells",
     "reduced_mrope_positions",

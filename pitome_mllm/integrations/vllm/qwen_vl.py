@@ -40,6 +40,7 @@ from vllm.multimodal.utils import copy_mm_embedding_modality
 
 from ...models.vllm_llava import check_embedding_counts
 from ...models.vllm_qwen_vl import (
+    FULL_CUDAGRAPH_REFUSED,
     PIPELINE_REFUSED,
     QWEN_VIDEO_REFUSED,
     ImageRun,
@@ -122,6 +123,9 @@ class PitomeQwenVL:
             raise ValueError(QWEN_VIDEO_REFUSED)
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
             raise ValueError(PIPELINE_REFUSED)
+        cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+        if cudagraph_mode is not None and cudagraph_mode.has_full_cudagraphs():
+            raise ValueError(FULL_CUDAGRAPH_REFUSED.format(mode=cudagraph_mode.name))
         scheduler = vllm_config.scheduler_config
         budget_tokens = min(scheduler.max_num_encoder_input_tokens, scheduler.encoder_cache_size)
         # vLLM plans encoder calls by placeholders (merged); the tower sees merge_size**2 patches per native token.
