@@ -1,10 +1,11 @@
-"""vLLM's Qwen2.5-VL, each image reduced after the patch merger as `pitome_mllm.patch` does in transformers.
+"""vLLM's Qwen2.5-VL and Qwen3-VL, each image reduced after the patch merger as `pitome_mllm.patch` does in
+transformers (Qwen3-VL's DeepStack features along).
 
-Three halves count and place with the same plan (`pitome_mllm.models.vllm_qwen_vl.QwenVllmPlan`):
+Three parts count and place with the same plan (`pitome_mllm.models.vllm_qwen_vl.QwenVllmPlan`):
 
-- prompt processing (`PitomeQwen2_5_VLMultiModalProcessor`, no weights): every ``<|image_pad|>``
+- prompt processing (`PitomeQwenMultiModalProcessor`, no weights): every ``<|image_pad|>``
   becomes the image's budget, `MergedGridBudget.kept_tokens` of its native count;
-- the model (`PitomeQwen2_5_VLForConditionalGeneration`): vLLM's tower and merger run unchanged
+- the model (`PitomeQwenVL`): vLLM's tower and merger run unchanged
   (in calls of at most the encoder budget's patches), each image's tokens are reduced with the
   transformers adapter's code, counted against its placeholders (vLLM would drop a surplus
   silently), and carry the cells they hold to the positions;
