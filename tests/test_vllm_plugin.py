@@ -18,6 +18,7 @@ import pytest
 from pitome_mllm.integrations.vllm import (
     ANYRES_FAMILIES,
     ARCHITECTURE,
+    QWEN2_5_VL_ARCHITECTURE,
     TESTED_VLLM,
     TESTED_VLLM_MINORS,
     guard_architectures,
@@ -27,7 +28,8 @@ from pitome_mllm.integrations.vllm import (
 
 pytestmark = pytest.mark.vllm
 
-QWEN = "Qwen2_5_VLForConditionalGeneration"
+# An architecture vLLM serves and the plugin does not merge in.
+QWEN = "Qwen2VLForConditionalGeneration"
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
@@ -72,9 +74,10 @@ def test_an_unsupported_architecture_with_a_pitome_key_is_refused_by_name():
     assert "would serve this model unmerged" in message
 
 
-def test_nothing_is_refused_without_a_key_or_on_llava():
+def test_nothing_is_refused_without_a_key_or_on_a_supported_architecture():
     assert unsupported_architecture_error(QWEN, SimpleNamespace()) is None
-    assert unsupported_architecture_error(ARCHITECTURE, SimpleNamespace(pitome={"target_tokens": 8})) is None
+    for supported in (ARCHITECTURE, QWEN2_5_VL_ARCHITECTURE):
+        assert unsupported_architecture_error(supported, SimpleNamespace(pitome={"target_tokens": 8})) is None
 
 
 @pytest.mark.parametrize("architecture", list(ANYRES_FAMILIES))
@@ -123,12 +126,12 @@ def test_registration_on_an_untested_vllm_registers_no_class_and_refuses_the_key
     assert own.models[ARCHITECTURE].class_name == "PitomeLlavaForConditionalGeneration"
 
 
-def test_a_pitome_key_on_qwen2_5_vl_fails_at_engine_start(tmp_path):
+def test_a_pitome_key_on_qwen2_vl_fails_at_engine_start(tmp_path):
     pytest.importorskip("vllm")
     script = textwrap.dedent(
         f"""
-        from pitome_mllm.testing.vllm_runs import engine_start_error, model_config_error, save_tiny_qwen2_5_vl
-        model_dir = save_tiny_qwen2_5_vl({str(tmp_path / "qwen")!r})
+        from pitome_mllm.testing.vllm_runs import engine_start_error, model_config_error, save_tiny_qwen2_vl
+        model_dir = save_tiny_qwen2_vl({str(tmp_path / "qwen")!r})
         print("WITHOUT:", model_config_error(model_dir, None))
         print("WITH:", engine_start_error(model_dir, {{"target_tokens": 8}}))
         """

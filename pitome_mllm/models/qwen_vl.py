@@ -179,6 +179,37 @@ def _pieces(output) -> tuple[tuple, list | None]:
     return tuple(output), None
 
 
+def merged_grid_budget(vision_config, config: PiToMeConfig, resize: SmartResize | None = None) -> MergedGridBudget:
+    """Each image's budget under ``config``, for a tower of ``vision_config`` (``resize``: the processor's bounds,
+    default `default_resize`; the kept count of an image depends on its native count alone)."""
+    return MergedGridBudget(
+        resize or default_resize(vision_config),
+        vision_config.patch_size,
+        vision_config.spatial_merge_size,
+        keep_ratio=config.keep_ratio,
+        target_tokens=config.target_tokens,
+        reference_size=REFERENCE_IMAGE_SIZE,
+    )
+
+
+def image_stage_settings(config: PiToMeConfig, num_tower_layers: int) -> tuple[str, StepParams]:
+    """``(method, step parameters)`` with which each image's merged-grid tokens are reduced.
+
+    One definition for transformers and vLLM, so both reduce the same image the same way. As on
+    LLaVA, method ``"none"`` with a budget lands on it with PiToMe steps (the tower itself is never
+    merged); the margin is the projector's, after all ``num_tower_layers`` blocks.
+    """
+    stage_method = "pitome" if config.method == "none" else config.method
+    step = StepParams(
+        method=stage_method if stage_method in ("pitome", "tome") else "pitome",
+        margin=projector_margin(num_tower_layers, config.margin_start, config.margin_span),
+        alpha=config.alpha,
+        energy=config.resolved_energy,
+        reduce=config.reduce,
+    )
+    return stage_method, step
+
+
 @dataclass
 class PositionPlan:
     """What the image encoder decided, for the language model's positions of the same forward.
@@ -543,26 +574,11 @@ class QwenVLAdapter(ModelAdapter):
         factor = vision_config.patch_size * vision_config.spatial_merge_size
         image_processor = getattr(processor, "image_processor", None)
         resize = image_processor_resize(image_processor, factor) if image_processor is not None else None
-        self.budget = MergedGridBudget(
-            resize or default_resize(vision_config),
-            vision_config.patch_size,
-            vision_config.spatial_merge_size,
-            keep_ratio=config.keep_ratio,
-            target_tokens=config.target_tokens,
-            reference_size=REFERENCE_IMAGE_SIZE,
-        )
+        self.budget = merged_grid_budget(vision_config, config, resize)
         self.tower_keep_ratio = 1.0  # the tower is not merged
         self.default_num_tokens = self.budget.grid_for_image(REFERENCE_IMAGE_SIZE, REFERENCE_IMAGE_SIZE).patches
         self.state = PatchState()
-        # As on LLaVA, method "none" with a budget lands on it with PiToMe steps (the tower itself is never merged).
-        stage_method = "pitome" if config.method == "none" else config.method
-        step = StepParams(
-            method=stage_method if stage_method in ("pitome", "tome") else "pitome",
-            margin=projector_margin(len(self.layers), config.margin_start, config.margin_span),
-            alpha=config.alpha,
-            energy=config.resolved_energy,
-            reduce=config.reduce,
-        )
+        stage_method, step = image_stage_settings(config, len(self.layers))
         self.stage = QwenImageStage(core, self.budget, stage_method, step, config.seed, self.state)
         if processor is not None:
             self._check_processor(processor)
@@ -682,7 +698,10 @@ __all__ = [
     "QUANTIZATION_SKIP_MODULES",
     "QWEN_METHODS",
     "QwenVLAdapter",
-    "set_pixel_limits",
+    "cell_offsets",
     "expand_image_runs",
+    "image_stage_settings",
+    "merged_grid_budget",
+    "set_pixel_limits",
     "moved_visual_positions",
 ]

@@ -11,6 +11,7 @@ one image; two images in one prompt; a batch of three prompts with different ima
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -61,7 +62,25 @@ ANYRES_REQUESTS: tuple[Request, ...] = (
     Request("batch_1", f"USER: {IMAGE_TOKEN}\nWhat is the cat doing? ASSISTANT:", ("chelsea",), ((200, 300),)),
     Request("batch_2", f"USER: {IMAGE_TOKEN}\nWhat is in the image? ASSISTANT:", ("coffee",), ((400, 150),)),
 )
-REQUEST_SETS = {"llava": REQUESTS, "anyres": ANYRES_REQUESTS}
+# Qwen2.5-VL: three sizes giving merged grids of 4 x 4, 11 x 7 and 5 x 10 cells (tiny processor), two images in one
+# prompt, each image's placeholder in Qwen's own form.
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_prompt(question: str, images: int = 1) -> str:
+    return f"<|im_start|>user\n{QWEN_IMAGE * images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+QWEN_REQUESTS: tuple[Request, ...] = (
+    Request("single", qwen_prompt("Describe this photo."), ("astronaut",), ((112, 112),)),
+    Request("two_images", qwen_prompt("What differs?", 2), ("chelsea", "coffee"), ((200, 300), (280, 140))),
+    Request("batch_0", qwen_prompt("Who is this?"), ("astronaut",), ((200, 300),)),
+    Request("batch_1", qwen_prompt("What is the cat doing?"), ("chelsea",), ((280, 140),)),
+    Request("batch_2", qwen_prompt("What is in the image?"), ("coffee",), ((112, 112),)),
+)
+REQUEST_SETS = {"llava": REQUESTS, "anyres": ANYRES_REQUESTS, "qwen": QWEN_REQUESTS}
+# Engine arguments per request set: the plugin serves Qwen-VL images only, so videos are switched off.
+REQUEST_SET_ENGINE: dict[str, dict[str, Any]] = {"qwen": {"limit_mm_per_prompt": {"image": 2, "video": 0}}}
 TOP_LOGPROBS = 5
 MAX_NEW_TOKENS = 4
 
@@ -100,22 +119,22 @@ def engine_kwargs(
     return kwargs
 
 
-def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
-    """A random 2-layer Qwen2.5-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
+def save_tiny_qwen2_vl(folder: str | Path, seed: int = 0) -> Path:
+    """A random 2-layer Qwen2-VL (64 wide, 2-block tower) saved to ``folder``: a multimodal checkpoint vLLM
     serves and the plugin does not merge in. Weights and config only (no tokenizer): the plugin refuses a
     ``pitome`` key when vLLM resolves the architecture, before any tokenizer is read.
     """
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     rope = {"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0}
     text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
     text |= {"num_key_value_heads": 1, "vocab_size": 512, "max_position_embeddings": 1024, "rope_parameters": rope}
-    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64}
-    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
-    config = Qwen2_5_VLConfig(
+    vision = {"depth": 2, "embed_dim": 64, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
+    vision |= {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    config = Qwen2VLConfig(
         text_config=text,
-        vision_config=vision | {"window_size": 56},
+        vision_config=vision,
         image_token_id=500,
         video_token_id=501,
         vision_start_token_id=502,
@@ -124,7 +143,7 @@ def save_tiny_qwen2_5_vl(folder: str | Path, seed: int = 0) -> Path:
         eos_token_id=None,
     )
     torch.manual_seed(seed)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
     return Path(folder)
 
 
@@ -168,13 +187,28 @@ def drop_last_embedding(model) -> None:
     """Hand on one token too few per image: a merge gone wrong, for the count check's test.
 
     LLaVA-1.5: the projector's output; LLaVA-NeXT: each packed (and merged) image, since the
-    projector's output must keep whole crops for the packing.
+    projector's output must keep whole crops for the packing; Qwen-VL: each reduced image.
     """
+    if hasattr(model, "pitome_reduce"):  # Qwen-VL: each reduced image
+        reduce = model.pitome_reduce
+
+        def reduce_one_short(*args, **kwargs):
+            image = reduce(*args, **kwargs)
+            return dataclasses.replace(image, tokens=image.tokens[:-1])
+
+        model.pitome_reduce = reduce_one_short
+        return
     if hasattr(model, "_merge_image_patch_embeddings"):
         pack = model._merge_image_patch_embeddings
         model._merge_image_patch_embeddings = lambda *args, **kwargs: pack(*args, **kwargs)[:-1]
         return
     model.multi_modal_projector.register_forward_hook(lambda module, args, output: output[:, :-1])
+
+
+def keep_first_cells_positions(model) -> None:
+    """Leave every kept Qwen-VL image token at its first-K numbering (positions gone wrong, for the tolerance's
+    test: the log-probabilities must then leave it)."""
+    model.pitome_move_positions = lambda *args, **kwargs: None
 
 
 def save_tiny_llava_next(folder: str | Path, spec=None) -> Path:
@@ -195,10 +229,14 @@ def run_requests(
     settings: dict[str, Any] | None,
     break_counts: bool = False,
     requests: tuple[Request, ...] = REQUESTS,
+    engine: dict[str, Any] | None = None,
+    break_positions: bool = False,
 ) -> dict[str, Any]:
     """Start an engine, send every request of ``requests`` in one batch, return what came back.
 
     ``break_counts``: `drop_last_embedding` first (the run must then fail with the plugin's count error).
+    ``engine``: further `vllm.LLM` arguments (`engine_kwargs`'s overrides).
+    ``break_positions``: `keep_first_cells_positions` first (Qwen-VL).
 
     Returns:
         ``{"startup_s", "requests": {name: {"prompt_token_ids", "token_ids", "top_logprobs"}}}``;
@@ -208,10 +246,12 @@ def run_requests(
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(**engine_kwargs(model_dir, settings))
+    llm = LLM(**engine_kwargs(model_dir, settings, **(engine or {})))
     startup_s = time.perf_counter() - started
     if break_counts:
         llm.apply_model(drop_last_embedding)
+    if break_positions:
+        llm.apply_model(keep_first_cells_positions)
     prompts = [{"prompt": request.text, "multi_modal_data": {"image": request.load_images()}} for request in requests]
     sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
     outputs = llm.generate(prompts, sampling, use_tqdm=False)
@@ -233,8 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", default="null", help="the hf_overrides['pitome'] value, as JSON (null: none)")
     parser.add_argument("--break-counts", action="store_true", help="drop one embedding per image (must fail)")
     parser.add_argument("--requests", choices=sorted(REQUEST_SETS), default="llava", help="which prompts to send")
+    parser.add_argument("--engine", default="{}", help="further vllm.LLM arguments, as JSON")
+    parser.add_argument(
+        "--break-positions", action="store_true", help="leave Qwen-VL image tokens at their first-K positions"
+    )
     args = parser.parse_args(argv)
-    result = run_requests(args.model_dir, json.loads(args.settings), args.break_counts, REQUEST_SETS[args.requests])
+    engine = REQUEST_SET_ENGINE.get(args.requests, {}) | json.loads(args.engine)
+    requests = REQUEST_SETS[args.requests]
+    settings = json.loads(args.settings)
+    result = run_requests(args.model_dir, settings, args.break_counts, requests, engine, args.break_positions)
     Path(args.output).write_text(json.dumps(result, indent=1))
 
 

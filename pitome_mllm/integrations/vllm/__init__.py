@@ -1,4 +1,5 @@
-"""PiToMe inside vLLM: an out-of-tree plugin that serves LLaVA-1.5 with fewer visual tokens.
+"""PiToMe inside vLLM: an out-of-tree plugin that serves LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL with
+fewer visual tokens.
 
 Installed with the package, vLLM loads `register` (entry point group ``vllm.general_plugins``)
 in every process it starts. It puts `PitomeLlavaForConditionalGeneration` in the place of
@@ -27,6 +28,10 @@ ARCHITECTURE = "LlavaForConditionalGeneration"
 MODEL_CLASS = "pitome_mllm.integrations.vllm.model:PitomeLlavaForConditionalGeneration"
 NEXT_ARCHITECTURE = "LlavaNextForConditionalGeneration"
 NEXT_MODEL_CLASS = "pitome_mllm.integrations.vllm.llava_next:PitomeLlavaNextForConditionalGeneration"
+QWEN2_5_VL_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+QWEN2_5_VL_MODEL_CLASS = "pitome_mllm.integrations.vllm.qwen_vl:PitomeQwen2_5_VLForConditionalGeneration"
+QWEN3_VL_ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+QWEN3_VL_MODEL_CLASS = "pitome_mllm.integrations.vllm.qwen_vl:PitomeQwen3VLForConditionalGeneration"
 # vLLM's anyres LLaVA classes the plugin does not merge in, which refuse a `pitome` key rather than ignore it
 # (`unsupported.py`); kept here as names so that registering imports no vLLM model code.
 REFUSING_CLASSES = {
@@ -52,6 +57,9 @@ ANYRES_FAMILIES = {
 SUPPORTED_ARCHITECTURES = {
     ARCHITECTURE: "LLaVA-1.5 with a CLIP or SigLIP tower",
     NEXT_ARCHITECTURE: "LLaVA-NeXT, merged after packing to the anyres budget",
+    QWEN2_5_VL_ARCHITECTURE: "Qwen2.5-VL images, reduced after the patch merger (videos refused)",
+    QWEN3_VL_ARCHITECTURE: "Qwen3-VL images, reduced after the patch merger with their DeepStack features (videos "
+    "refused)",
 }
 # vLLM's logger, so the line appears in vLLM's own log.
 logger = logging.getLogger("vllm.pitome_mllm")
@@ -164,6 +172,8 @@ def register() -> None:
         return
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     ModelRegistry.register_model(NEXT_ARCHITECTURE, NEXT_MODEL_CLASS)
+    ModelRegistry.register_model(QWEN2_5_VL_ARCHITECTURE, QWEN2_5_VL_MODEL_CLASS)
+    ModelRegistry.register_model(QWEN3_VL_ARCHITECTURE, QWEN3_VL_MODEL_CLASS)
     for architecture, class_name in REFUSING_CLASSES.items():
         ModelRegistry.register_model(architecture, f"pitome_mllm.integrations.vllm.unsupported:{class_name}")
 
@@ -210,6 +220,10 @@ __all__ = [
     "MODEL_CLASS",
     "NEXT_ARCHITECTURE",
     "NEXT_MODEL_CLASS",
+    "QWEN2_5_VL_ARCHITECTURE",
+    "QWEN2_5_VL_MODEL_CLASS",
+    "QWEN3_VL_ARCHITECTURE",
+    "QWEN3_VL_MODEL_CLASS",
     "REFUSING_CLASSES",
     "SUPPORTED_ARCHITECTURES",
     "TESTED_VLLM",
