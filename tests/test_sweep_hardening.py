@@ -27,6 +27,7 @@ from pitome_mllm.experiments.sweep import RESULT_FILE, SweepStopped, aggregate, 
 from pitome_mllm.experiments.sweep.process import LOCK_FILE, failure_signature, repeated_failure, run_child
 from pitome_mllm.experiments.sweep.runner import EVALUATED_FILE
 from pitome_mllm.experiments.sweep.schema import LOADER_ARGS, MODEL_LOADER_ARGS, SuiteError
+from pitome_mllm.experiments.sweep.suite import LOG_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SUITE = REPO / "eval" / "suites" / "smoke.yaml"
@@ -241,7 +242,14 @@ def sweep_process(args: list[str], **env) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=environment,
+        # As from a terminal: a test run started in the background (a shell without job control ignores
+        # SIGINT there, and children inherit that) must still let Ctrl-C reach the sweep.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def process_running(pid: int) -> bool:
@@ -278,6 +286,10 @@ def test_ctrl_c_ends_the_child_and_says_how_to_resume(tmp_path, four_run_suite, 
     sweep = sweep_process(["--suite", str(four_run_suite.path), "--model", "tiny", "--output", str(output),
                            "--launcher", " ".join(fake_launcher)], FAKE_MODE="sleep")  # fmt: skip
     child = wait_for(lambda: lock_child(output), "the lmms-eval stand-in to start")
+    # Ctrl-C while lmms-eval is evaluating: once the stand-in has said so in the run's log.
+    wait_for(
+        lambda: any("evaluating" in log.read_text() for log in output.rglob(LOG_FILE)), "the stand-in to be evaluating"
+    )
     sweep.send_signal(signal.SIGINT)
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, err
