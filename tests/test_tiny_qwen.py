@@ -253,8 +253,12 @@ def test_save_and_reload_offline(family, tiny, tmp_path):
     assert all(torch.equal(inputs[key], reloaded_inputs[key]) for key in inputs)
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, reloaded(**reloaded_inputs).logits)
-    assert (folder / "preprocessor_config.json").exists()
-    assert (folder / "video_preprocessor_config.json").exists()
+    if processor.video_processor is None:
+        # Built without torchvision: the folder is written as a released checkpoint's (image processor config, and
+        # the video processor's class for a machine that has torchvision). With torchvision transformers saves the
+        # real video processor itself, in its own layout.
+        assert (folder / "preprocessor_config.json").exists()
+        assert (folder / "video_preprocessor_config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- real shapes
