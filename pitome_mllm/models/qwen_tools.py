@@ -14,11 +14,18 @@ import torch
 from torch import nn
 
 from ..geometry import PatchGrid
-from .qwen_vl import REFERENCE_IMAGE_SIZE, _pieces, default_resize, image_processor_resize, matches, qwen_core
+from .qwen_vl import (
+    QWEN_VL_CLASSES,
+    REFERENCE_IMAGE_SIZE,
+    _pieces,
+    default_resize,
+    image_processor_resize,
+    matches,
+    qwen_core,
+)
 
 # ``model_type`` of the checkpoints the adapter patches (config.json).
-QWEN_VL_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
-# Modules a 4/8-bit load keeps in full precision: the vision tower with its mergers, and the LM head.
+QWEN_VL_MODEL_TYPES = tuple(QWEN_VL_CLASSES)
 
 
 def is_qwen_vl(model: nn.Module) -> bool:

@@ -78,15 +78,18 @@ def qwen_core(model: nn.Module) -> nn.Module:
     return core
 
 
+# The ``*ForConditionalGeneration`` class of each ``model_type`` this adapter patches (config.json), and the cores.
+QWEN_VL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+QWEN_VL_CORES = ("Qwen2_5_VLModel", "Qwen3VLModel")
+
+
 def matches(model: nn.Module) -> bool:
     import transformers
 
-    names = (
-        "Qwen2_5_VLForConditionalGeneration",
-        "Qwen2_5_VLModel",
-        "Qwen3VLForConditionalGeneration",
-        "Qwen3VLModel",
-    )
+    names = (*QWEN_VL_CLASSES.values(), *QWEN_VL_CORES)
     classes = tuple(getattr(transformers, name) for name in names if hasattr(transformers, name))
     return isinstance(model, classes)
 
@@ -696,6 +699,7 @@ def _processor_count_overrides_4x(processor, budget: MergedGridBudget) -> dict[s
 
 __all__ = [
     "QUANTIZATION_SKIP_MODULES",
+    "QWEN_VL_CLASSES",
     "QWEN_METHODS",
     "QwenVLAdapter",
     "cell_offsets",

@@ -25,6 +25,7 @@ from ..hooks.base import InstanceOverrides, remove_hooks
 from ..models import model_parts
 from ..models.llava_hf import QUANTIZATION_SKIP_MODULES
 from ..models.qwen_tools import encoded_tokens_per_image, is_qwen_vl_checkpoint
+from ..models.qwen_vl import QWEN_VL_CLASSES
 from .quantization import bitsandbytes_config
 
 logger = logging.getLogger("pitome_mllm")
@@ -190,13 +191,6 @@ def load_llava(
     model.eval()
     logger.info("loaded %s (%s, %s)", source, torch_dtype, device_map or target_device)
     return model, processor
-
-
-# The model class of each Qwen-VL ``model_type`` (for configs saved without ``architectures``).
-QWEN_VL_CLASSES = {
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-}
 
 
 def qwen_vl_class_name(config) -> str:
