@@ -7,6 +7,7 @@ the transformers side loads the same checkpoint here and is patched with the sam
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import torch
 pytest.importorskip("vllm")
 
 import pitome_mllm  # noqa: E402
-from pitome_mllm.testing.vllm_runs import REQUESTS  # noqa: E402
+from pitome_mllm.testing.vllm_runs import REQUESTS, EngineResults, run_vllm_engine  # noqa: E402
 from pitome_mllm.zoo.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -41,7 +42,6 @@ SETTINGS = {
 }
 # Largest |log p(vLLM) - log p(transformers)| over the top-5 first tokens allowed in fp32.
 LOGPROB_TOLERANCE = 1e-4
-_RUNS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +49,8 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny_llava(tmp_path_factory.mktemp("vllm_llava"), VLLM_TEST_SPEC, hub_layout=True)
 
 
-def run_engine(model_dir: Path, settings: dict | None, *extra: str) -> subprocess.CompletedProcess:
-    output = model_dir.parent / f"run_{abs(hash(json.dumps(settings, sort_keys=True)))}_{len(extra)}.json"
-    command = [sys.executable, "-m", "pitome_mllm.testing.vllm_runs", str(model_dir), str(output)]
-    command += ["--settings", json.dumps(settings), *extra]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    process.output_file = output
-    return process
-
-
-def engine_result(model_dir: Path, name: str) -> dict:
-    if name not in _RUNS:
-        process = run_engine(model_dir, SETTINGS[name])
-        assert process.returncode == 0, process.stderr[-4000:]
-        _RUNS[name] = json.loads(process.output_file.read_text())
-    return _RUNS[name]
+run_engine = functools.partial(run_vllm_engine, requests="llava")
+engine_result = EngineResults(SETTINGS, requests="llava")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,8 @@ rounding. Each engine runs in its own process (`pitome_mllm.testing.vllm_runs`).
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import torch
 pytest.importorskip("vllm")
 
 import pitome_mllm  # noqa: E402
-from pitome_mllm.testing.vllm_runs import ANYRES_REQUESTS, save_tiny_llava_next  # noqa: E402
+from pitome_mllm.testing.vllm_runs import ANYRES_REQUESTS, EngineResults, run_vllm_engine, save_tiny_llava_next  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -35,7 +32,6 @@ SETTINGS = {
 }
 # Largest |log p(vLLM) - log p(transformers)| over the top-5 first tokens allowed in fp32.
 LOGPROB_TOLERANCE = 1e-4
-_RUNS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +39,8 @@ def model_dir(tmp_path_factory) -> Path:
     return save_tiny_llava_next(tmp_path_factory.mktemp("vllm_llava_next") / "model")
 
 
-def run_engine(model_dir: Path, settings: dict | None, *extra: str) -> subprocess.CompletedProcess:
-    output = model_dir.parent / f"run_{abs(hash(json.dumps(settings, sort_keys=True)))}_{len(extra)}.json"
-    command = [sys.executable, "-m", "pitome_mllm.testing.vllm_runs", str(model_dir), str(output)]
-    command += ["--requests", "anyres", "--settings", json.dumps(settings), *extra]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    process.output_file = output
-    return process
-
-
-def engine_result(model_dir: Path, name: str) -> dict:
-    if name not in _RUNS:
-        process = run_engine(model_dir, SETTINGS[name])
-        assert process.returncode == 0, process.stderr[-4000:]
-        _RUNS[name] = json.loads(process.output_file.read_text())
-    return _RUNS[name]
+run_engine = functools.partial(run_vllm_engine, requests="anyres")
+engine_result = EngineResults(SETTINGS, requests="anyres")
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,9 @@ to float32 rounding. Each engine runs in its own process (`pitome_mllm.testing.v
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 pytest.importorskip("vllm")
 
 import pitome_mllm  # noqa: E402
-from pitome_mllm.testing.vllm_runs import QWEN_REQUESTS  # noqa: E402
+from pitome_mllm.testing.vllm_runs import QWEN_REQUESTS, EngineResults, run_vllm_engine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -37,7 +35,6 @@ SETTINGS = {
 # these tiny models (`test_the_tolerance_tells_wrong_positions_apart`), so it is tighter than LLaVA's.
 LOGPROB_TOLERANCE = 2e-6
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")
-_RUNS: dict[tuple[str, str], dict] = {}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -52,22 +49,8 @@ def model_dir(tmp_path_factory, family) -> Path:
     return save_tiny_qwen_vl(tmp_path_factory.mktemp(f"vllm_{family}") / "model", family)
 
 
-def run_engine(model_dir: Path, settings: dict | None, *extra: str) -> subprocess.CompletedProcess:
-    output = model_dir.parent / f"run_{abs(hash(json.dumps([settings, extra], sort_keys=True)))}.json"
-    command = [sys.executable, "-m", "pitome_mllm.testing.vllm_runs", str(model_dir), str(output)]
-    command += ["--requests", "qwen", "--settings", json.dumps(settings), *extra]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    process.output_file = output
-    return process
-
-
-def engine_result(model_dir: Path, name: str) -> dict:
-    key = (str(model_dir), name)
-    if key not in _RUNS:
-        process = run_engine(model_dir, SETTINGS[name])
-        assert process.returncode == 0, process.stderr[-4000:]
-        _RUNS[key] = json.loads(process.output_file.read_text())
-    return _RUNS[key]
+run_engine = functools.partial(run_vllm_engine, requests="qwen")
+engine_result = EngineResults(SETTINGS, requests="qwen")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +267,42 @@ def run_requests(
             "top_logprobs": {str(token): entry.logprob for token, entry in completion.logprobs[0].items()},
         }
     return {"startup_s": startup_s, "settings": settings, "requests": results}
+
+
+def run_vllm_engine(model_dir: Path, settings: dict | None, *extra: str, requests: str = "llava"):
+    """This module run on ``model_dir`` in a subprocess (a fresh engine per run), as the vLLM tests need it.
+
+    Returns the ``subprocess.CompletedProcess``; its ``output_file`` is the JSON the run wrote.
+    """
+    key = json.dumps([requests, settings, extra], sort_keys=True)
+    output = Path(model_dir).parent / f"run_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    command = [sys.executable, "-m", "pitome_mllm.testing.vllm_runs", str(model_dir), str(output)]
+    command += ["--requests", requests, "--settings", json.dumps(settings), *extra]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    process.output_file = output
+    return process
+
+
+class EngineResults:
+    """The result of each named setting's engine run on each model folder, run once per test session.
+
+    Args:
+        settings: ``{name: PiToMe settings (None: unpatched)}``.
+        requests: the request set every run sends (`REQUEST_SETS`).
+    """
+
+    def __init__(self, settings: dict[str, dict | None], requests: str = "llava") -> None:
+        self.settings = settings
+        self.requests = requests
+        self._results: dict[tuple[str, str], dict] = {}
+
+    def __call__(self, model_dir: Path, name: str) -> dict:
+        key = (str(model_dir), name)
+        if key not in self._results:
+            process = run_vllm_engine(model_dir, self.settings[name], requests=self.requests)
+            assert process.returncode == 0, process.stderr[-4000:]
+            self._results[key] = json.loads(process.output_file.read_text())
+        return self._results[key]
 
 
 def main(argv: list[str] | None = None) -> None:
