@@ -3,22 +3,14 @@ wrapper script: the GPU run is prepared code, and this is where it runs before a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pitome_mllm.testing.scripts import BENCHMARKS
+from pitome_mllm.testing.scripts import load_benchmark_script as load_script
 
 
 @pytest.fixture(scope="module")
