@@ -358,11 +358,11 @@ def allowed_videos(vllm_args: list[str]) -> int | None:
 
 def gives_compilation(vllm_args: list[str]) -> bool:
     """Whether the arguments after ``--`` choose the graph mode themselves: eager mode, a compilation config
-    (``--compilation-config``, ``-cc``, dotted keys) or an optimization level (``-O``)."""
+    (``--compilation-config``, ``-cc``, its dotted keys) or an optimization level (``-O``)."""
     for argument in vllm_args:
         option = option_name(argument)
         if option is None:
-            if argument == "-cc" or argument.startswith("-O"):
+            if argument == "-cc" or argument.startswith(("-cc=", "-O")):
                 return True
             continue
         name = option.partition(".")[0]
