@@ -84,7 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='more PiToMeConfig fields as JSON (or a JSON file), e.g. \'{"metric": "keys"}\'; flags win',
     )
     parser.add_argument("--no-pitome", action="store_true", help="serve the model unpatched (for comparison)")
-    parser.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the checks, print the vllm command (with the options serve adds) and exit; writes nothing",
+    )
 
 
 def pitome_fields(args: argparse.Namespace) -> dict[str, Any]:
