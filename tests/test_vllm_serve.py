@@ -1,4 +1,5 @@
-"""`pitome-mllm serve` on loopback answers an OpenAI chat request with an image, counting merged tokens.
+"""`pitome-mllm serve` on loopback answers an OpenAI chat request with an image, counting merged tokens:
+a tiny LLaVA-1.5 checkpoint, and `serve tiny-qwen` (a tiny Qwen2.5-VL, with the options serve adds for it).
 
 Needs vLLM (the environment ``bash scripts/install.sh --vllm`` makes); skipped elsewhere.
 """
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +28,10 @@ from pitome_mllm.zoo.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # 
 pytestmark = pytest.mark.vllm
 
 TARGET_TOKENS = 16
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 300  # per server start (one per family), the vLLM CPU build on two cores
+REQUEST_TIMEOUT_S = 120  # per chat request
+# Settings a server on this machine starts with: in this process, on the CPU, a small cache.
+CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def free_port() -> int:
@@ -34,35 +40,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_healthy(port: int, server: subprocess.Popen) -> None:
+def wait_until_healthy(port: int, server: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode}:\n{server.stdout.read()[-4000:]}")
+            raise AssertionError(f"the server exited with {server.returncode}:\n{log.read_text()[-4000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(1)
-    raise AssertionError(f"no healthy server on port {port} after {STARTUP_TIMEOUT_S} s")
+    raise AssertionError(f"no healthy server on port {port} after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_llava(tmp_path_factory.mktemp("served"), VLLM_TEST_SPEC, hub_layout=True)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
+def running_server(
+    serve_args: list[str], vllm_args: list[str], log: Path, environment: dict[str, str] | None = None
+) -> Iterator[int]:
+    """``pitome-mllm serve SERVE_ARGS -- --host 127.0.0.1 --port P ... VLLM_ARGS`` until the generator closes;
+    yields P. The server's output goes to ``log`` (a pipe nobody reads would fill and stall it)."""
     port = free_port()
-    command = [sys.executable, "-m", "pitome_mllm.cli", "serve", str(model_dir), "--target-tokens", str(TARGET_TOKENS)]
-    command += ["--", "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny", "--dtype", "float32"]
-    command += ["--max-model-len", "1024", "--enforce-eager", "--distributed-executor-backend", "uni"]
-    environment = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    command = [sys.executable, "-m", "pitome_mllm.cli", "serve", *serve_args]
+    command += ["--", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "1024"]
+    command += vllm_args
+    environment = dict(os.environ, **CPU_ENVIRONMENT, **(environment or {}))
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=environment)
     try:
-        wait_until_healthy(port, process)
+        wait_until_healthy(port, process, log)
         yield port
     finally:
         process.terminate()
@@ -70,6 +75,32 @@ def server(model_dir):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("served"), VLLM_TEST_SPEC, hub_layout=True)
+
+
+@pytest.fixture  # one server at a time: each is stopped after its test
+def server(model_dir, tmp_path_factory):
+    serve_args = [str(model_dir), "--target-tokens", str(TARGET_TOKENS)]
+    cpu = ["--served-model-name", "tiny", "--enforce-eager", "--distributed-executor-backend", "uni"]
+    yield from running_server(serve_args, cpu, tmp_path_factory.mktemp("llava_server") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def qwen_cache(tmp_path_factory):
+    """The cache folder `serve tiny-qwen` saves its model to."""
+    return tmp_path_factory.mktemp("qwen_cache")
+
+
+@pytest.fixture
+def qwen_server(qwen_cache):
+    # serve tiny-qwen adds the served name, eager mode, the executor and --limit-mm-per-prompt '{"video": 0}'.
+    serve_args = ["tiny-qwen", "--target-tokens", str(TARGET_TOKENS)]
+    log = qwen_cache / "server.log"
+    yield from running_server(serve_args, [], log, environment={"PITOME_CACHE": str(qwen_cache)})
 
 
 def image_data_url(name: str) -> str:
@@ -82,7 +113,7 @@ def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     question = "Describe this photo."
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
     image = {"type": "image_url", "image_url": {"url": image_data_url("astronaut")}}
     content = [image, {"type": "text", "text": question}]
     reply = client.chat.completions.create(
@@ -101,4 +132,30 @@ def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
             images=[load_image("astronaut")], text=[prompt], return_tensors="pt", add_special_tokens=False
         )
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == TARGET_TOKENS
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_served_qwen_chat_request_sees_the_merged_token_count(qwen_server, qwen_cache):
+    from pitome_mllm.zoo.tiny_qwen import load_qwen_vl_processor, qwen_vl_model_class
+
+    question = "Describe this photo."
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{qwen_server}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
+    image = {"type": "image_url", "image_url": {"url": image_data_url("astronaut")}}
+    content = [image, {"type": "text", "text": question}]
+    reply = client.chat.completions.create(
+        model="tiny-qwen", messages=[{"role": "user", "content": content}], max_tokens=3, temperature=0
+    )
+    assert reply.choices[0].message.content is not None
+    assert reply.usage.completion_tokens == 3
+    # The same conversation through transformers' processor of the saved model, patched to the same budget.
+    model_dir = qwen_cache / "vllm_tiny_qwen"
+    model = qwen_vl_model_class("qwen2.5-vl").from_pretrained(model_dir)
+    processor = load_qwen_vl_processor(model_dir)
+    with pitome_mllm.patched(model, processor, target_tokens=TARGET_TOKENS):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[load_image("astronaut")], text=[prompt], return_tensors="pt")
+    native = int(inputs["image_grid_thw"][0].prod()) // 4  # the merger's 2 x 2 blocks
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == min(TARGET_TOKENS, native)
+    assert native > TARGET_TOKENS  # the image is merged
     assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]

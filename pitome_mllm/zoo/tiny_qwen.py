@@ -55,6 +55,7 @@ __all__ = [
     "save_tiny_qwen_vl",
     "tiny_qwen_spec",
     "tiny_qwen_vl",
+    "tiny_qwen_vl_config",
 ]
 
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen3-vl")
@@ -488,6 +489,12 @@ def qwen_vl_config(family: str, vision: QwenVisionShape, text: QwenTextShape, to
     # Generation and evaluation code reads ``model.config.pad_token_id`` (as for the tiny LLaVAs).
     config.pad_token_id = tokenizer.pad_token_id
     return config
+
+
+def tiny_qwen_vl_config(family: str = "qwen2.5-vl", **overrides):
+    """The config `tiny_qwen_vl` builds its model with (same token ids), without building or saving the model."""
+    spec = tiny_qwen_spec(family, **overrides)
+    return qwen_vl_config(family, spec.vision_shape(), spec.text_shape(), build_qwen_tokenizer())
 
 
 def qwen_vl_model_class(family: str) -> type:
