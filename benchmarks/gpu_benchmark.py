@@ -601,6 +601,8 @@ def run_arch(arch: str, args: argparse.Namespace, started: float, machine: dict[
         write_results(report, args.output, stem)
         print(f"{arch}: skipped, past the budget; wrote {args.output / stem}.json and .md", flush=True)
         return 0
+    # What an earlier architecture left allocated would count in this one's peaks: recorded, to be seen (CUDA).
+    report["allocated_before_build_bytes"] = torch.cuda.memory_allocated() if args.device == "cuda" else None
     built = time.perf_counter()
     bench = build_bench(arch, args)
     report |= {"model": bench.description, "build_s": time.perf_counter() - built} | stage_description(bench.stages)
@@ -621,8 +623,10 @@ def run_arch(arch: str, args: argparse.Namespace, started: float, machine: dict[
         write_results(report, args.output, stem)
     print(markdown(report))
     print(f"wrote {args.output / stem}.json and .md at {report['total_s']:.0f} s")
+    # The next architecture's weights take the memory this one's held; Dynamo's caches refer to its tower.
     del bench
-    gc.collect()  # the next architecture's weights take the memory this one's held
+    torch._dynamo.reset()
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return 0
