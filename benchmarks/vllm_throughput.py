@@ -57,7 +57,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -191,12 +190,6 @@ def text_messages(words: int) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ servers
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
 
@@ -214,9 +207,6 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, characters: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-characters:]
 
     def cpu_seconds(self) -> float:
         """CPU seconds used so far by the server and every process it started (the engine)."""
@@ -269,25 +259,14 @@ def server_environment() -> dict[str, str]:
 
 
 def start_server(label: str, settings: dict | None, model: str, family: Family, args, logs: Path) -> Server:
+    from pitome_mllm.testing.servers import free_port
+
     port = free_port()
     log = logs / f"server_{label}.log"
     command = serve_command(model, settings, family, args, port)
     with log.open("w") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=server_environment())
     return Server(label, settings, port, process, log)
-
-
-def wait_until_healthy(server: Server, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server {server.label} exited with {server.process.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise RuntimeError(f"server {server.label}: not healthy after {STARTUP_TIMEOUT_S} s:\n{server.log_tail()}")
 
 
 def block_size(server: Server) -> int:
@@ -547,8 +526,10 @@ def run(args: argparse.Namespace) -> dict:
             servers.append(start_server(label, settings, model, family, args, logs))
             stack.callback(servers[-1].stop)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        from pitome_mllm.testing.servers import wait_until_healthy
+
         for server in tqdm(servers, desc="starting servers", unit="server"):
-            wait_until_healthy(server, deadline)
+            wait_until_healthy(server.url, server.process, server.log, deadline)
         blocks = [block_size(server) for server in servers]
         warm_up = [image_messages(url) for url in urls[-8:-6]]  # unmeasured; gives each server's prompt length
         prompt_tokens = [

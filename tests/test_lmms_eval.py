@@ -29,6 +29,7 @@ from pitome_mllm.integrations.lmms_eval.llava_hf import (  # noqa: E402
     parse_patch_args,
     truncate_at_stop,
 )
+from pitome_mllm.testing.servers import free_port  # noqa: E402
 from pitome_mllm.zoo.tiny import TEST_SPEC, build_tiny_processor  # noqa: E402
 
 pytestmark = pytest.mark.model_facing
@@ -463,14 +464,6 @@ def lmms_eval_run(launcher: list[str], model_dir, output) -> tuple[subprocess.Co
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert all(sample["token_counts"][0]["visual_tokens"] == 16 for sample in samples)
     return completed, {sample["doc_id"]: (sample["filtered_resps"], sample["exact_match"]) for sample in samples}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_through_accelerate_answer_as_one_does(saved_tiny_llava_dir, tmp_path):

@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +21,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 import pitome_mllm  # noqa: E402
+from pitome_mllm.testing.servers import free_port, wait_until_healthy  # noqa: E402
 from pitome_mllm.zoo.tiny import VLLM_TEST_SPEC, load_image, save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -32,26 +31,6 @@ STARTUP_TIMEOUT_S = 300  # per server start (one per family), the vLLM CPU build
 REQUEST_TIMEOUT_S = 120  # per chat request
 # Settings a server on this machine starts with: in this process, on the CPU, a small cache.
 CPU_ENVIRONMENT = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(port: int, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"no healthy server on port {port} after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
 def running_server(
@@ -67,7 +46,7 @@ def running_server(
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=environment)
     try:
-        wait_until_healthy(port, process, log)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, log, time.monotonic() + STARTUP_TIMEOUT_S)
         yield port
     finally:
         process.terminate()

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import pitome_mllm
 from pitome_mllm.runtime.loading import tiny_demo_model
 from pitome_mllm.testing.openai_server import FAKE_ANSWER, FAKE_PROMPT_TOKENS, serve_fake_openai
+from pitome_mllm.testing.servers import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -69,12 +69,6 @@ MODEL = "tiny-test"
 TARGET_TOKENS = 24
 SECOND_TARGET_TOKENS = 40
 COUNT = re.compile(r"(\d+) visual tokens")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def expected_tokens(**settings) -> int:
