@@ -563,7 +563,11 @@ def run(args: argparse.Namespace) -> dict:
                 "cells": {str(clients): summary(runs[(index, clients)]) for clients in args.clients},
             }
         )
-    share = {key: statistics.median(one[key] for one in shares) for key in shares[0]}
+    # The prompts' lengths are the same in every pass; the times are medians over passes.
+    share = {key: statistics.median(one[key] for one in shares) for key in ("image_ttft_s", "text_ttft_s", "share")}
+    share.update(
+        image_prompt_tokens=shares[0]["image_prompt_tokens"], text_prompt_tokens=shares[0]["text_prompt_tokens"]
+    )
     return {
         "family": args.family,
         "model": model,
