@@ -88,23 +88,31 @@ def image_data_url(name: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+QUESTION = "Describe this photo."
 
-    question = "Describe this photo."
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
+
+def ask_about_the_astronaut(port: int, served_name: str):
+    """One OpenAI chat request with the astronaut photo as a data URL; the reply, checked to hold 3 tokens."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
     image = {"type": "image_url", "image_url": {"url": image_data_url("astronaut")}}
-    content = [image, {"type": "text", "text": question}]
+    content = [image, {"type": "text", "text": QUESTION}]
     reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=3, temperature=0
+        model=served_name, messages=[{"role": "user", "content": content}], max_tokens=3, temperature=0
     )
     assert reply.choices[0].message.content is not None
     assert reply.usage.completion_tokens == 3
+    return reply
+
+
+def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    reply = ask_about_the_astronaut(server, "tiny")
     # The same conversation through transformers' processor, patched to the same budget.
     model = LlavaForConditionalGeneration.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
     with pitome_mllm.patched(model, processor, target_tokens=TARGET_TOKENS):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         # vLLM's chat path tokenizes the rendered template without adding special tokens (no second BOS).
         inputs = processor(
@@ -117,21 +125,13 @@ def test_served_chat_request_sees_the_merged_token_count(server, model_dir):
 def test_served_qwen_chat_request_sees_the_merged_token_count(qwen_server, qwen_cache):
     from pitome_mllm.zoo.tiny_qwen import load_qwen_vl_processor, qwen_vl_model_class
 
-    question = "Describe this photo."
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{qwen_server}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S)
-    image = {"type": "image_url", "image_url": {"url": image_data_url("astronaut")}}
-    content = [image, {"type": "text", "text": question}]
-    reply = client.chat.completions.create(
-        model="tiny-qwen", messages=[{"role": "user", "content": content}], max_tokens=3, temperature=0
-    )
-    assert reply.choices[0].message.content is not None
-    assert reply.usage.completion_tokens == 3
+    reply = ask_about_the_astronaut(qwen_server, "tiny-qwen")
     # The same conversation through transformers' processor of the saved model, patched to the same budget.
     model_dir = qwen_cache / "vllm_tiny_qwen"
     model = qwen_vl_model_class("qwen2.5-vl").from_pretrained(model_dir)
     processor = load_qwen_vl_processor(model_dir)
     with pitome_mllm.patched(model, processor, target_tokens=TARGET_TOKENS):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=[load_image("astronaut")], text=[prompt], return_tensors="pt")
     native = int(inputs["image_grid_thw"][0].prod()) // 4  # the merger's 2 x 2 blocks
